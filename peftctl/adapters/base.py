@@ -1,0 +1,146 @@
+"""AdapterLayer: wraps one base module and holds that method's adapters by name.
+
+A weight-based method subclasses AdapterLayer and supplies
+  * ``adapter_layer_names``: attribute names of the ModuleDict / ParameterDict holding each
+    adapter's trainable tensors (PEFT's names, e.g. ``("lora_A", "lora_B")``); saving, loading,
+    trainability and deletion all follow from this tuple;
+  * ``update_layer(name, config)``: create and initialise one adapter's parameters;
+  * ``adapter_output(x, result, name)``: the forward contribution of one adapter, added to the
+    base output without materialising the weight delta where the method allows;
+  * ``get_delta_weight(name)`` for additive methods, or ``adapted_weight`` / ``unadapted_weight``
+    for multiplicative ones (OFT, BOFT, IA3); merge / unmerge follow from those.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftctl.errors import AdapterError
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The weight tensor of a base module (Linear, Embedding, Conv, GPT-2 Conv1D)."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        raise AdapterError(f"{type(module).__name__} has no weight to adapt")
+    return weight
+
+
+class AdapterLayer(nn.Module):
+    adapter_layer_names: tuple[str, ...] = ()
+    # per-adapter plain values (dict keyed by adapter name) that deletion must drop too
+    other_param_names: tuple[str, ...] = ()
+    mergeable: bool = True
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self.adapter_configs: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ to implement
+    def update_layer(self, adapter_name: str, config: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} does not define an additive weight delta")
+
+    def adapted_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The base weight with this adapter folded in (additive by default)."""
+        return weight + self.get_delta_weight(adapter_name).to(weight.dtype)
+
+    def unadapted_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Inverse of adapted_weight."""
+        return weight - self.get_delta_weight(adapter_name).to(weight.dtype)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def weight(self) -> torch.Tensor:
+        return base_weight(self.base_layer)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapter_configs)
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        self.active_adapters = [n for n in names if n in self.adapter_configs]
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            for key, value in container.items():
+                value.requires_grad_(key in self.active_adapters)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        params: list[nn.Parameter] = []
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                entry = container[adapter_name]
+                params.extend([entry] if isinstance(entry, nn.Parameter) else entry.parameters())
+        return params
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise AdapterError(f"adapter {adapter_name!r} is merged into {self.module_name}; unmerge it before deleting")
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        for attr in self.other_param_names:
+            getattr(self, attr).pop(adapter_name, None)
+        self.adapter_configs.pop(adapter_name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            result = self.adapter_output(x, result, name)
+        return result
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if not self.mergeable:
+            raise AdapterError(f"{type(self).__name__} adapters cannot be merged into the base weights")
+        names = self.active_adapters if adapter_names is None else adapter_names
+        weight = self.weight
+        for name in names:
+            if name not in self.adapter_configs or name in self.merged_adapters:
+                continue
+            with torch.no_grad():
+                new_weight = self.adapted_weight(weight.data, name)
+                if safe_merge and not torch.isfinite(new_weight).all():
+                    raise AdapterError(
+                        f"merging adapter {name!r} into {self.module_name or type(self.base_layer).__name__} "
+                        "gives non-finite weights; nothing was merged into this module"
+                    )
+                weight.data.copy_(new_weight)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                weight.data.copy_(self.unadapted_weight(weight.data, name))
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"

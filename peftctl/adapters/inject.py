@@ -1,0 +1,128 @@
+"""Target matching and module replacement, shared by every weight-based method."""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Iterable
+
+from torch import nn
+
+from peftctl.adapters.base import AdapterLayer
+from peftctl.adapters.config import AdapterConfig
+from peftctl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.registry import Method
+
+# model_type -> modules adapted when target_modules is not given (PEFT's defaults for LoRA)
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "t5": ["q", "v"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "opt": ["q_proj", "v_proj"],
+}
+LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+def _as_list(value: str | Iterable[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def name_matches(name: str, spec: str | list[str] | None) -> bool:
+    """PEFT's rule: a string is a regex full match; a list matches an exact name or a name suffix."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == target or name.endswith("." + target) for target in spec)
+
+
+def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+    patterns = _as_list(layers_pattern) or list(LAYER_PATTERNS)
+    for pattern in patterns:
+        match = re.match(rf".*\.{pattern}\.(\d+)\.", name) or re.match(rf"^{pattern}\.(\d+)\.", name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name for name, module in model.named_modules() if head is not None and module is head}
+    return names | {"lm_head", "classifier", "score"} if head is None else names
+
+
+def is_target(name: str, module: nn.Module, model: nn.Module, config: AdapterConfig, heads: set[str]) -> bool:
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        targets = DEFAULT_TARGETS.get(model_type)
+        if targets is None:
+            raise ConfigError(
+                f"adapter.target_modules is required for model type {model_type!r}; give a list of module names, a regex, or 'all-linear'"
+            )
+    if targets == "all-linear" or targets == ["all-linear"]:
+        matched = is_linear_like(module) and name not in heads
+    else:
+        matched = name_matches(name, targets)
+    if not matched or name_matches(name, config.exclude_modules):
+        return False
+    if config.layers_to_transform is not None:
+        wanted = _as_list(config.layers_to_transform) if not isinstance(config.layers_to_transform, int) else [config.layers_to_transform]
+        index = layer_index(name, config.layers_pattern)
+        if index is None or index not in wanted:
+            return False
+    return True
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def inject_layers(adapted: "AdaptedModel", adapter_name: str, config: AdapterConfig, method: "Method") -> list[str]:
+    """Wrap every target module of ``adapted.model`` with ``method``'s layer and add the adapter."""
+    model = adapted.model
+    heads = output_head_names(model)
+    wrapped: list[str] = []
+    for name, module in list(model.named_modules()):
+        if ".base_layer" in name:
+            continue
+        existing = module if isinstance(module, AdapterLayer) else None
+        base = existing.base_layer if existing is not None else module
+        if not is_target(name, base, model, config, heads):
+            continue
+        if existing is not None and not isinstance(existing, method.layer_types):
+            raise ConfigError(
+                f"{name} already holds a {type(existing).__name__}; adapters of different methods cannot share a module"
+            )
+        layer = existing or method.create_layer(base, name, config)
+        if layer is None:
+            if isinstance(config.target_modules, list) and name_matches(name, config.target_modules):
+                raise ConfigError(
+                    f"adapter.target_modules matches {name} ({type(base).__name__}), which the {method.name} method cannot wrap"
+                )
+            continue
+        if existing is None:
+            _set_submodule(model, name, layer)
+        layer.update_layer(adapter_name, config)
+        wrapped.append(name)
+    if not wrapped:
+        sample = [n for n, m in model.named_modules() if is_linear_like(m)][:6]
+        raise ConfigError(
+            f"adapter.target_modules={config.target_modules!r} matched no module of the model; "
+            f"linear modules are named like: {', '.join(sample)}"
+        )
+    return wrapped

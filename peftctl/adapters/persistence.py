@@ -1,0 +1,103 @@
+"""Adapter state dicts in PEFT's on-disk format (adapter_config.json + adapter_model.safetensors).
+
+PEFT's tensor names are our module paths with the adapter name removed, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` is saved as
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. Both directions are computed by
+one function (``adapter_key_map``), so saving and loading cannot drift apart.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from peftctl.adapters.base import AdapterLayer
+from peftctl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peftctl.adapters.model import AdaptedModel
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+
+
+def adapter_key_map(model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
+    """Our state-dict key -> PEFT's saved key, for every tensor of one adapter."""
+    mapping: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            for attr in module.adapter_layer_names:
+                container = getattr(module, attr)
+                if adapter_name not in container:
+                    continue
+                ours = f"{module_name}.{attr}.{adapter_name}"
+                entry = container[adapter_name]
+                if isinstance(entry, torch.nn.Parameter):
+                    mapping[ours] = f"{module_name}.{attr}"
+                else:
+                    for param_name, _ in entry.named_parameters():
+                        mapping[f"{ours}.{param_name}"] = f"{module_name}.{attr}.{param_name}"
+    for extra_ours, extra_peft in model.extra_adapter_keys(adapter_name).items():
+        mapping[extra_ours] = extra_peft
+    return mapping
+
+
+def get_adapter_state_dict(model: "AdaptedModel", adapter_name: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors under PEFT's names (contiguous CPU copies, ready to save)."""
+    state = model.state_dict(keep_vars=False)
+    return {peft_key: state[ours].detach().cpu().contiguous() for ours, peft_key in adapter_key_map(model, adapter_name).items()}
+
+
+def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor], source: str = "") -> None:
+    """Load PEFT-named tensors into one adapter; every expected tensor must be present."""
+    mapping = adapter_key_map(model, adapter_name)
+    by_peft_key = {peft_key: ours for ours, peft_key in mapping.items()}
+    missing = [k for k in by_peft_key if k not in peft_state]
+    unexpected = [k for k in peft_state if k not in by_peft_key]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ConfigError(f"adapter weights in {source or 'state dict'} do not fit the model: {detail}")
+    targets = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for peft_key, ours in by_peft_key.items():
+            tensor = peft_state[peft_key]
+            target = targets[ours]
+            if tensor.shape != target.shape:
+                raise ConfigError(f"adapter tensor {peft_key} in {source or 'state dict'} has shape {tuple(tensor.shape)}, model expects {tuple(target.shape)}")
+            target.data.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def save_adapter_dir(model: "AdaptedModel", directory: str | os.PathLike, adapter_name: str) -> None:
+    from peftctl.utils import atomic_directory
+
+    config = model.peft_config[adapter_name]
+    tensors = get_adapter_state_dict(model, adapter_name)
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save(tmp)
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{directory} is not an adapter directory: {CONFIG_NAME} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+
+
+def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    directory = Path(directory)
+    if (directory / WEIGHTS_NAME).is_file():
+        return load_file(str(directory / WEIGHTS_NAME))
+    if (directory / LEGACY_WEIGHTS_NAME).is_file():
+        # never unpickle arbitrary objects
+        return torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    raise ConfigError(f"{directory} has no {WEIGHTS_NAME}")
