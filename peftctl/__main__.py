@@ -1,0 +1,3 @@
+from peftctl.cli import main
+
+main()

@@ -1,0 +1,132 @@
+"""The `peftctl` command line: a thin Typer layer over library functions.
+
+Exit codes: 0 success, 2 bad input (one line on stderr), 1 failure during work.
+Set PEFTCTL_DEBUG=1 to see full tracebacks.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from peftctl.errors import PeftctlError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning, driven by Hydra recipes.")
+OverridesArg = typer.Argument(None, help="Hydra overrides: recipe=NAME key=value group=option ...")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _run(action: Callable[[], Any]) -> Any:
+    """Run a command; turn our errors into one line and an exit code."""
+    _quiet_libraries()
+    try:
+        return action()
+    except PeftctlError as exc:
+        if os.environ.get("PEFTCTL_DEBUG"):
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:  # an unexpected failure during work: one line, exit 1
+        if os.environ.get("PEFTCTL_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        typer.echo(f"error: {type(exc).__name__}: {message} (PEFTCTL_DEBUG=1 shows the traceback)", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def train(
+    overrides: Optional[List[str]] = OverridesArg,
+    multirun: bool = typer.Option(False, "-m", "--multirun", help="sweep: a=1,2 b=x,y runs every combination"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+) -> None:
+    """Train an adapter: `peftctl train recipe=tiny_lora train.lr=1e-3`."""
+    from peftctl.sweep import run_sweep
+    from peftctl.train.run import train as train_run
+
+    _run(lambda: run_sweep(list(overrides or []), quiet=quiet) if multirun else train_run(list(overrides or []), quiet=quiet))
+
+
+@app.command("eval")
+def eval_command(
+    path: str = typer.Argument(..., help="a run directory or an adapter directory"),
+    overrides: Optional[List[str]] = OverridesArg,
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Base vs adapted on held-out data: loss, perplexity, exact match; writes eval.json."""
+    from peftctl.eval.evaluate import evaluate
+
+    _run(lambda: evaluate(path, list(overrides or []), quiet=quiet))
+
+
+@app.command()
+def merge(
+    paths: List[str] = typer.Argument(..., help="run or adapter directories (several to blend)"),
+    out: Optional[str] = typer.Option(None, "--out", help="output directory (default: RUN/merged)"),
+    safe: bool = typer.Option(False, "--safe", help="check merged weights for NaN / inf before writing"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Fold the adapter into the base model and write a plain transformers model."""
+    from peftctl.errors import ConfigError
+    from peftctl.export.merge import merge as merge_run
+
+    def action() -> Any:
+        if len(paths) != 1:
+            raise ConfigError("merge of several adapters needs --adapters/--weights/--combination (see `peftctl merge --help`)")
+        return merge_run(paths[0], out, safe=safe, quiet=quiet)
+
+    _run(action)
+
+
+@app.command()
+def export(
+    path: str = typer.Argument(..., help="a run directory or an adapter directory"),
+    format: str = typer.Option("peft", "--format", help="peft (adapter in PEFT format) or merged (full model)"),
+    out: str = typer.Option(..., "--out", help="output directory"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Write the adapter (PEFT format) or the merged model to OUT."""
+    from peftctl.export.export import export as export_run
+
+    _run(lambda: export_run(path, format, out, quiet=quiet))
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipes with their one-line descriptions."""
+    from peftctl.config.compose import list_recipes
+
+    def action() -> None:
+        for name, description in list_recipes().items():
+            typer.echo(f"{name:28s} {description}")
+
+    _run(action)
+
+
+@app.command()
+def show(overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Print the composed, validated config of a recipe with overrides."""
+    from peftctl.config.compose import compose_config, config_to_yaml
+
+    _run(lambda: typer.echo(config_to_yaml(compose_config(list(overrides or [])))))
+
+
+def main() -> None:
+    app(prog_name="peftctl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

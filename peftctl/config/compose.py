@@ -1,0 +1,93 @@
+"""Find recipes and config groups, and compose a recipe with Hydra overrides into a RunConfig."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from peftctl.config.schema import RunConfig, build_run_config
+from peftctl.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_RECIPE = "tiny_lora"
+
+
+def resource_dir(name: str) -> Path:
+    """`configs/` or `recipes/`: inside the installed wheel, else at the top of the source checkout."""
+    for candidate in (PACKAGE_DIR / "_resources" / name, PACKAGE_DIR.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"cannot find the peftctl {name}/ folder; reinstall peftctl")
+
+
+def list_recipes() -> dict[str, str]:
+    """Recipe name -> the one-line description from its `description:` key."""
+    recipes = {}
+    for path in sorted(resource_dir("recipes").glob("*.yaml")):
+        match = re.search(r"^description:\s*(.+)$", path.read_text(), flags=re.MULTILINE)
+        recipes[path.stem] = match.group(1).strip().strip("\"'") if match else ""
+    return recipes
+
+
+def split_recipe(overrides: list[str]) -> tuple[str, list[str]]:
+    """Take `recipe=NAME` out of the override list."""
+    recipe, rest = DEFAULT_RECIPE, []
+    for item in overrides:
+        if item.startswith("recipe="):
+            recipe = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return recipe, rest
+
+
+def _explain_hydra_error(exc: Exception, recipe: str) -> str:
+    text = str(exc)
+    match = re.search(r"Could not override '([^']+)'", text)
+    if match:
+        key = match.group(1)
+        return f"{key} is not a known config key (check the spelling; `peftctl show recipe={recipe}` lists every key)"
+    match = re.search(r"Could not find '([^/']+)/([^']+)'.*?Available options in '[^']+':\s*(.*?)(?:\n\S|\Z)", text, flags=re.DOTALL)
+    if match:
+        group, choice, options = match.group(1), match.group(2), ", ".join(match.group(3).split())
+        return f"{group}={choice} is not a known {group} config; valid: {options}"
+    if "Cannot find primary config" in text or f"'{recipe}'" in text and "not found" in text:
+        return f"recipe={recipe} is not a known recipe; valid: {', '.join(list_recipes())}"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"bad override: {first}"
+
+
+def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
+    """Compose `recipe=NAME` + Hydra overrides into a plain dict (no validation yet)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    recipe, rest = split_recipe(list(overrides or []))
+    if recipe not in list_recipes():
+        raise ConfigError(f"recipe={recipe} is not a known recipe; valid: {', '.join(list_recipes())}")
+    GlobalHydra.instance().clear()
+    search_path = f"hydra.searchpath=[file://{resource_dir('configs')}]"
+    try:
+        with initialize_config_dir(config_dir=str(resource_dir("recipes")), version_base=None):
+            cfg = compose(config_name=recipe, overrides=[search_path, *rest])
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra's many exception types: all mean a bad override or recipe
+        raise ConfigError(_explain_hydra_error(exc, recipe)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    values.pop("hydra", None)
+    values["recipe"] = recipe
+    return values
+
+
+def compose_config(overrides: list[str] | None = None) -> RunConfig:
+    """`peftctl train`'s argument list -> a validated RunConfig."""
+    return build_run_config(compose_dict(overrides))
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(config.to_dict()))

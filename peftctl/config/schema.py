@@ -1,0 +1,223 @@
+"""The typed run configuration. Every field a recipe can set is declared here, with its range.
+
+Hydra composes the YAML; `build_run_config` then checks every key and value against these
+dataclasses and raises ConfigError with one line that names the field and what would be valid.
+The `adapter` group is checked by the chosen method's own config class (adapters/registry.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from peftctl.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:tiny-llama"
+    task_type: Literal["causal_lm", "seq2seq_lm", "seq_cls", "token_cls"] = "causal_lm"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    revision: Optional[str] = None
+    tokenizer: Optional[str] = None
+    trust_remote_code: bool = False
+    num_labels: Optional[int] = None
+    arch: Optional[dict] = None  # architecture of a built-in model (name_or_path: builtin:NAME)
+    init_seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    path: str = "builtin:sentiment"
+    format: Literal["alpaca", "text", "chat"] = "alpaca"
+    name: Optional[str] = None  # hub dataset config name
+    split: str = "train"
+    eval_split: Optional[str] = None  # a separate split; otherwise eval_size is held out of `split`
+    eval_size: float = 0.1
+    max_seq_len: int = 256
+    train_on_prompt: bool = False  # False: loss only on the response tokens
+    max_samples: Optional[int] = None
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    text_column: str = "text"
+    messages_column: str = "messages"
+    seed: int = 0
+
+    def validate(self) -> None:
+        check(0.0 <= self.eval_size < 1.0, "dataset.eval_size", self.eval_size, "expected 0 <= eval_size < 1")
+        check(self.max_seq_len >= 8, "dataset.max_seq_len", self.max_seq_len, "expected an integer >= 8")
+        if self.max_samples is not None:
+            check(self.max_samples > 0, "dataset.max_samples", self.max_samples, "expected an integer > 0 or null")
+
+
+@dataclass
+class QuantConfig:
+    method: Literal["none", "nf4", "fp4", "int8"] = "none"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quant_storage: Literal["uint8", "compute"] = "uint8"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = 1.0
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 42
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only the final adapter
+    keep_checkpoints: int = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resume: Any = False  # false | true (latest checkpoint in output_dir) | path to a checkpoint
+
+    def validate(self) -> None:
+        check(self.lr > 0, "train.lr", self.lr, "expected a number > 0")
+        check(self.batch_size >= 1, "train.batch_size", self.batch_size, "expected an integer >= 1")
+        check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "expected an integer >= 1")
+        check(self.max_steps == -1 or self.max_steps >= 1, "train.max_steps", self.max_steps, "expected -1 (use epochs) or an integer >= 1")
+        check(self.epochs > 0, "train.epochs", self.epochs, "expected a number > 0")
+        check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "expected an integer >= 0")
+        check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "expected 0 <= warmup_ratio < 1")
+        check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "expected a number >= 0")
+        if self.max_grad_norm is not None:
+            check(self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm, "expected a number > 0 or null")
+        for name in ("log_every", "eval_every", "save_every"):
+            check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "expected an integer >= 0")
+        check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "expected an integer >= 1")
+        check(isinstance(self.resume, (bool, str)), "train.resume", self.resume, "expected true, false or a checkpoint path")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 16
+    num_generate: int = 64  # held-out examples scored by exact match of greedy generation
+    max_eval_samples: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    recipe: str = "tiny_lora"
+    description: str = ""
+    output_dir: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    adapter: Any = None  # the method's AdapterConfig, built by build_run_config
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in out.items():
+            if dataclasses.is_dataclass(value):
+                out[key] = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+        if self.adapter is not None:
+            out["adapter"] = {"method": self.adapter.method, **{k: v for k, v in dataclasses.asdict(self.adapter).items()}}
+        return out
+
+
+# ---------------------------------------------------------------------------- validation
+def check(condition: bool, name: str, value: Any, valid: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name}={value!r} is not valid; {valid}")
+
+
+def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any, str]:
+    """(ok, coerced value, description of the expected type)."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True, value, "any"
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        return value in choices, value, "one of " + ", ".join(str(c) for c in choices)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return True, None, ""
+        descriptions = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, coerced, description = _type_ok(value, arg)
+            if ok:
+                return True, coerced, ""
+            descriptions.append(description)
+        return False, value, " or ".join(descriptions) + " or null"
+    if annotation is bool:
+        return isinstance(value, bool), value, "true or false"
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
+    if annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value, "a number"
+    if annotation is str:
+        return isinstance(value, str), value, "a string"
+    if annotation in (dict, list):
+        return isinstance(value, annotation), value, f"a {annotation.__name__}"
+    return True, value, ""
+
+
+def build_section(cls: type, values: dict[str, Any] | None, section: str) -> Any:
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {section}.{close[0]}?" if close else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"{section}.{key} is not a known config key; {hint}")
+    coerced = {}
+    for key, value in values.items():
+        ok, new_value, description = _type_ok(value, hints[key])
+        if not ok:
+            raise ConfigError(f"{section}.{key}={value!r} is not valid; expected {description}")
+        coerced[key] = new_value
+    instance = cls(**coerced)
+    if hasattr(instance, "validate"):
+        instance.validate()
+    return instance
+
+
+def build_run_config(values: dict[str, Any]) -> RunConfig:
+    """Check a composed config (plain dict) and return the typed RunConfig."""
+    from peftctl.adapters.config import TASK_TYPE_TO_PEFT
+    from peftctl.adapters.registry import config_from_dict
+
+    values = dict(values)
+    sections = {"model": ModelConfig, "dataset": DatasetConfig, "quant": QuantConfig, "train": TrainConfig, "eval": EvalConfig}
+    top_level = [f.name for f in dataclasses.fields(RunConfig)]
+    for key in values:
+        if key not in top_level:
+            close = difflib.get_close_matches(key, top_level, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(top_level)}"
+            raise ConfigError(f"{key} is not a known config key; {hint}")
+    built = {name: build_section(cls, values.get(name), name) for name, cls in sections.items()}
+    adapter_values = dict(values.get("adapter") or {})
+    if not adapter_values:
+        raise ConfigError("adapter is not set; choose one with adapter=<method> (e.g. adapter=lora)")
+    adapter_values.setdefault("task_type", TASK_TYPE_TO_PEFT[built["model"].task_type])
+    adapter = config_from_dict(adapter_values, strict=True)
+    scalars = {k: values[k] for k in ("recipe", "description", "output_dir") if k in values}
+    for key, value in scalars.items():
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} is not valid; expected a string")
+    return RunConfig(adapter=adapter, **scalars, **built)

@@ -1,0 +1,42 @@
+"""Tokenize (prompt, response) pairs with the prompt masked out of the loss, and collate batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    prompt: str
+    response: str
+
+
+def encode_pair(prompt: str, response: str, tokenizer: Any, max_seq_len: int, train_on_prompt: bool) -> Example:
+    """BOS + prompt + response + EOS, truncated to max_seq_len; labels -100 on the prompt unless
+    train_on_prompt (and on BOS always)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (bos + prompt_ids + response_ids)[:max_seq_len]
+    labels = [IGNORE_INDEX] * len(bos) + (prompt_ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
+    return Example(input_ids, labels[:max_seq_len], prompt, response)
+
+
+def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked in attention and loss."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

@@ -1,0 +1,86 @@
+"""`peftctl eval`: base vs adapted on held-out data — loss, perplexity, exact match of generation."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftctl.data.tokenize import Example
+from peftctl.train.loop import evaluate_loss
+from peftctl.utils import atomic_write_text
+
+
+@torch.no_grad()
+def greedy_responses(model: Any, tokenizer: Any, examples: list[Example], batch_size: int, max_new_tokens: int, device: torch.device) -> list[str]:
+    """Greedy generation from each example's prompt (left-padded batches), cut at EOS."""
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            prompts = [(tokenizer.bos_token or "") + e.prompt for e in chunk]
+            encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            generated = model.generate(
+                **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+            )
+            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens)
+    finally:
+        tokenizer.padding_side = previous_side
+    return outputs
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Fraction of predictions equal to the reference after stripping surrounding whitespace."""
+    if not references:
+        return float("nan")
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+
+
+def score(model: Any, tokenizer: Any, examples: list[Example], cfg: Any, device: torch.device) -> dict[str, float]:
+    loss = evaluate_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device)
+    sample = examples[: cfg.eval.num_generate]
+    predictions = greedy_responses(model, tokenizer, sample, cfg.eval.batch_size, cfg.eval.max_new_tokens, device)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "exact_match": exact_match(predictions, [e.response for e in sample])}
+
+
+def evaluate(path: str | Path, overrides: list[str] | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Evaluate base and adapted model on the run's held-out data; writes eval.json next to PATH's adapter."""
+    from peftctl.data.pipeline import prepare_data
+    from peftctl.runs import load_adapted, open_source
+    from peftctl.train.run import pick_device
+
+    source = open_source(path, overrides)
+    cfg = source.config
+    device = pick_device(cfg.train)
+    model, tokenizer = load_adapted(source, device)
+    data = prepare_data(cfg.dataset, tokenizer)
+    examples = data.eval or data.train
+    if cfg.eval.max_eval_samples:
+        examples = examples[: cfg.eval.max_eval_samples]
+    with model.disable_adapter():
+        base = score(model, tokenizer, examples, cfg, device)
+    adapted = score(model, tokenizer, examples, cfg, device)
+    report = {"path": str(path), "examples": len(examples), "generated": min(len(examples), cfg.eval.num_generate), "base": base, "adapted": adapted}
+    out_dir = Path(path) if (Path(path) / "config.yaml").is_file() else source.adapter_dir
+    atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
+    if not quiet:
+        print_report(report)
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"eval on {report['examples']} held-out examples ({report['generated']} generated)")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("adapted", justify="right")
+    for metric in ("eval_loss", "perplexity", "exact_match"):
+        table.add_row(metric, f"{report['base'][metric]:.4f}", f"{report['adapted'][metric]:.4f}")
+    Console().print(table)

@@ -1,0 +1,55 @@
+"""Built-in tiny models for offline use, built from the architecture in the model config.
+
+`model.name_or_path: builtin:<name>` plus `model.arch: {model_type: llama, hidden_size: ..., ...}`
+builds a seeded random model and the byte-level tokenizer, saves both with `save_pretrained` into a
+cache folder keyed by the architecture's hash, and returns that folder: the caller then loads it with
+`from_pretrained` exactly as it would a downloaded model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftctl.models.tokenizer import BYTE_VOCAB_SIZE, SPECIAL_TOKENS, build_byte_tokenizer
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PEFTCTL_CACHE", Path.home() / ".cache" / "peftctl"))
+
+
+def builtin_model_dir(name: str, arch: dict[str, Any], seed: int = 0) -> Path:
+    """Materialise a built-in model on disk (once) and return its directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = dict(arch)
+    model_type = arch.pop("model_type", "llama")
+    key = hashlib.sha256(json.dumps({"type": model_type, "arch": arch, "seed": seed}, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_root() / "builtin" / f"{name}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = build_byte_tokenizer()
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=BYTE_VOCAB_SIZE,
+        pad_token_id=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["pad_token"]),
+        bos_token_id=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["bos_token"]),
+        eos_token_id=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["eos_token"]),
+        **arch,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    torch.random.set_rng_state(generator_state)
+    from peftctl.utils import atomic_directory
+
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target

@@ -1,0 +1,61 @@
+"""Load a base model and tokenizer from a local path, a hub name or a built-in tiny model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftctl.errors import ConfigError
+from peftctl.models.builtin import BUILTIN_PREFIX, builtin_model_dir
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+AUTO_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq_lm": "AutoModelForSeq2SeqLM",
+    "seq_cls": "AutoModelForSequenceClassification",
+    "token_cls": "AutoModelForTokenClassification",
+}
+
+
+def resolve_model_path(model_cfg: Any) -> str:
+    """A local directory or hub name that `from_pretrained` can read (built-ins are materialised)."""
+    name = str(model_cfg.name_or_path)
+    if name.startswith(BUILTIN_PREFIX):
+        if not model_cfg.arch:
+            raise ConfigError(f"model.arch is required for the built-in model {name!r}")
+        return str(builtin_model_dir(name[len(BUILTIN_PREFIX):], dict(model_cfg.arch), seed=int(model_cfg.init_seed)))
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if looks_local and not (Path(name).expanduser() / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path={name!r}: no such model directory (config.json not found)")
+    return str(Path(name).expanduser()) if looks_local else name
+
+
+def load_tokenizer(model_cfg: Any, path: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    path = path or resolve_model_path(model_cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_cfg: Any, quant_cfg: Any = None, path: str | None = None, **extra: Any) -> nn.Module:
+    """`from_pretrained` with the right Auto class for model.task_type; quantized when quant != none."""
+    import transformers
+
+    path = path or resolve_model_path(model_cfg)
+    auto_cls = getattr(transformers, AUTO_CLASSES[model_cfg.task_type])
+    kwargs: dict[str, Any] = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code, **extra}
+    if model_cfg.dtype != "auto":
+        kwargs["dtype"] = DTYPES[model_cfg.dtype]
+    if quant_cfg is not None and quant_cfg.method != "none":
+        from peftctl.models.quantization import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(quant_cfg)
+    try:
+        return auto_cls.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ConfigError(f"model.name_or_path={model_cfg.name_or_path!r} could not be loaded: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,83 @@
+"""Checkpoints: adapter (PEFT format) + optimizer + scheduler + RNG + data position.
+
+checkpoints/step-000200/
+  adapter/ (adapter_config.json, adapter_model.safetensors) · optimizer.pt · scheduler.pt · rng.pt
+  trainer_state.json (step, epoch, position in the epoch, metrics so far)
+Written into a temporary folder and renamed, so a checkpoint folder is always complete.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftctl.adapters.persistence import read_adapter_weights, save_adapter_dir, set_adapter_state_dict
+from peftctl.errors import ConfigError
+from peftctl.utils import atomic_directory
+
+STATE_NAME = "trainer_state.json"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.random.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": json.dumps(random.getstate()),
+        "numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.random.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    python_state = json.loads(state["python"])
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    np_state = json.loads(state["numpy"])
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+
+
+def save_checkpoint(run_dir: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any], keep: int) -> Path:
+    target = checkpoint_dir(run_dir, state["step"])
+    with atomic_directory(target) as tmp:
+        save_adapter_dir(model, tmp / "adapter", adapter_name)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}}, tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=2))
+    _prune(run_dir, keep)
+    return target
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / STATE_NAME).is_file())
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_checkpoint(path: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, Any]:
+    if not (path / STATE_NAME).is_file():
+        raise ConfigError(f"train.resume={str(path)!r} is not a checkpoint folder ({STATE_NAME} not found)")
+    set_adapter_state_dict(model, adapter_name, read_adapter_weights(path / "adapter"), source=str(path / "adapter"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    saved = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and saved["scaler"]:
+        scaler.load_state_dict(saved["scaler"])
+    restore_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
+    return json.loads((path / STATE_NAME).read_text())

@@ -1,0 +1,208 @@
+"""The one training loop: accumulate, clip, step, schedule, log, eval, checkpoint, resume."""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from peftctl.data.tokenize import IGNORE_INDEX, Example, collate
+from peftctl.errors import TrainingError
+from peftctl.train.checkpoint import load_checkpoint, save_checkpoint
+from peftctl.train.logging import MetricsLog, Progress
+from peftctl.train.optim import build_optimizer, build_scheduler
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    position: int = 0  # micro-batches consumed in the current epoch
+    tokens: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a permutation fixed by (seed, epoch), so resume can replay it."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_examples, generator=generator).tolist()
+
+
+def micro_batches(examples: list[Example], batch_size: int, seed: int, state: LoopState) -> Iterator[list[Example]]:
+    """Endless micro-batches from the loop's saved position, advancing state.epoch / state.position."""
+    while True:
+        order = epoch_order(len(examples), seed, state.epoch)
+        n_batches = math.ceil(len(order) / batch_size)
+        while state.position < n_batches:
+            start = state.position * batch_size
+            state.position += 1
+            yield [examples[i] for i in order[start : start + batch_size]]
+        state.epoch += 1
+        state.position = 0
+
+
+def total_optimizer_steps(n_examples: int, train_cfg: Any) -> int:
+    if train_cfg.max_steps > 0:
+        return train_cfg.max_steps
+    per_epoch = math.ceil(n_examples / train_cfg.batch_size)
+    return max(1, math.ceil(train_cfg.epochs * per_epoch / train_cfg.grad_accum))
+
+
+def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over label tokens, and their count."""
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def label_tokens(batch: list[Example]) -> int:
+    return sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in batch)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(model: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device, precision: str = "fp32") -> float:
+    """Token-weighted mean loss over the label tokens of ``examples``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = to_device(collate(examples[start : start + batch_size], pad_id), device)
+        with autocast(device, precision):
+            loss, n = causal_lm_loss_sum(model, batch)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    return nullcontext()
+
+
+class Trainer:
+    """Runs the loop for one adapter of an AdaptedModel. Construct, then ``fit()``."""
+
+    def __init__(self, model: Any, adapter_name: str, train_data: list[Example], eval_data: list[Example], cfg: Any, run_dir: Path, device: torch.device, pad_id: int, quiet: bool = False) -> None:
+        from peftctl.adapters.registry import get_method
+
+        self.model, self.adapter_name, self.cfg = model, adapter_name, cfg
+        self.train_data, self.eval_data = train_data, eval_data
+        self.run_dir, self.device, self.pad_id, self.quiet = run_dir, device, pad_id, quiet
+        self.total_steps = total_optimizer_steps(len(train_data), cfg.train)
+        self.optimizer = build_optimizer(model.parameters(), cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)
+        fp16 = cfg.train.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16) if fp16 else None
+        method = get_method(model.peft_config[adapter_name].method)
+        self.hooks = method.training_hooks(model, adapter_name, self.total_steps)
+        self.state = LoopState()
+        self.last_checkpoint: Path | None = None
+
+    # ------------------------------------------------------------------ pieces
+    def resume_from(self, checkpoint: Path) -> None:
+        saved = load_checkpoint(checkpoint, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler)
+        self.state = LoopState(step=saved["step"], epoch=saved["epoch"], position=saved["position"], tokens=saved["tokens"])
+        self.last_checkpoint = checkpoint
+
+    def _hook(self, name: str, *args: Any) -> Any:
+        value = args[0] if name == "on_loss" else None
+        for hook in self.hooks:
+            function = getattr(hook, name, None)
+            if function is not None:
+                value = function(*args) if name != "on_loss" else function(value, *args[1:])
+        return value
+
+    def _optimizer_step(self, group: list[list[Example]]) -> tuple[float, float]:
+        """Forward/backward over the accumulation group, then one optimizer step. (loss, grad norm)."""
+        n_tokens = max(sum(label_tokens(b) for b in group), 1)
+        loss_total = 0.0
+        for micro in group:
+            batch = to_device(collate(micro, self.pad_id), self.device)
+            with autocast(self.device, self.cfg.train.precision):
+                loss_sum, _ = causal_lm_loss_sum(self.model, batch)
+            loss = loss_sum / n_tokens  # token-weighted mean over the whole accumulated batch
+            loss = self._hook("on_loss", loss, self.state.step)
+            if not torch.isfinite(loss):
+                where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+                raise TrainingError(f"loss became {float(loss)} at step {self.state.step + 1}; training stopped ({where}). Try a lower train.lr or train.precision=fp32")
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_total += float(loss.detach())
+            self.state.tokens += int(batch["attention_mask"].sum())
+        self._hook("after_backward", self.state.step)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for group_ in self.optimizer.param_groups for p in group_["params"]]
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self._hook("after_step", self.state.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total, grad_norm
+
+    def _checkpoint(self) -> None:
+        state = {"step": self.state.step, "epoch": self.state.epoch, "position": self.state.position, "tokens": self.state.tokens, "total_steps": self.total_steps}
+        self.last_checkpoint = save_checkpoint(self.run_dir, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, state, self.cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, stop_after_step: int | None = None) -> dict[str, Any]:
+        train_cfg = self.cfg.train
+        log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.state.step)
+        progress = Progress(self.total_steps, self.state.step, self.quiet)
+        batches = micro_batches(self.train_data, train_cfg.batch_size, train_cfg.seed, self.state)
+        self.model.train()
+        window_start, window_tokens = time.perf_counter(), self.state.tokens
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            while self.state.step < self.total_steps:
+                group = [next(batches) for _ in range(train_cfg.grad_accum)]
+                lr = self.scheduler.get_last_lr()[0]
+                loss, grad_norm = self._optimizer_step(group)
+                self.state.step += 1
+                step = self.state.step
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "epoch": round(self.state.epoch + self.state.position * train_cfg.batch_size / len(self.train_data), 4),
+                          "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": (self.state.tokens - window_tokens) / max(elapsed, 1e-9)}
+                if self.device.type == "cuda":
+                    record["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                log_now = train_cfg.log_every > 0 and (step % train_cfg.log_every == 0 or step == self.total_steps)
+                if log_now:
+                    log.write(record)
+                    window_start, window_tokens = time.perf_counter(), self.state.tokens
+                progress.update(step, {"loss": loss, "lr": lr, "tok/s": round(record["tokens_per_s"])}, log_now)
+                if self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
+                    eval_loss = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision)
+                    log.write({"step": step, "eval_loss": eval_loss})
+                    progress.message(f"step {step}  eval_loss {eval_loss:.4f}")
+                if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
+                    self._checkpoint()
+                if stop_after_step is not None and step >= stop_after_step:
+                    return {"stopped_at": step, "completed": False}
+        finally:
+            progress.close()
+        result: dict[str, Any] = {"completed": True, "steps": self.state.step}
+        if self.eval_data:
+            result["eval_loss"] = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision)
+            log.write({"step": self.state.step, "eval_loss": result["eval_loss"]})
+        return result

@@ -1,0 +1,124 @@
+"""`peftctl train`: compose and check the config, load model and data, train, save the run directory.
+
+Everything that can fail on bad input (config, model path, dataset, columns) is checked before the
+run directory is created, so bad input never leaves a partial run behind.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftctl.config.compose import compose_config, config_to_yaml
+from peftctl.config.schema import RunConfig
+from peftctl.errors import ConfigError
+from peftctl.utils import atomic_write_text, seed_everything
+
+ADAPTER_NAME = "default"
+
+
+def pick_device(train_cfg: Any) -> torch.device:
+    if train_cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    if train_cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(train_cfg.device)
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / cfg.recipe / stamp
+
+
+def _resume_checkpoint(cfg: RunConfig) -> Path | None:
+    from peftctl.train.checkpoint import STATE_NAME, latest_checkpoint
+
+    resume = cfg.train.resume
+    if resume is False or resume in ("false", "False", ""):
+        return None
+    if resume is True or resume in ("true", "True"):
+        if cfg.output_dir is None:
+            raise ConfigError("train.resume=true needs output_dir=<the run directory to continue>; or pass train.resume=<checkpoint path>")
+        found = latest_checkpoint(Path(cfg.output_dir))
+        if found is None:
+            raise ConfigError(f"train.resume=true: no checkpoint in {cfg.output_dir}/checkpoints")
+        return found
+    path = Path(str(resume))
+    if (path / STATE_NAME).is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise ConfigError(f"train.resume={str(resume)!r} is neither a checkpoint nor a run directory with checkpoints")
+    return found
+
+
+def build_model_and_data(cfg: RunConfig) -> tuple[Any, Any, Any]:
+    """(adapted model, tokenizer, prepared data); raises ConfigError on any bad input."""
+    from peftctl.adapters.model import get_adapted_model
+    from peftctl.data.pipeline import prepare_data
+    from peftctl.models.loader import load_model, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, path)
+    data = prepare_data(cfg.dataset, tokenizer)
+    seed_everything(cfg.train.seed)
+    model = load_model(cfg.model, cfg.quant, path)
+    if cfg.quant.method != "none":
+        from peftctl.models.kbit import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    adapter_config = cfg.adapter.replace(base_model_name_or_path=str(cfg.model.name_or_path))
+    adapted = get_adapted_model(model, adapter_config, ADAPTER_NAME)
+    return adapted, tokenizer, data
+
+
+def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, stop_after_step: int | None = None) -> Path:
+    """Train as `peftctl train` does and return the run directory.
+
+    ``stop_after_step`` ends the run right after that step (and its checkpoint, if one is due),
+    as a killed job would; `train.resume` continues it.
+    """
+    from peftctl.train.logging import plot_metrics
+    from peftctl.train.loop import Trainer
+
+    cfg = overrides if isinstance(overrides, RunConfig) else compose_config(overrides or [])
+    checkpoint = _resume_checkpoint(cfg)
+    device = pick_device(cfg.train)
+    run_dir = checkpoint.parent.parent if checkpoint else Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
+    if checkpoint is None and (run_dir / "adapter").exists():
+        raise ConfigError(f"output_dir={str(run_dir)!r} already holds a finished run; pick another output_dir or resume")
+    model, tokenizer, data = build_model_and_data(cfg)
+    model.to(device)
+    trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet)
+    # every input is checked: only now does the run directory appear
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.output_dir = str(run_dir)
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    if checkpoint is not None:
+        trainer.resume_from(checkpoint)
+    if not quiet:
+        trainable, total = model.get_nb_trainable_parameters()
+        print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}  |  {trainer.total_steps} steps", flush=True)
+    result = trainer.fit(stop_after_step=stop_after_step)
+    plot_metrics(trainer_records(run_dir), run_dir / "plots" / "loss.png")
+    if not result["completed"]:
+        return run_dir
+    model.save_pretrained(run_dir / "adapter")
+    tokenizer.save_pretrained(run_dir / "adapter")
+    if not quiet:
+        extra = f"  eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
+        print(f"done: {result['steps']} steps{extra}; adapter saved to {run_dir / 'adapter'}", flush=True)
+    return run_dir
+
+
+def trainer_records(run_dir: Path) -> list[dict[str, Any]]:
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
