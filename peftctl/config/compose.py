@@ -40,12 +40,37 @@ def split_recipe(overrides: list[str]) -> tuple[str, list[str]]:
     return recipe, rest
 
 
+def _suggest_key(key: str, recipe: str) -> str:
+    """', did you mean X?' for a misspelt dotted key, from the recipe's keys (and the adapter's fields)."""
+    import difflib
+
+    try:
+        values = compose_dict([f"recipe={recipe}"])
+    except ConfigError:
+        return ""
+    parent, _, leaf = key.rpartition(".")
+    node: Any = values
+    for part in parent.split(".") if parent else []:
+        node = node.get(part) if isinstance(node, dict) else None
+    candidates = list(node) if isinstance(node, dict) else []
+    if parent == "adapter" and isinstance(node, dict):
+        from peftctl.adapters.registry import get_method
+
+        try:
+            candidates += get_method(node.get("method", "lora")).config_cls.field_names()
+        except ConfigError:
+            pass
+    close = difflib.get_close_matches(leaf, candidates, n=1)
+    return f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+
+
 def _explain_hydra_error(exc: Exception, recipe: str) -> str:
     text = str(exc)
     match = re.search(r"Could not override '([^']+)'", text)
     if match:
         key = match.group(1)
-        return f"{key} is not a known config key (check the spelling; `peftctl show recipe={recipe}` lists every key)"
+        hint = _suggest_key(key, recipe) or f" (`peftctl show recipe={recipe}` lists every key)"
+        return f"{key} is not a known config key{hint}"
     match = re.search(r"Could not find '([^/']+)/([^']+)'.*?Available options in '[^']+':\s*(.*?)(?:\n\S|\Z)", text, flags=re.DOTALL)
     if match:
         group, choice, options = match.group(1), match.group(2), ", ".join(match.group(3).split())

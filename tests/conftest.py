@@ -1,0 +1,29 @@
+"""Shared fixtures: an isolated cache for built-in models, no network, one small trained run."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# a short schedule on the offline default: enough to learn the task, fast on 2 cores
+QUICK = ["train.max_steps=40", "train.save_every=20", "train.eval_every=0", "train.log_every=10", "eval.num_generate=24"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["PEFTCTL_CACHE"] = str(tmp_path_factory.mktemp("peftctl-cache"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run of the default recipe with a short schedule, shared by the integration tests."""
+    from peftctl.train.run import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    return train([*QUICK, f"output_dir={out}"], quiet=True)

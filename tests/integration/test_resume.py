@@ -1,0 +1,36 @@
+"""A run stopped after its checkpoint and resumed ends with the same adapter as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from peftctl.train.run import train
+
+SCHEDULE = ["train.max_steps=12", "train.save_every=5", "train.log_every=1", "train.batch_size=4", "adapter.lora_dropout=0.1", "dataset.max_samples=200"]
+
+
+def test_resume_gives_identical_final_adapter(tmp_path: Path) -> None:
+    straight = train([*SCHEDULE, f"output_dir={tmp_path / 'straight'}"], quiet=True)
+    interrupted = tmp_path / "interrupted"
+    train([*SCHEDULE, f"output_dir={interrupted}"], quiet=True, stop_after_step=7)  # killed after the step-5 checkpoint
+    assert not (interrupted / "adapter").exists()
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step-000005"]
+    resumed = train([*SCHEDULE, f"output_dir={interrupted}", "train.resume=true"], quiet=True)
+    assert resumed == interrupted
+    expected = load_file(straight / "adapter" / "adapter_model.safetensors")
+    got = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert (expected[key] - got[key]).abs().max().item() <= 1e-6, key
+    # metrics continue from the checkpoint: every step logged once
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines() if "loss" in line and "eval" not in line]
+    assert steps == list(range(1, 13))
+
+
+def test_resume_from_explicit_checkpoint_path(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train([*SCHEDULE, f"output_dir={run}"], quiet=True, stop_after_step=6)
+    resumed = train([*SCHEDULE, f"train.resume={run / 'checkpoints' / 'step-000005'}"], quiet=True)
+    assert resumed == run and (run / "adapter" / "adapter_model.safetensors").is_file()
