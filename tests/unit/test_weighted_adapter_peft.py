@@ -172,24 +172,13 @@ def test_cat_ranks_4_and_8_give_rank_12_and_exact_sum():
         assert a.shape[0] == 12 and b.shape[1] == 12 and scaling == 1.0
         expected = 0.7 * _delta(ours, "a", key) - 1.3 * _delta(ours, "c", key)
         torch.testing.assert_close(b @ a * scaling, expected, rtol=1e-6, atol=1e-7)
-    # the forward pass agrees: the blended adapter's output delta is the weighted sum of the deltas
-    ids = torch.randint(0, 300, (1, 5))
-    ours.eval()
-    with torch.no_grad():
-        outputs = {}
-        for name in ("a", "c", "cat"):
-            ours.set_adapter(name)
-            outputs[name] = ours(input_ids=ids).logits
-        with ours.disable_adapter():
-            base = ours(input_ids=ids).logits
-    # the model is non-linear, so compare with tolerance only on a single linear layer below instead
+    # the layer's forward agrees: the blended output delta is the weighted sum of the sources'
     layer = dict(ours.adapter_layers())["model.layers.0.self_attn.q_proj"]
     x = torch.randn(3, 32)
-    layer.set_adapter("cat")
-    y_cat = layer(x) - layer.base_layer(x)
-    y_sum = 0.7 * (layer.adapter_output(x, torch.zeros(3, 32), "a")) - 1.3 * layer.adapter_output(x, torch.zeros(3, 32), "c")
+    zeros = torch.zeros(3, 32)
+    y_cat = layer.adapter_output(x, zeros, "cat")
+    y_sum = 0.7 * layer.adapter_output(x, zeros, "a") - 1.3 * layer.adapter_output(x, zeros, "c")
     torch.testing.assert_close(y_cat, y_sum, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(outputs["cat"], base)
 
 
 def test_svd_full_rank_reproduces_weighted_delta_and_truncation_is_optimal():
