@@ -180,7 +180,8 @@ def svd_refactor(
     available singular directions are zero-padded so the shapes are always (rank, in) / (out, rank)."""
     if delta.dim() != 2:
         raise ValueError(f"svd_refactor expects a 2-D matrix, got shape {tuple(delta.shape)}")
-    kwargs = {"driver": driver} if driver is not None else {}
+    # torch accepts a driver only for CUDA tensors; elsewhere the default solver is used
+    kwargs = {"driver": driver} if driver is not None and delta.is_cuda else {}
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, **kwargs)
     k = min(rank, s.numel())
     b = u[:, :k] @ torch.diag(s[:k])

@@ -36,6 +36,7 @@ COMBINATION_TYPES = (
     "magnitude_prune",
     "magnitude_prune_svd",
 )
+SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +150,8 @@ def _check_arguments(
         raise ConfigError(f"svd_rank={options.svd_rank!r} is not valid; expected an integer > 0")
     if options.svd_clamp is not None and not (0.0 <= options.svd_clamp <= 1.0):
         raise ConfigError(f"svd_clamp={options.svd_clamp!r} is not valid; expected a quantile in [0, 1]")
+    if options.svd_driver not in SVD_DRIVERS:
+        raise ConfigError(f"svd_driver={options.svd_driver!r} is not valid; expected None or one of gesvd, gesvdj, gesvda (CUDA only)")
     shared = _shared_modules_to_save(model, adapters)
     if shared:
         raise ConfigError(f"adapters {list(adapters)} all save module(s) {sorted(shared)} (modules_to_save); these cannot be combined")

@@ -171,3 +171,10 @@ def test_svd_clamp_bounds_factors_at_the_quantile():
     torch.testing.assert_close(b, b0.clamp(-limit, limit))
     assert float(torch.cat([a.flatten(), b.flatten()]).abs().max()) <= float(limit) + 1e-7
     assert not torch.equal(a, a0) or not torch.equal(b, b0)
+
+
+def test_svd_driver_is_ignored_off_cuda():
+    delta = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    a0, b0 = combine.svd_refactor(delta, 3)
+    a, b = combine.svd_refactor(delta, 3, driver="gesvd")
+    assert torch.equal(a, a0) and torch.equal(b, b0)

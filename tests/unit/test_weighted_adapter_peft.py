@@ -39,7 +39,7 @@ def _gpt2() -> torch.nn.Module:
 BASES = {"llama": (_llama, ["q_proj", "v_proj"]), "gpt2": (_gpt2, ["c_attn"])}
 
 
-def _pair(base: str, names=("a", "b", "c")):
+def _pair(base: str, names=("a", "b", "c"), targets_by_name: dict | None = None):
     """The same random adapters in a peft model and in an AdaptedModel (copied by state dict)."""
     build, targets = BASES[base]
     model = build()
@@ -47,7 +47,7 @@ def _pair(base: str, names=("a", "b", "c")):
     peft_model = None
     for name in names:
         r, alpha = ADAPTERS[name]
-        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=(targets_by_name or {}).get(name, targets), init_lora_weights=False)
         if peft_model is None:
             peft_model = peft.get_peft_model(copy.deepcopy(model), cfg, adapter_name=name)
         else:
@@ -55,7 +55,7 @@ def _pair(base: str, names=("a", "b", "c")):
     ours = None
     for name in names:
         r, alpha = ADAPTERS[name]
-        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets))
+        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list((targets_by_name or {}).get(name, targets)))
         if ours is None:
             ours = AdaptedModel(copy.deepcopy(model), cfg, name)
         else:
@@ -114,8 +114,11 @@ DETERMINISTIC = [
 ]
 
 
-@pytest.mark.parametrize("base", ["llama", "gpt2"])
-@pytest.mark.parametrize("combination,names,extra", DETERMINISTIC, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(DETERMINISTIC)])
+# GPT-2 (Conv1D, fan_in_fan_out) on a subset: one of each code path
+CASES = [("llama", *case) for case in DETERMINISTIC] + [("gpt2", *DETERMINISTIC[i]) for i in (1, 3, 6, 9, 11)]
+
+
+@pytest.mark.parametrize("base,combination,names,extra", CASES, ids=[f"{b}-{c}-{i}" for i, (b, c, _, _) in enumerate(CASES)])
 def test_deterministic_combinations_match_peft(base, combination, names, extra):
     extra = dict(extra)
     weights = extra.pop("weights", [0.6, 0.3, 0.5][: len(names)])
@@ -230,6 +233,9 @@ def test_new_adapter_is_not_activated_and_sources_unchanged():
     ({"adapters": ["a", "zzz"]}, "no adapter named 'zzz'"),
     ({"adapter_name": "a"}, "already exists"),
     ({"combination_type": "svd", "svd_rank": 0}, "svd_rank=0 is not valid"),
+    ({"combination_type": "svd", "svd_driver": "lapack"}, "svd_driver='lapack' is not valid"),
+    ({"combination_type": "svd", "svd_clamp": 1.5}, "svd_clamp=1.5 is not valid"),
+    ({"weights": [0.5, float("nan")]}, "weight nan is not valid"),
 ])
 def test_bad_arguments_raise_config_error(kwargs, message):
     _, ours = _pair("llama")
@@ -246,3 +252,47 @@ def test_methods_without_a_combiner_raise_config_error_naming_the_supported_ones
     _, ours = _pair("llama", names=("a", "b"))
     with pytest.raises(ConfigError, match="add_weighted_adapter is not defined for lora adapters; methods that support it: "):
         ours.add_weighted_adapter(["a", "b"], [0.5, 0.5], "mix", combination_type="svd")
+
+
+@pytest.mark.parametrize("combination,extra", [("cat", {}), ("svd", {}), ("ties", {"density": 0.5}), ("linear", {})])
+def test_adapters_on_different_modules_match_peft(combination, extra):
+    targets = {"a": ["q_proj"], "b": ["q_proj", "v_proj"]}
+    peft_model, ours = _pair("llama", names=("a", "b"), targets_by_name=targets)
+    peft_model.add_weighted_adapter(["a", "b"], [0.9, 0.4], "mix", combination_type=combination, **extra)
+    ours.add_weighted_adapter(["a", "b"], [0.9, 0.4], "mix", combination_type=combination, **extra)
+    _assert_same(peft_model, ours, "mix", compare_factors=True)
+    assert ours.peft_config["mix"].target_modules == ["q_proj", "v_proj"]
+
+
+def test_rslora_sources_blend_to_the_exact_weighted_delta():
+    """The blended adapter has alpha = r and plain scaling, so B A is the combined ΔW even when the
+    sources use rsLoRA (PEFT keeps use_rslora there, which rescales the blend by sqrt(r))."""
+    _, ours = _pair("llama", names=("a",))
+    ours.add_adapter("rs", LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    for combination in ("cat", "svd"):
+        ours.add_weighted_adapter(["a", "rs"], [0.5, 2.0], combination, combination_type=combination, svd_rank=12)
+        assert ours.peft_config[combination].use_rslora is False
+        for key in _our_factors(ours, combination):
+            expected = 0.5 * _delta(ours, "a", key) + 2.0 * _delta(ours, "rs", key)
+            torch.testing.assert_close(_delta(ours, combination, key), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_union_of_target_modules_follows_peft():
+    from peftctl.adapters.weighted import union_target_modules
+
+    lists = [LoraConfig(target_modules=["v_proj", "q_proj"]), LoraConfig(target_modules=["k_proj", "q_proj"])]
+    assert union_target_modules(lists) == ["k_proj", "q_proj", "v_proj"]
+    regexes = [LoraConfig(target_modules=r".*q_proj"), LoraConfig(target_modules=r".*v_proj")]
+    assert union_target_modules(regexes) == r"(.*q_proj)|(.*v_proj)"
+    with pytest.raises(ConfigError, match="all lists or all regex strings"):
+        union_target_modules([lists[0], regexes[0]])
+
+
+def test_single_adapter_is_combined_linearly_like_peft():
+    peft_model, ours = _pair("llama", names=("a", "c"))
+    peft_model.add_weighted_adapter(["c"], [3], "solo", combination_type="svd", svd_rank=2)
+    ours.add_weighted_adapter(["c"], [3], "solo", combination_type="svd", svd_rank=2)
+    _assert_same(peft_model, ours, "solo", compare_factors=True)
+    assert ours.peft_config["solo"].r == 8
+    for key in _our_factors(ours, "solo"):
+        torch.testing.assert_close(_delta(ours, "solo", key), 3 * _delta(ours, "c", key), rtol=1e-5, atol=1e-7)
