@@ -17,6 +17,7 @@ from peftctl.adapters.base import AdapterLayer
 from peftctl.adapters.config import AdapterConfig
 from peftctl.adapters import persistence
 from peftctl.adapters.registry import get_method, method_for_peft_type
+from peftctl.adapters.weighted import WeightedAdapterMixin
 from peftctl.errors import AdapterError, ConfigError
 
 
@@ -28,7 +29,7 @@ class _BaseModelHolder(nn.Module):
         self.model = model
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(WeightedAdapterMixin, nn.Module):
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = _BaseModelHolder(model)
