@@ -75,18 +75,26 @@ def eval_command(
 @app.command()
 def merge(
     paths: List[str] = typer.Argument(..., help="run or adapter directories (several to blend)"),
-    out: Optional[str] = typer.Option(None, "--out", help="output directory (default: RUN/merged)"),
+    out: Optional[str] = typer.Option(None, "--out", help="output directory (default: RUN/merged for one run)"),
+    adapters: Optional[str] = typer.Option(None, "--adapters", help="names for the blended adapters, comma-separated"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="blend weights, comma-separated (default: equal)"),
+    combination: str = typer.Option("svd", "--combination", help="svd, linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd"),
+    density: Optional[float] = typer.Option(None, "--density", help="fraction kept by ties / dare / magnitude_prune"),
+    svd_rank: Optional[int] = typer.Option(None, "--svd-rank", help="rank of the *_svd blends"),
+    as_adapter: bool = typer.Option(False, "--as-adapter", help="write the blended adapter (PEFT format) instead of a merged model"),
     safe: bool = typer.Option(False, "--safe", help="check merged weights for NaN / inf before writing"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Fold the adapter into the base model and write a plain transformers model."""
+    """Fold an adapter into its base model, or blend several adapters (add_weighted_adapter)."""
     from peftctl.errors import ConfigError
-    from peftctl.export.merge import merge as merge_run
+    from peftctl.export.merge import merge as merge_run, merge_many
 
     def action() -> Any:
-        if len(paths) != 1:
-            raise ConfigError("merge of several adapters needs --adapters/--weights/--combination (see `peftctl merge --help`)")
-        return merge_run(paths[0], out, safe=safe, quiet=quiet)
+        if len(paths) == 1 and adapters is None and weights is None and not as_adapter:
+            return merge_run(paths[0], out, safe=safe, quiet=quiet)
+        if out is None:
+            raise ConfigError("--out is required when blending adapters")
+        return merge_many(paths, out, adapters, weights, combination, density, svd_rank, as_adapter=as_adapter, safe=safe, quiet=quiet)
 
     _run(action)
 

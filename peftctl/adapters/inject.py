@@ -97,9 +97,10 @@ def inject_layers(adapted: "AdaptedModel", adapter_name: str, config: AdapterCon
     model = adapted.model
     heads = output_head_names(model)
     wrapped: list[str] = []
+    adapter_layer_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AdapterLayer))
     for name, module in list(model.named_modules()):
-        if ".base_layer" in name:
-            continue
+        if name.startswith(adapter_layer_prefixes):
+            continue  # the base layer and adapter tensors inside an existing AdapterLayer
         existing = module if isinstance(module, AdapterLayer) else None
         base = existing.base_layer if existing is not None else module
         if not is_target(name, base, model, config, heads):

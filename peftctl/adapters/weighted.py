@@ -114,6 +114,10 @@ def union_target_modules(configs: Sequence[AdapterConfig]) -> list[str] | str | 
             + ", ".join(repr(t) for t in targets)
         )
     if isinstance(targets[0], str):
+        if len(set(targets)) == 1:
+            return targets[0]  # identical specs, including the special value "all-linear"
+        if "all-linear" in targets:
+            raise ConfigError("add_weighted_adapter cannot unite target_modules='all-linear' with other targets; train the adapters on the same targets")
         return "|".join(f"({t})" for t in targets)
     return sorted(set().union(*targets))
 

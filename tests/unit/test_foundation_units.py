@@ -114,3 +114,18 @@ def test_gradient_accumulation_matches_a_single_large_batch() -> None:
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     assert torch.allclose(grads([examples]), grads([examples[:4], examples[4:]]), atol=1e-6)
+
+
+def test_second_all_linear_adapter_wraps_the_same_modules_only() -> None:
+    """Adding a second adapter must not wrap the first adapter's own Linear layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftctl import get_adapted_model
+    from peftctl.adapters.lora import LoraConfig
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    adapted = get_adapted_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    before = [name for name, _ in adapted.adapter_layers()]
+    adapted.add_adapter("second", LoraConfig(r=2, target_modules="all-linear"))
+    assert [name for name, _ in adapted.adapter_layers()] == before
+    assert len(before) == 7
