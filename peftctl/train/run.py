@@ -6,6 +6,7 @@ run directory is created, so bad input never leaves a partial run behind.
 from __future__ import annotations
 
 import datetime as _dt
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,9 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
     if not quiet:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}  |  {trainer.total_steps} steps", flush=True)
+    started = time.perf_counter()
     result = trainer.fit(stop_after_step=stop_after_step)
+    elapsed = time.perf_counter() - started
     plot_metrics(trainer_records(run_dir), run_dir / "plots" / "loss.png")
     if not result["completed"]:
         return run_dir
@@ -111,7 +114,7 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
     tokenizer.save_pretrained(run_dir / "adapter")
     if not quiet:
         extra = f"  eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
-        print(f"done: {result['steps']} steps{extra}; adapter saved to {run_dir / 'adapter'}", flush=True)
+        print(f"done: {result['steps']} steps in {elapsed:.0f} s{extra}; adapter saved to {run_dir / 'adapter'}", flush=True)
     return run_dir
 
 
