@@ -98,7 +98,7 @@ def inject_layers(adapted: "AdaptedModel", adapter_name: str, config: AdapterCon
     heads = output_head_names(model)
     wrapped: list[str] = []
     for name, module in list(model.named_modules()):
-        if ".base_layer" in name:
+        if ".base_layer" in name or ".modules_to_save." in name:
             continue
         existing = module if isinstance(module, AdapterLayer) else None
         base = existing.base_layer if existing is not None else module
