@@ -80,11 +80,23 @@ def _factor(layer: "LoraLayer", adapter_name: str, norm: torch.Tensor, weight_di
     return (magnitude / norm).reshape((-1,) + (1,) * (weight_dim - 1))
 
 
+def _unmerged_base(layer: "LoraLayer", weight: torch.Tensor) -> torch.Tensor:
+    """The base weight before the adapters already merged into ``weight`` (in (out, in) layout)."""
+    for name in reversed(layer.merged_adapters):
+        if name in layer.lora_magnitude_vector:
+            weight = weight.float() / _factor(layer, name, layer._dora_merge_norm[name], weight.dim()) - layer.lora_delta(name).detach()
+        else:
+            weight = weight.float() - layer.lora_delta(name).detach()
+    return weight
+
+
 def merged_weight(layer: "LoraLayer", weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
-    """m/‖W+ΔW‖ · (W + ΔW) for W in (out, in, ...) layout; keeps the norm for an exact unmerge."""
+    """m/‖W+ΔW‖ · (W_cur + ΔW) for weights in (out, in, ...) layout; keeps the norm for an exact
+    unmerge. W is the unmerged base weight, W_cur the weight with earlier adapters merged: the
+    same as the forward, where the norm uses the base weight and the directional part the running
+    output of the adapters applied before (PEFT's forward for several active adapters)."""
     delta = layer.lora_delta(adapter_name).detach()
-    norm = weight_norm(weight, delta)
-    layer._dora_merge_norm = getattr(layer, "_dora_merge_norm", {})
+    norm = weight_norm(_unmerged_base(layer, weight), delta)
     layer._dora_merge_norm[adapter_name] = norm
     return _factor(layer, adapter_name, norm, weight.dim()) * (weight.float() + delta)
 
@@ -92,5 +104,5 @@ def merged_weight(layer: "LoraLayer", weight: torch.Tensor, adapter_name: str) -
 def unmerged_weight(layer: "LoraLayer", weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
     """Inverse of merged_weight: W = W' · ‖W+ΔW‖/m − ΔW, with the norm kept at merge time."""
     delta = layer.lora_delta(adapter_name).detach()
-    norm = layer._dora_merge_norm.pop(adapter_name)
+    norm = layer._dora_merge_norm[adapter_name]
     return weight.float() / _factor(layer, adapter_name, norm, weight.dim()) - delta

@@ -109,6 +109,7 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.fan_in_fan_out = False
         self._dora_cache = dora.DoraNormCache()
+        self._dora_merge_norm: dict[str, torch.Tensor] = {}
 
     # -- to implement per layer type
     def _create_ab(self, adapter_name: str, r: int) -> None:  # pragma: no cover - abstract
