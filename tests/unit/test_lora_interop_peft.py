@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 
-from _lora_fixtures import clone, ids, out, perturb_adapters, rel_err, tiny_gpt2, tiny_llama, tiny_llama_cls
+from _lora_fixtures import ALL_TARGETS, tiny_all_types, clone, ids, out, perturb_adapters, rel_err, tiny_gpt2, tiny_llama, tiny_llama_cls
 from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.lora import LoraConfig, LoraLayer
 
@@ -23,6 +23,10 @@ CASES = {
     "modules_to_save": (tiny_llama_cls, dict(target_modules=["q_proj", "v_proj"], modules_to_save=["score"], task_type="SEQ_CLS")),
     "rank_pattern": (tiny_llama, dict(target_modules="all-linear", rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 6}, alpha_pattern={"v_proj": 3.0})),
     "layer_replication": (lambda: tiny_llama(layers=3), dict(target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 3]])),
+    "bias_all_gpt2": (tiny_gpt2, dict(target_modules=["c_attn"], fan_in_fan_out=True, bias="all")),
+    "bias_lora_only_gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, bias="lora_only")),
+    "conv_embedding_types": (tiny_all_types, dict(target_modules=ALL_TARGETS, task_type=None)),
+    "conv_dora": (tiny_all_types, dict(target_modules=["lin", "conv1d", "conv2d"], use_dora=True, task_type=None)),
 }
 SCALE_CASES = {
     "rslora": dict(target_modules="all-linear", use_rslora=True, lora_alpha=16, r=4),
@@ -42,7 +46,7 @@ def _ours_config(options: dict, **extra) -> LoraConfig:
 
 
 def _input(model) -> torch.Tensor:
-    return ids(batch=2, length=6, vocab=300)
+    return ids(batch=2, length=6, vocab=getattr(getattr(model, "config", None), "vocab_size", 20))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -83,7 +87,8 @@ def test_multiple_named_adapters_both_directions(tmp_path) -> None:
     base = tiny_llama()
     torch.manual_seed(13)
     theirs = peft.get_peft_model(clone(base), _peft_config(dict(target_modules=["q_proj", "v_proj"]), init_lora_weights=False))
-    theirs.add_adapter("other", _peft_config(dict(target_modules=["k_proj", "o_proj"], r=2), init_lora_weights=False))
+    # "other" is a DoRA adapter overlapping "default" on v_proj
+    theirs.add_adapter("other", _peft_config(dict(target_modules=["v_proj", "o_proj"], r=2, use_dora=True), init_lora_weights=False))
     theirs.eval()
     theirs.save_pretrained(tmp_path / "peft")  # default at the top, "other" in a sub-folder
     assert (tmp_path / "peft" / "other" / "adapter_model.safetensors").is_file()
@@ -94,6 +99,14 @@ def test_multiple_named_adapters_both_directions(tmp_path) -> None:
         theirs.set_adapter(name)
         ours.set_adapter(name)
         assert rel_err(out(ours, x), out(theirs, x)) <= 1e-5, name
+    # both active at once (PEFT applies them in order; DoRA's directional part sees the LoRA output)
+    theirs.base_model.set_adapter(["default", "other"])
+    ours.set_adapter(["default", "other"])
+    both = out(theirs, x)
+    assert rel_err(out(ours, x), both) <= 1e-5
+    ours.merge_adapter()
+    assert rel_err(out(ours, x), both) <= 1e-5
+    ours.unmerge_adapter()
     # and back: our multi-adapter save loads in peft
     ours.save_pretrained(tmp_path / "ours")
     again = peft.PeftModel.from_pretrained(clone(base), tmp_path / "ours").eval()
