@@ -2,6 +2,8 @@
 
 ``[[0, 4], [2, 5]]`` turns layers [0, 1, 2, 3, 4] into [0, 1, 2, 3, 2, 3, 4]. Copies share the
 base weights (no memory for them); each copy is a separate module, so it gets its own adapter.
+Merging an adapter into a copy gives that copy its own weight tensor first (LoraLayer.merge), since
+a merge into the shared tensor would change every copy.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ def find_layers(model: nn.Module) -> tuple[nn.Module, str]:
 
 def shared_copy(layer: nn.Module) -> nn.Module:
     """A deep copy of ``layer`` whose parameters and buffers are the original tensors."""
-    memo = {id(t): t for t in list(layer.parameters()) + list(layer.buffers())}
-    return copy.deepcopy(layer, memo)
+    tensors = list(layer.parameters()) + list(layer.buffers())
+    for tensor in tensors:
+        tensor._peftctl_shared = True  # merging into a shared weight must un-share it first
+    return copy.deepcopy(layer, {id(t): t for t in tensors})
 
 
 def replicate_layers(model: nn.Module, layer_map: list[list[int]]) -> None:

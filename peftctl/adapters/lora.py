@@ -155,6 +155,14 @@ class LoraLayer(AdapterLayer):
         base = dora.unmerged_weight(self, w, adapter_name)
         return (base.T if self.fan_in_fan_out else base).to(weight.dtype)
 
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        weight = self.weight
+        if getattr(weight, "_peftctl_shared", False):
+            # a layer_replication copy: merging into the shared tensor would change every copy
+            own = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            self.base_layer.weight = own
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
     def lora_path(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """B(A(x)) for an already dropped-out x (unscaled)."""
         return self.lora_B[adapter_name](self.lora_A[adapter_name](x))

@@ -57,7 +57,10 @@ def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: int | Non
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         u_r, s_r, vh_r = u[:, :r], s[:r], vh[:r]
     else:
-        u_r, s_r, v_r = torch.svd_lowrank(weight, q=r, niter=niter)
+        # fixed seed: loading the saved adapter recomputes the same residual from the same W
+        with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
+            torch.manual_seed(0)
+            u_r, s_r, v_r = torch.svd_lowrank(weight, q=r, niter=niter)
         vh_r = v_r.T
     root = torch.sqrt(s_r / scaling)
     return root[:, None] * vh_r, u_r * root[None, :]

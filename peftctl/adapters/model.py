@@ -181,6 +181,11 @@ class AdaptedModel(nn.Module):
 
     # ------------------------------------------------------------------ merge
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            # check every module before writing any, so a failure leaves the model untouched
+            for _, layer in self.adapter_layers():
+                for name in adapter_names or self.active_adapters:
+                    layer.check_merge(name)
         for _, layer in self.adapter_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 

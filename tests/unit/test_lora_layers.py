@@ -56,6 +56,18 @@ def test_mutating_inits_leave_outputs_unchanged(init) -> None:
     assert not torch.allclose(adapted.model.lin.base_layer.weight, base.lin.weight)
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_mutating_init_save_load_on_original_base(init, tmp_path) -> None:
+    """A PiSSA / OLoRA adapter saved as is re-derives the residual when loaded on the original base."""
+    base, adapted = _adapted(dict(target_modules=LINEAR_ONLY, r=2), init)
+    perturb_adapters(adapted)
+    adapted.save_pretrained(tmp_path)
+    loaded = AdaptedModel.from_pretrained(clone(base), tmp_path).eval()
+    x = ids()
+    assert rel_err(out(loaded, x), out(adapted, x)) <= 1e-5
+    assert torch.allclose(loaded.model.lin.base_layer.weight, adapted.model.lin.base_layer.weight, atol=1e-6)
+
+
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_merge_unmerge_disable_save_load(option: str, tmp_path) -> None:
     base, adapted = _adapted(OPTIONS[option], False)
@@ -170,6 +182,7 @@ def test_safe_merge_names_module_on_non_finite() -> None:
     assert torch.equal(adapted.model.lin.base_layer.weight, before)  # nothing written
     with pytest.raises(AdapterError, match="c1d"):
         adapted.merge_adapter(safe_merge=True)
+    assert torch.equal(adapted.model.lin.base_layer.weight, before) and not adapted.model.lin.merged
 
 
 def test_config_errors_name_the_field() -> None:
@@ -183,3 +196,43 @@ def test_config_errors_name_the_field() -> None:
         _adapted(dict(target_modules=["emb"], use_dora=True), True)
     with pytest.raises(ConfigError, match="init_lora_weights='pissa' supports Linear"):
         _adapted(dict(target_modules=["conv2d"]), "pissa")
+
+
+LLAMA_OPTIONS = {
+    "layers_to_transform": dict(target_modules="all-linear", layers_to_transform=[1], layers_pattern="layers"),
+    "layer_replication": dict(target_modules=["q_proj", "v_proj", "down_proj"], layer_replication=[[0, 2], [1, 3]]),
+}
+
+
+@pytest.mark.parametrize("option", sorted(LLAMA_OPTIONS))
+def test_layer_options_on_llama_invariants(option: str, tmp_path) -> None:
+    """layers_to_transform and layer_replication: same invariants. With layer_replication the
+    disabled model is the *replicated* base stack (weights shared, no adapters), as in PEFT."""
+    from _lora_fixtures import tiny_llama
+    from peftctl.adapters.layer_replication import replicate_layers
+
+    base = tiny_llama(layers=3)
+    options = LLAMA_OPTIONS[option]
+    adapted = get_adapted_model(clone(base), LoraConfig(r=4, init_lora_weights=False, **options)).eval()
+    perturb_adapters(adapted)
+    names = {n for n, m in adapted.model.named_modules() if isinstance(m, LoraLinear)}
+    if option == "layers_to_transform":
+        assert names and all(".layers.1." in n for n in names)
+    else:
+        assert len(adapted.model.model.layers) == 4 and adapted.config.num_hidden_layers == 4
+    reference = clone(base)
+    if option == "layer_replication":
+        replicate_layers(reference, options["layer_replication"])
+    x = ids(vocab=300)
+    adapted_out = out(adapted, x)
+    with adapted.disable_adapter():
+        assert torch.allclose(out(adapted, x), out(reference, x), atol=1e-6)
+    adapted.merge_adapter()
+    assert rel_err(out(adapted, x), adapted_out) <= 1e-5
+    adapted.unmerge_adapter()
+    assert rel_err(out(adapted, x), adapted_out) <= 1e-5
+    adapted.save_pretrained(tmp_path)
+    loaded = AdaptedModel.from_pretrained(clone(base), tmp_path).eval()
+    assert torch.equal(out(loaded, x), adapted_out)
+    merged = adapted.merge_and_unload()
+    assert rel_err(out(merged, x), adapted_out) <= 1e-5
