@@ -158,3 +158,20 @@ def test_recipe_yaml_reaches_the_option(name: str) -> None:
     assert rel_err(out(adapted, x), out(base, x)) < 1e-5  # every recipe starts at the base model
     mutated = not torch.equal(layer.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight)
     assert mutated == (name in ("pissa", "olora"))
+
+
+def test_generate_with_per_row_adapters() -> None:
+    _, adapted = _two_adapters()
+    prompt = ids(batch=3, length=4, vocab=300)
+    names = ["dora", "__base__", "default"]
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    mixed = adapted.generate(input_ids=prompt, adapter_names=names, **kwargs)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with adapted.disable_adapter():
+                alone = adapted.generate(input_ids=prompt[i : i + 1], **kwargs)
+        else:
+            adapted.set_adapter(name)
+            alone = adapted.generate(input_ids=prompt[i : i + 1], **kwargs)
+        # a row that hits EOS early is padded in the batch
+        assert torch.equal(mixed[i : i + 1, : alone.shape[1]], alone), name
