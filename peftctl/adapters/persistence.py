@@ -30,7 +30,10 @@ def adapter_key_map(model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
     """Our state-dict key -> PEFT's saved key, for every tensor of one adapter."""
     mapping: dict[str, str] = {}
     for module_name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, AdapterLayer) and hasattr(module, "peft_key_map"):
+            # layers whose saved names are not "<attr>.<adapter>" (modules_to_save copies)
+            mapping.update(module.peft_key_map(module_name, adapter_name))
+        elif isinstance(module, AdapterLayer):
             for attr in module.adapter_layer_names:
                 container = getattr(module, attr)
                 if adapter_name not in container:
@@ -58,6 +61,10 @@ def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state:
     mapping = adapter_key_map(model, adapter_name)
     by_peft_key = {peft_key: ours for ours, peft_key in mapping.items()}
     missing = [k for k in by_peft_key if k not in peft_state]
+    model_state = model.state_dict(keep_vars=True)
+    # base-model tensors PEFT may save too (save_embedding_layers: the embedding's base weight)
+    base_extra = {k: k for k in peft_state if k not in by_peft_key and k in model_state}
+    by_peft_key.update(base_extra)
     unexpected = [k for k in peft_state if k not in by_peft_key]
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
@@ -72,11 +79,18 @@ def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state:
             target.data.copy_(tensor.to(device=target.device, dtype=target.dtype))
 
 
-def save_adapter_dir(model: "AdaptedModel", directory: str | os.PathLike, adapter_name: str) -> None:
+def save_adapter_dir(
+    model: "AdaptedModel",
+    directory: str | os.PathLike,
+    adapter_name: str,
+    tensors: dict[str, torch.Tensor] | None = None,
+    config: Any = None,
+) -> None:
+    """Write one adapter; ``tensors`` / ``config`` override what the model holds (weight conversion)."""
     from peftctl.utils import atomic_directory
 
-    config = model.peft_config[adapter_name]
-    tensors = get_adapter_state_dict(model, adapter_name)
+    config = config if config is not None else model.peft_config[adapter_name]
+    tensors = tensors if tensors is not None else get_adapter_state_dict(model, adapter_name)
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -41,8 +41,10 @@ class Method:
 
     def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
         from peftctl.adapters.inject import inject_layers
+        from peftctl.adapters.modules_to_save import apply_modules_to_save
 
         inject_layers(model, adapter_name, config, self)
+        apply_modules_to_save(model, adapter_name, config)
 
     def wraps_forward(self) -> bool:
         """True when the method changes the model's forward call itself (prompt family)."""
