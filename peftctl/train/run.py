@@ -55,6 +55,12 @@ def _resume_checkpoint(cfg: RunConfig) -> Path | None:
     return found
 
 
+def mutates_base_weights(adapter_cfg: Any) -> bool:
+    """True for inits that rewrite the base weights (PiSSA, OLoRA)."""
+    init = getattr(adapter_cfg, "init_lora_weights", True)
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+
+
 def build_model_and_data(cfg: RunConfig) -> tuple[Any, Any, Any]:
     """(adapted model, tokenizer, prepared data); raises ConfigError on any bad input."""
     from peftctl.adapters.model import get_adapted_model
@@ -99,8 +105,13 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(run_dir)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    initial_adapter = run_dir / "initial_adapter" if mutates_base_weights(cfg.adapter) else None
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
+    elif initial_adapter is not None:
+        # PiSSA / OLoRA replace W by a residual: keep the starting adapter so the final one can be
+        # saved as a plain LoRA against the untouched base (PEFT's weight conversion)
+        model.save_pretrained(initial_adapter)
     if not quiet:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}  |  {trainer.total_steps} steps", flush=True)
@@ -110,7 +121,7 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
     plot_metrics(trainer_records(run_dir), run_dir / "plots" / "loss.png")
     if not result["completed"]:
         return run_dir
-    model.save_pretrained(run_dir / "adapter")
+    model.save_pretrained(run_dir / "adapter", path_initial_model_for_weight_conversion=initial_adapter)
     tokenizer.save_pretrained(run_dir / "adapter")
     if not quiet:
         extra = f"  eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""

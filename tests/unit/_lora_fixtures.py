@@ -8,9 +8,6 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
-# tiny models: one intra-op thread is ~20x faster than two on a shared 2-core machine
-torch.set_num_threads(1)
-
 
 class TinyAllTypes(nn.Module):
     """One module of every layer type LoRA supports: Embedding, Linear, Conv1d, GPT-2 Conv1D, Conv2d."""

@@ -1,0 +1,58 @@
+"""`peftctl train adapter=<each config in configs/adapter/>` completes on the offline default, and
+`peftctl eval` runs on its output (methods that need extra inputs have their own tests)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from peftctl.cli import app
+from peftctl.config.compose import resource_dir
+
+# X-LoRA mixes experts trained beforehand: tests/unit/test_xlora.py covers it end to end.
+NEEDS_EXPERTS = {"xlora"}
+CHOICES = sorted(p.stem for p in resource_dir("configs").joinpath("adapter").glob("*.yaml") if p.stem not in NEEDS_EXPERTS)
+SHORT = ["train.max_steps=4", "train.batch_size=4", "train.log_every=2", "train.save_every=0", "train.eval_every=0", "dataset.max_samples=32", "eval.num_generate=4", "eval.max_eval_samples=8"]
+
+
+@pytest.mark.parametrize("choice", CHOICES)
+def test_train_then_eval(choice: str, tmp_path: Path) -> None:
+    run = tmp_path / choice
+    result = CliRunner().invoke(app, ["train", f"adapter={choice}", *SHORT, f"output_dir={run}", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    result = CliRunner().invoke(app, ["eval", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "eval.json").read_text())
+    assert report["adapted"]["eval_loss"] > 0 and report["examples"] == 8
+
+
+def test_pissa_run_saves_a_lora_for_the_untouched_base(tmp_path: Path) -> None:
+    """PiSSA rewrites W; the run's final adapter is converted (rank 2r) so it applies to the original
+    base, and peft reads it with the same logits."""
+    import torch
+    from peft import PeftModel
+
+    from peftctl import AdaptedModel
+    from peftctl.models.loader import load_model
+    from peftctl.runs import open_source
+
+    run = tmp_path / "pissa"
+    result = CliRunner().invoke(app, ["train", "adapter=pissa", *SHORT, f"output_dir={run}", "--quiet"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    from peftctl.config.compose import compose_config
+
+    trained_rank = compose_config(["adapter=pissa"]).adapter.r
+    assert config["r"] == 2 * trained_rank and config["init_lora_weights"] is True
+    model_cfg = open_source(run).config.model
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    ours = AdaptedModel.from_pretrained(load_model(model_cfg), run / "adapter").eval()
+    theirs = PeftModel.from_pretrained(load_model(model_cfg), run / "adapter").eval()
+    with torch.no_grad():
+        assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item() <= 1e-5
+        with ours.disable_adapter():
+            base = ours(input_ids=ids).logits
+        assert (base - load_model(model_cfg)(input_ids=ids).logits).abs().max().item() == 0.0
