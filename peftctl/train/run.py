@@ -97,7 +97,9 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
     device = pick_device(cfg.train)
     run_dir = checkpoint.parent.parent if checkpoint else Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
     if checkpoint is None and (run_dir / "adapter").exists():
-        raise ConfigError(f"output_dir={str(run_dir)!r} already holds a finished run; pick another output_dir or resume")
+        raise ConfigError(f"output_dir={str(run_dir)!r} already holds a finished run; pick another output_dir")
+    if checkpoint is None and any((run_dir / "checkpoints").glob("step-*")):
+        raise ConfigError(f"output_dir={str(run_dir)!r} holds checkpoints of an unfinished run; continue it with train.resume=true or pick another output_dir")
     model, tokenizer, data = build_model_and_data(cfg)
     model.to(device)
     trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet)
