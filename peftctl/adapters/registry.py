@@ -60,6 +60,7 @@ class Method:
 # method name -> "module:attribute" of its Method instance; imported lazily
 _METHODS: dict[str, str] = {
     "lora": "peftctl.adapters.lora:METHOD",
+    "ia3": "peftctl.adapters.ia3:METHOD",
 }
 
 
