@@ -61,6 +61,8 @@ class Method:
 _METHODS: dict[str, str] = {
     "lora": "peftctl.adapters.lora:METHOD",
     "ia3": "peftctl.adapters.ia3:METHOD",
+    "loha": "peftctl.adapters.loha:METHOD",
+    "lokr": "peftctl.adapters.lokr:METHOD",
 }
 
 
