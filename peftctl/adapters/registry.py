@@ -63,6 +63,7 @@ _METHODS: dict[str, str] = {
     "ia3": "peftctl.adapters.ia3:METHOD",
     "loha": "peftctl.adapters.loha:METHOD",
     "lokr": "peftctl.adapters.lokr:METHOD",
+    "oft": "peftctl.adapters.oft:METHOD",
 }
 
 
