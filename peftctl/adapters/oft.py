@@ -11,7 +11,7 @@ init makes R = I. COFT (paper §3.3) projects Q back into an eps-ball around 0 b
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -38,8 +38,6 @@ class OFTConfig(AdapterConfig):
     block_share: bool = False
     use_cayley_neumann: bool = True
     num_cayley_neumann_terms: int = 5
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         super().validate()
