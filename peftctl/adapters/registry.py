@@ -64,6 +64,7 @@ _METHODS: dict[str, str] = {
     "loha": "peftctl.adapters.loha:METHOD",
     "lokr": "peftctl.adapters.lokr:METHOD",
     "oft": "peftctl.adapters.oft:METHOD",
+    "adalora": "peftctl.adapters.adalora:METHOD",
 }
 
 
