@@ -116,8 +116,10 @@ def inject_layers(adapted: "AdaptedModel", adapter_name: str, config: AdapterCon
                 )
             continue
         if existing is None:
+            layer.train(base.training)  # a new wrapper follows the model's train/eval mode
             _set_submodule(model, name, layer)
         layer.update_layer(adapter_name, config)
+        layer.train(layer.training)  # sub-modules the adapter just created follow the wrapper's mode
         wrapped.append(name)
     if not wrapped:
         sample = [n for n, m in model.named_modules() if is_linear_like(m)][:6]

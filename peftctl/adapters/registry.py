@@ -65,6 +65,7 @@ _METHODS: dict[str, str] = {
     "lokr": "peftctl.adapters.lokr:METHOD",
     "oft": "peftctl.adapters.oft:METHOD",
     "adalora": "peftctl.adapters.adalora:METHOD",
+    "boft": "peftctl.adapters.boft:METHOD",
 }
 
 
