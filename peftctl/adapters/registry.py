@@ -66,6 +66,7 @@ _METHODS: dict[str, str] = {
     "oft": "peftctl.adapters.oft:METHOD",
     "adalora": "peftctl.adapters.adalora:METHOD",
     "boft": "peftctl.adapters.boft:METHOD",
+    "bottleneck": "peftctl.adapters.bottleneck:METHOD",
 }
 
 
