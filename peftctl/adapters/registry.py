@@ -67,6 +67,7 @@ _METHODS: dict[str, str] = {
     "adalora": "peftctl.adapters.adalora:METHOD",
     "boft": "peftctl.adapters.boft:METHOD",
     "bottleneck": "peftctl.adapters.bottleneck:METHOD",
+    "xlora": "peftctl.adapters.xlora:METHOD",
 }
 
 
