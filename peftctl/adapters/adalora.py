@@ -124,6 +124,7 @@ class RankAllocator:
         if self.config.total_step is None:
             self.config.total_step = total_steps
         self.config.check_schedule(self.config.total_step)
+        self.last_step = total_steps - 1
         self.layers = [(n, l) for n, l in model.adapter_layers() if isinstance(l, AdaLoraLinear) and adapter_name in l.lora_E]
         self.init_bgt = sum(l.lora_E[adapter_name].shape[0] for _, l in self.layers)
         self.target_bgt = self.config.target_r * len(self.layers)
@@ -178,17 +179,21 @@ class RankAllocator:
                 self.exp_avg_unc[key] = c.beta2 * unc + (1 - c.beta2) * (ipt - avg).abs()
 
     def after_step(self, step: int) -> None:
-        """Mask singular values to the scheduled budget (PEFT's update_and_allocate)."""
+        """Mask singular values to the scheduled budget (PEFT's update_and_allocate).
+
+        ``step`` is the 0-based optimizer step. The last step of the loop always applies the
+        final budget, so training ends at target_r per module even when tfinal = 0."""
         boundary = self.config.total_step - self.config.tfinal
-        if step < boundary:
+        if step > boundary:
+            if self.config.rank_pattern:
+                self.apply_pattern(self.config.rank_pattern)
+        elif step == boundary or step >= self.last_step:
+            self.config.rank_pattern = self.mask_to_budget(self.target_bgt)
+            self.reset_ipt()
+        else:
             budget, mask = self.budget_schedule(step)
             if mask:
                 self.config.rank_pattern = self.mask_to_budget(budget)
-        elif step == boundary:
-            self.config.rank_pattern = self.mask_to_budget(self.target_bgt)
-            self.reset_ipt()
-        elif self.config.rank_pattern:
-            self.apply_pattern(self.config.rank_pattern)
 
     # ---------------------------------------------------------------- pruning
     def _score(self, p: nn.Parameter) -> torch.Tensor:

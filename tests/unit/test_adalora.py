@@ -116,6 +116,16 @@ def test_budget_schedule_and_final_rank(tmp_path):
     assert rel_err(run(theirs, input_ids()), out) <= 1e-5
 
 
+def test_final_budget_reached_without_tfinal():
+    adapted = get_adapted_model(tiny_llama(), cfg(tinit=1, tfinal=0, total_step=None, deltaT=2))
+    ranks: dict[int, int] = {}
+    train(adapted, 6, ranks)
+    assert adapted.peft_config["default"].total_step == 6  # taken from the loop
+    assert ranks[2] == expected_budget(2, 24, 8, 1, 0, 6) == 16  # deltaT=2: masked on even steps
+    assert ranks[4] == expected_budget(4, 24, 8, 1, 0, 6) == 9
+    assert ranks[5] == 8  # ...but the last step always applies the final budget
+
+
 def test_peft_interop_full_rank(tmp_path):
     adapted = get_adapted_model(tiny_llama(), cfg())
     perturb(adapted)
