@@ -99,7 +99,9 @@ class AdapterLayer(nn.Module):
             if adapter_name in container:
                 del container[adapter_name]
         for attr in self.other_param_names:
-            getattr(self, attr).pop(adapter_name, None)
+            values = getattr(self, attr)  # a dict, or a ModuleDict (dropout modules)
+            if adapter_name in values:
+                del values[adapter_name]
         self.adapter_configs.pop(adapter_name, None)
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 

@@ -131,3 +131,29 @@ def peft_to_ours(peft_config, make_base: Callable[[], nn.Module], x: torch.Tenso
     assert rel_err(run(ours, x), run(theirs, x)) <= 1e-5
     return ours
 
+
+
+def check_multi_adapter(make_base: Callable[[], nn.Module], make_config: Callable[[], AdapterConfig], x: torch.Tensor,
+                        tmp: Path, mergeable: bool = True) -> None:
+    """add (inactive, frozen) -> set -> save both -> load both -> delete -> merge the first."""
+    adapted = get_adapted_model(make_base(), make_config())
+    perturb(adapted, "default")
+    first = run(adapted, x)
+    adapted.add_adapter("second", make_config())
+    perturb(adapted, "second", seed=9)
+    assert torch.equal(run(adapted, x), first), "adding an adapter changed the output"
+    adapted.set_adapter("second")
+    second = run(adapted, x)
+    assert not torch.allclose(first, second)
+    trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    assert trainable and all(".second" in n for n in trainable)
+    adapted.save_pretrained(tmp)
+    loaded = AdaptedModel.from_pretrained(make_base(), tmp)
+    loaded.load_adapter(tmp / "second", "second")
+    loaded.set_adapter("second")
+    assert torch.equal(run(loaded, x), second)
+    adapted.delete_adapter("second")
+    assert adapted.active_adapters == ["default"] and torch.equal(run(adapted, x), first)
+    if mergeable:
+        adapted.merge_adapter()
+        assert rel_err(run(adapted, x), first) <= 1e-5

@@ -10,7 +10,7 @@ from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.adalora import AdaLoraConfig, AdaLoraLinear
 from peftctl.adapters.registry import get_method
 from peftctl.errors import ConfigError
-from tests.unit._method_checks import (check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
+from tests.unit._method_checks import (check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
                                        input_ids, ours_to_peft, perturb, rel_err, run, tiny_llama)
 
 TARGETS = ["q_proj", "v_proj"]  # 2 layers -> 4 adapted modules
@@ -154,3 +154,7 @@ def test_peft_saved_pruned_pattern_loads(tmp_path):
     ours = AdaptedModel.from_pretrained(tiny_llama(), tmp_path)
     assert sum(l.lora_E["default"].shape[0] for _, l in ours.adapter_layers()) == sum(sum(v) for v in pattern.values())
     assert rel_err(run(ours, input_ids()), expected) <= 1e-5
+
+
+def test_multi_adapter_add_set_save_load_delete(tmp_path):
+    check_multi_adapter(tiny_llama, lambda: cfg(), input_ids(), tmp_path)

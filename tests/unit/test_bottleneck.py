@@ -11,7 +11,7 @@ import torch
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.bottleneck import BottleneckConfig, BottleneckLayer
 from peftctl.errors import AdapterError, ConfigError
-from tests.unit._method_checks import (check_identity, check_only_adapter_trains, check_save_load, input_ids, perturb,
+from tests.unit._method_checks import (check_multi_adapter, check_identity, check_only_adapter_trains, check_save_load, input_ids, perturb,
                                        rel_err, run, tiny_llama)
 
 
@@ -73,3 +73,7 @@ def test_save_load_trainable(tmp_path):
 
     keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
     assert "base_model.model.model.layers.0.mlp.bottleneck_up.weight" in keys
+
+
+def test_multi_adapter_add_set_save_load_delete(tmp_path):
+    check_multi_adapter(tiny_llama, lambda: BottleneckConfig(bottleneck_size=4), input_ids(), tmp_path, mergeable=False)

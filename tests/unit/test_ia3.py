@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.ia3 import IA3Config, IA3Linear
-from tests.unit._method_checks import (check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
+from tests.unit._method_checks import (check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
                                        input_ids, ours_to_peft, peft_to_ours, perturb, rel_err, run, tiny_llama)
 
 TARGETS = ["k_proj", "v_proj", "down_proj"]
@@ -73,3 +73,7 @@ def test_peft_interop_both_ways(tmp_path):
     peft_cfg = PeftIA3Config(target_modules=TARGETS, feedforward_modules=["down_proj"])
     ours = peft_to_ours(peft_cfg, tiny_llama, input_ids(), tmp_path / "theirs")
     assert ours.peft_config["default"].is_feedforward("model.layers.1.mlp.down_proj")
+
+
+def test_multi_adapter_add_set_save_load_delete(tmp_path):
+    check_multi_adapter(tiny_llama, lambda: cfg(), input_ids(), tmp_path)

@@ -8,7 +8,7 @@ import torch
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.oft import OFTConfig, OFTLinear, cayley, skew
 from peftctl.errors import ConfigError
-from tests.unit._method_checks import (check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
+from tests.unit._method_checks import (check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
                                        input_ids, ours_to_peft, peft_to_ours, perturb, tiny_llama)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -76,3 +76,7 @@ def test_peft_interop(tmp_path, kw):
     perturb(adapted)
     ours_to_peft(adapted, tiny_llama, input_ids(), tmp_path / "ours")
     peft_to_ours(PeftOFTConfig(target_modules=TARGETS, oft_block_size=8, **kw), tiny_llama, input_ids(), tmp_path / "theirs")
+
+
+def test_multi_adapter_add_set_save_load_delete(tmp_path):
+    check_multi_adapter(tiny_llama, lambda: cfg(), input_ids(), tmp_path)
