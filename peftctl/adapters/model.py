@@ -154,7 +154,15 @@ class AdaptedModel(nn.Module):
         return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ merge
+    def _check_mergeable(self, adapter_names: list[str] | None) -> None:
+        """Methods whose Method sets ``mergeable = False`` (X-LoRA) refuse merging up front."""
+        for name in adapter_names or self.active_adapters:
+            method = get_method(self.peft_config[name].method)
+            if not getattr(method, "mergeable", True):
+                raise AdapterError(f"the {method.name} method cannot be merged into the base weights (adapter {name!r})")
+
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names)
         for _, layer in self.adapter_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -173,6 +181,8 @@ class AdaptedModel(nn.Module):
     def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         from peftctl.adapters.inject import _set_submodule
 
+        if merge:
+            self._check_mergeable(adapter_names)
         layers = list(self.adapter_layers())
         if merge and safe_merge:
             # check every module before writing any, so a failure leaves the model untouched

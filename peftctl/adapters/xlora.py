@@ -135,6 +135,8 @@ def _method():
     from peftctl.adapters.registry import Method
 
     class XLoraMethod(Method):
+        mergeable = False  # per-token scalings have no weight form
+
         def inject(self, model: "AdaptedModel", adapter_name: str, config: XLoraConfig) -> None:
             if hasattr(model.base_model, CLASSIFIER):
                 raise ConfigError("this model already holds an X-LoRA adapter; only one is supported")

@@ -11,7 +11,7 @@ import torch
 from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.lora import LoraConfig
 from peftctl.adapters.xlora import XLoraConfig, latest_scalings
-from peftctl.errors import ConfigError
+from peftctl.errors import AdapterError, ConfigError
 from tests.unit._method_checks import input_ids, rel_err, run, tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]
@@ -95,6 +95,11 @@ def test_save_load_and_config_errors(experts, tmp_path):
     out = run(adapted, ids)
     adapted.save_pretrained(tmp_path)
     loaded = AdaptedModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(run(loaded, ids), out)
+    with pytest.raises(AdapterError, match="xlora"):
+        loaded.merge_and_unload()
+    with pytest.raises(AdapterError, match="xlora"):
+        loaded.merge_adapter()
     assert torch.equal(run(loaded, ids), out)
     with pytest.raises(ConfigError, match="top_k_lora"):
         XLoraConfig.from_dict({"adapters": experts, "top_k_lora": 3})
