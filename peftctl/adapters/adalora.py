@@ -22,7 +22,7 @@ from torch import nn
 
 from peftctl.adapters.base import AdapterLayer
 from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.lora import LoraConfig
+from peftctl.adapters.lora import LoraConfig, _is_conv1d_gpt2, linear_in_out
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -71,9 +71,10 @@ class AdaLoraLinear(AdapterLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_E")
     other_param_names = ("r", "lora_alpha", "scaling", "ranknum", "lora_dropout")
 
-    def __init__(self, base_layer: nn.Linear, module_name: str = "") -> None:
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = linear_in_out(base_layer)
+        self.fan_in_fan_out = _is_conv1d_gpt2(base_layer)  # GPT-2 Conv1D stores Wᵀ
         self.lora_A, self.lora_B, self.lora_E = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
@@ -107,7 +108,8 @@ class AdaLoraLinear(AdapterLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         a, b, e = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
-        return (b.float() @ (a.float() * e.float())) * self._factor(adapter_name)
+        delta = (b.float() @ (a.float() * e.float())) * self._factor(adapter_name)
+        return delta.T if self.fan_in_fan_out else delta
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b, e = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
@@ -234,7 +236,7 @@ class RankAllocator:
 
 
 def create_adalora_layer(module: nn.Module, module_name: str, config: AdaLoraConfig) -> AdapterLayer | None:
-    return AdaLoraLinear(module, module_name) if isinstance(module, nn.Linear) else None
+    return AdaLoraLinear(module, module_name) if isinstance(module, nn.Linear) or _is_conv1d_gpt2(module) else None
 
 
 def _method():

@@ -19,6 +19,7 @@ from torch import nn
 
 from peftctl.adapters.base import AdapterLayer
 from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.lora import _is_conv1d_gpt2, linear_in_out
 from peftctl.errors import ConfigError
 
 
@@ -141,9 +142,10 @@ class OFTLinear(AdapterLayer):
     adapter_layer_names = ("oft_R",)
     other_param_names = ("r", "oft_block_size")
 
-    def __init__(self, base_layer: nn.Linear, module_name: str = "") -> None:
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
-        self.in_features = base_layer.in_features
+        self.in_features = linear_in_out(base_layer)[0]
+        self.fan_in_fan_out = _is_conv1d_gpt2(base_layer)  # GPT-2 Conv1D stores Wᵀ
         self.oft_R = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.oft_block_size: dict[str, int] = {}
@@ -177,15 +179,19 @@ class OFTLinear(AdapterLayer):
 
     def adapted_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         rot = self.rotation_matrix(adapter_name).float()
-        return (weight.float() @ rot.T).to(weight.dtype)  # W' = W Rᵀ
+        w = weight.float().T if self.fan_in_fan_out else weight.float()
+        new = w @ rot.T  # W' = W Rᵀ
+        return (new.T if self.fan_in_fan_out else new).to(weight.dtype)
 
     def unadapted_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         rot = self.rotation_matrix(adapter_name).float()
-        return torch.linalg.solve(rot, weight.float().T).T.to(weight.dtype)  # W = W' R^{-T}
+        w = weight.float().T if self.fan_in_fan_out else weight.float()
+        old = torch.linalg.solve(rot, w.T).T  # W = W' R^{-T}
+        return (old.T if self.fan_in_fan_out else old).to(weight.dtype)
 
 
 def create_oft_layer(module: nn.Module, module_name: str, config: OFTConfig) -> AdapterLayer | None:
-    return OFTLinear(module, module_name) if isinstance(module, nn.Linear) else None
+    return OFTLinear(module, module_name) if isinstance(module, nn.Linear) or _is_conv1d_gpt2(module) else None
 
 
 def _method():

@@ -158,3 +158,16 @@ def test_peft_saved_pruned_pattern_loads(tmp_path):
 
 def test_multi_adapter_add_set_save_load_delete(tmp_path):
     check_multi_adapter(tiny_llama, lambda: cfg(), input_ids(), tmp_path)
+
+
+def test_gpt2_conv1d_merge_and_peft(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300)).eval()
+
+    adapted = get_adapted_model(gpt2(), AdaLoraConfig(target_modules=["c_attn"], init_r=4, target_r=2, total_step=10))
+    perturb(adapted)
+    ours_to_peft(adapted, gpt2, input_ids(), tmp_path)
+    check_merge_roundtrip(adapted, input_ids())

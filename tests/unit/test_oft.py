@@ -80,3 +80,18 @@ def test_peft_interop(tmp_path, kw):
 
 def test_multi_adapter_add_set_save_load_delete(tmp_path):
     check_multi_adapter(tiny_llama, lambda: cfg(), input_ids(), tmp_path)
+
+
+def test_gpt2_conv1d_merge_and_save(tmp_path):
+    """peft 0.21.2's OFT refuses GPT-2 Conv1D; peftctl supports it (no interop to check)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300)).eval()
+
+    kw = dict(target_modules=["c_attn", "c_fc"], oft_block_size=8, use_cayley_neumann=False)
+    adapted = get_adapted_model(gpt2(), OFTConfig(**kw))
+    perturb(adapted)
+    check_save_load(adapted, gpt2, input_ids(), tmp_path)
+    check_merge_roundtrip(adapted, input_ids())
