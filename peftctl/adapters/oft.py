@@ -169,7 +169,8 @@ class OFTLinear(AdapterLayer):
         if self.disable_adapters or self.merged:
             return super().forward(x, *args, **kwargs)
         dtype = x.dtype
-        for name in self.active_adapters:
+        # the adapter merged first must act last on x: merging A then B gives W Rᵀ_A Rᵀ_B
+        for name in reversed(self.active_adapters):
             rotation = self.oft_R[name]
             x = rotation.rotate(x.to(rotation.weight.dtype))
         return self.base_layer(x.to(dtype), *args, **kwargs)

@@ -95,3 +95,12 @@ def test_gpt2_conv1d_merge_and_save(tmp_path):
     perturb(adapted)
     check_save_load(adapted, gpt2, input_ids(), tmp_path)
     check_merge_roundtrip(adapted, input_ids())
+
+
+def test_two_active_adapters_merge_consistently():
+    adapted = get_adapted_model(tiny_llama(), cfg())
+    adapted.add_adapter("other", cfg())
+    perturb(adapted, "default")
+    perturb(adapted, "other", seed=8)
+    adapted.set_adapter(["default", "other"])
+    check_merge_roundtrip(adapted, input_ids())
