@@ -14,6 +14,7 @@ and the config with the experts' directories. ``latest_scalings(model)`` returns
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -181,18 +182,35 @@ def _method():
             return True
 
         def forward(self, model: "AdaptedModel", adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+            return self._dual_pass(model, model.model.forward, *args, **kwargs)
+
+        @staticmethod
+        def _dual_pass(model: "AdaptedModel", forward: Any, *args: Any, **kwargs: Any) -> Any:
             classifier = _classifier(model)
             scan_kwargs = {k: v for k, v in kwargs.items() if k not in ("labels", "output_hidden_states", "return_dict")}
+            if scan_kwargs.get("past_key_values") is not None:
+                # the scaling pass must not grow the KV cache the real pass uses
+                scan_kwargs["past_key_values"] = copy.deepcopy(scan_kwargs["past_key_values"])
             classifier.scalings = None
             with torch.no_grad():  # scaling pass
-                hidden = model.model(*args, output_hidden_states=True, **scan_kwargs).hidden_states[-1]
+                hidden = forward(*args, output_hidden_states=True, **scan_kwargs).hidden_states[-1]
             scalings = classifier(hidden)
             classifier.latest = scalings.detach()
             classifier.scalings = scalings
             try:
-                return model.model(*args, **kwargs)
+                return forward(*args, **kwargs)
             finally:
                 classifier.scalings = None
+
+        def generate(self, model: "AdaptedModel", adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+            """transformers' generate, with every decoding step run as the X-LoRA dual pass."""
+            inner = model.model
+            original = inner.forward
+            inner.forward = lambda *a, **k: self._dual_pass(model, original, *a, **k)
+            try:
+                return inner.generate(*args, **kwargs)
+            finally:
+                del inner.forward  # back to the class's forward
 
         def extra_parameters(self, model: "AdaptedModel", adapter_name: str) -> list[nn.Parameter]:
             return list(_classifier(model).parameters())

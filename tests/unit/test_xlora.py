@@ -105,3 +105,25 @@ def test_save_load_and_config_errors(experts, tmp_path):
         XLoraConfig.from_dict({"adapters": experts, "top_k_lora": 3})
     with pytest.raises(ConfigError, match="adapters"):
         XLoraConfig.from_dict({})
+
+
+def test_generate_uses_the_mixture(experts):
+    adapted = get_adapted_model(tiny_llama(), XLoraConfig(adapters=experts, xlora_depth=1))
+    fixed_mixture(adapted, WEIGHTS)
+    ids = input_ids()[:1]
+    reference = tiny_llama()
+    params = dict(reference.named_parameters())
+    for w, path in zip(WEIGHTS, experts.values()):
+        lora = AdaptedModel.from_pretrained(tiny_llama(), path)
+        for name, layer in lora.adapter_layers():
+            with torch.no_grad():
+                params[f"{name}.weight"] += w * layer.get_delta_weight("default")
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    expected = reference.generate(ids, **kw)
+    got = adapted.generate(ids, **kw)
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, ref in zip(got.scores, expected.scores):  # every cached decoding step is the mixture
+        assert rel_err(ours, ref) <= 1e-5
+    base = tiny_llama().generate(ids, **kw)
+    assert rel_err(base.scores[-1], expected.scores[-1]) > 1e-4  # the experts matter
+    assert "forward" not in vars(adapted.model)  # the wrapper is removed afterwards
