@@ -19,6 +19,7 @@ from torch import nn
 from peftctl.adapters.base import AdapterLayer
 from peftctl.adapters.config import AdapterConfig
 from peftctl.adapters.lora import _is_conv1d_gpt2, linear_in_out
+from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
     from peftctl.adapters.model import AdaptedModel
@@ -72,19 +73,29 @@ class IA3Config(AdapterConfig):
 
 
 class IA3Linear(AdapterLayer):
-    """(IA)³ on nn.Linear and GPT-2 Conv1D."""
+    """(IA)³ on nn.Linear, GPT-2 Conv1D and nn.Conv2d (vectors shaped (1, C, 1, 1) there, as PEFT)."""
 
     adapter_layer_names = ("ia3_l",)
 
     def __init__(self, base_layer: nn.Module, module_name: str, is_feedforward: bool) -> None:
         super().__init__(base_layer, module_name)
-        self.in_features, self.out_features = linear_in_out(base_layer)
+        self.is_conv = isinstance(base_layer, nn.Conv2d)
+        if self.is_conv:
+            if is_feedforward and base_layer.groups != 1:
+                raise ConfigError(f"adapter.feedforward_modules matches {module_name}, a grouped Conv2d; (IA)³ scales "
+                                  "the input of ungrouped convolutions only")
+            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        else:
+            self.in_features, self.out_features = linear_in_out(base_layer)
         self.fan_in_fan_out = _is_conv1d_gpt2(base_layer)
         self.is_feedforward = is_feedforward
         self.ia3_l = nn.ParameterDict()
 
     def update_layer(self, adapter_name: str, config: IA3Config) -> None:
-        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        if self.is_conv:
+            shape = (1, self.in_features if self.is_feedforward else self.out_features, 1, 1)
+        else:
+            shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
         vector = torch.ones(shape, device=self.weight.device) if config.init_ia3_weights else torch.randn(shape, device=self.weight.device)
         self.ia3_l[adapter_name] = nn.Parameter(vector)
         self.adapter_configs[adapter_name] = config
@@ -92,6 +103,8 @@ class IA3Linear(AdapterLayer):
     def _weight_scale(self, adapter_name: str) -> torch.Tensor:
         """The vector shaped to broadcast against the stored weight."""
         vector = self.ia3_l[adapter_name]
+        if self.is_conv:
+            return vector if self.is_feedforward else vector.transpose(0, 1)
         return vector.T if self.fan_in_fan_out else vector
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -99,7 +112,8 @@ class IA3Linear(AdapterLayer):
             return super().forward(x, *args, **kwargs)
         scale: torch.Tensor | float = 1.0
         for name in self.active_adapters:
-            scale = scale * self.ia3_l[name].flatten()
+            vector = self.ia3_l[name]
+            scale = scale * (vector if self.is_conv else vector.flatten())
         if self.is_feedforward:
             return self.base_layer((x * scale).to(x.dtype), *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
@@ -132,7 +146,7 @@ class IA3Linear(AdapterLayer):
 
 
 def create_ia3_layer(module: nn.Module, module_name: str, config: IA3Config) -> AdapterLayer | None:
-    if isinstance(module, nn.Linear) or _is_conv1d_gpt2(module):
+    if isinstance(module, (nn.Linear, nn.Conv2d)) or _is_conv1d_gpt2(module):
         return IA3Linear(module, module_name, config.is_feedforward(module_name))
     return None
 

@@ -77,3 +77,19 @@ def test_peft_interop_both_ways(tmp_path):
 
 def test_multi_adapter_add_set_save_load_delete(tmp_path):
     check_multi_adapter(tiny_llama, lambda: cfg(), input_ids(), tmp_path)
+
+
+def test_conv2d_merge_and_peft(tmp_path):
+    from peft import IA3Config as PeftIA3Config
+
+    from tests.unit._method_checks import conv_input, tiny_conv
+
+    kw = dict(task_type=None, target_modules=["conv1", "conv2", "lin"], feedforward_modules=["conv2"])
+    adapted = get_adapted_model(tiny_conv(), IA3Config(**kw, init_ia3_weights=False))
+    layers = dict(adapted.adapter_layers())
+    assert layers["conv1"].ia3_l["default"].shape == (1, 8, 1, 1) and layers["conv2"].is_feedforward
+    check_merge_roundtrip(adapted, conv_input())
+    adapted = get_adapted_model(tiny_conv(), IA3Config(**kw))
+    perturb(adapted)
+    ours_to_peft(adapted, tiny_conv, conv_input(), tmp_path / "ours")
+    peft_to_ours(PeftIA3Config(**kw), tiny_conv, conv_input(), tmp_path / "theirs")
