@@ -159,3 +159,16 @@ def check_multi_adapter(make_base: Callable[[], nn.Module], make_config: Callabl
     if mergeable:
         adapted.merge_adapter()
         assert rel_err(run(adapted, x), first) <= 1e-5
+
+
+def check_yaml(method: str, **overrides) -> AdapterConfig:
+    """configs/adapter/<method>.yaml builds that method's config (strict keys)."""
+    import yaml
+
+    from peftctl.adapters.registry import config_from_dict
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "adapter" / f"{method}.yaml"
+    values = {**yaml.safe_load(path.read_text()), **overrides}
+    config = config_from_dict(values)
+    assert config.method == method
+    return config

@@ -10,7 +10,7 @@ from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.adalora import AdaLoraConfig, AdaLoraLinear
 from peftctl.adapters.registry import get_method
 from peftctl.errors import ConfigError
-from tests.unit._method_checks import (check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
+from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
                                        input_ids, ours_to_peft, perturb, rel_err, run, tiny_llama)
 
 TARGETS = ["q_proj", "v_proj"]  # 2 layers -> 4 adapted modules
@@ -171,3 +171,7 @@ def test_gpt2_conv1d_merge_and_peft(tmp_path):
     perturb(adapted)
     ours_to_peft(adapted, gpt2, input_ids(), tmp_path)
     check_merge_roundtrip(adapted, input_ids())
+
+
+def test_yaml_config():
+    check_yaml("adalora")

@@ -9,7 +9,7 @@ import torch
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.boft import BOFTConfig, BOFTLayer, butterfly_perm
 from peftctl.errors import ConfigError
-from tests.unit._method_checks import (check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
+from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
                                        conv_input, input_ids, ours_to_peft, peft_to_ours, perturb, tiny_conv, tiny_llama)
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], boft_block_size=4)
@@ -87,3 +87,7 @@ def test_peft_interop_linear_and_conv(tmp_path):
 
 def test_multi_adapter_add_set_save_load_delete(tmp_path):
     check_multi_adapter(tiny_conv, lambda: BOFTConfig(**CONV), conv_input(), tmp_path)
+
+
+def test_yaml_config():
+    check_yaml("boft")

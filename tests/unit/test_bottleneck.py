@@ -11,7 +11,7 @@ import torch
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.bottleneck import BottleneckConfig, BottleneckLayer
 from peftctl.errors import AdapterError, ConfigError
-from tests.unit._method_checks import (check_multi_adapter, check_identity, check_only_adapter_trains, check_save_load, input_ids, perturb,
+from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_only_adapter_trains, check_save_load, input_ids, perturb,
                                        rel_err, run, tiny_llama)
 
 
@@ -77,3 +77,7 @@ def test_save_load_trainable(tmp_path):
 
 def test_multi_adapter_add_set_save_load_delete(tmp_path):
     check_multi_adapter(tiny_llama, lambda: BottleneckConfig(bottleneck_size=4), input_ids(), tmp_path, mergeable=False)
+
+
+def test_yaml_config():
+    check_yaml("bottleneck")

@@ -7,7 +7,7 @@ import torch
 
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.lokr import LoKrConfig, factorization
-from tests.unit._method_checks import (check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
+from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
                                        conv_input, input_ids, ours_to_peft, peft_to_ours, perturb, tiny_conv, tiny_llama)
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=2, alpha=4)
@@ -76,3 +76,7 @@ def test_peft_interop_conv(tmp_path):
 
 def test_multi_adapter_add_set_save_load_delete(tmp_path):
     check_multi_adapter(tiny_llama, lambda: LoKrConfig(**LLAMA), input_ids(), tmp_path)
+
+
+def test_yaml_config():
+    check_yaml("lokr")

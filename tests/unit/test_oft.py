@@ -8,7 +8,7 @@ import torch
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.oft import OFTConfig, OFTLinear, cayley, skew
 from peftctl.errors import ConfigError
-from tests.unit._method_checks import (check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
+from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
                                        input_ids, ours_to_peft, peft_to_ours, perturb, tiny_llama)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -104,3 +104,7 @@ def test_two_active_adapters_merge_consistently():
     perturb(adapted, "other", seed=8)
     adapted.set_adapter(["default", "other"])
     check_merge_roundtrip(adapted, input_ids())
+
+
+def test_yaml_config():
+    check_yaml("oft")

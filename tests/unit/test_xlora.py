@@ -12,7 +12,7 @@ from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.lora import LoraConfig
 from peftctl.adapters.xlora import XLoraConfig, latest_scalings
 from peftctl.errors import AdapterError, ConfigError
-from tests.unit._method_checks import input_ids, rel_err, run, tiny_llama
+from tests.unit._method_checks import check_yaml, input_ids, rel_err, run, tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]
 WEIGHTS = (0.7, 0.3)
@@ -127,3 +127,7 @@ def test_generate_uses_the_mixture(experts):
     base = tiny_llama().generate(ids, **kw)
     assert rel_err(base.scores[-1], expected.scores[-1]) > 1e-4  # the experts matter
     assert "forward" not in vars(adapted.model)  # the wrapper is removed afterwards
+
+
+def test_yaml_config():
+    check_yaml("xlora", adapters={"e0": "/nonexistent"})
