@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftctl.adapters import dora, lora_init
+from peftctl.adapters.layer_utils import is_gpt2_conv1d
 from peftctl.adapters.base import AdapterLayer
 from peftctl.adapters.config import AdapterConfig
 from peftctl.adapters.registry import Method
@@ -85,10 +86,6 @@ class LoraConfig(AdapterConfig):
     def scaling_for(self, module_name: str) -> tuple[int, float, float]:
         r, alpha = self.rank_and_alpha_for(module_name)
         return r, alpha, alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-
-def is_gpt2_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 class LoraLayer(AdapterLayer):
@@ -287,7 +284,8 @@ class LoraMethod(Method):
             param.requires_grad_(not config.inference_mode)
 
     def _bias_keys(self, model: "AdaptedModel", adapter_name: str) -> list[str]:
-        bias = getattr(model.peft_config[adapter_name], "bias", "none")
+        # X-LoRA's experts are LoRA adapters that live outside model.peft_config
+        bias = getattr(model.peft_config.get(adapter_name), "bias", "none")
         if bias == "all":
             return [k for k, _ in model.named_parameters() if k == "bias" or k.endswith(".bias")]
         if bias == "lora_only":

@@ -181,12 +181,21 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
                 layer.batch_adapter_names = None
 
     # ------------------------------------------------------------------ merge
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def _check_mergeable(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
+        """Refuse up front, before any weight is written: methods whose Method sets
+        ``mergeable = False`` (X-LoRA), and with ``safe_merge`` any module whose merge is non-finite."""
+        names = adapter_names or self.active_adapters
+        for name in names:
+            method = get_method(self.peft_config[name].method)
+            if not getattr(method, "mergeable", True):
+                raise AdapterError(f"the {method.name} method cannot be merged into the base weights (adapter {name!r})")
         if safe_merge:
-            # check every module before writing any, so a failure leaves the model untouched
             for _, layer in self.adapter_layers():
-                for name in adapter_names or self.active_adapters:
+                for name in names:
                     layer.check_merge(name)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names, safe_merge)
         for _, layer in self.adapter_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -205,13 +214,9 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
     def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         from peftctl.adapters.inject import _set_submodule
 
+        if merge:
+            self._check_mergeable(adapter_names, safe_merge)
         layers = list(self.adapter_layers())
-        if merge and safe_merge:
-            # check every module before writing any, so a failure leaves the model untouched
-            names = adapter_names or self.active_adapters
-            for _, layer in layers:
-                for name in names:
-                    layer.check_merge(name)
         iterator: Any = layers
         if progressbar:
             from rich.progress import track

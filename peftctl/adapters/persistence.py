@@ -53,7 +53,12 @@ def adapter_key_map(model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
 def get_adapter_state_dict(model: "AdaptedModel", adapter_name: str) -> dict[str, torch.Tensor]:
     """One adapter's tensors under PEFT's names (contiguous CPU copies, ready to save)."""
     state = model.state_dict(keep_vars=False)
-    return {peft_key: state[ours].detach().cpu().contiguous() for ours, peft_key in adapter_key_map(model, adapter_name).items()}
+    tensors = {peft_key: state[ours].detach().cpu().contiguous() for ours, peft_key in adapter_key_map(model, adapter_name).items()}
+    # a method may reshape what it saves (AdaLoRA keeps only the ranks its rank_pattern keeps)
+    from peftctl.adapters.registry import get_method
+
+    hook = getattr(get_method(model.peft_config[adapter_name].method), "state_dict_for_save", None)
+    return hook(model, adapter_name, tensors) if hook else tensors
 
 
 def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor], source: str = "") -> None:
