@@ -56,3 +56,23 @@ def test_pissa_run_saves_a_lora_for_the_untouched_base(tmp_path: Path) -> None:
         with ours.disable_adapter():
             base = ours(input_ids=ids).logits
         assert (base - load_model(model_cfg)(input_ids=ids).logits).abs().max().item() == 0.0
+
+
+def test_adalora_prunes_to_target_budget_inside_the_product_loop(tmp_path: Path) -> None:
+    """The rank allocator runs through Method.training_hooks in the one training loop: after
+    training the saved rank_pattern keeps exactly target_r ranks per adapted module on average."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = tmp_path / "adalora"
+    schedule = ["train.max_steps=10", "adapter.init_r=6", "adapter.target_r=2", "adapter.tinit=2", "adapter.tfinal=3", "adapter.deltaT=1"]
+    result = CliRunner().invoke(app, ["train", "adapter=adalora", *schedule, *SHORT[1:], f"output_dir={run}", "--quiet"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    pattern = config["rank_pattern"]
+    n_modules = len(pattern)
+    assert n_modules == 4  # q_proj and v_proj of 2 layers (AdaLoRA's default targets for Llama)
+    assert sum(sum(bool(k) for k in kept) for kept in pattern.values()) == 2 * n_modules
+    tensors = load_file(run / "adapter" / "adapter_model.safetensors")
+    kept_ranks = sum(t.shape[0] for k, t in tensors.items() if k.endswith("lora_E"))
+    assert kept_ranks == 2 * n_modules and all(torch.isfinite(t).all() for t in tensors.values())
