@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from peftctl.cli import app
 from peftctl.config.compose import resource_dir
 
-# X-LoRA mixes experts trained beforehand: tests/unit/test_xlora.py covers it end to end.
+# X-LoRA mixes experts trained beforehand: test_xlora_over_trained_experts below.
 NEEDS_EXPERTS = {"xlora"}
 CHOICES = sorted(p.stem for p in resource_dir("configs").joinpath("adapter").glob("*.yaml") if p.stem not in NEEDS_EXPERTS)
 SHORT = ["train.max_steps=4", "train.batch_size=4", "train.log_every=2", "train.save_every=0", "train.eval_every=0", "dataset.max_samples=32", "eval.num_generate=4", "eval.max_eval_samples=8"]
@@ -76,3 +76,16 @@ def test_adalora_prunes_to_target_budget_inside_the_product_loop(tmp_path: Path)
     tensors = load_file(run / "adapter" / "adapter_model.safetensors")
     kept_ranks = sum(t.shape[0] for k, t in tensors.items() if k.endswith("lora_E"))
     assert kept_ranks == 2 * n_modules and all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_xlora_over_trained_experts(trained_run: Path, tmp_path: Path) -> None:
+    """X-LoRA from the CLI: experts are LoRA adapter dirs of earlier runs; eval reads its output."""
+    expert = trained_run / "adapter"
+    run = tmp_path / "xlora"
+    result = CliRunner().invoke(app, ["train", "adapter=xlora", f"adapter.adapters={{e0:{expert},e1:{expert}}}", *SHORT, f"output_dir={run}", "--quiet"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["eval", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "eval.json").read_text())
+    # the experts were trained on this task: the mixture is far better than the base from step 0
+    assert report["adapted"]["eval_loss"] < 0.5 * report["base"]["eval_loss"]
