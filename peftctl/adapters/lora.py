@@ -131,7 +131,8 @@ class LoraLinear(AdapterLayer):
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
         lora_a = self.lora_A[adapter_name]
         lora_b = self.lora_B[adapter_name]
-        x = x.to(lora_a.weight.dtype)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick the dtype
+            x = x.to(lora_a.weight.dtype)
         update = lora_b(lora_a(self.lora_dropout[adapter_name](x))) * self.scaling[adapter_name]
         return result + update.to(result.dtype)
 
