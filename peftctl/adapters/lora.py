@@ -106,6 +106,10 @@ class LoraLinear(AdapterLayer):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=weight.device)
         self.adapter_configs[adapter_name] = config
         self.reset_lora_parameters(adapter_name, config.init_lora_weights)
+        if config.init_lora_weights == "loftq":
+            from peftctl.adapters.loftq import apply_loftq
+
+            apply_loftq(self, adapter_name, config.loftq_config)
 
     def reset_lora_parameters(self, adapter_name: str, init: bool | str) -> None:
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight

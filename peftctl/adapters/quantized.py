@@ -140,6 +140,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     hf = _find_hf_model(model)
     if targets and hf is not None:
         hf.hf_quantizer = None
+        for attr in ("quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if attr in hf.__dict__:
+                delattr(hf, attr)
         if hasattr(hf.config, "quantization_config"):
             delattr(hf.config, "quantization_config")
         if dtype is not None:
