@@ -6,8 +6,9 @@ Both stacks get the same base (rebuilt from the same seed), the same batch (1 x 
 LoRA r=16 / alpha=32 / dropout 0.05 on all linear layers, gradient checkpointing (non-reentrant),
 bf16 autocast, paged AdamW 8-bit, grad-norm clipping 1.0. Each run: WARMUP steps, then STEPS timed
 steps (cuda synchronize around each); median step time -> tokens/s; peak = max_memory_allocated
-over the training steps (weights included). Runs alternate (ours, peft, ours, peft, ...) so drift
-hits both.
+over the training steps (weights included) minus what was allocated before the model was built. Runs alternate (ours, peft, ours, peft, ...) so drift
+hits both,
+and the order flips every round.
 
   python benchmarks/qlora_llama8b.py --layers 32 --seq 2048 --steps 10 --warmup 3 --rounds 2
 """
@@ -111,7 +112,9 @@ def setup_peft(model: nn.Module):
 
 
 def run(stack: str, config, seq: int, warmup: int, steps: int, seed: int = 0) -> dict:
+    gc.collect()
     torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()  # anything a previous run left behind is not counted
     model = build_quantized_llama(config, seed=seed)
     adapted, optimizer, loss_fn = (setup_peftctl if stack == "peftctl" else setup_peft)(model)
     trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
@@ -143,7 +146,8 @@ def run(stack: str, config, seq: int, warmup: int, steps: int, seed: int = 0) ->
         "stack": stack, "layers": config.num_hidden_layers, "seq": seq, "trainable": trainable,
         "median_step_s": statistics.median(times), "min_step_s": min(times), "max_step_s": max(times),
         "tokens_per_s": seq / statistics.median(times),
-        "peak_alloc_gib": torch.cuda.max_memory_allocated() / GiB, "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+        "peak_alloc_gib": (torch.cuda.max_memory_allocated() - before) / GiB, "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+        "left_before_gib": before / GiB, "step_s": [round(t, 4) for t in times],
         "first_loss": losses[0], "last_loss": losses[-1], "finite": all(map(lambda v: v == v and abs(v) < 1e4, losses)) and grads_ok,
     }
     del adapted, optimizer, loss_fn, model, batches, params
@@ -164,8 +168,9 @@ def main() -> None:
     args = parser.parse_args()
     config = llama3_8b_config(args.layers)
     results = []
-    for _ in range(args.rounds):
-        for stack in args.stacks.split(","):
+    for round_ in range(args.rounds):
+        order = args.stacks.split(",")
+        for stack in order if round_ % 2 == 0 else order[::-1]:  # alternate who goes first
             res = run(stack, config, args.seq, args.warmup, args.steps)
             print(json.dumps(res), flush=True)
             results.append(res)
