@@ -78,7 +78,15 @@ def test_train_with_loftq_writes_the_quantized_base_and_adapter(tmp_path) -> Non
     assert (run / "loftq_base" / "model.safetensors").is_file()
     source = open_source(run)
     assert str(source.config.model.name_or_path).endswith("loftq_base")
-    model, _ = load_adapted(source, "cpu")
+    model, tokenizer = load_adapted(source, "cpu")
     from peftctl.adapters.quantized import is_4bit
+    from peftctl.data.pipeline import prepare_data
+    from peftctl.train.loop import evaluate_loss
 
     assert any(is_4bit(m) for m in model.modules())
+    import json
+
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line][-1]["eval_loss"]
+    data = prepare_data(source.config.dataset, tokenizer)
+    reloaded = evaluate_loss(model, data.eval, 16, tokenizer.pad_token_id, torch.device("cpu"))
+    assert reloaded == pytest.approx(final, rel=1e-3)

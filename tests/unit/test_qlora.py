@@ -236,3 +236,11 @@ def test_cpu_qlora_recipe_trains_evals_and_merges(tmp_path: Path, capsys: pytest
     # a bf16 merge adds one rounding of deq(W)+ΔW (<= 2^-9 relative per weight) to what bf16
     # execution costs anyway (bf16 activations: 1e-3..1e-2 per op, METHOD.md): it must stay at that level
     assert err16 < 1.5 * cast_err + 1e-3 and err16 < 5e-2
+    # optional re-quantized output: loads as a 4-bit model; a second nf4 rounding, so its logits
+    # sit at the quantization level from the adapted model's (well within the adapter's own effect)
+    requant = merge(run, tmp_path / "merged_nf4", requantize="nf4", quiet=True)
+    model_q = AutoModelForCausalLM.from_pretrained(requant)
+    assert any(is_4bit(m) for m in model_q.modules())
+    with torch.no_grad():
+        err_q = _rel(model_q(input_ids=ids).logits.float(), adapted_logits)
+    assert err < err_q < 0.5
