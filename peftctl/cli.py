@@ -83,6 +83,8 @@ def merge(
     svd_rank: Optional[int] = typer.Option(None, "--svd-rank", help="rank of the *_svd blends"),
     as_adapter: bool = typer.Option(False, "--as-adapter", help="write the blended adapter (PEFT format) instead of a merged model"),
     safe: bool = typer.Option(False, "--safe", help="check merged weights for NaN / inf before writing"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="dtype of the merged model (default: a quantized base's compute dtype)"),
+    requantize: Optional[str] = typer.Option(None, "--requantize", help="nf4, fp4 or int8: write the merged model quantized again"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Fold an adapter into its base model, or blend several adapters (add_weighted_adapter)."""
@@ -91,7 +93,7 @@ def merge(
 
     def action() -> Any:
         if len(paths) == 1 and adapters is None and weights is None and not as_adapter:
-            return merge_run(paths[0], out, safe=safe, quiet=quiet)
+            return merge_run(paths[0], out, safe=safe, quiet=quiet, dtype=dtype, requantize=requantize)
         if out is None:
             raise ConfigError("--out is required when blending adapters")
         return merge_many(paths, out, adapters, weights, combination, density, svd_rank, as_adapter=as_adapter, safe=safe, quiet=quiet)

@@ -137,10 +137,14 @@ class AdapterLayer(nn.Module):
     # ------------------------------------------------------------------ merge
     def check_merge(self, adapter_name: str) -> None:
         """Raise AdapterError naming the module if merging ``adapter_name`` gives non-finite weights."""
+        if not self.mergeable:
+            self.merge(adapter_names=[adapter_name])  # raises the layer's own "cannot be merged" error
         if adapter_name not in self.adapter_configs or adapter_name in self.merged_adapters:
             return
+        from peftctl.adapters.quantized import read_weight
+
         with torch.no_grad():
-            candidate = self.adapted_weight(self.weight.data, adapter_name)
+            candidate = self.adapted_weight(read_weight(self.base_layer), adapter_name)
         if not torch.isfinite(candidate).all():
             raise AdapterError(
                 f"merging adapter {adapter_name!r} into {self.module_name or type(self.base_layer).__name__} "
@@ -151,26 +155,28 @@ class AdapterLayer(nn.Module):
         if not self.mergeable:
             raise AdapterError(f"{type(self).__name__} adapters cannot be merged into the base weights")
         names = self.active_adapters if adapter_names is None else adapter_names
-        weight = self.weight
+        from peftctl.adapters.quantized import read_weight, write_weight  # dequantizes bnb bases
+
         for name in names:
             if name not in self.adapter_configs or name in self.merged_adapters:
                 continue
             with torch.no_grad():
-                new_weight = self.adapted_weight(weight.data, name)
+                new_weight = self.adapted_weight(read_weight(self.base_layer), name)
                 if safe_merge and not torch.isfinite(new_weight).all():
                     raise AdapterError(
                         f"merging adapter {name!r} into {self.module_name or type(self.base_layer).__name__} "
                         "gives non-finite weights; nothing was merged into this module"
                     )
-                weight.data.copy_(new_weight)
+                write_weight(self.base_layer, new_weight)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        weight = self.weight
+        from peftctl.adapters.quantized import read_weight, write_weight
+
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                weight.data.copy_(self.unadapted_weight(weight.data, name))
+                write_weight(self.base_layer, self.unadapted_weight(read_weight(self.base_layer), name))
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"

@@ -26,8 +26,8 @@ from peftctl.errors import ConfigError
 if TYPE_CHECKING:
     from peftctl.adapters.model import AdaptedModel
 
-INIT_CHOICES = "true, false, 'gaussian', 'pissa', 'pissa_niter_N', 'olora'"
-NOT_IMPLEMENTED_INITS = ("eva", "corda", "loftq", "lora_ga")
+INIT_CHOICES = "true, false, 'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq'"
+NOT_IMPLEMENTED_INITS = ("eva", "corda", "lora_ga")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class LoraConfig(AdapterConfig):
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower() in NOT_IMPLEMENTED_INITS:
             raise ConfigError(f"adapter.init_lora_weights={init!r} is not implemented in peftctl; expected one of {INIT_CHOICES}")
-        valid_init = isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or (
+        valid_init = isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq") or (
             isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_"):].isdigit()
         )
         self._check(valid_init, "init_lora_weights", init, f"expected one of {INIT_CHOICES}")
@@ -125,13 +125,20 @@ class LoraLayer(AdapterLayer):
         self._create_ab(adapter_name, r)
         self.adapter_configs[adapter_name] = config
         lora_init.initialise(self, adapter_name, config.init_lora_weights)
+        if config.init_lora_weights == "loftq":
+            from peftctl.adapters.loftq import apply_loftq
+
+            apply_loftq(self, adapter_name, config.loftq_config)
         if config.use_dora:
             magnitude = dora.weight_norm(self.oriented_weight(), self.lora_delta(adapter_name))
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(dora.magnitude_layout(magnitude, self.weight.dim()))
 
     def oriented_weight(self) -> torch.Tensor:
-        """The base weight as (out, in, ...) (GPT-2 Conv1D stores it transposed)."""
-        weight = self.weight
+        """The base weight as (out, in, ...) (GPT-2 Conv1D stores it transposed); bitsandbytes
+        layers are dequantized (DoRA's column norm needs the real values)."""
+        from peftctl.adapters.quantized import read_weight
+
+        weight = read_weight(self.base_layer)
         return weight.T if self.fan_in_fan_out else weight
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -169,7 +176,8 @@ class LoraLayer(AdapterLayer):
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
         dropout = self.lora_dropout[adapter_name]
-        x = x.to(self.lora_A[adapter_name].weight.dtype)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick the dtype
+            x = x.to(self.lora_A[adapter_name].weight.dtype)
         if adapter_name in self.lora_magnitude_vector:
             return dora.dora_output(self, x, result, adapter_name)
         update = self.lora_path(dropout(x), adapter_name) * self.scaling[adapter_name]

@@ -13,24 +13,61 @@ def default_merge_dir(path: Path) -> Path:
     return path / "merged" if (path / "config.yaml").is_file() else path.parent / f"{path.name}-merged"
 
 
-def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False) -> Path:
+def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False,
+          dtype: str | None = None, requantize: str | None = None) -> Path:
     """Merge the adapter at PATH (run or adapter dir) into its base model; write safetensors +
-    config + tokenizer to ``out`` atomically. Returns ``out``."""
+    config + tokenizer to ``out`` atomically. Returns ``out``.
+
+    A quantized base (quant=nf4/fp4/int8) is first dequantized to ``dtype`` (default: the run's
+    quant.compute_dtype), the adapter is merged in that dtype and the model is written dense;
+    ``requantize`` (nf4/fp4/int8) writes it quantized again instead (lossy: a second rounding)."""
+    from peftctl.adapters.quantized import dequantize_model, quantized_base_summary
+    from peftctl.models.loader import DTYPES
     from peftctl.runs import load_adapted, open_source
 
     path = Path(path)
     source = open_source(path, overrides)
     model, tokenizer = load_adapted(source, "cpu")
+    quantized = quantized_base_summary(model)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype={dtype!r} is not valid; expected one of bfloat16, float16, float32")
+    note = ""
+    if quantized:
+        target = DTYPES[dtype or source.config.quant.compute_dtype]
+        dequantize_model(model, target)
+        note = f" (base was {quantized}: dequantized, merged and written in {str(target).replace('torch.', '')}"
+        note += f", re-quantized to {requantize})" if requantize else ")"
     merged = model.merge_and_unload(progressbar=not quiet, safe_merge=safe)
+    if quantized:
+        merged = merged.to(target)  # embeddings / norms / head too: one dtype throughout
+        merged.config.dtype = target
+    elif dtype is not None:
+        merged = merged.to(DTYPES[dtype])
     out = Path(out) if out is not None else default_merge_dir(path)
     with atomic_directory(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if requantize:
+            _requantize_dir(Path(tmp), source.config, requantize, dtype)
     if not quiet:
-        print(f"merged model written to {out}")
+        print(f"merged model written to {out}{note}")
     return out
 
 
+def _requantize_dir(directory: Path, cfg: Any, method: str, dtype: str | None) -> None:
+    """Reload the dense merged model through transformers' bitsandbytes path and save it quantized."""
+    import dataclasses
+
+    from peftctl.models.loader import load_model
+
+    if method not in ("nf4", "fp4", "int8"):
+        raise ConfigError(f"--requantize={method!r} is not valid; expected nf4, fp4 or int8")
+    quant = dataclasses.replace(cfg.quant, method=method, compute_dtype=dtype or cfg.quant.compute_dtype)
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=str(directory), arch=None, dtype=dtype or cfg.quant.compute_dtype)
+    model = load_model(model_cfg, quant, str(directory))
+    for item in directory.glob("model*.safetensors*"):
+        item.unlink()
+    model.save_pretrained(directory, safe_serialization=True)
 
 
 def _parse_list(text: str | None, field: str, cast: type) -> list | None:

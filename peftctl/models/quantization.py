@@ -25,3 +25,46 @@ def bnb_config(quant_cfg: Any) -> Any:
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=compute_dtype if quant_cfg.quant_storage == "compute" else torch.uint8,
     )
+
+
+def quantize_linear(linear: Any, method: str = "nf4", compute_dtype: Any = None, double_quant: bool = True) -> Any:
+    """A bitsandbytes layer holding ``linear``'s weight quantized (nf4 / fp4: Linear4bit; int8:
+    Linear8bitLt), on ``linear``'s device. The float weight is not kept."""
+    import bitsandbytes as bnb
+    import torch
+
+    weight = linear.weight.data
+    device = weight.device
+    compute_dtype = compute_dtype or (weight.dtype if weight.dtype != torch.float32 else torch.float32)
+    has_bias = linear.bias is not None
+    if method == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0, device="meta")
+        params = bnb.nn.Int8Params(weight.to(torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False)
+        layer.weight = params._quantize(device) if device.type == "cuda" else params
+    elif method in ("nf4", "fp4"):
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
+                                  compress_statistics=double_quant, quant_type=method, device="meta")
+        params = bnb.nn.Params4bit(weight.to(compute_dtype).contiguous(), requires_grad=False, compress_statistics=double_quant, quant_type=method, module=layer)
+        layer.weight = params._quantize(device)
+    else:
+        raise ConfigError(f"quant.method={method!r} is not valid; expected one of none, nf4, fp4, int8")
+    if has_bias:
+        layer.bias = torch.nn.Parameter(linear.bias.data.to(compute_dtype if method != "int8" else linear.bias.dtype), requires_grad=False)
+    return layer
+
+
+def quantize_linears_(model: Any, method: str = "nf4", compute_dtype: Any = None, double_quant: bool = True, skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace the nn.Linear modules of ``model`` (output head excluded, as transformers does) by
+    bitsandbytes layers in place, one at a time so peak memory stays one layer above the result.
+    Returns how many were quantized."""
+    import torch
+
+    names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.rpartition(".")[2] not in skip]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, quantize_linear(getattr(parent, child), method, compute_dtype, double_quant))
+    if names:
+        flag = "is_loaded_in_8bit" if method == "int8" else "is_loaded_in_4bit"
+        setattr(model, flag, True)
+    return len(names)

@@ -55,15 +55,10 @@ def total_optimizer_steps(n_examples: int, train_cfg: Any) -> int:
 
 
 def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over label tokens, and their count."""
-    labels = batch["labels"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((shift_labels != IGNORE_INDEX).sum())
+    """Sum of next-token cross-entropy over label tokens, and their count (chunked: train/loss.py)."""
+    from peftctl.train.loss import causal_lm_loss_sum as _chunked
+
+    return _chunked(model, batch)
 
 
 def label_tokens(batch: list[Example]) -> int:

@@ -61,6 +61,21 @@ def mutates_base_weights(adapter_cfg: Any) -> bool:
     return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
 
 
+def uses_loftq(cfg: RunConfig) -> bool:
+    return cfg.quant.method != "none" and getattr(cfg.adapter, "init_lora_weights", None) == "loftq"
+
+
+def _write_loftq_base(cfg: RunConfig, model: Any, tokenizer: Any, directory: Path) -> None:
+    """The LoftQ base (deq(Q)) becomes the run's base model: eval / merge / resume load it."""
+    from peftctl.adapters.loftq import save_loftq_base
+    from peftctl.models.loader import DTYPES
+
+    save_loftq_base(model, directory, DTYPES[cfg.quant.compute_dtype])
+    tokenizer.save_pretrained(directory)
+    cfg.model.name_or_path, cfg.model.arch = str(directory), None
+    cfg.adapter.init_lora_weights = True
+
+
 def build_model_and_data(cfg: RunConfig) -> tuple[Any, Any, Any]:
     """(adapted model, tokenizer, prepared data); raises ConfigError on any bad input."""
     from peftctl.adapters.model import get_adapted_model
@@ -71,6 +86,13 @@ def build_model_and_data(cfg: RunConfig) -> tuple[Any, Any, Any]:
     tokenizer = load_tokenizer(cfg.model, path)
     data = prepare_data(cfg.dataset, tokenizer)
     seed_everything(cfg.train.seed)
+    adapter_config = cfg.adapter.replace(base_model_name_or_path=str(cfg.model.name_or_path))
+    if uses_loftq(cfg):
+        # LoftQ needs the full-precision weights: load dense, initialise, then quantize (adapters/loftq.py)
+        from peftctl.adapters.loftq import build_loftq_model
+
+        model = load_model(cfg.model, None, path)
+        return build_loftq_model(model, adapter_config, cfg.quant, ADAPTER_NAME, cfg.train.gradient_checkpointing), tokenizer, data
     model = load_model(cfg.model, cfg.quant, path)
     if cfg.quant.method != "none":
         from peftctl.models.kbit import prepare_model_for_kbit_training
@@ -78,7 +100,6 @@ def build_model_and_data(cfg: RunConfig) -> tuple[Any, Any, Any]:
         model = prepare_model_for_kbit_training(model, cfg.train.gradient_checkpointing)
     elif cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    adapter_config = cfg.adapter.replace(base_model_name_or_path=str(cfg.model.name_or_path))
     adapted = get_adapted_model(model, adapter_config, ADAPTER_NAME)
     return adapted, tokenizer, data
 
@@ -106,6 +127,8 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
     # every input is checked: only now does the run directory appear
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(run_dir)
+    if uses_loftq(cfg) and checkpoint is None:
+        _write_loftq_base(cfg, model, tokenizer, run_dir / "loftq_base")
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
     initial_adapter = run_dir / "initial_adapter" if mutates_base_weights(cfg.adapter) else None
     if checkpoint is not None:

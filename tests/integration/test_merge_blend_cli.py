@@ -57,7 +57,10 @@ def test_blend_as_adapter_writes_peft_adapter(two_runs: list[Path], tmp_path: Pa
     result = CliRunner().invoke(app, ["merge", *map(str, two_runs), "--combination", "cat", "--as-adapter", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 32  # cat: 16 + 16
+    from peftctl.config.compose import compose_config
+
+    rank = compose_config([]).adapter.r
+    assert config["peft_type"] == "LORA" and config["r"] == 2 * rank  # cat: ranks add up
 
 
 def test_unknown_combination_is_a_one_line_error(two_runs: list[Path], tmp_path: Path) -> None:
