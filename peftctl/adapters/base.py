@@ -42,6 +42,8 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.adapter_configs: dict[str, Any] = {}
+        # per-row adapter names of the current batch (inference only; set by AdaptedModel.forward)
+        self.batch_adapter_names: list[str] | None = None
 
     # ------------------------------------------------------------------ to implement
     def update_layer(self, adapter_name: str, config: Any) -> None:  # pragma: no cover - abstract

@@ -30,7 +30,10 @@ def adapter_key_map(model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
     """Our state-dict key -> PEFT's saved key, for every tensor of one adapter."""
     mapping: dict[str, str] = {}
     for module_name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, AdapterLayer) and hasattr(module, "peft_key_map"):
+            # layers whose saved names are not "<attr>.<adapter>" (modules_to_save copies)
+            mapping.update(module.peft_key_map(module_name, adapter_name))
+        elif isinstance(module, AdapterLayer):
             for attr in module.adapter_layer_names:
                 container = getattr(module, attr)
                 if adapter_name not in container:
@@ -50,11 +53,17 @@ def adapter_key_map(model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
 def get_adapter_state_dict(model: "AdaptedModel", adapter_name: str) -> dict[str, torch.Tensor]:
     """One adapter's tensors under PEFT's names (contiguous CPU copies, ready to save)."""
     state = model.state_dict(keep_vars=False)
+    fold = getattr(_method_of(model, adapter_name), "tensors_to_save", None)
+    if fold is not None:  # tensors saved in a folded form (prompt encoders' reparameterisation)
+        state = {**state, **fold(model, adapter_name)}
     return {peft_key: state[ours].detach().cpu().contiguous() for ours, peft_key in adapter_key_map(model, adapter_name).items()}
 
 
 def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor], source: str = "") -> None:
     """Load PEFT-named tensors into one adapter; every expected tensor must be present."""
+    prepare = getattr(_method_of(model, adapter_name), "before_load", None)
+    if prepare is not None:  # e.g. a prompt encoder switching to the folded form it was saved in
+        prepare(model, adapter_name, peft_state)
     mapping = adapter_key_map(model, adapter_name)
     by_peft_key = {peft_key: ours for ours, peft_key in mapping.items()}
     missing = [k for k in by_peft_key if k not in peft_state]
@@ -70,6 +79,12 @@ def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state:
             if tensor.shape != target.shape:
                 raise ConfigError(f"adapter tensor {peft_key} in {source or 'state dict'} has shape {tuple(tensor.shape)}, model expects {tuple(target.shape)}")
             target.data.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def _method_of(model: "AdaptedModel", adapter_name: str) -> Any:
+    from peftctl.adapters.registry import get_method
+
+    return get_method(model.peft_config[adapter_name].method)
 
 
 def save_adapter_dir(model: "AdaptedModel", directory: str | os.PathLike, adapter_name: str) -> None:

@@ -41,8 +41,10 @@ class Method:
 
     def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
         from peftctl.adapters.inject import inject_layers
+        from peftctl.adapters.modules_to_save import apply_modules_to_save
 
         inject_layers(model, adapter_name, config, self)
+        apply_modules_to_save(model, adapter_name, config)
 
     def wraps_forward(self) -> bool:
         """True when the method changes the model's forward call itself (prompt family)."""
@@ -60,6 +62,11 @@ class Method:
 # method name -> "module:attribute" of its Method instance; imported lazily
 _METHODS: dict[str, str] = {
     "lora": "peftctl.adapters.lora:METHOD",
+    "prompt_tuning": "peftctl.adapters.prompt_tuning:METHOD",
+    "p_tuning": "peftctl.adapters.p_tuning:METHOD",
+    "prefix_tuning": "peftctl.adapters.prefix_tuning:METHOD",
+    "p_tuning_v2": "peftctl.adapters.p_tuning_v2:METHOD",
+    "llama_adapter": "peftctl.adapters.llama_adapter:METHOD",
 }
 
 
