@@ -186,8 +186,12 @@ class PromptMethod(Method):
         kv = flat.view(n, config.num_layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)
         kv = kv.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
         cache = DynamicCache()
+        # encoder-decoder (2 submodules): PEFT duplicates the 2L key/value rows and gives decoder
+        # layer i rows 4i, 4i+1 of the duplicate; doing the same keeps PEFT-trained adapters exact
+        stride = 2 * (config.num_transformer_submodules or 1)
         for layer in range(config.num_layers):
-            cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+            row = (stride * layer) % (2 * config.num_layers)
+            cache.update(kv[row], kv[row + 1], layer)
         if getattr(model.model.config, "is_encoder_decoder", False):
             return EncoderDecoderCache(cache, DynamicCache())
         return cache
