@@ -158,8 +158,9 @@ class PromptMethod(Method):
     def before_load(self, model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor]) -> None:
         encoder = model.prompt_encoder[adapter_name]
         saved = peft_state.get(PROMPT_KEY)
-        if saved is None or isinstance(encoder, FoldedEncoder):
-            return
+        reparameterised = any(name != "embedding.weight" for name, _ in encoder.named_parameters())
+        if saved is None or not reparameterised:
+            return  # the saved rows load straight into the embedding (same parameter: resume keeps it)
         folded = FoldedEncoder(saved.shape[0], saved.shape[1]).to(device=encoder.embedding.weight.device, dtype=encoder.embedding.weight.dtype)
         trainable = encoder.embedding.weight.requires_grad
         folded.requires_grad_(trainable)

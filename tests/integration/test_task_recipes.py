@@ -68,3 +68,20 @@ def test_classification_head_is_saved_and_restored(tmp_path: Path) -> None:
     model, _ = load_adapted(open_source(run_dir))
     loaded = model.model.classifier.modules_to_save["default"].weight
     assert torch.equal(loaded, saved[[k for k in head if k.endswith("weight")][0]])
+
+
+@pytest.mark.parametrize("recipe,extra", [("tiny_prompt_tuning", []), ("bert_ptuning_v2_cls", [])])
+def test_prompt_method_resume_gives_identical_adapter(recipe: str, extra: list[str], tmp_path: Path) -> None:
+    """A checkpoint of a prompt method resumes into the same parameters (the optimizer keeps them)."""
+    from safetensors.torch import load_file
+
+    schedule = [f"recipe={recipe}", "train.max_steps=6", "train.save_every=3", "train.batch_size=4", "dataset.max_samples=24", *extra]
+    straight = train([*schedule, f"output_dir={tmp_path / 'straight'}"], quiet=True)
+    interrupted = tmp_path / "interrupted"
+    train([*schedule, f"output_dir={interrupted}"], quiet=True, stop_after_step=4)
+    resumed = train([*schedule, f"output_dir={interrupted}", "train.resume=true"], quiet=True)
+    expected = load_file(straight / "adapter" / "adapter_model.safetensors")
+    got = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert (expected[key] - got[key]).abs().max().item() <= 1e-6, key
