@@ -155,7 +155,14 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ merge
+    def _check_mergeable(self, adapter_names: list[str]) -> None:
+        for name in adapter_names:
+            method = get_method(self.peft_config[name].method)
+            if not method.mergeable:
+                raise AdapterError(f"adapter {name!r} ({method.name}) acts on inputs / the KV cache and cannot be merged into the weights; use the adapter as is")
+
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names or self.active_adapters)
         for _, layer in self.adapter_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -175,6 +182,8 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         from peftctl.adapters.inject import _set_submodule
 
         layers = list(self.adapter_layers())
+        if merge:
+            self._check_mergeable(adapter_names or self.active_adapters)
         if merge and safe_merge:
             # check every module before writing any, so a failure leaves the model untouched
             names = adapter_names or self.active_adapters

@@ -118,6 +118,7 @@ class PromptMethod(Method):
     """Base of the prompt family. Subclasses set ``mode`` and implement ``build_encoder``."""
 
     mode = "embed"  # or "kv"
+    mergeable = False
 
     def build_encoder(self, model: "AdaptedModel", config: PromptLearningConfig) -> nn.Module:  # pragma: no cover
         raise NotImplementedError

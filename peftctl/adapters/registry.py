@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 class Method:
     """One PEFT method. Subclass for methods that are more than a layer wrapper."""
 
+    mergeable = True  # False: the adapter cannot be folded into the weights (prompt family)
+
     def __init__(
         self,
         name: str,

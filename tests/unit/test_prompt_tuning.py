@@ -73,3 +73,14 @@ def test_bad_values_name_the_field() -> None:
         config_from_dict({"method": "prompt_tuning", "num_virtual_tokens": 0})
     with pytest.raises(ConfigError, match="adapter.prompt_tuning_init_text"):
         config_from_dict({"method": "prompt_tuning", "prompt_tuning_init": "TEXT"})
+
+
+def test_merge_is_refused_and_unload_returns_the_base() -> None:
+    from peftctl.errors import AdapterError
+
+    model = get_adapted_model(tiny_llama(), config_from_dict({"method": "prompt_tuning", "num_virtual_tokens": 3}))
+    with pytest.raises(AdapterError, match="cannot be merged"):
+        model.merge_and_unload()
+    base = model.unload()
+    assert not hasattr(model, "prompt_encoder")
+    assert torch.equal(base(**batch()).logits, tiny_llama()(**batch()).logits)
