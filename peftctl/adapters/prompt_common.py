@@ -150,7 +150,16 @@ class PromptMethod(Method):
         return list(model.prompt_encoder[adapter_name].parameters())
 
     def extra_adapter_keys(self, model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
-        return {f"prompt_encoder.{adapter_name}.embedding.weight": PROMPT_KEY}
+        from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
+
+        keys = {f"prompt_encoder.{adapter_name}.embedding.weight": PROMPT_KEY}
+        # PEFT's prompt-learning models hold the transformers model directly as `base_model` (no
+        # `.model` level as for layer methods): the head copies are saved as base_model.<path>
+        for name, module in model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                for ours, peft_key in module.peft_key_map(name, adapter_name).items():
+                    keys[ours] = peft_key.replace("base_model.model.", "base_model.", 1)
+        return keys
 
     def tensors_to_save(self, model: "AdaptedModel", adapter_name: str) -> dict[str, torch.Tensor]:
         with torch.no_grad():
