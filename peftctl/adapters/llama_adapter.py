@@ -62,7 +62,7 @@ class AdaptedAttention(AdapterLayer):
         super().__init__(base_layer, module_name)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             if not hasattr(base_layer, name):
-                raise AdapterError(f"{module_name} ({type(base_layer).__name__}) has no {name}; llama_adapter needs Llama-style attention")
+                raise AdapterError(f"{module_name} ({type(base_layer).__name__}) has no {name}; llama_adapter needs Llama-family attention")
         self.adaption_prompt = nn.ParameterDict()
         self.adaption_gate = nn.ParameterDict()
 
@@ -114,7 +114,8 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) > 0:
             return name, module
-    raise ConfigError("llama_adapter: the model has no `layers` list of decoder layers")
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    raise ConfigError(f"adapter.method=llama_adapter needs a Llama-family model (a `layers` list of decoder layers); {model_type} has none")
 
 
 class LlamaAdapterMethod(Method):

@@ -48,3 +48,15 @@ def test_generation_with_cache_matches_peft(tmp_path: Path) -> None:
 def test_too_many_layers_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="adapter.adapter_layers=5"):
         get_adapted_model(tiny_llama(), config_from_dict({**VALUES, "adapter_layers": 5}))
+
+
+def test_non_llama_attention_is_rejected() -> None:
+    from _prompt_family import tiny_gpt2
+
+    from peftctl.errors import AdapterError
+
+    with pytest.raises(ConfigError, match="needs a Llama-family model.*gpt2"):
+        get_adapted_model(tiny_gpt2(), config_from_dict({**VALUES, "target_modules": "attn"}))
+    llama = tiny_llama()
+    with pytest.raises(AdapterError, match="has no q_proj; llama_adapter needs Llama-family attention"):
+        get_adapted_model(llama, config_from_dict({**VALUES, "target_modules": "mlp"}))

@@ -179,8 +179,12 @@ def test_t5_prefix_and_prompt_generation() -> None:
         assert torch.equal(logits.argmax(-1)[0], decoder[0, 1:])
 
 
-def test_t5_prefix_matches_peft(tmp_path: Path) -> None:
-    model = get_adapted_model(tiny_t5(), config_from_dict({"method": "prefix_tuning", "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"}))
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning", "p_tuning"])
+def test_t5_prompt_methods_match_peft(method: str, tmp_path: Path) -> None:
+    model = get_adapted_model(tiny_t5(), config_from_dict({"method": method, "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"}))
+    with torch.no_grad():
+        for param in model.prompt_encoder.parameters():
+            param.add_(torch.randn_like(param))
     model.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(tiny_t5(), tmp_path).eval()
     batch = {k: v for k, v in S2S_BATCH.items()}
