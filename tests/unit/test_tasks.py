@@ -3,7 +3,6 @@ seq2seq (T5), sequence and token classification (BERT)."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import peft
 import pytest
