@@ -139,8 +139,8 @@ class PromptMethod(Method):
             encoder: nn.Module = FoldedEncoder(self.folded_rows(config), self.folded_width(config))
         else:
             encoder = self.build_encoder(model, config)
-        reference = model.model.get_input_embeddings().weight
-        prompt_encoders(model)[adapter_name] = encoder.to(device=reference.device, dtype=torch.float32 if reference.dtype not in (torch.float16, torch.bfloat16, torch.float32) else reference.dtype)
+        # float32 on the model's device whatever the base dtype (as PEFT); outputs are cast at use
+        prompt_encoders(model)[adapter_name] = encoder.to(device=model.model.get_input_embeddings().weight.device)
         apply_modules_to_save(model, adapter_name, config)
 
     def wraps_forward(self) -> bool:

@@ -83,3 +83,13 @@ def test_generation_matches_peft(tmp_path: Path) -> None:
     ours = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     reference = theirs.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, reference)
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_bf16_base_keeps_fp32_prompts(method: str) -> None:
+    model = get_adapted_model(tiny_llama().to(torch.bfloat16), config_from_dict({"method": method, "num_virtual_tokens": 2}))
+    assert all(p.dtype == torch.float32 for p in model.prompt_encoder.parameters())
+    out = model(**batch()).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.prompt_encoder.parameters())
