@@ -44,7 +44,7 @@ def open_source(path: str | Path, overrides: list[str] | None = None) -> Source:
         adapter_dir = path
         adapter_cfg = load_adapter_config(path)
         values = compose_dict([o for o in overrides if o.startswith("recipe=")])
-        values["adapter"] = {"method": adapter_cfg.method}
+        values["adapter"] = {"method": adapter_cfg.method, **{k: v for k, v in adapter_cfg.to_dict().items() if k != "peft_type"}}
         if adapter_cfg.base_model_name_or_path:
             values["model"]["name_or_path"] = adapter_cfg.base_model_name_or_path
         overrides = [o for o in overrides if not o.startswith("recipe=")]
@@ -52,8 +52,6 @@ def open_source(path: str | Path, overrides: list[str] | None = None) -> Source:
         raise ConfigError(f"{path} is a run directory without a finished adapter (adapter/ is missing); resume the run or pick a checkpoint's adapter/ folder")
     else:
         raise ConfigError(f"{path} is neither a run directory (config.yaml + adapter/) nor an adapter directory (adapter_config.json)")
-    adapter_values = values.get("adapter") or {}
-    values["adapter"] = {"method": adapter_values.get("method", "lora")}  # the saved adapter_config.json is authoritative
     return Source(adapter_dir=adapter_dir, config=build_run_config(_apply_dotlist(values, overrides)))
 
 

@@ -5,11 +5,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# The suite's models are tiny: one intra-op thread avoids thread hand-off costs that dominate at this
+# size (measured ~20x faster per forward on a 2-core machine), and keeps timings steady in CI.
+torch.set_num_threads(1)
 
 # a short schedule on the offline default: enough to learn the task, fast on 2 cores
 QUICK = ["train.max_steps=40", "train.save_every=20", "train.eval_every=0", "train.log_every=10", "eval.num_generate=24"]

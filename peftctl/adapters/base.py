@@ -116,11 +116,37 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        if self.batch_adapter_names is not None:
+            return self._mixed_batch_output(x, result, self.batch_adapter_names)
         for name in self.active_adapters:
             result = self.adapter_output(x, result, name)
         return result
 
+    def _mixed_batch_output(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Row i of the batch gets adapter names[i] ('__base__' or an adapter this layer lacks: none)."""
+        if x.shape[0] != len(names):
+            raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows")
+        result = result.clone()
+        for name in dict.fromkeys(names):
+            if name not in self.adapter_configs:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=result.device)
+            result[rows] = self.adapter_output(x[rows], result[rows], name)
+        return result
+
     # ------------------------------------------------------------------ merge
+    def check_merge(self, adapter_name: str) -> None:
+        """Raise AdapterError naming the module if merging ``adapter_name`` gives non-finite weights."""
+        if adapter_name not in self.adapter_configs or adapter_name in self.merged_adapters:
+            return
+        with torch.no_grad():
+            candidate = self.adapted_weight(self.weight.data, adapter_name)
+        if not torch.isfinite(candidate).all():
+            raise AdapterError(
+                f"merging adapter {adapter_name!r} into {self.module_name or type(self.base_layer).__name__} "
+                "gives non-finite weights; nothing was merged"
+            )
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         if not self.mergeable:
             raise AdapterError(f"{type(self).__name__} adapters cannot be merged into the base weights")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Iterable
 from torch import nn
 
 from peftctl.adapters.base import AdapterLayer
+from peftctl.adapters.layer_utils import is_gpt2_conv1d
 from peftctl.adapters.config import AdapterConfig
 from peftctl.errors import ConfigError
 
@@ -54,7 +55,7 @@ def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+    return isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -117,8 +118,10 @@ def inject_layers(adapted: "AdaptedModel", adapter_name: str, config: AdapterCon
                 )
             continue
         if existing is None:
+            layer.train(base.training)  # a new wrapper follows the model's train/eval mode
             _set_submodule(model, name, layer)
         layer.update_layer(adapter_name, config)
+        layer.train(layer.training)  # sub-modules the adapter just created follow the wrapper's mode
         wrapped.append(name)
     if not wrapped:
         sample = [n for n, m in model.named_modules() if is_linear_like(m)][:6]

@@ -119,6 +119,7 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 class LlamaAdapterMethod(Method):
+    mergeable = False  # the prompts are attended to, not folded into a weight
     def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
         from peftctl.adapters.inject import _set_submodule
 

@@ -141,28 +141,61 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
             self._set_disabled(previous)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """``adapter_names=[...]`` (one per batch row, '__base__' = no adapter) runs a mixed batch."""
+        if adapter_names is not None:
+            with self._mixed_batch(adapter_names):
+                return self.model(*args, **kwargs)
         method = get_method(self.peft_config[self.active_adapters[0]].method)
         if method.wraps_forward() and not self._adapters_disabled:
             return method.forward(self, self.active_adapters[0], *args, **kwargs)
         return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None:
+            with self._mixed_batch(adapter_names):
+                return self.model.generate(*args, **kwargs)
         method = get_method(self.peft_config[self.active_adapters[0]].method)
         generate = getattr(method, "generate", None)
         if generate is not None and not self._adapters_disabled:
             return generate(self, self.active_adapters[0], *args, **kwargs)
         return self.model.generate(*args, **kwargs)
 
+    @contextmanager
+    def _mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
+        """Per-row adapters for one call (PEFT's mixed-batch inference)."""
+        if self.training:
+            raise AdapterError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first")
+        unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
+        if unknown:
+            raise ConfigError(f"adapter_names contains unknown adapters {unknown}; adapters: {', '.join(self.peft_config)}")
+        layers = [layer for _, layer in self.adapter_layers()]
+        if any(layer.merged for layer in layers):
+            raise AdapterError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+        for layer in layers:
+            layer.batch_adapter_names = list(adapter_names)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.batch_adapter_names = None
+
     # ------------------------------------------------------------------ merge
-    def _check_mergeable(self, adapter_names: list[str]) -> None:
-        for name in adapter_names:
+    def _check_mergeable(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
+        """Refuse up front, before any weight is written: methods whose Method sets
+        ``mergeable = False`` (X-LoRA), and with ``safe_merge`` any module whose merge is non-finite."""
+        names = adapter_names or self.active_adapters
+        for name in names:
             method = get_method(self.peft_config[name].method)
-            if not method.mergeable:
-                raise AdapterError(f"adapter {name!r} ({method.name}) acts on inputs / the KV cache and cannot be merged into the weights; use the adapter as is")
+            if not getattr(method, "mergeable", True):
+                raise AdapterError(f"the {method.name} method cannot be merged into the base weights (adapter {name!r})")
+        if safe_merge:
+            for _, layer in self.adapter_layers():
+                for name in names:
+                    layer.check_merge(name)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self._check_mergeable(adapter_names or self.active_adapters)
+        self._check_mergeable(adapter_names, safe_merge)
         for _, layer in self.adapter_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -181,18 +214,9 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
     def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         from peftctl.adapters.inject import _set_submodule
 
-        layers = list(self.adapter_layers())
         if merge:
-            self._check_mergeable(adapter_names or self.active_adapters)
-        if merge and safe_merge:
-            # check every module before writing any, so a failure leaves the model untouched
-            names = adapter_names or self.active_adapters
-            for _, layer in layers:
-                for name in names:
-                    if name in layer.adapter_configs and name not in layer.merged_adapters:
-                        candidate = layer.adapted_weight(layer.weight.data, name)
-                        if not torch.isfinite(candidate).all():
-                            raise AdapterError(f"merging adapter {name!r} into {layer.module_name} gives non-finite weights; nothing was merged")
+            self._check_mergeable(adapter_names, safe_merge)
+        layers = list(self.adapter_layers())
         iterator: Any = layers
         if progressbar:
             from rich.progress import track
@@ -224,12 +248,31 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         return line
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
-        """PEFT layout: the adapter named 'default' at the top, every other one in a sub-folder."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+    ) -> None:
+        """PEFT layout: the adapter named 'default' at the top, every other one in a sub-folder.
+
+        ``path_initial_model_for_weight_conversion``: the directory of the adapter as saved right after
+        a base-mutating init (PiSSA, OLoRA); the adapter is then saved as a plain LoRA against the
+        original base weights (PEFT's option of the same name).
+        """
         save_directory = Path(save_directory)
         for name in selected_adapters or list(self.peft_config):
+            if name not in self.peft_config:
+                raise ConfigError(f"no adapter named {name!r}; adapters: {', '.join(self.peft_config)}")
             target = save_directory if name == "default" else save_directory / name
-            persistence.save_adapter_dir(self, target, name)
+            if path_initial_model_for_weight_conversion is not None:
+                method = get_method(self.peft_config[name].method)
+                convert = getattr(method, "save_converted", None)
+                if convert is None:
+                    raise ConfigError(f"path_initial_model_for_weight_conversion is not supported by the {method.name} method")
+                convert(self, target, name, path_initial_model_for_weight_conversion)
+            else:
+                persistence.save_adapter_dir(self, target, name)
 
     def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         return persistence.get_adapter_state_dict(self, adapter_name)

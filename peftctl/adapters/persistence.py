@@ -53,10 +53,12 @@ def adapter_key_map(model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
 def get_adapter_state_dict(model: "AdaptedModel", adapter_name: str) -> dict[str, torch.Tensor]:
     """One adapter's tensors under PEFT's names (contiguous CPU copies, ready to save)."""
     state = model.state_dict(keep_vars=False)
-    fold = getattr(_method_of(model, adapter_name), "tensors_to_save", None)
-    if fold is not None:  # tensors saved in a folded form (prompt encoders' reparameterisation)
-        state = {**state, **fold(model, adapter_name)}
-    return {peft_key: state[ours].detach().cpu().contiguous() for ours, peft_key in adapter_key_map(model, adapter_name).items()}
+    tensors = {peft_key: state[ours].detach().cpu().contiguous() for ours, peft_key in adapter_key_map(model, adapter_name).items()}
+    # a method may reshape what it saves (AdaLoRA keeps only the ranks its rank_pattern keeps)
+    from peftctl.adapters.registry import get_method
+
+    hook = getattr(get_method(model.peft_config[adapter_name].method), "state_dict_for_save", None)
+    return hook(model, adapter_name, tensors) if hook else tensors
 
 
 def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor], source: str = "") -> None:
@@ -67,6 +69,10 @@ def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state:
     mapping = adapter_key_map(model, adapter_name)
     by_peft_key = {peft_key: ours for ours, peft_key in mapping.items()}
     missing = [k for k in by_peft_key if k not in peft_state]
+    model_state = model.state_dict(keep_vars=True)
+    # base-model tensors PEFT may save too (save_embedding_layers: the embedding's base weight)
+    base_extra = {k: k for k in peft_state if k not in by_peft_key and k in model_state}
+    by_peft_key.update(base_extra)
     unexpected = [k for k in peft_state if k not in by_peft_key]
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
@@ -87,11 +93,18 @@ def _method_of(model: "AdaptedModel", adapter_name: str) -> Any:
     return get_method(model.peft_config[adapter_name].method)
 
 
-def save_adapter_dir(model: "AdaptedModel", directory: str | os.PathLike, adapter_name: str) -> None:
+def save_adapter_dir(
+    model: "AdaptedModel",
+    directory: str | os.PathLike,
+    adapter_name: str,
+    tensors: dict[str, torch.Tensor] | None = None,
+    config: Any = None,
+) -> None:
+    """Write one adapter; ``tensors`` / ``config`` override what the model holds (weight conversion)."""
     from peftctl.utils import atomic_directory
 
-    config = model.peft_config[adapter_name]
-    tensors = get_adapter_state_dict(model, adapter_name)
+    config = config if config is not None else model.peft_config[adapter_name]
+    tensors = tensors if tensors is not None else get_adapter_state_dict(model, adapter_name)
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})

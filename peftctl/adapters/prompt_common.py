@@ -161,9 +161,10 @@ class PromptMethod(Method):
                     keys[ours] = peft_key.replace("base_model.model.", "base_model.", 1)
         return keys
 
-    def tensors_to_save(self, model: "AdaptedModel", adapter_name: str) -> dict[str, torch.Tensor]:
+    def state_dict_for_save(self, model: "AdaptedModel", adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Save the encoder's output (reparameterisation folded away), PEFT's ``prompt_embeddings``."""
         with torch.no_grad():
-            return {f"prompt_encoder.{adapter_name}.embedding.weight": encoder_output(model, adapter_name).detach()}
+            return {**tensors, PROMPT_KEY: encoder_output(model, adapter_name).detach().cpu().contiguous()}
 
     def before_load(self, model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor]) -> None:
         encoder = model.prompt_encoder[adapter_name]

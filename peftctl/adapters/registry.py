@@ -64,6 +64,14 @@ class Method:
 # method name -> "module:attribute" of its Method instance; imported lazily
 _METHODS: dict[str, str] = {
     "lora": "peftctl.adapters.lora:METHOD",
+    "ia3": "peftctl.adapters.ia3:METHOD",
+    "loha": "peftctl.adapters.loha:METHOD",
+    "lokr": "peftctl.adapters.lokr:METHOD",
+    "oft": "peftctl.adapters.oft:METHOD",
+    "adalora": "peftctl.adapters.adalora:METHOD",
+    "boft": "peftctl.adapters.boft:METHOD",
+    "bottleneck": "peftctl.adapters.bottleneck:METHOD",
+    "xlora": "peftctl.adapters.xlora:METHOD",
     "prompt_tuning": "peftctl.adapters.prompt_tuning:METHOD",
     "p_tuning": "peftctl.adapters.p_tuning:METHOD",
     "prefix_tuning": "peftctl.adapters.prefix_tuning:METHOD",

@@ -223,36 +223,9 @@ def add_weighted_adapter(
 
 
 class WeightedAdapterMixin:
-    """Gives AdaptedModel PEFT's ``add_weighted_adapter`` method."""
+    """Gives AdaptedModel PEFT's ``add_weighted_adapter`` method (the function above, with the
+    model as ``self``); combination_type is one of svd, linear, cat, ties, ties_svd, dare_linear,
+    dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd (those the
+    method's combiner defines)."""
 
-    def add_weighted_adapter(
-        self,
-        adapters: Sequence[str],
-        weights: Sequence[float],
-        adapter_name: str,
-        combination_type: str = "svd",
-        svd_rank: int | None = None,
-        svd_clamp: float | None = None,
-        svd_full_matrices: bool = True,
-        svd_driver: str | None = None,
-        density: float | None = None,
-        majority_sign_method: str = "total",
-        seed: int | None = None,
-    ) -> None:
-        """See ``peftctl.adapters.weighted.add_weighted_adapter``; combination_type is one of
-        svd, linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd,
-        magnitude_prune, magnitude_prune_svd (those the method's combiner defines)."""
-        add_weighted_adapter(
-            self,  # type: ignore[arg-type]
-            adapters,
-            weights,
-            adapter_name,
-            combination_type=combination_type,
-            svd_rank=svd_rank,
-            svd_clamp=svd_clamp,
-            svd_full_matrices=svd_full_matrices,
-            svd_driver=svd_driver,
-            density=density,
-            majority_sign_method=majority_sign_method,
-            seed=seed,
-        )
+    add_weighted_adapter = add_weighted_adapter

@@ -81,6 +81,16 @@ def _explain_hydra_error(exc: Exception, recipe: str) -> str:
     return f"bad override: {first}"
 
 
+def _force_field_override(override: str) -> str:
+    """`section.key=value` -> `++section.key=value`: a field the recipe's YAML leaves out (so
+    Hydra does not know it) is still settable; the typed schema then checks every key and value,
+    with a did-you-mean for misspellings. Group choices (`adapter=dora`) stay as they are."""
+    key = override.split("=", 1)[0]
+    if "." in key and not key.startswith(("+", "~")) and "=" in override:
+        return "++" + override
+    return override
+
+
 def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
     """Compose `recipe=NAME` + Hydra overrides into a plain dict (no validation yet)."""
     from hydra import compose, initialize_config_dir
@@ -94,7 +104,7 @@ def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
     search_path = f"hydra.searchpath=[file://{resource_dir('configs')}]"
     try:
         with initialize_config_dir(config_dir=str(resource_dir("recipes")), version_base=None):
-            cfg = compose(config_name=recipe, overrides=[search_path, *rest])
+            cfg = compose(config_name=recipe, overrides=[search_path, *map(_force_field_override, rest)])
         values = OmegaConf.to_container(cfg, resolve=True)
     except ConfigError:
         raise

@@ -185,15 +185,19 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any, str]:
     return True, value, ""
 
 
+def reject_unknown_keys(keys: Any, valid: list[str], prefix: str = "") -> None:
+    """ConfigError for the first key not in ``valid``, with a did-you-mean."""
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(valid)}"
+            raise ConfigError(f"{prefix}{key} is not a known config key; {hint}")
+
+
 def build_section(cls: type, values: dict[str, Any] | None, section: str) -> Any:
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"did you mean {section}.{close[0]}?" if close else f"valid keys: {', '.join(names)}"
-            raise ConfigError(f"{section}.{key} is not a known config key; {hint}")
+    reject_unknown_keys(values, [f.name for f in dataclasses.fields(cls)], f"{section}.")
     coerced = {}
     for key, value in values.items():
         ok, new_value, description = _type_ok(value, hints[key])
@@ -213,12 +217,7 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
 
     values = dict(values)
     sections = {"model": ModelConfig, "dataset": DatasetConfig, "quant": QuantConfig, "train": TrainConfig, "eval": EvalConfig}
-    top_level = [f.name for f in dataclasses.fields(RunConfig)]
-    for key in values:
-        if key not in top_level:
-            close = difflib.get_close_matches(key, top_level, n=1)
-            hint = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(top_level)}"
-            raise ConfigError(f"{key} is not a known config key; {hint}")
+    reject_unknown_keys(values, [f.name for f in dataclasses.fields(RunConfig)])
     built = {name: build_section(cls, values.get(name), name) for name, cls in sections.items()}
     adapter_values = dict(values.get("adapter") or {})
     if not adapter_values:

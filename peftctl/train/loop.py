@@ -131,7 +131,7 @@ class Trainer:
             loss = self._hook("on_loss", loss, self.state.step)
             if not torch.isfinite(loss):
                 where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
-                raise TrainingError(f"loss became {float(loss)} at step {self.state.step + 1}; training stopped ({where}). Try a lower train.lr or train.precision=fp32")
+                raise TrainingError(f"loss became {float(loss.detach())} at step {self.state.step + 1}; training stopped ({where}). Try a lower train.lr or train.precision=fp32")
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += float(loss.detach())
             self.state.tokens += int(batch["attention_mask"].sum())

@@ -6,6 +6,7 @@ run directory is created, so bad input never leaves a partial run behind.
 from __future__ import annotations
 
 import datetime as _dt
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,12 @@ def _resume_checkpoint(cfg: RunConfig) -> Path | None:
     if found is None:
         raise ConfigError(f"train.resume={str(resume)!r} is neither a checkpoint nor a run directory with checkpoints")
     return found
+
+
+def mutates_base_weights(adapter_cfg: Any) -> bool:
+    """True for inits that rewrite the base weights (PiSSA, OLoRA)."""
+    init = getattr(adapter_cfg, "init_lora_weights", True)
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
 
 
 def build_model_and_data(cfg: RunConfig) -> tuple[Any, Any, Any]:
@@ -104,7 +111,9 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
     device = pick_device(cfg.train)
     run_dir = checkpoint.parent.parent if checkpoint else Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
     if checkpoint is None and (run_dir / "adapter").exists():
-        raise ConfigError(f"output_dir={str(run_dir)!r} already holds a finished run; pick another output_dir or resume")
+        raise ConfigError(f"output_dir={str(run_dir)!r} already holds a finished run; pick another output_dir")
+    if checkpoint is None and any((run_dir / "checkpoints").glob("step-*")):
+        raise ConfigError(f"output_dir={str(run_dir)!r} holds checkpoints of an unfinished run; continue it with train.resume=true or pick another output_dir")
     model, tokenizer, data = build_model_and_data(cfg)
     model.to(device)
     trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet)
@@ -112,20 +121,27 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(run_dir)
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    initial_adapter = run_dir / "initial_adapter" if mutates_base_weights(cfg.adapter) else None
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
+    elif initial_adapter is not None:
+        # PiSSA / OLoRA replace W by a residual: keep the starting adapter so the final one can be
+        # saved as a plain LoRA against the untouched base (PEFT's weight conversion)
+        model.save_pretrained(initial_adapter)
     if not quiet:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}  |  {trainer.total_steps} steps", flush=True)
+    started = time.perf_counter()
     result = trainer.fit(stop_after_step=stop_after_step)
+    elapsed = time.perf_counter() - started
     plot_metrics(trainer_records(run_dir), run_dir / "plots" / "loss.png")
     if not result["completed"]:
         return run_dir
-    model.save_pretrained(run_dir / "adapter")
+    model.save_pretrained(run_dir / "adapter", path_initial_model_for_weight_conversion=initial_adapter)
     tokenizer.save_pretrained(run_dir / "adapter")
     if not quiet:
         extra = f"  eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
-        print(f"done: {result['steps']} steps{extra}; adapter saved to {run_dir / 'adapter'}", flush=True)
+        print(f"done: {result['steps']} steps in {elapsed:.0f} s{extra}; adapter saved to {run_dir / 'adapter'}", flush=True)
     return run_dir
 
 

@@ -23,4 +23,4 @@ def test_wheel_carries_recipes_and_configs_and_finds_them(tmp_path: Path) -> Non
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True, timeout=120).stdout.split()
     assert out[0] == str(target / "peftctl" / "_resources" / "recipes")
-    assert out[1] == "16"
+    assert out[1] == "8"

@@ -34,3 +34,14 @@ def test_resume_from_explicit_checkpoint_path(tmp_path: Path) -> None:
     train([*SCHEDULE, f"output_dir={run}"], quiet=True, stop_after_step=6)
     resumed = train([*SCHEDULE, f"train.resume={run / 'checkpoints' / 'step-000005'}"], quiet=True)
     assert resumed == run and (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_unfinished_run_dir_is_not_silently_reused(tmp_path: Path) -> None:
+    import pytest
+
+    from peftctl.errors import ConfigError
+
+    run = tmp_path / "run"
+    train([*SCHEDULE, f"output_dir={run}"], quiet=True, stop_after_step=6)
+    with pytest.raises(ConfigError, match="train.resume=true"):
+        train([*SCHEDULE, f"output_dir={run}"], quiet=True)

@@ -22,7 +22,7 @@ def test_run_directory_layout(trained_run: Path) -> None:
     checkpoints = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
     assert checkpoints == ["step-000020"]  # the final step writes the adapter, not a checkpoint
     config = json.loads((trained_run / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 16 and config["lora_alpha"] == 32
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
 
 
 def test_training_lowers_the_loss(trained_run: Path) -> None:

@@ -1,0 +1,177 @@
+"""AdaLoRA: SVD-form delta, identity init, merge, save/load, the rank allocator driven through
+training hooks exactly as the product loop calls them (budget schedule, final rank), pruned
+rank_pattern round trip, PEFT interop both ways (format checked against peft 0.21.2)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftctl.adapters import AdaptedModel, get_adapted_model
+from peftctl.adapters.adalora import AdaLoraConfig, AdaLoraLinear
+from peftctl.adapters.registry import get_method
+from peftctl.errors import ConfigError
+from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
+                                       input_ids, ours_to_peft, perturb, rel_err, run, tiny_llama)
+
+TARGETS = ["q_proj", "v_proj"]  # 2 layers -> 4 adapted modules
+
+
+def cfg(**kw) -> AdaLoraConfig:
+    base = dict(target_modules=TARGETS, init_r=6, target_r=2, tinit=2, tfinal=3, total_step=12, lora_alpha=8)
+    base.update(kw)
+    return AdaLoraConfig(**base)
+
+
+def train(adapted: AdaptedModel, total_steps: int, record: dict[int, int] | None = None, patterns: dict | None = None) -> None:
+    """The product loop's hook protocol."""
+    hooks = get_method("adalora").training_hooks(adapted, "default", total_steps)
+    opt = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
+    ids = input_ids()
+    adapted.train()
+    for step in range(total_steps):
+        loss = adapted(input_ids=ids, labels=ids).loss
+        for hook in hooks:
+            loss = hook.on_loss(loss, step)
+        loss.backward()
+        for hook in hooks:
+            hook.after_backward(step)
+        opt.step()
+        for hook in hooks:
+            hook.after_step(step)
+        opt.zero_grad()
+        if record is not None:
+            record[step] = hooks[0].total_rank()
+        if patterns is not None:
+            rp = adapted.peft_config["default"].rank_pattern
+            patterns[step] = None if rp is None else sum(sum(v) for v in rp.values())
+    adapted.eval()
+
+
+def expected_budget(step: int, b0: int, bt: int, tinit: int, tfinal: int, total: int) -> int:
+    # cubic schedule of the paper, eq. 12
+    return int((b0 - bt) * (1 - (step - tinit) / (total - tfinal - tinit)) ** 3 + bt)
+
+
+def test_identity_delta_and_config_errors():
+    check_identity(tiny_llama, cfg(), input_ids())
+    adapted = get_adapted_model(tiny_llama(), cfg(init_lora_weights=False))
+    layer = dict(adapted.adapter_layers())["model.layers.0.self_attn.q_proj"]
+    assert isinstance(layer, AdaLoraLinear) and layer.lora_A["default"].shape == (6, 32)
+    p, lam, q = layer.lora_B["default"], layer.lora_E["default"], layer.lora_A["default"]
+    assert torch.allclose(layer.get_delta_weight("default"), p @ torch.diag(lam.view(-1)) @ q * 8 / (6 + 1e-5))
+    with pytest.raises(ConfigError, match="tinit"):
+        AdaLoraConfig.from_dict({"target_modules": TARGETS, "tinit": 5, "tfinal": 5, "total_step": 10})
+    with pytest.raises(ConfigError, match="target_r"):
+        AdaLoraConfig.from_dict({"target_modules": TARGETS, "init_r": 4, "target_r": 5})
+
+
+def test_merge_save_load_trainable(tmp_path):
+    adapted = get_adapted_model(tiny_llama(), cfg())
+    check_only_adapter_trains(adapted, ("lora_A", "lora_B", "lora_E"))
+    perturb(adapted)
+    check_save_load(adapted, tiny_llama, input_ids(), tmp_path)
+    check_merge_roundtrip(adapted, input_ids())
+
+
+def test_orth_regulariser_value():
+    adapted = get_adapted_model(tiny_llama(), cfg(orth_reg_weight=0.3))
+    hook = get_method("adalora").training_hooks(adapted, "default", 12)[0]
+    terms = []
+    for _, layer in adapted.adapter_layers():
+        a, b = layer.lora_A["default"], layer.lora_B["default"]
+        terms += [torch.linalg.matrix_norm(a @ a.T - torch.eye(6)), torch.linalg.matrix_norm(b.T @ b - torch.eye(6))]
+    zero = torch.tensor(0.0)
+    assert torch.allclose(hook.on_loss(zero, 0), 0.3 * torch.stack(terms).mean())
+
+
+def test_budget_schedule_and_final_rank(tmp_path):
+    adapted = get_adapted_model(tiny_llama(), cfg())
+    ranks: dict[int, int] = {}
+    patterns: dict[int, int | None] = {}
+    train(adapted, 12, ranks, patterns)
+    b0, bt = 6 * 4, 2 * 4
+    for step in range(12):
+        if step <= 2:
+            assert patterns[step] is None  # warm-up: no pruning yet
+        elif step < 9:
+            budget = expected_budget(step, b0, bt, 2, 3, 12)
+            assert patterns[step] == budget, (step, patterns[step], budget)
+            assert ranks[step] == budget
+        else:
+            assert patterns[step] == bt and ranks[step] == bt
+    assert expected_budget(3, b0, bt, 2, 3, 12) < b0  # the schedule really shrinks in between
+    rank_pattern = adapted.peft_config["default"].rank_pattern
+    assert set(rank_pattern) == {f"model.layers.{i}.self_attn.{m}.lora_E" for i in (0, 1) for m in TARGETS}
+
+    # the pruned adapter reloads with pruned ranks and the same outputs, in peftctl and in peft
+    out = run(adapted, input_ids())
+    adapted.save_pretrained(tmp_path / "a")
+    loaded = AdaptedModel.from_pretrained(tiny_llama(), tmp_path / "a")
+    ranks_loaded = sum(l.lora_E["default"].shape[0] for _, l in loaded.adapter_layers())
+    assert ranks_loaded == bt
+    assert rel_err(run(loaded, input_ids()), out) <= 1e-5
+    from peft import PeftModel
+
+    theirs = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a")).eval()
+    assert rel_err(run(theirs, input_ids()), out) <= 1e-5
+
+
+def test_final_budget_reached_without_tfinal():
+    adapted = get_adapted_model(tiny_llama(), cfg(tinit=1, tfinal=0, total_step=None, deltaT=2))
+    ranks: dict[int, int] = {}
+    train(adapted, 6, ranks)
+    assert adapted.peft_config["default"].total_step == 6  # taken from the loop
+    assert ranks[2] == expected_budget(2, 24, 8, 1, 0, 6) == 16  # deltaT=2: masked on even steps
+    assert ranks[4] == expected_budget(4, 24, 8, 1, 0, 6) == 9
+    assert ranks[5] == 8  # ...but the last step always applies the final budget
+
+
+def test_peft_interop_full_rank(tmp_path):
+    adapted = get_adapted_model(tiny_llama(), cfg())
+    perturb(adapted)
+    ours_to_peft(adapted, tiny_llama, input_ids(), tmp_path)
+
+
+def test_peft_saved_pruned_pattern_loads(tmp_path):
+    from peft import AdaLoraConfig as PeftAdaLoraConfig, get_peft_model
+
+    peft_cfg = PeftAdaLoraConfig(target_modules=TARGETS, init_r=6, target_r=2, tinit=2, tfinal=3, total_step=12, lora_alpha=8)
+    theirs = get_peft_model(tiny_llama(), peft_cfg).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    pattern = {}
+    for i in (0, 1):
+        for j, m in enumerate(TARGETS):
+            keep = [(k + i + j) % 3 != 0 for k in range(6)]
+            pattern[f"model.layers.{i}.self_attn.{m}.lora_E.default"] = keep
+    theirs.base_model.rankallocator.mask_using_rank_pattern(theirs.base_model.model, pattern)
+    theirs.peft_config["default"].rank_pattern = pattern
+    expected = run(theirs, input_ids())
+    theirs.save_pretrained(str(tmp_path))
+    ours = AdaptedModel.from_pretrained(tiny_llama(), tmp_path)
+    assert sum(l.lora_E["default"].shape[0] for _, l in ours.adapter_layers()) == sum(sum(v) for v in pattern.values())
+    assert rel_err(run(ours, input_ids()), expected) <= 1e-5
+
+
+def test_multi_adapter_add_set_save_load_delete(tmp_path):
+    check_multi_adapter(tiny_llama, lambda: cfg(), input_ids(), tmp_path)
+
+
+def test_gpt2_conv1d_merge_and_peft(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300)).eval()
+
+    adapted = get_adapted_model(gpt2(), AdaLoraConfig(target_modules=["c_attn"], init_r=4, target_r=2, total_step=10))
+    perturb(adapted)
+    ours_to_peft(adapted, gpt2, input_ids(), tmp_path)
+    check_merge_roundtrip(adapted, input_ids())
+
+
+def test_yaml_config():
+    check_yaml("adalora")

@@ -1,0 +1,117 @@
+"""DoRA: W' = m · (W + s·BA) / ‖W + s·BA‖ per output channel, norm detached (Liu et al., 2024)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _lora_fixtures import ALL_TARGETS, clone, ids, out, perturb_adapters, rel_err, tiny_all_types
+from peftctl.adapters import dora, get_adapted_model
+from peftctl.adapters.lora import LoraConfig
+
+
+def _adapted(**kw):
+    base = tiny_all_types()
+    torch.manual_seed(4)
+    values = {"r": 3, "lora_alpha": 6, "use_dora": True, "init_lora_weights": False,
+              "target_modules": [t for t in ALL_TARGETS if t != "emb"], **kw}
+    adapted = get_adapted_model(clone(base), LoraConfig(**values)).eval()
+    perturb_adapters(adapted, scale=0.1)
+    return base, adapted
+
+
+def _reference_weight(layer, name="default") -> torch.Tensor:
+    """The paper's W' in the base's (out, in, ...) layout, from scratch."""
+    w = layer.oriented_weight()
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    delta = (b.flatten(1) @ a.flatten(1)).reshape(w.shape) * layer.scaling[name]
+    v = w + delta
+    norm = v.flatten(1).norm(dim=1).detach()
+    m = layer.lora_magnitude_vector[name].reshape(-1)
+    return (m / norm).reshape((-1,) + (1,) * (w.dim() - 1)) * v
+
+
+def test_magnitude_initialised_to_column_norm() -> None:
+    torch.manual_seed(0)
+    base = tiny_all_types()
+    adapted = get_adapted_model(clone(base), LoraConfig(r=2, use_dora=True, target_modules=["lin", "conv2d", "c1d"]))
+    lin, conv, c1d = adapted.model.lin, adapted.model.conv2d, adapted.model.c1d
+    assert torch.allclose(lin.lora_magnitude_vector["default"], base.lin.weight.norm(dim=1))
+    assert conv.lora_magnitude_vector["default"].shape == (1, 4, 1, 1)  # PEFT's layout
+    assert torch.allclose(conv.lora_magnitude_vector["default"].flatten(), base.conv2d.weight.flatten(1).norm(dim=1))
+    assert torch.allclose(c1d.lora_magnitude_vector["default"], base.c1d.weight.norm(dim=0))  # (in, out) storage
+
+
+def test_forward_equals_paper_formula_linear_conv_conv1d() -> None:
+    _, adapted = _adapted()
+    m = adapted.model
+    x = torch.randn(2, 5, 8)
+    lin = m.lin
+    expected = F.linear(x, _reference_weight(lin), lin.base_layer.bias)
+    assert torch.allclose(lin(x), expected, atol=1e-5)
+    img = torch.randn(2, 1, 5, 6)
+    conv = m.conv2d
+    expected = F.conv2d(img, _reference_weight(conv), conv.base_layer.bias, padding=1)
+    assert torch.allclose(conv(img), expected, atol=1e-5)
+    h = torch.randn(2, 5, 6)
+    c1d = m.c1d
+    expected = F.linear(h, _reference_weight(c1d), c1d.base_layer.bias)
+    assert torch.allclose(c1d(h), expected, atol=1e-5)
+
+
+def test_gradients_treat_norm_as_constant() -> None:
+    _, adapted = _adapted()
+    adapted.train()
+    lin = adapted.model.lin
+    x = torch.randn(4, 8)
+    lin(x).pow(2).sum().backward()
+    ours = [p.grad.clone() for p in (lin.lora_A["default"].weight, lin.lora_B["default"].weight, lin.lora_magnitude_vector["default"])]
+    for p in lin.adapter_parameters("default"):
+        p.grad = None
+    F.linear(x, _reference_weight(lin), lin.base_layer.bias).pow(2).sum().backward()
+    ref = [lin.lora_A["default"].weight.grad, lin.lora_B["default"].weight.grad, lin.lora_magnitude_vector["default"].grad]
+    for g, r in zip(ours, ref):
+        assert torch.allclose(g, r, atol=1e-5)
+
+
+def test_merge_unmerge_exact() -> None:
+    base, adapted = _adapted()
+    x = ids()
+    before = out(adapted, x)
+    weights = {k: v.clone() for k, v in adapted.state_dict().items() if "base_layer" in k}
+    adapted.merge_adapter()
+    assert torch.allclose(adapted.model.lin.base_layer.weight, _reference_weight_merged(adapted), atol=1e-6)
+    assert rel_err(out(adapted, x), before) <= 1e-5
+    adapted.unmerge_adapter()
+    for k, v in adapted.state_dict().items():
+        if k in weights:
+            assert torch.allclose(v, weights[k], atol=1e-6), k
+
+
+def _reference_weight_merged(adapted) -> torch.Tensor:
+    lin = adapted.model.lin
+    lin.unmerge()
+    ref = _reference_weight(lin).detach()
+    lin.merge()
+    return ref
+
+
+def test_eval_caches_norm_and_invalidates_on_update(monkeypatch) -> None:
+    _, adapted = _adapted()
+    calls = []
+    original = dora.weight_norm
+    monkeypatch.setattr(dora, "weight_norm", lambda w, d: calls.append(1) or original(w, d))
+    x = ids()
+    first = out(adapted, x)
+    n_first = len(calls)
+    assert n_first == 4  # one norm per DoRA layer (lin, conv1d, c1d, conv2d)
+    second = out(adapted, x)
+    assert len(calls) == n_first and torch.equal(first, second)  # cached in eval
+    with torch.no_grad():
+        adapted.model.lin.lora_B["default"].weight.mul_(2.0)  # in-place update, as an optimizer step
+    third = out(adapted, x)
+    assert len(calls) == n_first + 1 and not torch.allclose(third, first)
+    adapted.train()
+    out(adapted, x)
+    out(adapted, x)
+    assert len(calls) == n_first + 1 + 2 * 4  # no caching while training: every layer, every step

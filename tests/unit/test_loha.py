@@ -1,0 +1,81 @@
+"""LoHa on Linear and Conv2d (plain and use_effective_conv2d): identity init, ΔW formula,
+merge, save/load, trainability, PEFT interop (format checked against peft 0.21.2)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftctl.adapters import get_adapted_model
+from peftctl.adapters.loha import LoHaConfig, LoHaLayer
+from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
+                                       conv_input, input_ids, ours_to_peft, peft_to_ours, perturb, tiny_conv, tiny_llama)
+
+LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
+CONV = dict(task_type=None, target_modules=["conv1", "conv2", "lin"], r=2, alpha=4)
+
+
+def test_identity_linear_and_conv():
+    check_identity(tiny_llama, LoHaConfig(**LLAMA), input_ids())
+    check_identity(tiny_conv, LoHaConfig(**CONV, use_effective_conv2d=True), conv_input())
+
+
+def test_delta_formula_linear():
+    adapted = get_adapted_model(tiny_llama(), LoHaConfig(**LLAMA, init_weights=False, rank_pattern={"v_proj": 2}))
+    layers = dict(adapted.adapter_layers())
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert isinstance(q, LoHaLayer)
+    expected = (q.hada_w1_a["default"] @ q.hada_w1_b["default"]) * (q.hada_w2_a["default"] @ q.hada_w2_b["default"]) * 8 / 4
+    assert torch.allclose(q.get_delta_weight("default"), expected)
+    x = torch.randn(3, 32)
+    assert torch.allclose(q(x), q.base_layer(x) + x @ expected.T, atol=1e-5)
+    v = layers["model.layers.0.self_attn.v_proj"]
+    assert v.hada_w1_a["default"].shape == (16, 2) and v.scaling["default"] == 4.0
+
+
+def test_effective_conv_shapes():
+    adapted = get_adapted_model(tiny_conv(), LoHaConfig(**CONV, use_effective_conv2d=True))
+    layers = dict(adapted.adapter_layers())
+    assert layers["conv1"].hada_t1["default"].shape == (2, 2, 3, 3)
+    assert "default" not in layers["conv2"].hada_t1  # 1x1 kernels use the flat form, as PEFT
+    assert layers["conv2"].hada_w1_a["default"].shape == (8, 2)
+
+
+@pytest.mark.parametrize("effective", [False, True])
+def test_merge_conv(effective):
+    adapted = get_adapted_model(tiny_conv(), LoHaConfig(**CONV, use_effective_conv2d=effective))
+    perturb(adapted)
+    check_merge_roundtrip(adapted, conv_input())
+
+
+def test_merge_save_load_trainable(tmp_path):
+    adapted = get_adapted_model(tiny_llama(), LoHaConfig(**LLAMA))
+    check_only_adapter_trains(adapted, ("hada_",))
+    perturb(adapted)
+    check_save_load(adapted, tiny_llama, input_ids(), tmp_path)
+    check_merge_roundtrip(adapted, input_ids())
+
+
+def test_peft_interop_llama(tmp_path):
+    from peft import LoHaConfig as PeftLoHaConfig
+
+    adapted = get_adapted_model(tiny_llama(), LoHaConfig(**LLAMA))
+    perturb(adapted)
+    ours_to_peft(adapted, tiny_llama, input_ids(), tmp_path / "ours")
+    peft_to_ours(PeftLoHaConfig(**LLAMA), tiny_llama, input_ids(), tmp_path / "theirs")
+
+
+def test_peft_interop_conv_effective(tmp_path):
+    from peft import LoHaConfig as PeftLoHaConfig
+
+    adapted = get_adapted_model(tiny_conv(), LoHaConfig(**CONV, use_effective_conv2d=True))
+    perturb(adapted)
+    ours_to_peft(adapted, tiny_conv, conv_input(), tmp_path / "ours")
+    peft_to_ours(PeftLoHaConfig(**CONV, use_effective_conv2d=True), tiny_conv, conv_input(), tmp_path / "theirs")
+
+
+def test_multi_adapter_add_set_save_load_delete(tmp_path):
+    check_multi_adapter(tiny_llama, lambda: LoHaConfig(**LLAMA), input_ids(), tmp_path)
+
+
+def test_yaml_config():
+    check_yaml("loha")

@@ -1,0 +1,82 @@
+"""LoKr on Linear and Conv2d: factor sizes as PEFT, identity init, Kronecker ΔW, merge,
+save/load, trainability, PEFT interop (format checked against peft 0.21.2)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftctl.adapters import get_adapted_model
+from peftctl.adapters.lokr import LoKrConfig, factorization
+from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
+                                       conv_input, input_ids, ours_to_peft, peft_to_ours, perturb, tiny_conv, tiny_llama)
+
+LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=2, alpha=4)
+CONV = dict(task_type=None, target_modules=["conv1", "conv2", "lin"], r=1, alpha=2)
+
+
+def test_factorization_matches_peft():
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    for dim in (1, 7, 12, 16, 32, 64, 96, 127, 128, 256, 4096):
+        for factor in (-1, 2, 4, 8, 5):
+            assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)
+
+
+def test_identity_linear_and_conv():
+    check_identity(tiny_llama, LoKrConfig(**LLAMA), input_ids())
+    check_identity(tiny_llama, LoKrConfig(**LLAMA, init_weights="lycoris", decompose_both=True), input_ids())
+    check_identity(tiny_conv, LoKrConfig(**CONV, use_effective_conv2d=True), conv_input())
+
+
+def test_kron_formula_and_shapes():
+    adapted = get_adapted_model(tiny_llama(), LoKrConfig(**LLAMA, init_weights=False))
+    down = dict(adapted.adapter_layers())["model.layers.0.mlp.down_proj"]  # out 32 = 4*8, in 64 = 8*8
+    w1 = down.lokr_w1["default"]
+    w2 = down.lokr_w2_a["default"] @ down.lokr_w2_b["default"]
+    assert w1.shape == (4, 8) and w2.shape == (8, 8)
+    assert torch.allclose(down.get_delta_weight("default"), torch.kron(w1, w2) * 2.0)
+    both = get_adapted_model(tiny_llama(), LoKrConfig(**{**LLAMA, "r": 1}, decompose_both=True, decompose_factor=4))
+    q = dict(both.adapter_layers())["model.layers.0.self_attn.q_proj"]
+    assert q.lokr_w1_a["default"].shape == (4, 1) and q.lokr_w2_a["default"].shape == (8, 1)
+
+
+@pytest.mark.parametrize("effective", [False, True])
+def test_merge_conv(effective):
+    adapted = get_adapted_model(tiny_conv(), LoKrConfig(**CONV, use_effective_conv2d=effective))
+    perturb(adapted)
+    check_merge_roundtrip(adapted, conv_input())
+
+
+def test_merge_save_load_trainable(tmp_path):
+    adapted = get_adapted_model(tiny_llama(), LoKrConfig(**LLAMA, decompose_both=True))
+    check_only_adapter_trains(adapted, ("lokr_",))
+    perturb(adapted)
+    check_save_load(adapted, tiny_llama, input_ids(), tmp_path)
+    check_merge_roundtrip(adapted, input_ids())
+
+
+@pytest.mark.parametrize("extra", [{}, {"decompose_both": True, "decompose_factor": 4}])
+def test_peft_interop_llama(tmp_path, extra):
+    from peft import LoKrConfig as PeftLoKrConfig
+
+    adapted = get_adapted_model(tiny_llama(), LoKrConfig(**LLAMA, **extra))
+    perturb(adapted)
+    ours_to_peft(adapted, tiny_llama, input_ids(), tmp_path / "ours")
+    peft_to_ours(PeftLoKrConfig(**LLAMA, **extra), tiny_llama, input_ids(), tmp_path / "theirs")
+
+
+def test_peft_interop_conv(tmp_path):
+    from peft import LoKrConfig as PeftLoKrConfig
+
+    adapted = get_adapted_model(tiny_conv(), LoKrConfig(**CONV, use_effective_conv2d=True))
+    perturb(adapted)
+    ours_to_peft(adapted, tiny_conv, conv_input(), tmp_path / "ours")
+    peft_to_ours(PeftLoKrConfig(**CONV, use_effective_conv2d=True), tiny_conv, conv_input(), tmp_path / "theirs")
+
+
+def test_multi_adapter_add_set_save_load_delete(tmp_path):
+    check_multi_adapter(tiny_llama, lambda: LoKrConfig(**LLAMA), input_ids(), tmp_path)
+
+
+def test_yaml_config():
+    check_yaml("lokr")
