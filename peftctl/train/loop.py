@@ -12,7 +12,7 @@ import torch
 
 from peftctl.data.tokenize import Example, collate
 from peftctl.errors import TrainingError
-from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn  # noqa: F401 (causal_lm_loss_sum re-exported)
+from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
 from peftctl.train.checkpoint import load_checkpoint, save_checkpoint
 from peftctl.train.logging import MetricsLog, Progress
 from peftctl.train.optim import build_optimizer, build_scheduler
@@ -55,6 +55,11 @@ def total_optimizer_steps(n_examples: int, train_cfg: Any) -> int:
     return max(1, math.ceil(train_cfg.epochs * per_epoch / train_cfg.grad_accum))
 
 
+def task_loss(task_type: str) -> Any:
+    """The loss-sum function of a task type (causal LM resolved here, so it can be patched in tests)."""
+    return causal_lm_loss_sum if task_type == "causal_lm" else loss_fn(task_type)
+
+
 def label_tokens(batch: list[Example], task_type: str = "causal_lm") -> int:
     return sum(label_count(e.labels, task_type) for e in batch)
 
@@ -72,7 +77,7 @@ def evaluate_loss(model: Any, examples: list[Example], batch_size: int, pad_id: 
     for start in range(0, len(examples), batch_size):
         batch = to_device(collate(examples[start : start + batch_size], pad_id), device)
         with autocast(device, precision):
-            loss, n = loss_fn(task_type)(model, batch)
+            loss, n = task_loss(task_type)(model, batch)
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -95,7 +100,6 @@ class Trainer:
         self.run_dir, self.device, self.pad_id, self.quiet = run_dir, device, pad_id, quiet
         self.total_steps = total_optimizer_steps(len(train_data), cfg.train)
         self.task_type = cfg.model.task_type
-        self.loss_sum = loss_fn(self.task_type)
         self.optimizer = build_optimizer(model.parameters(), cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)
         fp16 = cfg.train.precision == "fp16"
@@ -126,7 +130,7 @@ class Trainer:
         for micro in group:
             batch = to_device(collate(micro, self.pad_id), self.device)
             with autocast(self.device, self.cfg.train.precision):
-                loss_sum, _ = self.loss_sum(self.model, batch)
+                loss_sum, _ = task_loss(self.task_type)(self.model, batch)
             loss = loss_sum / n_tokens  # token-weighted mean over the whole accumulated batch
             loss = self._hook("on_loss", loss, self.state.step)
             if not torch.isfinite(loss):
