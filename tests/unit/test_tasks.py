@@ -139,6 +139,7 @@ CASES = [
     ("seq_cls_ptuning_v2", tiny_bert_cls, seq_cls_loss_sum, CLS_BATCH, {"method": "p_tuning_v2", "num_virtual_tokens": 3, "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"}),
     ("token_cls_ptuning_v2", tiny_bert_tokens, token_cls_loss_sum, TOK_BATCH, {"method": "p_tuning_v2", "num_virtual_tokens": 3, "modules_to_save": ["classifier"], "task_type": "TOKEN_CLS"}),
     ("seq_cls_prompt_tuning", tiny_bert_cls, seq_cls_loss_sum, CLS_BATCH, {"method": "prompt_tuning", "num_virtual_tokens": 3, "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"}),
+    ("token_cls_p_tuning", tiny_bert_tokens, token_cls_loss_sum, TOK_BATCH, {"method": "p_tuning", "num_virtual_tokens": 3, "encoder_hidden_size": 8, "modules_to_save": ["classifier"], "task_type": "TOKEN_CLS"}),
     ("seq2seq_prefix", tiny_t5, seq2seq_loss_sum, S2S_BATCH, {"method": "prefix_tuning", "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"}),
     ("seq2seq_prompt_tuning", tiny_t5, seq2seq_loss_sum, S2S_BATCH, {"method": "prompt_tuning", "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"}),
 ]
