@@ -231,7 +231,10 @@ class PromptMethod(Method):
             inputs_embeds = base.get_input_embeddings()(input_ids)
         prompts = self.prompts(model, adapter_name, batch_size)[:, :n].to(inputs_embeds.dtype)
         inputs_embeds = torch.cat([prompts, inputs_embeds], dim=1)
-        kwargs.pop("position_ids", None)  # positions are recomputed over virtual + real tokens
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is not None:
+            # given positions are the real tokens'; the virtual tokens take 0..n-1 before them
+            kwargs["position_ids"] = torch.cat([torch.arange(n, device=position_ids.device).expand(batch_size, n), position_ids], dim=1)
         if kwargs.get("token_type_ids") is not None:
             kwargs["token_type_ids"] = torch.cat([kwargs["token_type_ids"].new_zeros(batch_size, n), kwargs["token_type_ids"]], dim=1)
         if labels is not None and not encoder_decoder and labels.dim() == 2 and config.task_type == "CAUSAL_LM":
@@ -298,14 +301,16 @@ def decode(model: "AdaptedModel", adapter_name: str, method: PromptMethod, input
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     past = None
     for step in range(max_new_tokens):
+        # real token j of a row sits at position n + j whatever the (left) padding, as in training
+        positions = n + (mask.cumsum(-1) - 1).clamp(min=0)
         if not use_cache:
-            logits = method.forward(model, adapter_name, input_ids=sequence, attention_mask=mask).logits[:, -1]
+            logits = method.forward(model, adapter_name, input_ids=sequence, attention_mask=mask, position_ids=positions).logits[:, -1]
         elif past is None:
-            out = method.forward(model, adapter_name, input_ids=sequence, attention_mask=mask, use_cache=True)
+            out = method.forward(model, adapter_name, input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=True)
             logits, past = out.logits[:, -1], out.past_key_values
         else:
             full_mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)
-            out = base(input_ids=sequence[:, -1:], attention_mask=full_mask, past_key_values=past, use_cache=True)
+            out = base(input_ids=sequence[:, -1:], attention_mask=full_mask, past_key_values=past, position_ids=positions[:, -1:], use_cache=True)
             logits, past = out.logits[:, -1], out.past_key_values
         token = _pick(logits, do_sample, temperature, top_k)
         token = torch.where(finished, torch.full_like(token, pad), token)

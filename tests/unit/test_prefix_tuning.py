@@ -93,3 +93,18 @@ def test_bf16_base_keeps_fp32_prompts(method: str) -> None:
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.prompt_encoder.parameters())
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_left_padded_batch_generates_as_each_row_alone(method: str) -> None:
+    """Positions follow the attention mask: a left-padded row decodes exactly as it does unpadded."""
+    model = get_adapted_model(tiny_llama(), config_from_dict({"method": method, "num_virtual_tokens": 3}))
+    with torch.no_grad():
+        for param in model.prompt_encoder.parameters():
+            param.mul_(3.0)
+    short, long = torch.tensor([[11, 12, 13]]), torch.tensor([[21, 22, 23, 24, 25]])
+    padded = torch.tensor([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    together = model.generate(input_ids=padded, attention_mask=mask, max_new_tokens=5)
+    assert torch.equal(together[0, 5:], model.generate(input_ids=short, max_new_tokens=5)[0, 3:])
+    assert torch.equal(together[1, 5:], model.generate(input_ids=long, max_new_tokens=5)[0, 5:])
