@@ -82,7 +82,7 @@ def setup_peftctl(model: nn.Module):
     from peftctl.adapters.lora import LoraConfig
     from peftctl.adapters.model import get_adapted_model
     from peftctl.models.kbit import prepare_model_for_kbit_training
-    from peftctl.train.loss import causal_lm_loss_sum
+    from peftctl.train.chunked_ce import causal_lm_loss_sum
     from peftctl.train.optim import build_optimizer
 
     model = prepare_model_for_kbit_training(model, gradient_checkpointing=True)

@@ -63,6 +63,9 @@ def get_adapter_state_dict(model: "AdaptedModel", adapter_name: str) -> dict[str
 
 def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor], source: str = "") -> None:
     """Load PEFT-named tensors into one adapter; every expected tensor must be present."""
+    prepare = getattr(_method_of(model, adapter_name), "before_load", None)
+    if prepare is not None:  # e.g. a prompt encoder switching to the folded form it was saved in
+        prepare(model, adapter_name, peft_state)
     mapping = adapter_key_map(model, adapter_name)
     by_peft_key = {peft_key: ours for ours, peft_key in mapping.items()}
     missing = [k for k in by_peft_key if k not in peft_state]
@@ -82,6 +85,12 @@ def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state:
             if tensor.shape != target.shape:
                 raise ConfigError(f"adapter tensor {peft_key} in {source or 'state dict'} has shape {tuple(tensor.shape)}, model expects {tuple(target.shape)}")
             target.data.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def _method_of(model: "AdaptedModel", adapter_name: str) -> Any:
+    from peftctl.adapters.registry import get_method
+
+    return get_method(model.peft_config[adapter_name].method)
 
 
 def save_adapter_dir(

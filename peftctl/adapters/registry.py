@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 class Method:
     """One PEFT method. Subclass for methods that are more than a layer wrapper."""
 
+    mergeable = True  # False: the adapter cannot be folded into the weights (prompt family)
+
     def __init__(
         self,
         name: str,
@@ -70,6 +72,11 @@ _METHODS: dict[str, str] = {
     "boft": "peftctl.adapters.boft:METHOD",
     "bottleneck": "peftctl.adapters.bottleneck:METHOD",
     "xlora": "peftctl.adapters.xlora:METHOD",
+    "prompt_tuning": "peftctl.adapters.prompt_tuning:METHOD",
+    "p_tuning": "peftctl.adapters.p_tuning:METHOD",
+    "prefix_tuning": "peftctl.adapters.prefix_tuning:METHOD",
+    "p_tuning_v2": "peftctl.adapters.p_tuning_v2:METHOD",
+    "llama_adapter": "peftctl.adapters.llama_adapter:METHOD",
 }
 
 

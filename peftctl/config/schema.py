@@ -32,7 +32,7 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     path: str = "builtin:sentiment"
-    format: Literal["alpaca", "text", "chat"] = "alpaca"
+    format: Literal["alpaca", "text", "chat", "seq2seq", "classification", "token_classification"] = "alpaca"
     name: Optional[str] = None  # hub dataset config name
     split: str = "train"
     eval_split: Optional[str] = None  # a separate split; otherwise eval_size is held out of `split`
@@ -45,6 +45,15 @@ class DatasetConfig:
     output_column: str = "output"
     text_column: str = "text"
     messages_column: str = "messages"
+    # task formats (data/tasks.py): seq2seq source/target, classification text [+ pair] + label,
+    # token_classification tokens + tags; label_names fixes the label order (else sorted from train)
+    source_column: str = "source"
+    target_column: str = "target"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    tokens_column: str = "tokens"
+    tags_column: str = "tags"
+    label_names: Optional[list] = None
     seed: int = 0
 
     def validate(self) -> None:
@@ -215,8 +224,17 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
         raise ConfigError("adapter is not set; choose one with adapter=<method> (e.g. adapter=lora)")
     adapter_values.setdefault("task_type", TASK_TYPE_TO_PEFT[built["model"].task_type])
     adapter = config_from_dict(adapter_values, strict=True)
+    _check_format_fits_task(built["dataset"].format, built["model"].task_type)
     scalars = {k: values[k] for k in ("recipe", "description", "output_dir") if k in values}
     for key, value in scalars.items():
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{key}={value!r} is not valid; expected a string")
     return RunConfig(adapter=adapter, **scalars, **built)
+
+
+def _check_format_fits_task(dataset_format: str, task_type: str) -> None:
+    from peftctl.data.tasks import TASK_FORMATS
+
+    expected = TASK_FORMATS.get(dataset_format, "causal_lm")
+    if expected != task_type:
+        raise ConfigError(f"dataset.format={dataset_format} is not valid with model.task_type={task_type}; it needs model.task_type={expected}")

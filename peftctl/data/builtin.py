@@ -2,7 +2,9 @@
 
 Short product reviews built from templates; the label is the review's sentiment. Held-out reviews
 are new combinations of the phrases, so a model must learn which phrases carry the sentiment
-rather than memorise sentences. Regenerate with `python -m peftctl.data.builtin`.
+rather than memorise sentences. The same reviews also come as a classification task
+(``sentiment_cls``: text + label 0/1) and a seq2seq task (``sentiment_s2s``: source + target), and
+``ner`` is a tiny named-entity task (tokens + BIO tags of PER / LOC / ORG). Regenerate with `python -m peftctl.data.builtin`.
 """
 from __future__ import annotations
 
@@ -41,6 +43,48 @@ def generate(n_train: int = 2000, n_test: int = 200, seed: int = 1234) -> dict[s
     return splits
 
 
+# ---------------------------------------------------------------------------- task datasets
+PEOPLE = ["Anna", "Boris", "Chen", "Dana", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Julia"]
+PLACES = ["Paris", "Lagos", "Lima", "Oslo", "Quito", "Seoul", "Tokyo", "Vienna", "Cairo", "Perth"]
+COMPANIES = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay", "Stark", "Wonka"]
+NER_TEMPLATES = [
+    "{PER} bought a {p} from {ORG} in {LOC} .",
+    "{ORG} shipped the {p} to {PER} .",
+    "In {LOC} , {PER} returned the {p} to {ORG} .",
+    "The {p} from {ORG} broke in {LOC} .",
+]
+
+
+def _ner_record(rng: random.Random) -> dict[str, list[str]]:
+    template = rng.choice(NER_TEMPLATES)
+    tokens: list[str] = []
+    tags: list[str] = []
+    for word in template.split():
+        if word in ("{PER}", "{LOC}", "{ORG}"):
+            kind = word[1:-1]
+            pool = {"PER": PEOPLE, "LOC": PLACES, "ORG": COMPANIES}[kind]
+            name = rng.choice(pool)
+            parts = [name, "Group"] if kind == "ORG" and rng.random() < 0.3 else [name]  # some two-word entities
+            tokens += parts
+            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(parts) - 1)
+        else:
+            tokens.append(word.format(p=rng.choice(PRODUCTS)))
+            tags.append("O")
+    return {"tokens": tokens, "tags": tags}
+
+
+def generate_tasks(n_train: int = 400, n_test: int = 60, seed: int = 4321) -> dict[str, dict[str, list[dict]]]:
+    """sentiment_cls (text, label 0/1), sentiment_s2s (source, target) and ner (tokens, tags)."""
+    rng = random.Random(seed)
+    reviews = generate(n_train, n_test, seed)
+    out: dict[str, dict[str, list[dict]]] = {"sentiment_cls": {}, "sentiment_s2s": {}, "ner": {}}
+    for split, rows in reviews.items():
+        out["sentiment_cls"][split] = [{"text": r["input"], "label": int(r["output"] == "positive")} for r in rows]
+        out["sentiment_s2s"][split] = [{"source": f"sentiment: {r['input']}", "target": r["output"]} for r in rows]
+        out["ner"][split] = [_ner_record(rng) for _ in range(len(rows))]
+    return out
+
+
 def builtin_files(name: str) -> dict[str, str]:
     files = {split: BUILTIN_DIR / f"{name}_{split}.jsonl" for split in ("train", "test")}
     if not all(path.is_file() for path in files.values()):
@@ -53,9 +97,11 @@ def builtin_files(name: str) -> dict[str, str]:
 
 def write_builtin() -> None:
     BUILTIN_DIR.mkdir(exist_ok=True)
-    for split, rows in generate().items():
-        text = "".join(json.dumps(row) + "\n" for row in rows)
-        (BUILTIN_DIR / f"sentiment_{split}.jsonl").write_text(text)
+    datasets = {"sentiment": generate(), **generate_tasks()}
+    for name, splits in datasets.items():
+        for split, rows in splits.items():
+            text = "".join(json.dumps(row) + "\n" for row in rows)
+            (BUILTIN_DIR / f"{name}_{split}.jsonl").write_text(text)
 
 
 if __name__ == "__main__":

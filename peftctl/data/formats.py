@@ -14,6 +14,10 @@ ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 def required_columns(dataset_cfg: Any) -> list[str]:
+    from peftctl.data.tasks import TASK_FORMATS, task_columns
+
+    if dataset_cfg.format in TASK_FORMATS:
+        return task_columns(dataset_cfg)
     if dataset_cfg.format == "alpaca":
         return [dataset_cfg.instruction_column, dataset_cfg.output_column]
     if dataset_cfg.format == "chat":

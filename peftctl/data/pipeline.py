@@ -7,6 +7,7 @@ from typing import Any
 from peftctl.data.formats import check_columns, to_pair
 from peftctl.data.sources import load_raw_splits
 from peftctl.data.tokenize import IGNORE_INDEX, Example, encode_pair
+from peftctl.data.tasks import TASK_FORMATS, encode_task_records, label_names
 from peftctl.errors import ConfigError
 
 
@@ -14,6 +15,7 @@ from peftctl.errors import ConfigError
 class PreparedData:
     train: list[Example]
     eval: list[Example]
+    label_names: list[str] | None = None  # classification / token classification label vocabulary
 
 
 def _encode_all(records: Any, dataset_cfg: Any, tokenizer: Any) -> list[Example]:
@@ -34,8 +36,19 @@ def prepare_data(dataset_cfg: Any, tokenizer: Any) -> PreparedData:
     if eval_records is None and dataset_cfg.eval_size > 0:
         parts = train_records.train_test_split(test_size=dataset_cfg.eval_size, seed=dataset_cfg.seed)
         train_records, eval_records = parts["train"], parts["test"]
+    if dataset_cfg.format in TASK_FORMATS:
+        return _prepare_task(train_records, eval_records, dataset_cfg, tokenizer)
     train = _encode_all(train_records, dataset_cfg, tokenizer)
     evaluation = [] if eval_records is None else (check_columns(eval_records, dataset_cfg) or _encode_all(eval_records, dataset_cfg, tokenizer))
     if not train:
         raise ConfigError(f"dataset {dataset_cfg.path!r}: no training example has a response within dataset.max_seq_len={dataset_cfg.max_seq_len}")
     return PreparedData(train=train, eval=evaluation)
+
+
+def _prepare_task(train_records: Any, eval_records: Any, dataset_cfg: Any, tokenizer: Any) -> PreparedData:
+    names = label_names(train_records, dataset_cfg)
+    train = encode_task_records(train_records, dataset_cfg, tokenizer, names)
+    evaluation = [] if eval_records is None else (check_columns(eval_records, dataset_cfg) or encode_task_records(eval_records, dataset_cfg, tokenizer, names))
+    if not train:
+        raise ConfigError(f"dataset {dataset_cfg.path!r}: no training example has a label within dataset.max_seq_len={dataset_cfg.max_seq_len}")
+    return PreparedData(train=train, eval=evaluation, label_names=names)

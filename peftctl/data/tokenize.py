@@ -29,14 +29,16 @@ def encode_pair(prompt: str, response: str, tokenizer: Any, max_seq_len: int, tr
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked in attention and loss."""
+    """Right-pad to the longest example; padding is masked in attention and loss. Labels are padded
+    to their own longest length (the input's for causal LM; decoder targets or one class id otherwise)."""
     width = max(len(e.input_ids) for e in examples)
+    label_width = max(len(e.labels) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((len(examples), label_width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         input_ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
+        labels[row, : len(example.labels)] = torch.tensor(example.labels)
         attention[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

@@ -62,10 +62,19 @@ def evaluate(path: str | Path, overrides: list[str] | None = None, quiet: bool =
     examples = data.eval or data.train
     if cfg.eval.max_eval_samples:
         examples = examples[: cfg.eval.max_eval_samples]
+    if cfg.model.task_type != "causal_lm":
+        from functools import partial
+
+        from peftctl.eval.metrics import task_scores
+
+        scorer: Any = partial(task_scores, label_names=data.label_names)
+    else:
+        scorer = score
     with model.disable_adapter():
-        base = score(model, tokenizer, examples, cfg, device)
-    adapted = score(model, tokenizer, examples, cfg, device)
-    report = {"path": str(path), "examples": len(examples), "generated": min(len(examples), cfg.eval.num_generate), "base": base, "adapted": adapted}
+        base = scorer(model, tokenizer, examples, cfg, device)
+    adapted = scorer(model, tokenizer, examples, cfg, device)
+    generated = min(len(examples), cfg.eval.num_generate) if cfg.model.task_type in ("causal_lm", "seq2seq_lm") else 0
+    report = {"path": str(path), "task_type": cfg.model.task_type, "examples": len(examples), "generated": generated, "base": base, "adapted": adapted}
     out_dir = Path(path) if (Path(path) / "config.yaml").is_file() else source.adapter_dir
     atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     if not quiet:
@@ -81,6 +90,6 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("adapted", justify="right")
-    for metric in ("eval_loss", "perplexity", "exact_match"):
+    for metric in report["adapted"]:
         table.add_row(metric, f"{report['base'][metric]:.4f}", f"{report['adapted'][metric]:.4f}")
     Console().print(table)

@@ -1,6 +1,6 @@
 """Built-in tiny models for offline use, built from the architecture in the model config.
 
-`model.name_or_path: builtin:<name>` plus `model.arch: {model_type: llama, hidden_size: ..., ...}`
+`model.name_or_path: builtin:<name>` plus `model.arch: {model_type: llama | gpt2 | t5 | bert, ...}`
 builds a seeded random model and the byte-level tokenizer, saves both with `save_pretrained` into a
 cache folder keyed by the architecture's hash, and returns that folder: the caller then loads it with
 `from_pretrained` exactly as it would a downloaded model.
@@ -18,6 +18,9 @@ import torch
 from peftctl.models.tokenizer import BYTE_VOCAB_SIZE, SPECIAL_TOKENS, build_byte_tokenizer
 
 BUILTIN_PREFIX = "builtin:"
+# model_type -> the class saved for it (others: a causal LM). An encoder-only BERT is saved without a
+# head so that sequence / token classification heads are initialised (from the run's seed) on load.
+SAVED_CLASSES = {"t5": "AutoModelForSeq2SeqLM", "bert": "AutoModel"}
 
 
 def cache_root() -> Path:
@@ -26,7 +29,8 @@ def cache_root() -> Path:
 
 def builtin_model_dir(name: str, arch: dict[str, Any], seed: int = 0) -> Path:
     """Materialise a built-in model on disk (once) and return its directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
+    from transformers import AutoConfig
 
     arch = dict(arch)
     model_type = arch.pop("model_type", "llama")
@@ -35,17 +39,15 @@ def builtin_model_dir(name: str, arch: dict[str, Any], seed: int = 0) -> Path:
     if (target / "config.json").is_file():
         return target
     tokenizer = build_byte_tokenizer()
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=BYTE_VOCAB_SIZE,
-        pad_token_id=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["pad_token"]),
-        bos_token_id=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["bos_token"]),
-        eos_token_id=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["eos_token"]),
-        **arch,
-    )
+    specials = {f"{role}_id": tokenizer.convert_tokens_to_ids(token) for role, token in SPECIAL_TOKENS.items()}
+    if model_type == "t5":
+        specials["decoder_start_token_id"] = specials["pad_token_id"]  # T5's convention
+    config = AutoConfig.for_model(model_type, vocab_size=BYTE_VOCAB_SIZE, **{**specials, **arch})
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    # the checkpoint holds the model's natural body (+ head); the loader picks the task's Auto class
+    auto_cls = getattr(transformers, SAVED_CLASSES.get(model_type, "AutoModelForCausalLM"))
+    model = auto_cls.from_config(config)
     torch.random.set_rng_state(generator_state)
     from peftctl.utils import atomic_directory
 

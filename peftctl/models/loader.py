@@ -49,6 +49,8 @@ def load_model(model_cfg: Any, quant_cfg: Any = None, path: str | None = None, *
     path = path or resolve_model_path(model_cfg)
     auto_cls = getattr(transformers, AUTO_CLASSES[model_cfg.task_type])
     kwargs: dict[str, Any] = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code, **extra}
+    if model_cfg.num_labels is not None and model_cfg.task_type in ("seq_cls", "token_cls"):
+        kwargs["num_labels"] = model_cfg.num_labels
     if model_cfg.dtype != "auto":
         kwargs["dtype"] = DTYPES[model_cfg.dtype]
     if quant_cfg is not None and quant_cfg.method != "none":

@@ -10,8 +10,9 @@ from typing import Any, Iterator
 
 import torch
 
-from peftctl.data.tokenize import IGNORE_INDEX, Example, collate
+from peftctl.data.tokenize import Example, collate
 from peftctl.errors import TrainingError
+from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
 from peftctl.train.checkpoint import load_checkpoint, save_checkpoint
 from peftctl.train.logging import MetricsLog, Progress
 from peftctl.train.optim import build_optimizer, build_scheduler
@@ -54,15 +55,13 @@ def total_optimizer_steps(n_examples: int, train_cfg: Any) -> int:
     return max(1, math.ceil(train_cfg.epochs * per_epoch / train_cfg.grad_accum))
 
 
-def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over label tokens, and their count (chunked: train/loss.py)."""
-    from peftctl.train.loss import causal_lm_loss_sum as _chunked
-
-    return _chunked(model, batch)
+def task_loss(task_type: str) -> Any:
+    """The loss-sum function of a task type (causal LM resolved here, so it can be patched in tests)."""
+    return causal_lm_loss_sum if task_type == "causal_lm" else loss_fn(task_type)
 
 
-def label_tokens(batch: list[Example]) -> int:
-    return sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in batch)
+def label_tokens(batch: list[Example], task_type: str = "causal_lm") -> int:
+    return sum(label_count(e.labels, task_type) for e in batch)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -70,15 +69,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device, precision: str = "fp32") -> float:
-    """Token-weighted mean loss over the label tokens of ``examples``."""
+def evaluate_loss(model: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device, precision: str = "fp32", task_type: str = "causal_lm") -> float:
+    """Token- (classification: example-) weighted mean loss over the labels of ``examples``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = to_device(collate(examples[start : start + batch_size], pad_id), device)
         with autocast(device, precision):
-            loss, n = causal_lm_loss_sum(model, batch)
+            loss, n = task_loss(task_type)(model, batch)
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -100,6 +99,7 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.run_dir, self.device, self.pad_id, self.quiet = run_dir, device, pad_id, quiet
         self.total_steps = total_optimizer_steps(len(train_data), cfg.train)
+        self.task_type = cfg.model.task_type
         self.optimizer = build_optimizer(model.parameters(), cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)
         fp16 = cfg.train.precision == "fp16"
@@ -125,12 +125,12 @@ class Trainer:
 
     def _optimizer_step(self, group: list[list[Example]]) -> tuple[float, float]:
         """Forward/backward over the accumulation group, then one optimizer step. (loss, grad norm)."""
-        n_tokens = max(sum(label_tokens(b) for b in group), 1)
+        n_tokens = max(sum(label_tokens(b, self.task_type) for b in group), 1)
         loss_total = 0.0
         for micro in group:
             batch = to_device(collate(micro, self.pad_id), self.device)
             with autocast(self.device, self.cfg.train.precision):
-                loss_sum, _ = causal_lm_loss_sum(self.model, batch)
+                loss_sum, _ = task_loss(self.task_type)(self.model, batch)
             loss = loss_sum / n_tokens  # token-weighted mean over the whole accumulated batch
             loss = self._hook("on_loss", loss, self.state.step)
             if not torch.isfinite(loss):
@@ -187,7 +187,7 @@ class Trainer:
                     window_start, window_tokens = time.perf_counter(), self.state.tokens
                 progress.update(step, {"loss": loss, "lr": lr, "tok/s": round(record["tokens_per_s"])}, log_now)
                 if self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
-                    eval_loss = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision)
+                    eval_loss = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision, self.task_type)
                     log.write({"step": step, "eval_loss": eval_loss})
                     progress.message(f"step {step}  eval_loss {eval_loss:.4f}")
                 if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
@@ -198,6 +198,6 @@ class Trainer:
             progress.close()
         result: dict[str, Any] = {"completed": True, "steps": self.state.step}
         if self.eval_data:
-            result["eval_loss"] = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision)
+            result["eval_loss"] = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision, self.task_type)
             log.write({"step": self.state.step, "eval_loss": result["eval_loss"]})
         return result

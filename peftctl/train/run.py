@@ -85,6 +85,8 @@ def build_model_and_data(cfg: RunConfig) -> tuple[Any, Any, Any]:
     path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.model, path)
     data = prepare_data(cfg.dataset, tokenizer)
+    if data.label_names is not None and cfg.model.num_labels is None:
+        cfg.model.num_labels = len(data.label_names)  # saved in config.yaml, so eval rebuilds the same head
     seed_everything(cfg.train.seed)
     adapter_config = cfg.adapter.replace(base_model_name_or_path=str(cfg.model.name_or_path))
     if uses_loftq(cfg):
@@ -100,8 +102,21 @@ def build_model_and_data(cfg: RunConfig) -> tuple[Any, Any, Any]:
         model = prepare_model_for_kbit_training(model, cfg.train.gradient_checkpointing)
     elif cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    adapter_config = task_adapter_defaults(adapter_config, model, cfg.model.task_type, path)
     adapted = get_adapted_model(model, adapter_config, ADAPTER_NAME)
     return adapted, tokenizer, data
+
+
+def task_adapter_defaults(adapter_config: Any, model: Any, task_type: str, model_path: str) -> Any:
+    """Fill what the task implies: the classification head trains and is saved (modules_to_save, as
+    PEFT does for SEQ_CLS / TOKEN_CLS); prompt tuning's TEXT init reads the run's tokenizer."""
+    changes: dict[str, Any] = {}
+    if task_type in ("seq_cls", "token_cls") and adapter_config.modules_to_save is None:
+        heads = [n for n in ("classifier", "score") if any(name.split(".")[-1] == n for name, _ in model.named_modules())]
+        changes["modules_to_save"] = heads or None
+    if getattr(adapter_config, "prompt_tuning_init", None) == "TEXT" and not adapter_config.tokenizer_name_or_path:
+        changes["tokenizer_name_or_path"] = model_path
+    return adapter_config.replace(**changes) if changes else adapter_config
 
 
 def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, stop_after_step: int | None = None) -> Path:

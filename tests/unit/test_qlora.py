@@ -158,7 +158,7 @@ def test_kbit_prep_norm_dtype_rules() -> None:
 
 
 def test_chunked_loss_equals_full_cross_entropy(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import peftctl.train.loss as loss_mod
+    import peftctl.train.chunked_ce as loss_mod
 
     adapted = _adapted(llama_dir)
     ids = torch.randint(0, 300, (2, 16))

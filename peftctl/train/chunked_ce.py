@@ -1,4 +1,4 @@
-"""Causal-LM loss without materialising the full fp32 logits.
+"""Causal-LM loss without materialising the full fp32 logits (the loop's causal-LM loss).
 
 For a 128k vocabulary and 2048 tokens the logits are 1 GiB in fp32 (plus as much again for their
 gradient). Here the model runs with its output head swapped for an identity, so it returns hidden
@@ -70,6 +70,7 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     count = int((shift_labels != IGNORE_INDEX).sum())
     with head_as_identity(model) as head:
         output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        output = output[:, -labels.shape[1] :]  # prompt-family methods prepend virtual-token positions
         if head is not None and output.size(-1) == getattr(head, "in_features", -1):
             hidden = output[:, :-1, :].reshape(-1, output.size(-1))
             return chunked_lm_loss_sum(hidden, shift_labels.reshape(-1), head, head.out_features), count
