@@ -70,7 +70,7 @@ def test_blend_ties_onto_an_existing_adapted_model_is_reproducible(saved):
 
 
 def test_saved_blend_loads_in_peft_and_as_merged_model(saved, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     dirs, _ = saved
     model = blend_adapters(_base(), dirs, weights=[1.0, -0.5], combination_type="ties_svd", density=0.7, svd_rank=6)
     ids = torch.randint(0, 300, (2, 7))

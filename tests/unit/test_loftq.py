@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("bitsandbytes")
+import bitsandbytes  # noqa: E402,F401  (a test dependency: missing it must fail, not skip)
 
 from peftctl.adapters.loftq import apply_loftq, loftq_decompose, quantize_dequantize  # noqa: E402
 from peftctl.adapters.lora import LoraConfig  # noqa: E402

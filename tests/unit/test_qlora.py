@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes as bnb  # noqa: E402  (a test dependency: missing it must fail, not skip)
 
 from peftctl.adapters.lora import LoraConfig  # noqa: E402
 from peftctl.adapters.model import AdaptedModel, get_adapted_model  # noqa: E402

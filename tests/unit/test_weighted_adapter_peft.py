@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402  (test-only oracle: missing it must fail, not skip)
 from peft.utils import merge_utils as peft_merge_utils  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
