@@ -21,7 +21,7 @@ import torch
 from peftctl.adapters.base import AdapterLayer
 from peftctl.adapters.combine import merge_tensors, svd_refactor
 from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.weighted import CombineOptions, Combiner, union_target_modules
+from peftctl.adapters.weighted import COMBINATION_TYPES, CombineOptions, Combiner, union_target_modules
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -66,19 +66,7 @@ def _max_rank(config: AdapterConfig) -> int:
 
 
 class LoraCombiner(Combiner):
-    combination_types = (
-        "svd",
-        "linear",
-        "cat",
-        "ties",
-        "ties_svd",
-        "dare_linear",
-        "dare_ties",
-        "dare_linear_svd",
-        "dare_ties_svd",
-        "magnitude_prune",
-        "magnitude_prune_svd",
-    )
+    combination_types = COMBINATION_TYPES  # LoRA supports every type
 
     def new_config(self, model: "AdaptedModel", adapters: list[str], options: CombineOptions) -> AdapterConfig:
         configs = [model.peft_config[name] for name in adapters]

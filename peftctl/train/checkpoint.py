@@ -15,12 +15,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from peftctl.adapters.persistence import read_adapter_weights, save_adapter_dir, set_adapter_state_dict
 from peftctl.errors import ConfigError
 from peftctl.utils import atomic_directory
 
 STATE_NAME = "trainer_state.json"
+# the trainable tensors as they are in memory: the PEFT-format adapter folds some of them away
+# (P-tuning's prompt encoder, prefix projection), and resume must continue from the unfolded ones
+TRAINABLE_NAME = "trainable.safetensors"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -47,10 +51,27 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
 
 
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable_state(model: Any, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    params = dict(model.named_parameters())
+    missing = sorted(set(trainable_state(model)) - set(tensors))
+    if missing:
+        raise ConfigError(f"checkpoint {path} does not fit this run: it lacks {missing[0]} (was the adapter config changed?)")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name not in params or params[name].shape != tensor.shape:
+                raise ConfigError(f"checkpoint {path} does not fit this run: {name} is not a trainable tensor of this shape")
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
 def save_checkpoint(run_dir: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any], keep: int) -> Path:
     target = checkpoint_dir(run_dir, state["step"])
     with atomic_directory(target) as tmp:
         save_adapter_dir(model, tmp / "adapter", adapter_name)
+        save_file(trainable_state(model), str(tmp / TRAINABLE_NAME))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}}, tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
@@ -73,7 +94,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, Any]:
     if not (path / STATE_NAME).is_file():
         raise ConfigError(f"train.resume={str(path)!r} is not a checkpoint folder ({STATE_NAME} not found)")
-    set_adapter_state_dict(model, adapter_name, read_adapter_weights(path / "adapter"), source=str(path / "adapter"))
+    if (path / TRAINABLE_NAME).is_file():
+        restore_trainable_state(model, load_file(str(path / TRAINABLE_NAME)), path)
+    else:  # a checkpoint from before trainable.safetensors existed
+        set_adapter_state_dict(model, adapter_name, read_adapter_weights(path / "adapter"), source=str(path / "adapter"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     saved = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(saved["scheduler"])

@@ -70,7 +70,16 @@ def test_classification_head_is_saved_and_restored(tmp_path: Path) -> None:
     assert torch.equal(loaded, saved[[k for k in head if k.endswith("weight")][0]])
 
 
-@pytest.mark.parametrize("recipe,extra", [("tiny_prompt_tuning", []), ("bert_ptuning_v2_cls", [])])
+@pytest.mark.parametrize(
+    "recipe,extra",
+    [
+        ("tiny_prompt_tuning", []),
+        ("bert_ptuning_v2_cls", []),
+        # reparameterised encoders: the checkpoint keeps the unfolded encoder (trainable.safetensors)
+        ("tiny_p_tuning", []),
+        ("tiny_prefix_tuning", ["adapter.prefix_projection=true"]),
+    ],
+)
 def test_prompt_method_resume_gives_identical_adapter(recipe: str, extra: list[str], tmp_path: Path) -> None:
     """A checkpoint of a prompt method resumes into the same parameters (the optimizer keeps them)."""
     from safetensors.torch import load_file
