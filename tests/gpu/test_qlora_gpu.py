@@ -8,11 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():  # collected everywhere, run only with a GPU
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+import bitsandbytes  # noqa: F401  (the GPU tests need it installed)
 
-bnb = pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.gpu  # CI deselects these with -m "not gpu"
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda() -> None:
+    assert torch.cuda.is_available(), "the gpu-marked tests need a CUDA GPU; elsewhere run pytest -m 'not gpu'"
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
