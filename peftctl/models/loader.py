@@ -57,6 +57,9 @@ def load_model(model_cfg: Any, quant_cfg: Any = None, path: str | None = None, *
         from peftctl.models.quantization import bnb_config
 
         kwargs["quantization_config"] = bnb_config(quant_cfg)
+        if torch.cuda.is_available():
+            # bitsandbytes quantizes while loading onto the GPU; such models cannot be moved later
+            kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
     try:
         return auto_cls.from_pretrained(path, **kwargs)
     except OSError as exc:

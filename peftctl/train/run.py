@@ -137,7 +137,8 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
     if checkpoint is None and any((run_dir / "checkpoints").glob("step-*")):
         raise ConfigError(f"output_dir={str(run_dir)!r} holds checkpoints of an unfinished run; continue it with train.resume=true or pick another output_dir")
     model, tokenizer, data = build_model_and_data(cfg)
-    model.to(device)
+    if not getattr(model.model, "is_quantized", False):
+        model.to(device)  # bitsandbytes models were placed by the loader (device_map) and cannot move
     trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet)
     # every input is checked: only now does the run directory appear
     run_dir.mkdir(parents=True, exist_ok=True)
