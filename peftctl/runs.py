@@ -64,6 +64,8 @@ def load_adapted(source: Source, device: Any = "cpu") -> tuple[Any, Any]:
     model_path = resolve_model_path(cfg.model)
     tokenizer_path = source.adapter_dir if (source.adapter_dir / "tokenizer_config.json").is_file() else model_path
     tokenizer = load_tokenizer(cfg.model, str(tokenizer_path))
-    model = load_model(cfg.model, cfg.quant, model_path)
+    model = load_model(cfg.model, cfg.quant, model_path, device=device)
     adapted = AdaptedModel.from_pretrained(model, source.adapter_dir)
-    return adapted.to(device).eval(), tokenizer
+    if not getattr(model, "is_quantized", False):
+        adapted = adapted.to(device)  # a bitsandbytes base was placed while loading and cannot move
+    return adapted.eval(), tokenizer

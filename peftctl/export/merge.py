@@ -27,7 +27,11 @@ def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] 
 
     path = Path(path)
     source = open_source(path, overrides)
-    model, tokenizer = load_adapted(source, "cpu")
+    # a quantized base is dequantized where it was quantized: on the GPU when there is one
+    import torch
+
+    on_gpu = source.config.quant.method != "none" and torch.cuda.is_available()
+    model, tokenizer = load_adapted(source, "cuda" if on_gpu else "cpu")
     quantized = quantized_base_summary(model)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype={dtype!r} is not valid; expected one of bfloat16, float16, float32")

@@ -42,8 +42,19 @@ def load_tokenizer(model_cfg: Any, path: str | None = None) -> Any:
     return tokenizer
 
 
-def load_model(model_cfg: Any, quant_cfg: Any = None, path: str | None = None, **extra: Any) -> nn.Module:
-    """`from_pretrained` with the right Auto class for model.task_type; quantized when quant != none."""
+def _quantized_placement(device: Any) -> Any:
+    """device_map entry for a bitsandbytes model: a GPU, or None for bitsandbytes' CPU backend."""
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    device = torch.device(device)
+    return str(device) if device.type == "cuda" else None
+
+
+def load_model(model_cfg: Any, quant_cfg: Any = None, path: str | None = None, device: Any = None, **extra: Any) -> nn.Module:
+    """`from_pretrained` with the right Auto class for model.task_type; quantized when quant != none.
+
+    A quantized model is placed on ``device`` while it loads (bitsandbytes quantizes on the way onto
+    the GPU, and such a model cannot be moved afterwards); default: the current GPU if there is one."""
     import transformers
 
     path = path or resolve_model_path(model_cfg)
@@ -57,9 +68,9 @@ def load_model(model_cfg: Any, quant_cfg: Any = None, path: str | None = None, *
         from peftctl.models.quantization import bnb_config
 
         kwargs["quantization_config"] = bnb_config(quant_cfg)
-        if torch.cuda.is_available():
-            # bitsandbytes quantizes while loading onto the GPU; such models cannot be moved later
-            kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
+        placement = _quantized_placement(device)
+        if placement is not None:
+            kwargs.setdefault("device_map", {"": placement})
     try:
         return auto_cls.from_pretrained(path, **kwargs)
     except OSError as exc:

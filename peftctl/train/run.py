@@ -76,7 +76,7 @@ def _write_loftq_base(cfg: RunConfig, model: Any, tokenizer: Any, directory: Pat
     cfg.adapter.init_lora_weights = True
 
 
-def build_model_and_data(cfg: RunConfig) -> tuple[Any, Any, Any]:
+def build_model_and_data(cfg: RunConfig, device: Any = None) -> tuple[Any, Any, Any]:
     """(adapted model, tokenizer, prepared data); raises ConfigError on any bad input."""
     from peftctl.adapters.model import get_adapted_model
     from peftctl.data.pipeline import prepare_data
@@ -95,7 +95,7 @@ def build_model_and_data(cfg: RunConfig) -> tuple[Any, Any, Any]:
 
         model = load_model(cfg.model, None, path)
         return build_loftq_model(model, adapter_config, cfg.quant, ADAPTER_NAME, cfg.train.gradient_checkpointing), tokenizer, data
-    model = load_model(cfg.model, cfg.quant, path)
+    model = load_model(cfg.model, cfg.quant, path, device=device)
     if cfg.quant.method != "none":
         from peftctl.models.kbit import prepare_model_for_kbit_training
 
@@ -136,7 +136,7 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
         raise ConfigError(f"output_dir={str(run_dir)!r} already holds a finished run; pick another output_dir")
     if checkpoint is None and any((run_dir / "checkpoints").glob("step-*")):
         raise ConfigError(f"output_dir={str(run_dir)!r} holds checkpoints of an unfinished run; continue it with train.resume=true or pick another output_dir")
-    model, tokenizer, data = build_model_and_data(cfg)
+    model, tokenizer, data = build_model_and_data(cfg, device)
     if not getattr(model.model, "is_quantized", False):
         model.to(device)  # bitsandbytes models were placed by the loader (device_map) and cannot move
     trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet)

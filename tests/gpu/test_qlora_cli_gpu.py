@@ -1,0 +1,87 @@
+"""`peftctl train recipe=qlora_llama` through the real CLI on a GPU, then `peftctl eval` and `peftctl merge`
+on the run it made. The recipe is used as shipped (nf4 + double quant, all-linear LoRA r=64, paged AdamW
+8-bit, gradient checkpointing, bf16); only the base model is a local Llama-architecture directory instead
+of the hub name (no hub here) and the run is shortened. Run with `pytest -m gpu tests/gpu`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu  # CI deselects these with -m "not gpu"
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda() -> None:
+    assert torch.cuda.is_available(), "the gpu-marked tests need a CUDA GPU; elsewhere run pytest -m 'not gpu'"
+
+
+def _peftctl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "peftctl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"peftctl {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama-architecture base (GQA, SwiGLU, RMSNorm) with the byte-level tokenizer, saved in bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftctl.models.tokenizer import BYTE_VOCAB_SIZE, build_byte_tokenizer
+
+    target = tmp_path_factory.mktemp("llama-local")
+    tokenizer = build_byte_tokenizer()
+    config = LlamaConfig(vocab_size=BYTE_VOCAB_SIZE, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def qlora_run(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "qlora"
+    _peftctl("train", "recipe=qlora_llama", f"model.name_or_path={llama_dir}", f"output_dir={run_dir}",
+             "train.max_steps=120", "train.batch_size=8", "train.grad_accum=1", "train.lr=1e-3", "train.scheduler=cosine",
+             "train.save_every=60", "train.log_every=20", "dataset.max_seq_len=256", cwd=llama_dir.parent)
+    return run_dir
+
+
+def test_cli_qlora_recipe_trains_on_gpu(qlora_run: Path) -> None:
+    config = json.loads((qlora_run / "adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 64, 16)
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    records = [json.loads(line) for line in (qlora_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert (qlora_run / "checkpoints" / "step-000060").is_dir()
+    print(f"qlora_llama CLI: losses {[round(x, 3) for x in losses]}, tokens/s {records[-1].get('tokens_per_s')}")
+
+
+def test_cli_eval_on_gpu_run(qlora_run: Path) -> None:
+    _peftctl("eval", str(qlora_run), "--quiet", cwd=qlora_run)
+    report = json.loads((qlora_run / "eval.json").read_text())
+    assert report["adapted"]["eval_loss"] < 0.5 * report["base"]["eval_loss"], report
+    print(f"qlora_llama eval: {json.dumps(report)}")
+
+
+def test_cli_merge_of_gpu_run_loads_in_bf16(qlora_run: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = qlora_run.parent / "merged"
+    result = _peftctl("merge", str(qlora_run), "--out", str(out), "--safe", cwd=qlora_run)
+    assert "dequantized" in result.stdout and "bfloat16" in result.stdout, result.stdout
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in merged.parameters())
