@@ -81,11 +81,18 @@ def _explain_hydra_error(exc: Exception, recipe: str) -> str:
     return f"bad override: {first}"
 
 
+# top-level spellings the CLI accepts for a nested field: `peftctl train ... resume=true`
+SHORTHANDS = {"resume": "train.resume"}
+
+
 def _force_field_override(override: str) -> str:
     """`section.key=value` -> `++section.key=value`: a field the recipe's YAML leaves out (so
     Hydra does not know it) is still settable; the typed schema then checks every key and value,
     with a did-you-mean for misspellings. Group choices (`adapter=dora`) stay as they are."""
     key = override.split("=", 1)[0]
+    if key in SHORTHANDS and "=" in override:
+        key = SHORTHANDS[key]
+        override = key + "=" + override.split("=", 1)[1]
     if "." in key and not key.startswith(("+", "~")) and "=" in override:
         return "++" + override
     return override

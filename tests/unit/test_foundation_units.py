@@ -129,3 +129,12 @@ def test_second_all_linear_adapter_wraps_the_same_modules_only() -> None:
     adapted.add_adapter("second", LoraConfig(r=2, target_modules="all-linear"))
     assert [name for name, _ in adapted.adapter_layers()] == before
     assert len(before) == 7
+
+
+def test_resume_shorthand_sets_train_resume() -> None:
+    from peftctl.config.compose import compose_config
+
+    assert compose_config(["resume=true"]).train.resume is True
+    assert compose_config(["resume=/runs/a/checkpoints/step-000010"]).train.resume == "/runs/a/checkpoints/step-000010"
+    with pytest.raises(ConfigError, match="train.resume"):
+        compose_config(["resume=[1,2]"])
