@@ -61,7 +61,9 @@ def dora_output(layer: "LoraLayer", x: torch.Tensor, result: torch.Tensor, adapt
     """The layer output with one DoRA adapter applied to ``result`` (the base output)."""
     magnitude = layer.lora_magnitude_vector[adapter_name]
     norm = layer._dora_cache.norm(layer, adapter_name).reshape(magnitude.shape)
-    mag_scale = (magnitude / norm.to(magnitude.dtype)).to(x.dtype)
+    # m/‖·‖ − 1 is formed in fp32 and only then cast: m/‖·‖ itself is ≈ 1, where bf16's spacing
+    # (2^-7) would round away the magnitude's updates (and with them DoRA's effect in bf16 training)
+    scale_minus_one = (magnitude.float() / norm.float() - 1).to(x.dtype)
     dropout = layer.lora_dropout[adapter_name]
     x_dropped = dropout(x)
     lora = layer.lora_path(x_dropped, adapter_name) * layer.scaling[adapter_name]
@@ -71,7 +73,8 @@ def dora_output(layer: "LoraLayer", x: torch.Tensor, result: torch.Tensor, adapt
     else:
         # dropout changes x, so W x must be recomputed on the dropped-out input
         base = layer.base_no_bias(x_dropped)
-    update = (mag_scale - 1) * base.to(x.dtype) + mag_scale * lora
+    # (m/‖·‖ − 1)·Wx + (m/‖·‖)·lora, written so that no factor near 1 is rounded
+    update = scale_minus_one * (base.to(x.dtype) + lora) + lora
     return result + update.to(result.dtype)
 
 

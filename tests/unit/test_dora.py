@@ -115,3 +115,24 @@ def test_eval_caches_norm_and_invalidates_on_update(monkeypatch) -> None:
     out(adapted, x)
     out(adapted, x)
     assert len(calls) == n_first + 1 + 2 * 4  # no caching while training: every layer, every step
+
+
+def test_bf16_layer_keeps_small_magnitude_updates() -> None:
+    """In bf16, m/‖·‖ ≈ 1 sits where bf16's spacing is 2^-7: a 0.3% magnitude update must still move
+    the output by 0.3% (it was rounded away entirely when m/‖·‖ was cast to bf16 before use, so
+    that DoRA's magnitude had no effect in bf16 training). Each bf16 output moves only by whole
+    spacings, so the check is the least-squares slope of the change against the output."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    adapted = get_adapted_model(base, LoraConfig(r=4, use_dora=True, target_modules=["0"], init_lora_weights=False)).eval()
+    layer = adapted.model[0]
+    layer.to(torch.bfloat16)
+    with torch.no_grad():  # m = ‖W + ΔW‖ of the bf16 weights, then a 0.3% step: m/‖·‖ = 1.003
+        exact = dora.weight_norm(layer.oriented_weight(), layer.lora_delta("default"))
+        layer.lora_magnitude_vector["default"].data = exact.float()
+        x = torch.randn(512, 64).to(torch.bfloat16)
+        before = layer(x).float()
+        layer.lora_magnitude_vector["default"].mul_(1.003)
+        after = layer(x).float()
+    slope = float(((after - before) * before).sum() / (before * before).sum())
+    assert slope == pytest.approx(0.003, rel=0.2)
