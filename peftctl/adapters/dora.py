@@ -10,6 +10,8 @@ so the forward can be written without materialising W':
 
 ΔW = s·BA is materialised once per forward, without grad, only for the norm; in eval the norm is
 cached and recomputed only when W, A or B change (tensor version counters).
+Embeddings (table stored (vocab, dim), handled as fan_in_fan_out) have no bias and no dropout:
+y = m/‖·‖ · (E[x] + s·B(A(x))), with the norm per embedding dimension (PEFT's DoraEmbeddingLayer).
 """
 from __future__ import annotations
 
@@ -76,6 +78,17 @@ def dora_output(layer: "LoraLayer", x: torch.Tensor, result: torch.Tensor, adapt
     # (m/‖·‖ − 1)·Wx + (m/‖·‖)·lora, written so that no factor near 1 is rounded
     update = scale_minus_one * (base.to(x.dtype) + lora) + lora
     return result + update.to(result.dtype)
+
+
+def dora_embedding_output(layer: "LoraLayer", x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    """DoRA on an embedding (PEFT's DoraEmbeddingLayer): no bias, no dropout on ids, so
+    y = m/‖E + ΔE‖ · (result + s·B(A(x))) with the norm per embedding dimension. ``result`` is the
+    running output, so earlier active adapters are rescaled too (as PEFT, and as merging them)."""
+    magnitude = layer.lora_magnitude_vector[adapter_name]
+    norm = layer._dora_cache.norm(layer, adapter_name)
+    mag_scale = magnitude / norm.to(magnitude.dtype)
+    lora = layer.lora_path(x, adapter_name) * layer.scaling[adapter_name]
+    return (mag_scale * (result.to(mag_scale.dtype) + lora.to(mag_scale.dtype))).to(result.dtype)
 
 
 def _factor(layer: "LoraLayer", adapter_name: str, norm: torch.Tensor, weight_dim: int) -> torch.Tensor:

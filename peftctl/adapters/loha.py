@@ -2,10 +2,11 @@
 
     ΔW = (W1a W1b) ⊙ (W2a W2b) · alpha / r                                   (FedPara eq. 2)
 
-For Conv2d the delta is built on the flattened kernel (out, in·kh·kw); with
+For Conv2d / Conv1d the delta is built on the flattened kernel (out, in·kh·kw); with
 ``use_effective_conv2d`` the spatial kernel gets its own CP core tensors t1, t2 (FedPara
-Prop. 3): ΔW[p,r,k,l] = Σ_ij t[i,j,k,l] W_b[j,r] W_a[i,p] for each factor. 1×1 kernels never
-use the CP form (as PEFT). Tensor names are PEFT's (``hada_w1_a`` ...).
+Prop. 3): ΔW[p,r,k,l] = Σ_ij t[i,j,k,l] W_b[j,r] W_a[i,p] for each factor (a Conv1d kernel k is
+handled as (k, 1), PEFT's layout). Kernels of size 1 never use the CP form (as PEFT). Tensor
+names are PEFT's (``hada_w1_a`` ...).
 """
 from __future__ import annotations
 
@@ -64,13 +65,13 @@ class LoHaConfig(LycorisCommon):
 
 
 class LycorisLayer(AdapterLayer):
-    """Common forward for delta-weight methods on Linear / Conv2d: y = base(x) + op(x, ΔW)."""
+    """Common forward for delta-weight methods on Linear / Conv1d / Conv2d: y = base(x) + op(x, ΔW)."""
 
     other_param_names = ("r", "alpha", "scaling", "rank_dropout", "module_dropout")
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
-        self.is_conv = isinstance(base_layer, nn.Conv2d)
+        self.is_conv = isinstance(base_layer, (nn.Conv1d, nn.Conv2d))
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -108,16 +109,26 @@ class LycorisLayer(AdapterLayer):
             return result
         delta = self._rank_drop(self.get_delta_weight(adapter_name), adapter_name)
         x = x.to(delta.dtype)
-        if self.is_conv:
-            base = self.base_layer
-            out = F.conv2d(x, delta, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
+        if self.is_conv:  # the base conv's stride / padding / dilation / groups, no bias
+            out = self.base_layer._conv_forward(x, delta, None)
         else:
             out = F.linear(x, delta)
         return result + out.to(result.dtype)
 
 
-def conv_shape(base: nn.Conv2d) -> tuple[int, int, int, int]:
+def conv_shape(base: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
+    """(out, in / groups, *kernel) of a Conv1d / Conv2d weight."""
     return base.out_channels, base.in_channels // base.groups, *base.kernel_size
+
+
+def cp_kernel(kernel: tuple[int, ...]) -> tuple[int, int]:
+    """Spatial shape of a CP core: (kh, kw), or (k, 1) for Conv1d (PEFT's 2-D assumption)."""
+    return (kernel[0], 1) if len(kernel) == 1 else (kernel[0], kernel[1])
+
+
+def uses_cp(base: nn.Module, config: "LycorisCommon") -> bool:
+    """use_effective_conv2d applies to convolutions with a kernel larger than 1 (as PEFT)."""
+    return isinstance(base, (nn.Conv1d, nn.Conv2d)) and config.use_effective_conv2d and any(k != 1 for k in base.kernel_size)
 
 
 def cp_weight(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -145,11 +156,10 @@ class LoHaLayer(LycorisLayer):
             return nn.Parameter(torch.empty(*shape, device=device))
 
         base = self.base_layer
-        effective = self.is_conv and config.use_effective_conv2d and base.kernel_size != (1, 1)
-        if effective:
-            out_c, in_c, kh, kw = conv_shape(base)
+        if uses_cp(base, config):
+            out_c, in_c, *kernel = conv_shape(base)
             for i in ("1", "2"):
-                getattr(self, f"hada_t{i}")[adapter_name] = new(r, r, kh, kw)
+                getattr(self, f"hada_t{i}")[adapter_name] = new(r, r, *cp_kernel(tuple(kernel)))
                 getattr(self, f"hada_w{i}_a")[adapter_name] = new(r, out_c)
                 getattr(self, f"hada_w{i}_b")[adapter_name] = new(r, in_c)
         else:
@@ -178,7 +188,7 @@ class LoHaLayer(LycorisLayer):
 
 
 def create_loha_layer(module: nn.Module, module_name: str, config: LoHaConfig) -> AdapterLayer | None:
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
         return LoHaLayer(module, module_name)
     return None
 

@@ -6,10 +6,13 @@ Model Evaluation"): Kronecker-product delta.
 with out = a·b and in = c·d from ``factorization`` (PEFT's rule: divisors closest to the square
 root, or ``decompose_factor``). W2 is low-rank unless r ≥ max(b, d)/2; W1 is low-rank only with
 ``decompose_both`` and r < max(a, c)/2. For Conv2d W2 carries the kernel (b, d, kh, kw), with
-``use_effective_conv2d`` as a CP core t2. Tensor names are PEFT's (``lokr_w1`` ...).
+``use_effective_conv2d`` as a CP core t2; Conv1d likewise with (b, d, k) (CP core (r, r, k, 1)).
+A full 3-D W2 of a Conv1d is combined as PEFT 0.21 does: torch.kron(W1, W2) of the 2-D W1 and
+3-D W2, reshaped to (out, in, k). Tensor names are PEFT's (``lokr_w1`` ...).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.loha import LycorisCommon, LycorisLayer, conv_shape, cp_weight, kaiming_
+from peftctl.adapters.loha import LycorisCommon, LycorisLayer, conv_shape, cp_kernel, cp_weight, kaiming_, uses_cp
 
 
 @dataclass
@@ -73,27 +76,29 @@ class LoKrLayer(LycorisLayer):
         def new(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape, device=device))
 
+        kernel: tuple[int, ...] = ()
         if self.is_conv:
-            out_dim, in_dim, kh, kw = conv_shape(self.base_layer)
+            out_dim, in_dim, *rest = conv_shape(self.base_layer)
+            kernel = tuple(rest)
         else:
             out_dim, in_dim = self.weight.shape
         in_m, in_n = factorization(in_dim, config.decompose_factor)
         out_l, out_k = factorization(out_dim, config.decompose_factor)
         use_w1 = not (config.decompose_both and r < max(out_l, in_m) / 2)
         use_w2 = r >= max(out_k, in_n) / 2
-        effective = self.is_conv and config.use_effective_conv2d and self.base_layer.kernel_size != (1, 1)
+        effective = uses_cp(self.base_layer, config)
 
         if use_w1:
             self.lokr_w1[adapter_name] = new(out_l, in_m)
         else:
             self.lokr_w1_a[adapter_name], self.lokr_w1_b[adapter_name] = new(out_l, r), new(r, in_m)
         if use_w2:
-            self.lokr_w2[adapter_name] = new(out_k, in_n, kh, kw) if self.is_conv else new(out_k, in_n)
+            self.lokr_w2[adapter_name] = new(out_k, in_n, *kernel)
         elif effective:
-            self.lokr_t2[adapter_name] = new(r, r, kh, kw)
+            self.lokr_t2[adapter_name] = new(r, r, *cp_kernel(kernel))
             self.lokr_w2_a[adapter_name], self.lokr_w2_b[adapter_name] = new(r, out_k), new(r, in_n)
         else:
-            cols = in_n * kh * kw if self.is_conv else in_n
+            cols = in_n * math.prod(kernel)
             self.lokr_w2_a[adapter_name], self.lokr_w2_b[adapter_name] = new(out_k, r), new(r, cols)
         self._init(adapter_name, config.init_weights)
 
@@ -125,11 +130,13 @@ class LoKrLayer(LycorisLayer):
             w2 = self.lokr_w2_a[adapter_name] @ self.lokr_w2_b[adapter_name]
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        return torch.kron(w1, w2.contiguous()) * self.scaling[adapter_name]
+        # densify: torch.kron fails on einsum outputs whose size-1 dims carry odd strides
+        w2 = w2.reshape(-1).view(w2.shape)
+        return torch.kron(w1, w2) * self.scaling[adapter_name]
 
 
 def create_lokr_layer(module: nn.Module, module_name: str, config: LoKrConfig) -> AdapterLayer | None:
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
         return LoKrLayer(module, module_name)
     return None
 

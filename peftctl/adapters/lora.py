@@ -2,8 +2,9 @@
 
 The forward never materialises ΔW: y = base(x) + B(A(dropout(x))) · s (paper eq. 3).
 rsLoRA (Kalajdzievski, 2023): s = lora_alpha / sqrt(r). DoRA (use_dora) lives in dora.py, the
-PiSSA / OLoRA / Gaussian initialisations in lora_init.py. Layer types: nn.Linear, GPT-2 Conv1D
-(weights stored (in, out): fan_in_fan_out), nn.Embedding, nn.Conv1d / nn.Conv2d / nn.Conv3d.
+PiSSA / OLoRA / Gaussian initialisations in lora_init.py. Layer types (all with DoRA too):
+nn.Linear, GPT-2 Conv1D (weights stored (in, out): fan_in_fan_out), nn.Embedding,
+nn.Conv1d / nn.Conv2d / nn.Conv3d.
 """
 from __future__ import annotations
 
@@ -93,7 +94,6 @@ class LoraLayer(AdapterLayer):
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout")
     other_param_names = ("r", "lora_alpha", "scaling")
-    supports_dora = True
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
@@ -117,8 +117,6 @@ class LoraLayer(AdapterLayer):
         raise NotImplementedError  # pragma: no cover
 
     def update_layer(self, adapter_name: str, config: LoraConfig) -> None:
-        if config.use_dora and not self.supports_dora:
-            raise ConfigError(f"adapter.use_dora=True is not supported for {self.module_name} ({type(self.base_layer).__name__}); DoRA supports Linear, Conv1D and Conv layers")
         r, alpha, scaling = config.scaling_for(self.module_name)
         self.r[adapter_name], self.lora_alpha[adapter_name], self.scaling[adapter_name] = r, alpha, scaling
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -238,16 +236,20 @@ class LoraConv(LoraLayer):
 
 class LoraEmbedding(LoraLayer):
     """LoRA on nn.Embedding: PEFT's lora_embedding_A (r × vocab, zeros) and lora_embedding_B
-    (dim × r, normal); ΔW = s · (B A)ᵀ. No dropout on token ids (as PEFT)."""
+    (dim × r, normal); ΔW = s · (B A)ᵀ. No dropout on token ids (as PEFT).
 
-    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B", "lora_dropout")
-    supports_dora = False
+    The table is stored (vocab, dim) = (in, out), i.e. transposed like GPT-2's Conv1D, so
+    ``fan_in_fan_out`` is set: ``lora_delta`` is s·BA in (dim, vocab) layout and DoRA's norm runs
+    per embedding dimension over the vocabulary (PEFT's DoraEmbeddingLayer)."""
+
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_dropout")
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self.fan_in_fan_out = True  # weight stored (vocab, dim) = (in, out)
 
     def _create_ab(self, adapter_name: str, r: int) -> None:
         device = self.weight.device
@@ -256,13 +258,20 @@ class LoraEmbedding(LoraLayer):
 
     def lora_delta(self, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-        return (b.float() @ a.float()).T * self.scaling[adapter_name]
+        return (b.float() @ a.float()) * self.scaling[adapter_name]  # (dim, vocab) = (out, in)
 
-    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def lora_path(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """B(A(x)) for token ids x (unscaled): the rows of Aᵀ picked by x, times Bᵀ."""
         base = self.base_layer
         a, b = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
         after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-        return result + ((after_a @ b.T) * self.scaling[adapter_name]).to(result.dtype)
+        return after_a @ b.T
+
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if adapter_name in self.lora_magnitude_vector:
+            return dora.dora_embedding_output(self, x, result, adapter_name)
+        update = self.lora_path(x, adapter_name) * self.scaling[adapter_name]
+        return result + update.to(result.dtype)
 
 
 def create_lora_layer(module: nn.Module, module_name: str, config: LoraConfig) -> AdapterLayer | None:

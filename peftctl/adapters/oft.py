@@ -8,6 +8,12 @@ or PEFT's truncated Neumann series  R ≈ I + 2Q + 2Q² + ... + Q^{n-1}  (``use_
 Q is stored as its strict upper triangle (PEFT's ``oft_R.weight``, shape (r, b(b-1)/2)); zero
 init makes R = I. COFT (paper §3.3) projects Q back into an eps-ball around 0 before use.
 ``block_share`` uses one block for the whole diagonal.
+
+Conv2d: R rotates the flattened kernel, i.e. the (in·kh·kw)-long input patch, W' = W_flat Rᵀ
+(PEFT's merge). The forward convolves with W' (exact for any stride / padding / dilation).
+peft 0.21.2's *unmerged* Conv2d forward instead folds rotated unfold patches back with F.fold,
+which sums overlaps: for kernels > 1×1 it is not the identity at init and differs from its own
+merged model. peftctl computes what PEFT merges; the two agree exactly on 1×1 kernels.
 """
 from __future__ import annotations
 
@@ -138,14 +144,15 @@ class OFTRotation(nn.Module):
         return torch.einsum("...rk,rkc->...rc", xs, rot).reshape(x.shape)
 
 
-class OFTLinear(AdapterLayer):
+class OFTLayer(AdapterLayer):
+    """One rotation per adapter over ``in_features`` (the size R acts on)."""
+
     adapter_layer_names = ("oft_R",)
     other_param_names = ("r", "oft_block_size")
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
-        self.in_features = linear_in_out(base_layer)[0]
-        self.fan_in_fan_out = is_gpt2_conv1d(base_layer)  # GPT-2 Conv1D stores Wᵀ
+        self.in_features = 0
         self.oft_R = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.oft_block_size: dict[str, int] = {}
@@ -165,6 +172,16 @@ class OFTLinear(AdapterLayer):
         self.r[adapter_name], self.oft_block_size[adapter_name] = r, block
         self.adapter_configs[adapter_name] = config
 
+    def rotation_matrix(self, adapter_name: str) -> torch.Tensor:
+        return self.oft_R[adapter_name].matrix()
+
+
+class OFTLinear(OFTLayer):
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        super().__init__(base_layer, module_name)
+        self.in_features = linear_in_out(base_layer)[0]
+        self.fan_in_fan_out = is_gpt2_conv1d(base_layer)  # GPT-2 Conv1D stores Wᵀ
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters or self.merged:
             return super().forward(x, *args, **kwargs)
@@ -174,9 +191,6 @@ class OFTLinear(AdapterLayer):
             rotation = self.oft_R[name]
             x = rotation.rotate(x.to(rotation.weight.dtype))
         return self.base_layer(x.to(dtype), *args, **kwargs)
-
-    def rotation_matrix(self, adapter_name: str) -> torch.Tensor:
-        return self.oft_R[adapter_name].matrix()
 
     def adapted_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         rot = self.rotation_matrix(adapter_name).float()
@@ -191,14 +205,50 @@ class OFTLinear(AdapterLayer):
         return (old.T if self.fan_in_fan_out else old).to(weight.dtype)
 
 
+class OFTConv2d(OFTLayer):
+    """OFT on nn.Conv2d: R acts on the flattened kernel (in·kh·kw, PEFT's block layout)."""
+
+    def __init__(self, base_layer: nn.Conv2d, module_name: str = "") -> None:
+        super().__init__(base_layer, module_name)
+        if base_layer.groups != 1:
+            raise ConfigError(f"OFT on grouped convolutions is not supported ({module_name}: groups={base_layer.groups}); exclude it with adapter.exclude_modules")
+        kh, kw = base_layer.kernel_size
+        self.in_features = base_layer.in_channels * kh * kw
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters or self.merged or not self.active_adapters:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        weight = base.weight
+        for name in self.active_adapters:  # same order as merging them one after another
+            weight = self._rotate(weight, name)
+        return base._conv_forward(x, weight.to(x.dtype), base.bias)
+
+    def _rotate(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        rot = self.rotation_matrix(adapter_name)
+        return (weight.flatten(1).to(rot.dtype) @ rot.T).reshape(weight.shape)  # W' = W Rᵀ
+
+    def adapted_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return self._rotate(weight.float(), adapter_name).to(weight.dtype)
+
+    def unadapted_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        rot = self.rotation_matrix(adapter_name).float()
+        old = torch.linalg.solve(rot, weight.float().flatten(1).T).T  # W = W' R^{-T}
+        return old.reshape(weight.shape).to(weight.dtype)
+
+
 def create_oft_layer(module: nn.Module, module_name: str, config: OFTConfig) -> AdapterLayer | None:
-    return OFTLinear(module, module_name) if isinstance(module, nn.Linear) or is_gpt2_conv1d(module) else None
+    if isinstance(module, nn.Linear) or is_gpt2_conv1d(module):
+        return OFTLinear(module, module_name)
+    if isinstance(module, nn.Conv2d):
+        return OFTConv2d(module, module_name)
+    return None
 
 
 def _method():
     from peftctl.adapters.registry import Method
 
-    return Method("oft", OFTConfig, create_oft_layer, (OFTLinear,))
+    return Method("oft", OFTConfig, create_oft_layer, (OFTLinear, OFTConv2d))
 
 
 METHOD = _method()

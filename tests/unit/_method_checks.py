@@ -43,6 +43,30 @@ def tiny_conv(seed: int = 0) -> TinyConvNet:
     return TinyConvNet().eval()
 
 
+class TinyConv1dNet(nn.Module):
+    """Conv1d (kernel 3 and 1) + Linear: for the Conv1d paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(4, 32, 3, padding=1)
+        self.conv2 = nn.Conv1d(32, 8, 1)
+        self.lin = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.lin(h.mean(dim=2))
+
+
+def tiny_conv1d(seed: int = 0) -> TinyConv1dNet:
+    torch.manual_seed(seed)
+    return TinyConv1dNet().eval()
+
+
+def conv1d_input(seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 10, generator=g)
+
+
 def input_ids(seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 300, (2, 7), generator=g)

@@ -136,3 +136,92 @@ def test_bf16_layer_keeps_small_magnitude_updates() -> None:
         after = layer(x).float()
     slope = float(((after - before) * before).sum() / (before * before).sum())
     assert slope == pytest.approx(0.003, rel=0.2)
+
+
+# ---------------------------------------------------------------- DoRA on nn.Embedding
+# PEFT's DoraEmbeddingLayer: the table E is (vocab, dim); m and the norm are per embedding
+# dimension (over the vocabulary), E' = m/‖E + ΔE‖ · (E + ΔE), ΔE = s·(BA)ᵀ. Checked against peft 0.21.2.
+EMB_TARGETS = ["embed_tokens", "q_proj"]
+
+
+def _emb_config(**kw) -> LoraConfig:
+    return LoraConfig(**{"r": 2, "lora_alpha": 4, "use_dora": True, "target_modules": EMB_TARGETS, **kw})
+
+
+def _emb_reference_table(layer, name="default") -> torch.Tensor:
+    """E' from scratch, in the table's (vocab, dim) layout."""
+    table = layer.base_layer.weight
+    delta = (layer.lora_embedding_B[name] @ layer.lora_embedding_A[name]).T * layer.scaling[name]
+    v = table + delta
+    return layer.lora_magnitude_vector[name] / v.norm(dim=0).detach() * v
+
+
+def test_embedding_magnitude_init_and_identity() -> None:
+    from tests.unit._method_checks import check_identity, input_ids, tiny_llama
+
+    adapted = get_adapted_model(tiny_llama(), _emb_config())
+    emb = adapted.model.model.embed_tokens
+    assert emb.lora_magnitude_vector["default"].shape == (32,)  # embedding_dim, as PEFT saves it
+    assert torch.allclose(emb.lora_magnitude_vector["default"], emb.base_layer.weight.norm(dim=0))
+    check_identity(tiny_llama, _emb_config(), input_ids())
+
+
+def test_embedding_forward_equals_formula_and_gradients() -> None:
+    _, adapted = _adapted(target_modules=["emb"])
+    emb = adapted.model.emb
+    x = ids()
+    assert torch.allclose(emb(x), F.embedding(x, _emb_reference_table(emb)), atol=1e-6)
+    adapted.train()
+    emb(x).pow(2).sum().backward()
+    params = [emb.lora_embedding_A["default"], emb.lora_embedding_B["default"], emb.lora_magnitude_vector["default"]]
+    ours = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    F.embedding(x, _emb_reference_table(emb)).pow(2).sum().backward()
+    for g, p in zip(ours, params):
+        assert torch.allclose(g, p.grad, atol=1e-5)
+
+
+def test_embedding_merge_unmerge_save_load(tmp_path) -> None:
+    from tests.unit._method_checks import check_merge_roundtrip, check_save_load, input_ids, perturb, tiny_llama
+
+    adapted = get_adapted_model(tiny_llama(), _emb_config())
+    perturb(adapted)
+    x = input_ids()
+    check_save_load(adapted, tiny_llama, x, tmp_path)
+    emb = adapted.model.model.embed_tokens
+    table = emb.base_layer.weight.detach().clone()
+    expected = _emb_reference_table(emb).detach()
+    adapted.merge_adapter()
+    assert torch.allclose(emb.base_layer.weight, expected, atol=1e-6)
+    adapted.unmerge_adapter()
+    assert torch.allclose(emb.base_layer.weight, table, atol=1e-6)
+    check_merge_roundtrip(adapted, x)
+
+
+def test_embedding_two_active_dora_adapters_merge_consistently() -> None:
+    from tests.unit._method_checks import check_merge_roundtrip, input_ids, perturb, tiny_llama
+
+    adapted = get_adapted_model(tiny_llama(), _emb_config(target_modules=["embed_tokens"]))
+    adapted.add_adapter("other", _emb_config(target_modules=["embed_tokens"]))
+    perturb(adapted, "default")
+    perturb(adapted, "other", seed=8)
+    adapted.set_adapter(["default", "other"])
+    check_merge_roundtrip(adapted, input_ids())
+
+
+def test_embedding_peft_interop_both_ways(tmp_path) -> None:
+    import warnings
+
+    from peft import LoraConfig as PeftLoraConfig
+
+    from tests.unit._method_checks import input_ids, ours_to_peft, peft_to_ours, perturb, tiny_llama
+
+    warnings.filterwarnings("ignore", category=UserWarning)  # peft: save_embedding_layers set to True
+    adapted = get_adapted_model(tiny_llama(), _emb_config())
+    perturb(adapted)
+    ours_to_peft(adapted, tiny_llama, input_ids(), tmp_path / "ours")
+    theirs_config = PeftLoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=EMB_TARGETS, init_lora_weights=False)
+    ours = peft_to_ours(theirs_config, tiny_llama, input_ids(), tmp_path / "theirs")
+    emb = ours.model.model.embed_tokens
+    assert emb.lora_magnitude_vector["default"].shape == (32,)

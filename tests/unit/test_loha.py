@@ -1,4 +1,4 @@
-"""LoHa on Linear and Conv2d (plain and use_effective_conv2d): identity init, ΔW formula,
+"""LoHa on Linear, Conv2d and Conv1d (plain and use_effective_conv2d): identity init, ΔW formula,
 merge, save/load, trainability, PEFT interop (format checked against peft 0.21.2)."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.loha import LoHaConfig, LoHaLayer
 from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       conv_input, input_ids, ours_to_peft, peft_to_ours, perturb, tiny_conv, tiny_llama)
+                                       conv1d_input, conv_input, input_ids, ours_to_peft, peft_to_ours, perturb, tiny_conv,
+                                       tiny_conv1d, tiny_llama)
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
 CONV = dict(task_type=None, target_modules=["conv1", "conv2", "lin"], r=2, alpha=4)
@@ -79,3 +80,37 @@ def test_multi_adapter_add_set_save_load_delete(tmp_path):
 
 def test_yaml_config():
     check_yaml("loha")
+
+
+@pytest.mark.parametrize("effective", [False, True])
+def test_conv1d_identity_delta_merge_save_load(effective, tmp_path):
+    import torch.nn.functional as F
+
+    config = LoHaConfig(**CONV, use_effective_conv2d=effective)
+    check_identity(tiny_conv1d, config, conv1d_input())
+    adapted = get_adapted_model(tiny_conv1d(), config)
+    layers = dict(adapted.adapter_layers())
+    conv1, conv2 = layers["conv1"], layers["conv2"]
+    if effective:  # PEFT's layout: the kernel k as a (k, 1) CP core; kernel 1 stays flat
+        assert conv1.hada_t1["default"].shape == (2, 2, 3, 1) and conv1.hada_w1_a["default"].shape == (2, 32)
+    else:
+        assert conv1.hada_w1_b["default"].shape == (2, 4 * 3)
+    assert "default" not in conv2.hada_t1
+    perturb(adapted)
+    x = torch.randn(2, 4, 10)
+    delta = conv1.get_delta_weight("default")
+    assert delta.shape == (32, 4, 3)
+    expected = F.conv1d(x, conv1.base_layer.weight + delta, conv1.base_layer.bias, padding=1)
+    assert torch.allclose(conv1(x), expected, atol=1e-5)
+    check_save_load(adapted, tiny_conv1d, conv1d_input(), tmp_path)
+    check_merge_roundtrip(adapted, conv1d_input())
+
+
+@pytest.mark.parametrize("effective", [False, True])
+def test_peft_interop_conv1d(tmp_path, effective):
+    from peft import LoHaConfig as PeftLoHaConfig
+
+    adapted = get_adapted_model(tiny_conv1d(), LoHaConfig(**CONV, use_effective_conv2d=effective))
+    perturb(adapted)
+    ours_to_peft(adapted, tiny_conv1d, conv1d_input(), tmp_path / "ours")
+    peft_to_ours(PeftLoHaConfig(**CONV, use_effective_conv2d=effective), tiny_conv1d, conv1d_input(), tmp_path / "theirs")

@@ -26,7 +26,7 @@ CASES = {
     "bias_all_gpt2": (tiny_gpt2, dict(target_modules=["c_attn"], fan_in_fan_out=True, bias="all")),
     "bias_lora_only_gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, bias="lora_only")),
     "conv_embedding_types": (tiny_all_types, dict(target_modules=ALL_TARGETS, task_type=None)),
-    "conv_dora": (tiny_all_types, dict(target_modules=["lin", "conv1d", "conv2d"], use_dora=True, task_type=None)),
+    "conv_dora": (tiny_all_types, dict(target_modules=["emb", "lin", "conv1d", "conv2d"], use_dora=True, task_type=None)),
 }
 SCALE_CASES = {
     "rslora": dict(target_modules="all-linear", use_rslora=True, lora_alpha=16, r=4),

@@ -23,7 +23,7 @@ OPTIONS = {
     "rslora": dict(target_modules=ALL_TARGETS, use_rslora=True, lora_alpha=6),
     "rank_alpha_pattern": dict(target_modules=ALL_TARGETS, rank_pattern={"lin": 2, "conv.*d": 3}, alpha_pattern={"c1d": 5.0}),
     "dropout": dict(target_modules=ALL_TARGETS, lora_dropout=0.3),
-    "dora": dict(target_modules=["lin", "conv1d", "c1d", "conv2d"], use_dora=True),
+    "dora": dict(target_modules=ALL_TARGETS, use_dora=True),
     "regex_exclude": dict(target_modules=r"(lin|conv\dd|c1d|emb)", exclude_modules=["conv1d"]),
     "modules_to_save": dict(target_modules=ALL_TARGETS, modules_to_save=["head"]),
     "fan_in_fan_out": dict(target_modules=["c1d"], fan_in_fan_out=True),
@@ -192,8 +192,6 @@ def test_config_errors_name_the_field() -> None:
         LoraConfig.from_dict({"bias": "some"})
     with pytest.raises(ConfigError, match="init_lora_weights='eva' is not implemented"):
         LoraConfig.from_dict({"init_lora_weights": "eva"})
-    with pytest.raises(ConfigError, match="use_dora"):
-        _adapted(dict(target_modules=["emb"], use_dora=True), True)
     with pytest.raises(ConfigError, match="init_lora_weights='pissa' supports Linear"):
         _adapted(dict(target_modules=["conv2d"]), "pissa")
 

@@ -1,15 +1,16 @@
-"""OFT: identity init, orthogonal blocks (exact Cayley), COFT, block_share, merge, save/load,
-trainability, PEFT interop (format checked against peft 0.21.2)."""
+"""OFT on Linear / GPT-2 Conv1D / Conv2d: identity init, orthogonal blocks (exact Cayley), COFT,
+block_share, merge, save/load, trainability, PEFT interop (format checked against peft 0.21.2)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from peftctl.adapters import get_adapted_model
-from peftctl.adapters.oft import OFTConfig, OFTLinear, cayley, skew
+from peftctl.adapters.oft import OFTConfig, OFTConv2d, OFTLinear, cayley, skew
 from peftctl.errors import ConfigError
 from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       input_ids, ours_to_peft, peft_to_ours, perturb, tiny_llama)
+                                       conv_input, input_ids, ours_to_peft, peft_to_ours, perturb, rel_err, run, tiny_conv,
+                                       tiny_llama)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -108,3 +109,85 @@ def test_two_active_adapters_merge_consistently():
 
 def test_yaml_config():
     check_yaml("oft")
+
+
+# ---------------------------------------------------------------- Conv2d
+# conv1 is 3x3 (4 -> 8): R acts on 4·3·3 = 36 values, 9 blocks of 4; conv2 is 1x1 (8 -> 8).
+CONV = dict(task_type=None, target_modules=["conv1", "conv2", "lin"], oft_block_size=4, use_cayley_neumann=False)
+
+
+def test_conv2d_identity_formula_merge_save_load(tmp_path):
+    import torch.nn.functional as F
+
+    check_identity(tiny_conv, OFTConfig(**CONV), conv_input())
+    adapted = get_adapted_model(tiny_conv(), OFTConfig(**CONV))
+    conv1 = dict(adapted.adapter_layers())["conv1"]
+    assert isinstance(conv1, OFTConv2d) and conv1.r["default"] == 9 and conv1.oft_R["default"].weight.shape == (9, 6)
+    check_only_adapter_trains(adapted, ("oft_R",))
+    perturb(adapted, scale=0.3)
+    rot = conv1.rotation_matrix("default")
+    assert torch.allclose(rot @ rot.T, torch.eye(36), atol=1e-5)
+    w = conv1.base_layer.weight
+    x = torch.randn(2, 4, 5, 5)
+    expected = F.conv2d(x, (w.flatten(1) @ rot.T).reshape(w.shape), conv1.base_layer.bias, padding=1)
+    assert torch.allclose(conv1(x), expected, atol=1e-5)
+    check_save_load(adapted, tiny_conv, conv_input(), tmp_path)
+    before = w.detach().clone()
+    adapted.merge_adapter()
+    assert torch.allclose(conv1.base_layer.weight, (before.flatten(1) @ rot.T).reshape(before.shape), atol=1e-6)
+    adapted.unmerge_adapter()
+    assert torch.allclose(conv1.base_layer.weight, before, atol=1e-5)
+    check_merge_roundtrip(adapted, conv_input())
+
+
+def test_conv2d_two_active_adapters_and_grouped_conv_refused():
+    adapted = get_adapted_model(tiny_conv(), OFTConfig(**CONV))
+    adapted.add_adapter("other", OFTConfig(**CONV))
+    perturb(adapted, "default")
+    perturb(adapted, "other", seed=8)
+    adapted.set_adapter(["default", "other"])
+    check_merge_roundtrip(adapted, conv_input())
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=2))
+    with pytest.raises(ConfigError, match="groups=2"):
+        get_adapted_model(grouped, OFTConfig(task_type=None, target_modules=["0"], oft_block_size=4))
+
+
+@pytest.mark.parametrize("kw", [{"use_cayley_neumann": False}, {"use_cayley_neumann": True}, {"block_share": True}])
+def test_conv2d_1x1_peft_interop(tmp_path, kw):
+    """1x1 kernels: peft's unmerged forward is exact, so logits match both ways."""
+    from peft import OFTConfig as PeftOFTConfig
+
+    kw = {**CONV, "target_modules": ["conv2", "lin"], **kw}
+    adapted = get_adapted_model(tiny_conv(), OFTConfig(**kw))
+    perturb(adapted)
+    ours_to_peft(adapted, tiny_conv, conv_input(), tmp_path / "ours")
+    peft_to_ours(PeftOFTConfig(**kw), tiny_conv, conv_input(), tmp_path / "theirs")
+
+
+@pytest.mark.parametrize("kw", [{"use_cayley_neumann": False}, {"use_cayley_neumann": True}, {"block_share": True}])
+def test_conv2d_3x3_peft_interop_against_peft_merged(tmp_path, kw):
+    """3x3 kernels: peft 0.21.2's unmerged Conv2d forward is not W Rᵀ (see oft.py), so the
+    oracle is peft's merged model (W Rᵀ, computed by peft from the same saved tensors)."""
+    from peft import OFTConfig as PeftOFTConfig
+    from peft import PeftModel, get_peft_model
+
+    kw = {**CONV, **kw}
+    x = conv_input()
+    adapted = get_adapted_model(tiny_conv(), OFTConfig(**kw))
+    perturb(adapted)
+    assert rel_err(run(adapted, x), run(tiny_conv(), x)) > 1e-3, "the adapter must change the output"
+    adapted.save_pretrained(tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(tiny_conv(), str(tmp_path / "ours")).eval()
+    assert rel_err(run(theirs.merge_and_unload(), x), run(adapted, x)) <= 1e-5
+
+    theirs = get_peft_model(tiny_conv(), PeftOFTConfig(**kw)).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    from peftctl.adapters import AdaptedModel
+
+    ours = AdaptedModel.from_pretrained(tiny_conv(), tmp_path / "theirs")
+    assert rel_err(run(ours, x), run(theirs.merge_and_unload(), x)) <= 1e-5
