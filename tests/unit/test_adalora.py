@@ -203,9 +203,10 @@ def _fresh(initial: AdaptedModel) -> tuple[AdaptedModel, list, torch.optim.Optim
 
 
 def test_allocator_state_round_trips_through_checkpoint_files(tmp_path):
-    """Stop after step 5 (pruning has begun), keep weights + optimizer + the allocator's state via the
+    """Stop after step 6 (pruning has begun), keep weights + optimizer + the allocator's state via the
     checkpoint's hook files, continue in a fresh model: same weights and rank pattern as 12 steps in
-    one go. deltaT=2, so pruned values move between allocations and must not be re-masked on load."""
+    one go. deltaT=2, the last allocation was one step before the stop: pruned values have moved since, and must
+    not be re-masked on load."""
     import json
     from pathlib import Path
 
@@ -216,7 +217,7 @@ def test_allocator_state_round_trips_through_checkpoint_files(tmp_path):
     _run_steps(straight, hooks, opt, range(12))
 
     first, hooks, opt = _fresh(initial)
-    _run_steps(first, hooks, opt, range(5))
+    _run_steps(first, hooks, opt, range(6))
     assert first.peft_config["default"].rank_pattern is not None
     save_hook_states(tmp_path, hooks)
     saved = json.loads((tmp_path / "hooks" / "0-RankAllocator.json").read_text())
@@ -228,7 +229,7 @@ def test_allocator_state_round_trips_through_checkpoint_files(tmp_path):
         restore_trainable_state(model, weights, checkpoint)
         opt.load_state_dict(opt_state)
         load_hook_states(checkpoint, hooks)
-        _run_steps(model, hooks, opt, range(5, 12))
+        _run_steps(model, hooks, opt, range(6, 12))
         return model
 
     exact = resumed(tmp_path)
