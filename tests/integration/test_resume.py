@@ -17,6 +17,10 @@ def test_resume_gives_identical_final_adapter(tmp_path: Path) -> None:
     train([*SCHEDULE, f"output_dir={interrupted}"], quiet=True, stop_after_step=7)  # killed after the step-5 checkpoint
     assert not (interrupted / "adapter").exists()
     assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step-000005"]
+    # LoRA has no stateful training hooks: its checkpoint keeps the layout from before hook states
+    # existed, so this also shows that such (older) checkpoints resume exactly
+    assert sorted(p.name for p in (interrupted / "checkpoints" / "step-000005").iterdir()) == [
+        "adapter", "optimizer.pt", "rng.pt", "scheduler.pt", "trainable.safetensors", "trainer_state.json"]
     resumed = train([*SCHEDULE, f"output_dir={interrupted}", "train.resume=true"], quiet=True)
     assert resumed == interrupted
     expected = load_file(straight / "adapter" / "adapter_model.safetensors")
@@ -77,3 +81,19 @@ def test_adalora_resume_keeps_rank_allocator_state(tmp_path: Path) -> None:
     for key in expected:
         assert expected[key].shape == got[key].shape, key
         assert (expected[key] - got[key]).abs().max().item() <= 1e-6, key
+
+
+def test_adalora_checkpoint_without_hook_state_resumes_with_a_warning(tmp_path: Path) -> None:
+    import shutil
+
+    import pytest
+
+    run = tmp_path / "run"
+    train([*ADALORA, f"output_dir={run}"], quiet=True, stop_after_step=5)
+    checkpoint = run / "checkpoints" / "step-000005"
+    assert sorted(p.name for p in (checkpoint / "hooks").iterdir()) == ["0-RankAllocator.json", "0-RankAllocator.safetensors"]
+    shutil.rmtree(checkpoint / "hooks")  # as written before hook states were saved
+    with pytest.warns(UserWarning, match="no state for the training hook RankAllocator"):
+        train([*ADALORA, f"output_dir={run}", "train.resume=true"], quiet=True)
+    pattern = json.loads((run / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+    assert _kept(pattern) == 2 * len(pattern)  # the final budget is still reached
