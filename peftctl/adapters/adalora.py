@@ -134,11 +134,35 @@ class RankAllocator:
         self.reset_ipt()
 
     def reset_ipt(self) -> None:
-        self.exp_avg_ipt: dict[int, torch.Tensor] = {}
-        self.exp_avg_unc: dict[int, torch.Tensor] = {}
+        # keyed by "<module>.<lora_A|lora_B|lora_E>", so the state survives a checkpoint
+        self.exp_avg_ipt: dict[str, torch.Tensor] = {}
+        self.exp_avg_unc: dict[str, torch.Tensor] = {}
 
-    def _params(self) -> list[nn.Parameter]:
-        return [p for _, l in self.layers for p in (l.lora_A[self.name], l.lora_B[self.name], l.lora_E[self.name])]
+    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+        return [(f"{n}.{attr}", getattr(l, attr)[self.name]) for n, l in self.layers for attr in ("lora_A", "lora_B", "lora_E")]
+
+    # ---------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """The smoothed sensitivities (tensors) and the current rank pattern: what resume needs
+        besides the (already masked) weights to continue exactly."""
+        state: dict[str, Any] = {"rank_pattern": self.config.rank_pattern}
+        state.update({f"exp_avg_ipt.{k}": v for k, v in self.exp_avg_ipt.items()})
+        state.update({f"exp_avg_unc.{k}": v for k, v in self.exp_avg_unc.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = dict(self._named_params())
+        self.reset_ipt()
+        for key, value in state.items():
+            kind, _, name = key.partition(".")
+            if kind not in ("exp_avg_ipt", "exp_avg_unc"):
+                continue
+            if name not in params or params[name].shape != value.shape:
+                raise ConfigError(f"AdaLoRA state in the checkpoint does not fit this run: {name} is not an AdaLoRA tensor of shape {tuple(value.shape)}")
+            getattr(self, kind)[name] = value.to(params[name].device, params[name].dtype)
+        # the weights come back from the checkpoint as they were (masked where the last allocation
+        # pruned; with deltaT > 1 pruned values may have moved since), so the pattern is not re-applied
+        self.config.rank_pattern = state.get("rank_pattern")
 
     def budget_schedule(self, step: int) -> tuple[int, bool]:
         c = self.config
@@ -170,10 +194,9 @@ class RankAllocator:
             return
         c = self.config
         with torch.no_grad():
-            for p in self._params():
+            for key, p in self._named_params():
                 if p.grad is None:
                     continue
-                key = id(p)
                 ipt = (p * p.grad).abs()
                 avg = self.exp_avg_ipt.get(key, torch.zeros_like(p))
                 unc = self.exp_avg_unc.get(key, torch.zeros_like(p))
@@ -199,17 +222,17 @@ class RankAllocator:
                 self.config.rank_pattern = self.mask_to_budget(budget)
 
     # ---------------------------------------------------------------- pruning
-    def _score(self, p: nn.Parameter) -> torch.Tensor:
-        key = id(p)
+    def _score(self, key: str, p: nn.Parameter) -> torch.Tensor:
         if key not in self.exp_avg_ipt:
             return torch.zeros_like(p)
         return self.exp_avg_ipt[key] * self.exp_avg_unc[key]
 
     def triplet_scores(self) -> list[torch.Tensor]:
         scores = []
-        for _, layer in self.layers:
+        for n, layer in self.layers:
             a, b, e = layer.lora_A[self.name], layer.lora_B[self.name], layer.lora_E[self.name]
-            scores.append(self._score(e).view(-1) + self._score(a).mean(dim=1) + self._score(b).mean(dim=0))
+            scores.append(self._score(f"{n}.lora_E", e).view(-1) + self._score(f"{n}.lora_A", a).mean(dim=1)
+                          + self._score(f"{n}.lora_B", b).mean(dim=0))
         return scores
 
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:

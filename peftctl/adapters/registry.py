@@ -57,7 +57,9 @@ class Method:
 
     def training_hooks(self, model: "AdaptedModel", adapter_name: str, total_steps: int) -> list[Any]:
         """Objects with optional ``on_loss(loss, step) -> loss`` / ``after_backward(step)`` /
-        ``after_step(step)`` that the training loop calls (AdaLoRA's rank allocator uses this)."""
+        ``after_step(step)`` that the training loop calls (AdaLoRA's rank allocator uses this).
+        A hook with state across steps also has ``state_dict() -> dict`` (flat: tensors and JSON
+        values) and ``load_state_dict(state)``: checkpoints save it and resume restores it."""
         return []
 
 

@@ -121,7 +121,37 @@ def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
         GlobalHydra.instance().clear()
     values.pop("hydra", None)
     values["recipe"] = recipe
+    drop_recipe_fields_of_other_method(values, recipe, rest)
     return values
+
+
+def _user_adapter_fields(overrides: list[str]) -> set[str]:
+    """The `adapter.<field>` names the user sets (`adapter.x=`, `+adapter.x=`, `++adapter.x=`)."""
+    keys = (item.split("=", 1)[0].lstrip("+") for item in overrides if "=" in item)
+    return {key.split(".")[1] for key in keys if key.startswith("adapter.")}
+
+
+def drop_recipe_fields_of_other_method(values: dict[str, Any], recipe: str, overrides: list[str]) -> None:
+    """`recipe=R adapter=M` with M another method than R's: R's own `adapter:` fields that M's
+    config does not have (e.g. prompt_tuning_init for LoRA) belong to R's method and are dropped.
+    Fields the user sets are kept, so a misspelt override still fails; with R's own method nothing
+    is dropped, so a misspelt recipe field fails too."""
+    import yaml
+
+    from peftctl.adapters.registry import available_methods, get_method
+
+    recipe_yaml = yaml.safe_load((resource_dir("recipes") / f"{recipe}.yaml").read_text()) or {}
+    own = recipe_yaml.get("adapter") or {}
+    adapter = values.get("adapter")
+    defaults = [d["adapter"] for d in recipe_yaml.get("defaults", []) if isinstance(d, dict) and "adapter" in d]
+    if not own or not isinstance(adapter, dict) or not defaults or adapter.get("method") not in available_methods():
+        return
+    group = yaml.safe_load((resource_dir("configs") / "adapter" / f"{defaults[0]}.yaml").read_text()) or {}
+    if group.get("method") == adapter["method"]:
+        return
+    fields = set(get_method(adapter["method"]).config_cls.field_names())
+    for key in set(own) - fields - _user_adapter_fields(overrides) - {"method"}:
+        adapter.pop(key, None)
 
 
 def compose_config(overrides: list[str] | None = None) -> RunConfig:

@@ -3,6 +3,8 @@
 checkpoints/step-000200/
   adapter/ (adapter_config.json, adapter_model.safetensors) · optimizer.pt · scheduler.pt · rng.pt
   trainer_state.json (step, epoch, position in the epoch, metrics so far)
+  hooks/<i>-<HookClass>.json + .safetensors   state of the method's training hooks that have
+      state_dict() / load_state_dict() (AdaLoRA's rank allocator): tensors and JSON values apart
 Written into a temporary folder and renamed, so a checkpoint folder is always complete.
 """
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ STATE_NAME = "trainer_state.json"
 # the trainable tensors as they are in memory: the PEFT-format adapter folds some of them away
 # (P-tuning's prompt encoder, prefix projection), and resume must continue from the unfolded ones
 TRAINABLE_NAME = "trainable.safetensors"
+HOOKS_DIR = "hooks"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -67,7 +71,41 @@ def restore_trainable_state(model: Any, tensors: dict[str, torch.Tensor], path: 
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
 
-def save_checkpoint(run_dir: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any], keep: int) -> Path:
+def _hook_stem(directory: Path, index: int, hook: Any) -> Path:
+    return directory / HOOKS_DIR / f"{index}-{type(hook).__name__}"
+
+
+def save_hook_states(directory: Path, hooks: Sequence[Any]) -> None:
+    """Each hook with ``state_dict()`` (a flat dict): tensor values into ``<stem>.safetensors``,
+    the other (JSON) values into ``<stem>.json``."""
+    for index, hook in enumerate(hooks):
+        if not callable(getattr(hook, "state_dict", None)):
+            continue
+        state = hook.state_dict()
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        values = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+        stem = _hook_stem(directory, index, hook)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(stem.with_suffix(".safetensors")))
+        stem.with_suffix(".json").write_text(json.dumps({"hook": type(hook).__name__, "state": values}, indent=2))
+
+
+def load_hook_states(path: Path, hooks: Sequence[Any]) -> None:
+    """Give each hook with ``load_state_dict()`` the state ``save_hook_states`` wrote for it."""
+    for index, hook in enumerate(hooks):
+        if not callable(getattr(hook, "load_state_dict", None)):
+            continue
+        stem = _hook_stem(path, index, hook)
+        if not stem.with_suffix(".json").is_file():  # a checkpoint from before hook states were saved
+            warnings.warn(f"checkpoint {path} holds no state for the training hook {type(hook).__name__}; "
+                          "it restarts from its initial state, so the resumed run is not exact", stacklevel=2)
+            continue
+        state = json.loads(stem.with_suffix(".json").read_text())["state"]
+        state.update(load_file(str(stem.with_suffix(".safetensors"))))
+        hook.load_state_dict(state)
+
+
+def save_checkpoint(run_dir: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any], keep: int, hooks: Sequence[Any] = ()) -> Path:
     target = checkpoint_dir(run_dir, state["step"])
     with atomic_directory(target) as tmp:
         save_adapter_dir(model, tmp / "adapter", adapter_name)
@@ -75,6 +113,7 @@ def save_checkpoint(run_dir: Path, model: Any, adapter_name: str, optimizer: Any
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}}, tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        save_hook_states(tmp, hooks)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2))
     _prune(run_dir, keep)
     return target
@@ -91,7 +130,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def load_checkpoint(path: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any, hooks: Sequence[Any] = ()) -> dict[str, Any]:
     if not (path / STATE_NAME).is_file():
         raise ConfigError(f"train.resume={str(path)!r} is not a checkpoint folder ({STATE_NAME} not found)")
     if (path / TRAINABLE_NAME).is_file():
@@ -104,4 +143,5 @@ def load_checkpoint(path: Path, model: Any, adapter_name: str, optimizer: Any, s
     if scaler is not None and saved["scaler"]:
         scaler.load_state_dict(saved["scaler"])
     restore_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
+    load_hook_states(path, hooks)
     return json.loads((path / STATE_NAME).read_text())

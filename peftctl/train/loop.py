@@ -111,7 +111,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
     def resume_from(self, checkpoint: Path) -> None:
-        saved = load_checkpoint(checkpoint, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler)
+        saved = load_checkpoint(checkpoint, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, self.hooks)
         self.state = LoopState(step=saved["step"], epoch=saved["epoch"], position=saved["position"], tokens=saved["tokens"])
         self.last_checkpoint = checkpoint
 
@@ -157,7 +157,7 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         state = {"step": self.state.step, "epoch": self.state.epoch, "position": self.state.position, "tokens": self.state.tokens, "total_steps": self.total_steps}
-        self.last_checkpoint = save_checkpoint(self.run_dir, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, state, self.cfg.train.keep_checkpoints)
+        self.last_checkpoint = save_checkpoint(self.run_dir, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, state, self.cfg.train.keep_checkpoints, self.hooks)
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after_step: int | None = None) -> dict[str, Any]:

@@ -175,3 +175,77 @@ def test_gpt2_conv1d_merge_and_peft(tmp_path):
 
 def test_yaml_config():
     check_yaml("adalora")
+
+
+def _run_steps(adapted: AdaptedModel, hooks: list, opt: torch.optim.Optimizer, steps: range) -> None:
+    """The product loop's hook protocol over the given (0-based) optimizer steps."""
+    ids = input_ids()
+    adapted.train()
+    for step in steps:
+        loss = adapted(input_ids=ids, labels=ids).loss
+        for hook in hooks:
+            loss = hook.on_loss(loss, step)
+        loss.backward()
+        for hook in hooks:
+            hook.after_backward(step)
+        opt.step()
+        for hook in hooks:
+            hook.after_step(step)
+        opt.zero_grad()
+
+
+def _fresh(initial: AdaptedModel) -> tuple[AdaptedModel, list, torch.optim.Optimizer]:
+    import copy
+
+    adapted = copy.deepcopy(initial)
+    hooks = get_method("adalora").training_hooks(adapted, "default", 12)
+    return adapted, hooks, torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
+
+
+def test_allocator_state_round_trips_through_checkpoint_files(tmp_path):
+    """Stop after step 6 (pruning has begun), keep weights + optimizer + the allocator's state via the
+    checkpoint's hook files, continue in a fresh model: same weights and rank pattern as 12 steps in
+    one go. deltaT=2, the last allocation was one step before the stop: pruned values have moved since, and must
+    not be re-masked on load."""
+    import json
+    from pathlib import Path
+
+    from peftctl.train.checkpoint import load_hook_states, restore_trainable_state, save_hook_states, trainable_state
+
+    initial = get_adapted_model(tiny_llama(), cfg(deltaT=2, beta1=0.95, beta2=0.95))
+    straight, hooks, opt = _fresh(initial)
+    _run_steps(straight, hooks, opt, range(12))
+
+    first, hooks, opt = _fresh(initial)
+    _run_steps(first, hooks, opt, range(6))
+    assert first.peft_config["default"].rank_pattern is not None
+    save_hook_states(tmp_path, hooks)
+    saved = json.loads((tmp_path / "hooks" / "0-RankAllocator.json").read_text())
+    assert saved["state"]["rank_pattern"] == first.peft_config["default"].rank_pattern
+    weights, opt_state = trainable_state(first), opt.state_dict()
+
+    def resumed(checkpoint: Path) -> AdaptedModel:
+        model, hooks, opt = _fresh(initial)
+        restore_trainable_state(model, weights, checkpoint)
+        opt.load_state_dict(opt_state)
+        load_hook_states(checkpoint, hooks)
+        _run_steps(model, hooks, opt, range(6, 12))
+        return model
+
+    exact = resumed(tmp_path)
+    assert exact.peft_config["default"].rank_pattern == straight.peft_config["default"].rank_pattern
+    expected, got = trainable_state(straight), trainable_state(exact)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    # the state matters: without it the allocator restarts its sensitivity averages and drifts
+    # (a checkpoint from before hook states were saved: resumes, with a warning)
+    (tmp_path / "old").mkdir()
+    with pytest.warns(UserWarning, match="holds no state for the training hook RankAllocator"):
+        drifted = resumed(tmp_path / "old")
+    assert drifted.peft_config["default"].rank_pattern != straight.peft_config["default"].rank_pattern
+
+
+def test_allocator_state_that_does_not_fit_is_refused():
+    adapted = get_adapted_model(tiny_llama(), cfg())
+    hook = get_method("adalora").training_hooks(adapted, "default", 12)[0]
+    with pytest.raises(ConfigError, match="model.layers.0.self_attn.q_proj.lora_A"):
+        hook.load_state_dict({"exp_avg_ipt.model.layers.0.self_attn.q_proj.lora_A": torch.zeros(3, 32), "rank_pattern": None})
