@@ -2,13 +2,14 @@
 
 The forward never materialises ΔW: y = base(x) + B(A(dropout(x))) · s (paper eq. 3).
 rsLoRA (Kalajdzievski, 2023): s = lora_alpha / sqrt(r). DoRA (use_dora) lives in dora.py, the
-PiSSA / OLoRA / Gaussian initialisations in lora_init.py. Layer types: nn.Linear, GPT-2 Conv1D
+PiSSA / OLoRA / Gaussian initialisations in lora_init.py, EVA in lora_eva.py. Layer types: nn.Linear, GPT-2 Conv1D
 (weights stored (in, out): fan_in_fan_out), nn.Embedding, nn.Conv1d / nn.Conv2d / nn.Conv3d.
 """
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftctl.adapters import dora, lora_init
+from peftctl.adapters import dora, lora_eva, lora_init
 from peftctl.adapters.layer_utils import is_gpt2_conv1d
 from peftctl.adapters.base import AdapterLayer
 from peftctl.adapters.config import AdapterConfig
@@ -26,8 +27,8 @@ from peftctl.errors import ConfigError
 if TYPE_CHECKING:
     from peftctl.adapters.model import AdaptedModel
 
-INIT_CHOICES = "true, false, 'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq'"
-NOT_IMPLEMENTED_INITS = ("eva", "corda", "lora_ga")
+INIT_CHOICES = "true, false, 'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq', 'eva'"
+NOT_IMPLEMENTED_INITS = ("corda", "lora_ga")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layer_replication: list[list[int]] | None = None
     loftq_config: dict[str, Any] = field(default_factory=dict)
+    eva_config: dict[str, Any] | None = None  # EVA's options (lora_eva.EVA_DEFAULTS), init_lora_weights='eva'
 
     def validate(self) -> None:
         super().validate()
@@ -57,10 +59,13 @@ class LoraConfig(AdapterConfig):
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower() in NOT_IMPLEMENTED_INITS:
             raise ConfigError(f"adapter.init_lora_weights={init!r} is not implemented in peftctl; expected one of {INIT_CHOICES}")
-        valid_init = isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq") or (
+        valid_init = isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq", "eva") or (
             isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_"):].isdigit()
         )
         self._check(valid_init, "init_lora_weights", init, f"expected one of {INIT_CHOICES}")
+        lora_eva.validate_eva_config(self.eva_config)
+        if self.eva_config is not None and init != "eva":
+            warnings.warn("adapter.eva_config is ignored unless init_lora_weights is 'eva'")
         for name, rank in self.rank_pattern.items():
             if not (isinstance(rank, int) and rank > 0):
                 raise ConfigError(f"adapter.rank_pattern[{name!r}]={rank!r} is not valid; expected an integer > 0")
