@@ -104,7 +104,29 @@ def build_model_and_data(cfg: RunConfig, device: Any = None) -> tuple[Any, Any, 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapter_config = task_adapter_defaults(adapter_config, model, cfg.model.task_type, path)
     adapted = get_adapted_model(model, adapter_config, ADAPTER_NAME)
+    if getattr(adapter_config, "init_lora_weights", None) == "eva":
+        eva_initialise(adapted, data.train, cfg, tokenizer.pad_token_id, device)
     return adapted, tokenizer, data
+
+
+EVA_MAX_BATCHES = 500  # EVA re-reads the training batches until its components converge; this caps it
+
+
+def eva_initialise(adapted: Any, examples: list[Any], cfg: RunConfig, pad_id: int, device: Any = None) -> None:
+    """init_lora_weights='eva': A from the SVD of the layers' inputs over training batches
+    (train.batch_size, the run's seed order), B = 0; ranks redistributed (adapters/lora_eva.py)."""
+    import random
+
+    from peftctl.adapters.lora_eva import initialize_lora_eva_weights
+    from peftctl.data.tokenize import collate
+
+    order = list(range(len(examples)))
+    random.Random(cfg.train.seed).shuffle(order)
+    size = cfg.train.batch_size
+    batches = [collate([examples[i] for i in order[start : start + size]], pad_id) for start in range(0, len(order), size)]
+    if device is not None and not getattr(adapted.model, "is_quantized", False):
+        adapted.to(device)  # the SVD runs where training will
+    initialize_lora_eva_weights(adapted, batches, ADAPTER_NAME, max_batches=EVA_MAX_BATCHES)
 
 
 def task_adapter_defaults(adapter_config: Any, model: Any, task_type: str, model_path: str) -> Any:
