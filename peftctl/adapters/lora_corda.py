@@ -74,6 +74,11 @@ def corda_targets(model: nn.Module, config: "LoraConfig") -> dict[str, nn.Module
     }
 
 
+def _check_full_precision(name: str, module: nn.Module) -> None:
+    if not module.weight.dtype.is_floating_point:
+        raise ConfigError(f"init_lora_weights='corda' needs full-precision weights, but {name} is quantized ({module.weight.dtype}); use quant=none (quantize the residual model afterwards)")
+
+
 def _oriented(module: nn.Module) -> torch.Tensor:
     weight = module.weight.detach().float()
     return weight.T if is_gpt2_conv1d(module) else weight
@@ -189,6 +194,8 @@ def preprocess_corda(
     targets = corda_targets(model, config)
     if not targets:
         raise ConfigError("init_lora_weights='corda' found no Linear / Conv1D layer to initialise; check adapter.target_modules")
+    for name, module in targets.items():
+        _check_full_precision(name, module)
     cache_file, covariance_file = options["cache_file"], options["covariance_file"]
     device = next(model.parameters()).device
     if cache_file and os.path.isfile(cache_file) and os.path.getsize(cache_file) > 0:
@@ -233,6 +240,7 @@ def apply_corda(layer: "LoraLayer", adapter_name: str, config: "LoraConfig") -> 
     if not isinstance(layer, LoraLinear):
         raise ConfigError(f"adapter.init_lora_weights='corda' supports Linear / Conv1D layers only, not {layer.module_name} ({type(layer.base_layer).__name__}); narrow adapter.target_modules")
     base = layer.base_layer
+    _check_full_precision(layer.module_name, base)
     eigens = getattr(base, EIGENS_ATTR, None)
     cache_file = corda_options(config)["cache_file"]
     if eigens is None and cache_file and os.path.isfile(cache_file):
