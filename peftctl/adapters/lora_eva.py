@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from itertools import cycle
 from typing import TYPE_CHECKING, Any
 
@@ -251,6 +251,8 @@ def get_eva_state_dict(
                 active = [rep for rep in groups if not bool(converged[rep][: needed[rep]].all())]
                 if not active:
                     break
+                if isinstance(dataloader, Sized) and step >= len(dataloader) and not all(p.fitted for p in pcas.values()):
+                    break  # a whole pass gave some layer no batch with enough tokens: it never will
                 if max_batches is not None and step >= max_batches:
                     warnings.warn(f"EVA: {len(active)} of {len(groups)} layer groups had not converged (tau={options['tau']}) after {max_batches} batches; using their current components")
                     break

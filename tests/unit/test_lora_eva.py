@@ -281,6 +281,10 @@ def test_eva_config_errors_name_the_key() -> None:
     adapted = get_adapted_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="needs a LoRA adapter 'default' with init_lora_weights='eva'"):
         initialize_lora_eva_weights(adapted, _lm_batches())
+    # batches of 6 tokens cannot feed a 16-component PCA: an error, not an endless loop
+    short = [{"input_ids": torch.randint(0, 300, (1, 6))} for _ in range(3)]
+    with pytest.raises(ConfigError, match="fewer tokens than the 16 components"):
+        _eva(tiny_llama(), short, r=8, target_modules=["q_proj"])
 
 
 def test_peftctl_train_adapter_eva_saves_an_adapter_peft_loads(tmp_path: Path) -> None:
