@@ -227,12 +227,7 @@ def get_eva_state_dict(
     first = next(iter(dataloader), None)
     if first is None:
         raise ConfigError("init_lora_weights='eva' needs data, but the dataloader is empty")
-    rho = float(options["rho"])
-    if rho > RHO_THRESHOLD:
-        rho = min(rho, max(max(p.shape) for p in adapted.parameters()) // config.r)
-    ranks = {name: config.rank_and_alpha_for(name)[0] for name in layers}
-    max_components = {name: min(round(ranks[name] * rho), layers[name].in_features) for name in layers}
-    budget = sum(ranks.values())
+    max_components, budget = _component_limits(adapted, config, layers, options)
     device = next(adapted.parameters()).device
     training = adapted.training
     adapted.eval()
@@ -241,42 +236,72 @@ def get_eva_state_dict(
             groups = _equal_input_groups(adapted, layers, _move(first, device), options, forward_fn)
             for members in groups.values():  # layers sharing an input offer equally many components
                 top = max(max_components[m] for m in members)
-                for m in members:
-                    max_components[m] = top
-            pcas = {rep: IncrementalPCA(max_components[rep]) for rep in groups}
-            converged = {rep: torch.zeros(max_components[rep], dtype=torch.bool) for rep in groups}
-            rank_dist = dict(max_components)
-            for step, batch in enumerate(_cycle(dataloader)):
-                needed = {rep: max(rank_dist[m] for m in members) for rep, members in groups.items()}
-                active = [rep for rep in groups if not bool(converged[rep][: needed[rep]].all())]
-                if not active:
-                    break
-                if isinstance(dataloader, Sized) and step >= len(dataloader) and not all(p.fitted for p in pcas.values()):
-                    break  # a whole pass gave some layer no batch with enough tokens: it never will
-                if max_batches is not None and step >= max_batches:
-                    warnings.warn(f"EVA: {len(active)} of {len(groups)} layer groups had not converged (tau={options['tau']}) after {max_batches} batches; using their current components")
-                    break
-                _update(adapted, layers, _move(batch, device), active, pcas, converged, options, forward_fn)
-                if all(p.fitted for p in pcas.values()):
-                    ratios = {name: pcas[rep].explained_variance_ratio for rep, members in groups.items() for name in members}
-                    ordered = {name: ratios[name] for name in layers}
-                    rank_dist = distribute_ranks(ordered, max_components, budget)
+                max_components.update({m: top for m in members})
+            fit = _Fit(adapted, layers, groups, max_components, budget, options, forward_fn)
+            fit.run(dataloader, device, max_batches)
     finally:
         adapted.train(training)
-    unfitted = [rep for rep, p in pcas.items() if not p.fitted]
-    if unfitted:
-        raise ConfigError(f"EVA: every batch had fewer tokens than the {max_components[unfitted[0]]} components {unfitted[0]} needs; use larger batches or a smaller adapter.eva_config.rho")
-    out = {}
-    for rep, members in groups.items():
-        pca = pcas[rep]
-        assert pca.components is not None and pca.singular_values is not None
-        for name in members:
-            k = rank_dist[name]
-            a = pca.components[:k].clone()
-            if options["whiten"]:
-                a = a / pca.singular_values[:k].sqrt()[:, None]
-            out[name] = a
-    return {name: out[name] for name in layers}
+    return fit.components(options["whiten"])
+
+
+def _component_limits(adapted: "AdaptedModel", config: "LoraConfig", layers: Mapping[str, "LoraLayer"], options: Mapping[str, Any]) -> tuple[dict[str, int], int]:
+    """({layer: round(rho·r_l) components it may offer}, the rank budget Σ r_l)."""
+    rho = float(options["rho"])
+    if rho > RHO_THRESHOLD:  # as PEFT: very large rho means "no cap", bounded by the widest tensor
+        rho = min(rho, max((max(p.shape) for p in adapted.parameters() if p.dim() > 0), default=1) // config.r)
+    ranks = {name: config.rank_and_alpha_for(name)[0] for name in layers}
+    limits = {name: min(round(ranks[name] * rho), layers[name].in_features) for name in layers}
+    return limits, sum(ranks.values())
+
+
+class _Fit:
+    """The incremental PCAs (one per group of layers with equal inputs), fed batch by batch until
+    every group's components up to its current rank have converged."""
+
+    def __init__(self, adapted: "AdaptedModel", layers: Mapping[str, nn.Module], groups: dict[str, list[str]], max_components: dict[str, int], budget: int, options: Mapping[str, Any], forward_fn: Callable[[nn.Module, Any], Any]) -> None:
+        self.adapted, self.layers, self.groups = adapted, layers, groups
+        self.max_components, self.budget, self.options, self.forward_fn = max_components, budget, options, forward_fn
+        self.pcas = {rep: IncrementalPCA(max_components[rep]) for rep in groups}
+        self.converged = {rep: torch.zeros(max_components[rep], dtype=torch.bool) for rep in groups}
+        self.rank_dist = dict(max_components)
+
+    def active(self) -> list[str]:
+        """Groups whose components up to the largest rank among their layers are not yet stable."""
+        needed = {rep: max(self.rank_dist[m] for m in members) for rep, members in self.groups.items()}
+        return [rep for rep in self.groups if not bool(self.converged[rep][: needed[rep]].all())]
+
+    def all_fitted(self) -> bool:
+        return all(p.fitted for p in self.pcas.values())
+
+    def run(self, dataloader: Iterable[Any], device: torch.device, max_batches: int | None) -> None:
+        for step, batch in enumerate(_cycle(dataloader)):
+            active = self.active()
+            if not active:
+                break
+            if isinstance(dataloader, Sized) and step >= len(dataloader) and not self.all_fitted():
+                break  # a whole pass gave some layer no batch with enough tokens: it never will
+            if max_batches is not None and step >= max_batches:
+                warnings.warn(f"EVA: {len(active)} of {len(self.groups)} layer groups had not converged (tau={self.options['tau']}) after {max_batches} batches; using their current components")
+                break
+            _update(self.adapted, self.layers, _move(batch, device), active, self.pcas, self.converged, self.options, self.forward_fn)
+            if self.all_fitted():
+                ratios = {name: self.pcas[rep].explained_variance_ratio for rep, members in self.groups.items() for name in members}
+                self.rank_dist = distribute_ranks({name: ratios[name] for name in self.layers}, self.max_components, self.budget)
+        unfitted = [rep for rep, p in self.pcas.items() if not p.fitted]
+        if unfitted:
+            raise ConfigError(f"EVA: every batch had fewer tokens than the {self.max_components[unfitted[0]]} components {unfitted[0]} needs; use larger batches or a smaller adapter.eva_config.rho")
+
+    def components(self, whiten: bool) -> dict[str, torch.Tensor]:
+        """{layer: its top rank_dist[layer] components}, divided by sqrt(σ) when whitening."""
+        out = {}
+        for rep, members in self.groups.items():
+            pca = self.pcas[rep]
+            assert pca.components is not None and pca.singular_values is not None
+            for name in members:
+                k = self.rank_dist[name]
+                a = pca.components[:k].clone()
+                out[name] = a / pca.singular_values[:k].sqrt()[:, None] if whiten else a
+        return {name: out[name] for name in self.layers}
 
 
 def _cycle(dataloader: Iterable[Any]) -> Iterator[Any]:
