@@ -2,14 +2,15 @@
 
 The forward never materialises ΔW: y = base(x) + B(A(dropout(x))) · s (paper eq. 3).
 rsLoRA (Kalajdzievski, 2023): s = lora_alpha / sqrt(r). DoRA (use_dora) lives in dora.py, the
-PiSSA / OLoRA / Gaussian initialisations in lora_init.py. Layer types (all with DoRA too):
-nn.Linear, GPT-2 Conv1D (weights stored (in, out): fan_in_fan_out), nn.Embedding,
-nn.Conv1d / nn.Conv2d / nn.Conv3d.
+PiSSA / OLoRA / Gaussian initialisations in lora_init.py, EVA in lora_eva.py, CorDA in lora_corda.py.
+Layer types (all with DoRA too): nn.Linear, GPT-2 Conv1D (weights stored (in, out): fan_in_fan_out),
+nn.Embedding, nn.Conv1d / nn.Conv2d / nn.Conv3d.
 """
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftctl.adapters import dora, lora_init
+from peftctl.adapters import dora, lora_corda, lora_eva, lora_init
 from peftctl.adapters.layer_utils import is_gpt2_conv1d
 from peftctl.adapters.base import AdapterLayer
 from peftctl.adapters.config import AdapterConfig
@@ -27,8 +28,8 @@ from peftctl.errors import ConfigError
 if TYPE_CHECKING:
     from peftctl.adapters.model import AdaptedModel
 
-INIT_CHOICES = "true, false, 'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq'"
-NOT_IMPLEMENTED_INITS = ("eva", "corda", "lora_ga")
+INIT_CHOICES = "true, false, 'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq', 'eva', 'corda'"
+NOT_IMPLEMENTED_INITS = ("lora_ga",)
 
 
 @dataclass
@@ -48,6 +49,8 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layer_replication: list[list[int]] | None = None
     loftq_config: dict[str, Any] = field(default_factory=dict)
+    eva_config: dict[str, Any] | None = None  # EVA's options (lora_eva.EVA_DEFAULTS), init_lora_weights='eva'
+    corda_config: dict[str, Any] | None = None  # CorDA's options (lora_corda.CORDA_DEFAULTS), init_lora_weights='corda'
 
     def validate(self) -> None:
         super().validate()
@@ -58,10 +61,16 @@ class LoraConfig(AdapterConfig):
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower() in NOT_IMPLEMENTED_INITS:
             raise ConfigError(f"adapter.init_lora_weights={init!r} is not implemented in peftctl; expected one of {INIT_CHOICES}")
-        valid_init = isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq") or (
+        valid_init = isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "loftq", "eva", "corda") or (
             isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_"):].isdigit()
         )
         self._check(valid_init, "init_lora_weights", init, f"expected one of {INIT_CHOICES}")
+        lora_eva.validate_eva_config(self.eva_config)
+        if self.eva_config is not None and init != "eva":
+            warnings.warn("adapter.eva_config is ignored unless init_lora_weights is 'eva'")
+        lora_corda.validate_corda_config(self.corda_config)
+        if self.corda_config is not None and init != "corda":
+            warnings.warn("adapter.corda_config is ignored unless init_lora_weights is 'corda'")
         for name, rank in self.rank_pattern.items():
             if not (isinstance(rank, int) and rank > 0):
                 raise ConfigError(f"adapter.rank_pattern[{name!r}]={rank!r} is not valid; expected an integer > 0")
@@ -127,6 +136,8 @@ class LoraLayer(AdapterLayer):
             from peftctl.adapters.loftq import apply_loftq
 
             apply_loftq(self, adapter_name, config.loftq_config)
+        if config.init_lora_weights == "corda":
+            lora_corda.apply_corda(self, adapter_name, config)
         if config.use_dora:
             magnitude = dora.weight_norm(self.oriented_weight(), self.lora_delta(adapter_name))
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(dora.magnitude_layout(magnitude, self.weight.dim()))

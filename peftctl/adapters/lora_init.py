@@ -97,7 +97,7 @@ def _mutating_init(layer: "LoraLayer", adapter_name: str, init: str) -> None:
 
 
 def is_mutating(init: bool | str) -> bool:
-    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda"))
 
 
 def convert_state(current: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,6 +130,7 @@ def save_as_plain_lora(model: "AdaptedModel", directory: str | os.PathLike, adap
     # doubling r and alpha keeps s: alpha/r, or alpha/sqrt(r) with rsLoRA (alpha·sqrt 2)
     new_config = config.replace(
         init_lora_weights=True,
+        corda_config=None,  # CorDA's options describe the init that the conversion undoes
         r=config.r * 2,
         lora_alpha=config.lora_alpha * (2**0.5 if config.use_rslora else 2),
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},

@@ -56,9 +56,9 @@ def _resume_checkpoint(cfg: RunConfig) -> Path | None:
 
 
 def mutates_base_weights(adapter_cfg: Any) -> bool:
-    """True for inits that rewrite the base weights (PiSSA, OLoRA)."""
+    """True for inits that rewrite the base weights (PiSSA, OLoRA, CorDA)."""
     init = getattr(adapter_cfg, "init_lora_weights", True)
-    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda"))
 
 
 def uses_loftq(cfg: RunConfig) -> bool:
@@ -103,8 +103,39 @@ def build_model_and_data(cfg: RunConfig, device: Any = None) -> tuple[Any, Any, 
     elif cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapter_config = task_adapter_defaults(adapter_config, model, cfg.model.task_type, path)
+    init = getattr(adapter_config, "init_lora_weights", None)
+    if init in ("eva", "corda") and device is not None and not getattr(model, "is_quantized", False):
+        model.to(device)  # the data-driven inits run where training will
+    if init == "corda":
+        from peftctl.adapters.lora_corda import preprocess_corda
+
+        batches = sample_batches(data.train, cfg, tokenizer.pad_token_id, CORDA_MAX_SAMPLES)
+        preprocess_corda(model, adapter_config, dataloader=batches)
     adapted = get_adapted_model(model, adapter_config, ADAPTER_NAME)
+    if init == "eva":
+        from peftctl.adapters.lora_eva import initialize_lora_eva_weights
+
+        batches = sample_batches(data.train, cfg, tokenizer.pad_token_id)
+        initialize_lora_eva_weights(adapted, batches, ADAPTER_NAME, max_batches=EVA_MAX_BATCHES)
     return adapted, tokenizer, data
+
+
+EVA_MAX_BATCHES = 500  # EVA re-reads the training batches until its components converge; this caps it
+CORDA_MAX_SAMPLES = 256  # CorDA's covariance: PEFT suggests ~256 samples
+
+
+def sample_batches(examples: list[Any], cfg: RunConfig, pad_id: int, limit: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The data-driven inits' batches (EVA, CorDA): training examples in the run's seed order
+    (the first ``limit``), collated in train.batch_size batches."""
+    import random
+
+    from peftctl.data.tokenize import collate
+
+    order = list(range(len(examples)))
+    random.Random(cfg.train.seed).shuffle(order)
+    order = order[:limit] if limit is not None else order
+    size = cfg.train.batch_size
+    return [collate([examples[i] for i in order[start : start + size]], pad_id) for start in range(0, len(order), size)]
 
 
 def task_adapter_defaults(adapter_config: Any, model: Any, task_type: str, model_path: str) -> Any:

@@ -190,8 +190,8 @@ def test_config_errors_name_the_field() -> None:
         LoraConfig.from_dict({"r": 0})
     with pytest.raises(ConfigError, match="adapter.bias"):
         LoraConfig.from_dict({"bias": "some"})
-    with pytest.raises(ConfigError, match="init_lora_weights='eva' is not implemented"):
-        LoraConfig.from_dict({"init_lora_weights": "eva"})
+    with pytest.raises(ConfigError, match="init_lora_weights='lora_ga' is not implemented"):
+        LoraConfig.from_dict({"init_lora_weights": "lora_ga"})
     with pytest.raises(ConfigError, match="init_lora_weights='pissa' supports Linear"):
         _adapted(dict(target_modules=["conv2d"]), "pissa")
 
