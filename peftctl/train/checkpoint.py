@@ -2,6 +2,7 @@
 
 checkpoints/step-000200/
   adapter/ (adapter_config.json, adapter_model.safetensors) · optimizer.pt · scheduler.pt · rng.pt
+  (+ rng-rank<r>.pt per further rank of a data-parallel run)
   trainer_state.json (step, epoch, position in the epoch, metrics so far)
   hooks/<i>-<HookClass>.json + .safetensors   state of the method's training hooks that have
       state_dict() / load_state_dict() (AdaLoRA's rank allocator): tensors and JSON values apart
@@ -105,14 +106,21 @@ def load_hook_states(path: Path, hooks: Sequence[Any]) -> None:
         hook.load_state_dict(state)
 
 
-def save_checkpoint(run_dir: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any], keep: int, hooks: Sequence[Any] = ()) -> Path:
+def rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
+def save_checkpoint(run_dir: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any], keep: int,
+                    hooks: Sequence[Any] = (), rank_rngs: list[dict[str, Any]] | None = None) -> Path:
+    """``rank_rngs``: every rank's RNG state in rank order (data-parallel runs); default: this process's."""
     target = checkpoint_dir(run_dir, state["step"])
     with atomic_directory(target) as tmp:
         save_adapter_dir(model, tmp / "adapter", adapter_name)
         save_file(trainable_state(model), str(tmp / TRAINABLE_NAME))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}}, tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        for rank, state_of_rank in enumerate(rank_rngs or [rng_state()]):
+            torch.save(state_of_rank, tmp / rng_file(rank))
         save_hook_states(tmp, hooks)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2))
     _prune(run_dir, keep)
@@ -130,7 +138,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def load_checkpoint(path: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any, hooks: Sequence[Any] = ()) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any, hooks: Sequence[Any] = (), rank: int = 0) -> dict[str, Any]:
     if not (path / STATE_NAME).is_file():
         raise ConfigError(f"train.resume={str(path)!r} is not a checkpoint folder ({STATE_NAME} not found)")
     if (path / TRAINABLE_NAME).is_file():
@@ -142,6 +150,10 @@ def load_checkpoint(path: Path, model: Any, adapter_name: str, optimizer: Any, s
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved["scaler"]:
         scaler.load_state_dict(saved["scaler"])
-    restore_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
+    rng_path = path / rng_file(rank)
+    if not rng_path.is_file():  # resumed with more ranks than the run had
+        warnings.warn(f"checkpoint {path} holds no RNG state for rank {rank}; it continues rank 0's stream", stacklevel=2)
+        rng_path = path / rng_file(0)
+    restore_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
     load_hook_states(path, hooks)
     return json.loads((path / STATE_NAME).read_text())

@@ -13,7 +13,8 @@ import torch
 from peftctl.data.tokenize import Example, collate
 from peftctl.errors import TrainingError
 from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
-from peftctl.train.checkpoint import load_checkpoint, save_checkpoint
+from peftctl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
+from peftctl.train.distributed import SINGLE, DistInfo, broadcast_parameters, gather_objects, sum_gradients, sum_values
 from peftctl.train.logging import MetricsLog, Progress
 from peftctl.train.optim import build_optimizer, build_scheduler
 
@@ -48,11 +49,12 @@ def micro_batches(examples: list[Example], batch_size: int, seed: int, state: Lo
         state.position = 0
 
 
-def total_optimizer_steps(n_examples: int, train_cfg: Any) -> int:
+def total_optimizer_steps(n_examples: int, train_cfg: Any, world_size: int = 1) -> int:
+    """train.max_steps, or the steps of train.epochs epochs (each step takes grad_accum micro-batches per rank)."""
     if train_cfg.max_steps > 0:
         return train_cfg.max_steps
     per_epoch = math.ceil(n_examples / train_cfg.batch_size)
-    return max(1, math.ceil(train_cfg.epochs * per_epoch / train_cfg.grad_accum))
+    return max(1, math.ceil(train_cfg.epochs * per_epoch / (train_cfg.grad_accum * world_size)))
 
 
 def task_loss(task_type: str) -> Any:
@@ -90,17 +92,24 @@ def autocast(device: torch.device, precision: str) -> Any:
 
 
 class Trainer:
-    """Runs the loop for one adapter of an AdaptedModel. Construct, then ``fit()``."""
+    """Runs the loop for one adapter of an AdaptedModel. Construct, then ``fit()``.
 
-    def __init__(self, model: Any, adapter_name: str, train_data: list[Example], eval_data: list[Example], cfg: Any, run_dir: Path, device: torch.device, pad_id: int, quiet: bool = False) -> None:
+    With ``dist`` (several ranks, train/distributed.py) each optimizer step's micro-batches are
+    dealt round-robin to the ranks and the adapter's gradients summed across them; rank 0 alone
+    logs, evaluates and writes checkpoints."""
+
+    def __init__(self, model: Any, adapter_name: str, train_data: list[Example], eval_data: list[Example], cfg: Any, run_dir: Path, device: torch.device, pad_id: int,
+                 quiet: bool = False, dist: DistInfo = SINGLE) -> None:
         from peftctl.adapters.registry import get_method
 
+        self.dist = dist
         self.model, self.adapter_name, self.cfg = model, adapter_name, cfg
         self.train_data, self.eval_data = train_data, eval_data
         self.run_dir, self.device, self.pad_id, self.quiet = run_dir, device, pad_id, quiet
-        self.total_steps = total_optimizer_steps(len(train_data), cfg.train)
+        self.total_steps = total_optimizer_steps(len(train_data), cfg.train, dist.world_size)
         self.task_type = cfg.model.task_type
         self.optimizer = build_optimizer(model.parameters(), cfg.train)
+        broadcast_parameters(self._trainable(), dist)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)
         fp16 = cfg.train.precision == "fp16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16) if fp16 else None
@@ -110,8 +119,11 @@ class Trainer:
         self.last_checkpoint: Path | None = None
 
     # ------------------------------------------------------------------ pieces
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def resume_from(self, checkpoint: Path) -> None:
-        saved = load_checkpoint(checkpoint, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, self.hooks)
+        saved = load_checkpoint(checkpoint, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, self.hooks, rank=self.dist.rank)
         self.state = LoopState(step=saved["step"], epoch=saved["epoch"], position=saved["position"], tokens=saved["tokens"])
         self.last_checkpoint = checkpoint
 
@@ -123,10 +135,11 @@ class Trainer:
                 value = function(*args) if name != "on_loss" else function(value, *args[1:])
         return value
 
-    def _optimizer_step(self, group: list[list[Example]]) -> tuple[float, float]:
-        """Forward/backward over the accumulation group, then one optimizer step. (loss, grad norm)."""
-        n_tokens = max(sum(label_tokens(b, self.task_type) for b in group), 1)
-        loss_total = 0.0
+    def _optimizer_step(self, group: list[list[Example]], n_tokens: int) -> tuple[float, float]:
+        """Forward/backward over this rank's micro-batches of the step, gradients summed across
+        ranks, then one optimizer step. ``n_tokens``: label tokens of the whole (global) step.
+        Returns (loss, grad norm)."""
+        loss_total, tokens, bad_loss = 0.0, 0, None
         for micro in group:
             batch = to_device(collate(micro, self.pad_id), self.device)
             with autocast(self.device, self.cfg.train.precision):
@@ -134,15 +147,22 @@ class Trainer:
             loss = loss_sum / n_tokens  # token-weighted mean over the whole accumulated batch
             loss = self._hook("on_loss", loss, self.state.step)
             if not torch.isfinite(loss):
-                where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
-                raise TrainingError(f"loss became {float(loss.detach())} at step {self.state.step + 1}; training stopped ({where}). Try a lower train.lr or train.precision=fp32")
+                bad_loss = float(loss.detach())
+                continue  # no backward of a non-finite loss; every rank stops below
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += float(loss.detach())
-            self.state.tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum())
+        loss_total, tokens, n_bad = sum_values([loss_total, tokens, float(bad_loss is not None)], self.device, self.dist)
+        if n_bad:
+            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            value = bad_loss if bad_loss is not None else "non-finite on another rank"
+            raise TrainingError(f"loss became {value} at step {self.state.step + 1}; training stopped ({where}). Try a lower train.lr or train.precision=fp32")
+        self.state.tokens += int(tokens)
+        params = self._trainable()
+        sum_gradients(params, self.dist)
         self._hook("after_backward", self.state.step)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        params = [p for group_ in self.optimizer.param_groups for p in group_["params"]]
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if self.scaler:
@@ -157,13 +177,17 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         state = {"step": self.state.step, "epoch": self.state.epoch, "position": self.state.position, "tokens": self.state.tokens, "total_steps": self.total_steps}
-        self.last_checkpoint = save_checkpoint(self.run_dir, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, state, self.cfg.train.keep_checkpoints, self.hooks)
+        rank_rngs = gather_objects(rng_state(), self.dist)  # every rank's dropout stream, for resume
+        if self.dist.is_main:
+            self.last_checkpoint = save_checkpoint(self.run_dir, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, state,
+                                                   self.cfg.train.keep_checkpoints, self.hooks, rank_rngs=rank_rngs)
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after_step: int | None = None) -> dict[str, Any]:
         train_cfg = self.cfg.train
-        log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.state.step)
-        progress = Progress(self.total_steps, self.state.step, self.quiet)
+        main = self.dist.is_main
+        log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.state.step) if main else None
+        progress = Progress(self.total_steps, self.state.step, self.quiet or not main)
         batches = micro_batches(self.train_data, train_cfg.batch_size, train_cfg.seed, self.state)
         self.model.train()
         window_start, window_tokens = time.perf_counter(), self.state.tokens
@@ -171,9 +195,11 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             while self.state.step < self.total_steps:
-                group = [next(batches) for _ in range(train_cfg.grad_accum)]
+                # the step's micro-batches, dealt round-robin to the ranks (one rank: all of them)
+                step_batches = [next(batches) for _ in range(train_cfg.grad_accum * self.dist.world_size)]
+                n_tokens = max(sum(label_tokens(b, self.task_type) for b in step_batches), 1)
                 lr = self.scheduler.get_last_lr()[0]
-                loss, grad_norm = self._optimizer_step(group)
+                loss, grad_norm = self._optimizer_step(step_batches[self.dist.rank :: self.dist.world_size], n_tokens)
                 self.state.step += 1
                 step = self.state.step
                 elapsed = time.perf_counter() - window_start
@@ -182,11 +208,11 @@ class Trainer:
                 if self.device.type == "cuda":
                     record["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 log_now = train_cfg.log_every > 0 and (step % train_cfg.log_every == 0 or step == self.total_steps)
-                if log_now:
+                if log_now and log is not None:
                     log.write(record)
                     window_start, window_tokens = time.perf_counter(), self.state.tokens
                 progress.update(step, {"loss": loss, "lr": lr, "tok/s": round(record["tokens_per_s"])}, log_now)
-                if self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
+                if main and self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
                     eval_loss = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision, self.task_type)
                     log.write({"step": step, "eval_loss": eval_loss})
                     progress.message(f"step {step}  eval_loss {eval_loss:.4f}")
@@ -197,7 +223,7 @@ class Trainer:
         finally:
             progress.close()
         result: dict[str, Any] = {"completed": True, "steps": self.state.step}
-        if self.eval_data:
+        if main and self.eval_data:
             result["eval_loss"] = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision, self.task_type)
             log.write({"step": self.state.step, "eval_loss": result["eval_loss"]})
         return result

@@ -156,13 +156,27 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
     ``stop_after_step`` ends the run right after that step (and its checkpoint, if one is due),
     as a killed job would; `train.resume` continues it.
     """
+    from peftctl.train import distributed
+
+    cfg = overrides if isinstance(overrides, RunConfig) else compose_config(overrides or [])
+    device = pick_device(cfg.train)
+    dist = distributed.init_distributed(device.type)
+    try:
+        return _train(cfg, device, dist, quiet or not dist.is_main, stop_after_step)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_after_step: int | None) -> Path:
+    from peftctl.train.distributed import barrier, broadcast_object
     from peftctl.train.logging import plot_metrics
     from peftctl.train.loop import Trainer
 
-    cfg = overrides if isinstance(overrides, RunConfig) else compose_config(overrides or [])
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)  # torchrun: one GPU per rank
     checkpoint = _resume_checkpoint(cfg)
-    device = pick_device(cfg.train)
     run_dir = checkpoint.parent.parent if checkpoint else Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
+    run_dir = broadcast_object(run_dir, dist)  # the default name holds a timestamp: rank 0's
     if checkpoint is None and (run_dir / "adapter").exists():
         raise ConfigError(f"output_dir={str(run_dir)!r} already holds a finished run; pick another output_dir")
     if checkpoint is None and any((run_dir / "checkpoints").glob("step-*")):
@@ -170,31 +184,40 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
     model, tokenizer, data = build_model_and_data(cfg, device)
     if not getattr(model.model, "is_quantized", False):
         model.to(device)  # bitsandbytes models were placed by the loader (device_map) and cannot move
-    trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet)
-    # every input is checked: only now does the run directory appear
-    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet, dist=dist)
+    if dist.enabled:
+        seed_everything(cfg.train.seed + dist.rank)  # each rank its own dropout stream (weights came from rank 0)
+    barrier(dist)  # every rank has checked its inputs before rank 0 creates the run directory
     cfg.output_dir = str(run_dir)
-    if uses_loftq(cfg) and checkpoint is None:
-        _write_loftq_base(cfg, model, tokenizer, run_dir / "loftq_base")
-    atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
     initial_adapter = run_dir / "initial_adapter" if mutates_base_weights(cfg.adapter) else None
+    if dist.is_main:
+        # every input is checked: only now does the run directory appear
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if uses_loftq(cfg) and checkpoint is None:
+            _write_loftq_base(cfg, model, tokenizer, run_dir / "loftq_base")
+        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+        if checkpoint is None and initial_adapter is not None:
+            # PiSSA / OLoRA replace W by a residual: keep the starting adapter so the final one can be
+            # saved as a plain LoRA against the untouched base (PEFT's weight conversion)
+            model.save_pretrained(initial_adapter)
+    barrier(dist)
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
-    elif initial_adapter is not None:
-        # PiSSA / OLoRA replace W by a residual: keep the starting adapter so the final one can be
-        # saved as a plain LoRA against the untouched base (PEFT's weight conversion)
-        model.save_pretrained(initial_adapter)
     if not quiet:
         trainable, total = model.get_nb_trainable_parameters()
-        print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}  |  {trainer.total_steps} steps", flush=True)
+        ranks = f" x {dist.world_size} ranks" if dist.enabled else ""
+        print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}{ranks}  |  {trainer.total_steps} steps", flush=True)
     started = time.perf_counter()
     result = trainer.fit(stop_after_step=stop_after_step)
     elapsed = time.perf_counter() - started
-    plot_metrics(trainer_records(run_dir), run_dir / "plots" / "loss.png")
+    if dist.is_main:
+        plot_metrics(trainer_records(run_dir), run_dir / "plots" / "loss.png")
+        if result["completed"]:
+            model.save_pretrained(run_dir / "adapter", path_initial_model_for_weight_conversion=initial_adapter)
+            tokenizer.save_pretrained(run_dir / "adapter")
+    barrier(dist)
     if not result["completed"]:
         return run_dir
-    model.save_pretrained(run_dir / "adapter", path_initial_model_for_weight_conversion=initial_adapter)
-    tokenizer.save_pretrained(run_dir / "adapter")
     if not quiet:
         extra = f"  eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
         print(f"done: {result['steps']} steps in {elapsed:.0f} s{extra}; adapter saved to {run_dir / 'adapter'}", flush=True)

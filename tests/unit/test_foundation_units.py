@@ -67,6 +67,7 @@ def test_total_steps_from_epochs() -> None:
 
     assert total_optimizer_steps(100, TrainConfig(epochs=2, batch_size=8, grad_accum=2)) == 13
     assert total_optimizer_steps(100, TrainConfig(max_steps=7)) == 7
+    assert total_optimizer_steps(100, TrainConfig(epochs=2, batch_size=8, grad_accum=1), world_size=2) == 13  # 2 ranks: half the steps
 
 
 def test_builtin_dataset_file_is_what_the_generator_makes() -> None:
