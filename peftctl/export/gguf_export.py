@@ -292,7 +292,7 @@ def _add_sentencepiece_vocab(writer: Any, spec: dict, tokens: list[str], types: 
             scores[index] = -float(first_rank[token] + 1)
         if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
             types[index] = BYTE
-    unk = spec["model"].get("unk_token")
+    unk = spec["model"].get("unk_token") or getattr(tokenizer, "unk_token", None)
     if unk is not None and unk in tokenizer.get_vocab():
         types[tokenizer.get_vocab()[unk]] = UNKNOWN
     writer.add_tokenizer_model("llama")
