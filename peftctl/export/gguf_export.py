@@ -266,7 +266,7 @@ def _add_merges(writer: Any, merges: list[str]) -> None:
         writer.add_token_merges(merges)
     else:
         gguf = require_gguf()
-        writer.add_key_value(gguf.Keys.Tokenizer.MERGES, [], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING)
+        writer.add_key_value(gguf.Keys.Tokenizer.MERGES, [], gguf.GGUFValueType.ARRAY)  # packed by _writer_class
 
 
 def _pre_tokenizer_name(spec: dict, merges: list[str]) -> str:
@@ -335,9 +335,11 @@ def _writer_class(gguf: Any) -> type:
         """GGUFWriter that can also write an empty array (GGUF allows it: element type, count 0)."""
 
         def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
-            if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+            if vtype == gguf.GGUFValueType.ARRAY and isinstance(val, (list, tuple)) and len(val) == 0:
                 prefix = self._pack("I", vtype) if add_vtype else b""
-                return prefix + self._pack("I", sub_type) + self._pack("Q", 0)
+                return prefix + self._pack("I", sub_type or gguf.GGUFValueType.STRING) + self._pack("Q", 0)
+            if sub_type is None:  # older gguf releases have no sub_type parameter
+                return super()._pack_val(val, vtype, add_vtype)
             return super()._pack_val(val, vtype, add_vtype, sub_type)
 
     return Writer
