@@ -200,13 +200,16 @@ def test_sentencepiece_style_vocabulary(tmp_path: Path) -> None:
 
     vocab, merges, _ = _train_bpe(byte_level=False)
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
-    model = _tiny_llama(len(vocab) + 5, tie_word_embeddings=True)  # a padded embedding, as real checkpoints have
+    # a padded embedding (as real checkpoints have), tied head, head_dim != hidden / heads, q/k/v/o biases
+    model = _tiny_llama(len(vocab) + 5, tie_word_embeddings=True, head_dim=16, attention_bias=True)
     fields = _round_trip(model, tokenizer, tmp_path, SAMPLES)
     assert fields["tokenizer.ggml.model"] == "llama"
     types = fields["tokenizer.ggml.token_type"]
     assert types[vocab["<0x41>"]] == gguf.TokenType.BYTE and types[vocab["<unk>"]] == gguf.TokenType.UNKNOWN
     assert types[-5:] == [gguf.TokenType.UNUSED] * 5
-    assert "output.weight" not in {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert "output.weight" not in names and {"blk.0.attn_q.bias", "blk.0.attn_k.bias"} <= names
+    assert (fields["llama.rope.dimension_count"], fields["llama.attention.key_length"], fields["llama.attention.value_length"]) == (16, 16, 16)
 
 
 def test_llama3_style_byte_level_vocabulary(tmp_path: Path) -> None:
