@@ -387,5 +387,5 @@ def export_gguf(path: str | Path, out: str | Path, outtype: str = "auto", quiet:
     resolved = resolve_outtype(outtype, merged)
     target = write_gguf(merged, tokenizer, gguf_path(out, resolved), resolved, name=Path(path).resolve().name)
     if not quiet:
-        print(f"merged model written to {target} (GGUF, {resolved}){note + ')' if note else ''}")
+        print(f"merged model written to {target} (GGUF, {resolved}){note}")
     return target

@@ -36,7 +36,7 @@ def merged_model(path: str | Path, overrides: list[str] | None = None, safe: boo
     if quantized:
         target = DTYPES[dtype or source.config.quant.compute_dtype]
         dequantize_model(model, target)
-        note = f" (base was {quantized}: dequantized, merged and written in {str(target).replace('torch.', '')}"
+        note = f" (base was {quantized}: dequantized, merged and written in {str(target).replace('torch.', '')})"
     merged = model.merge_and_unload(progressbar=not quiet, safe_merge=safe)
     if quantized:
         merged = merged.to(target)  # embeddings / norms / head too: one dtype throughout
@@ -56,8 +56,8 @@ def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] 
     ``requantize`` (nf4/fp4/int8) writes it quantized again instead (lossy: a second rounding)."""
     path = Path(path)
     merged, tokenizer, source, note = merged_model(path, overrides, safe=safe, quiet=quiet, dtype=dtype)
-    if note:
-        note += f", re-quantized to {requantize})" if requantize else ")"
+    if note and requantize:
+        note = f"{note[:-1]}, re-quantized to {requantize})"
     out = Path(out) if out is not None else default_merge_dir(path)
     with atomic_directory(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
