@@ -71,6 +71,21 @@ def check_supported(model: Any) -> None:
         )
 
 
+def check_source(path: str | Path) -> None:
+    """Refuse an unsupported base model from its config, before loading and merging the weights."""
+    from transformers import AutoConfig
+
+    from peftctl.models.loader import resolve_model_path
+    from peftctl.runs import open_source
+
+    cfg = open_source(path).config.model
+    model_type = AutoConfig.from_pretrained(resolve_model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code).model_type
+    if model_type not in SUPPORTED_ARCHITECTURES or cfg.task_type != "causal_lm":
+        raise ConfigError(
+            f"GGUF export supports Llama-architecture causal LMs ({', '.join(SUPPORTED_CLASSES)}); this run is model_type {model_type}, task_type {cfg.task_type}"
+        )
+
+
 def resolve_outtype(outtype: str, model: Any) -> str:
     """`auto` keeps the model's own precision: bf16 stays bf16, f16 stays f16, anything else f32."""
     if outtype != "auto":
@@ -382,6 +397,7 @@ def export_gguf(path: str | Path, out: str | Path, outtype: str = "auto", quiet:
 
     require_gguf()
     check_outtype(outtype)
+    check_source(path)
     merged, tokenizer, _, note = merged_model(path, quiet=True)
     check_supported(merged)
     resolved = resolve_outtype(outtype, merged)

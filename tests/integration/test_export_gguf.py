@@ -273,7 +273,7 @@ def test_non_llama_model_is_refused(tmp_path: Path) -> None:
 
     run = train([*SHORT, "model=tiny_gpt2", "train.max_steps=1", f"output_dir={tmp_path / 'gpt2'}"], quiet=True)
     code, output = _cli(["export", str(run), "--format", "gguf", "--out", str(tmp_path / "g.gguf")])
-    _assert_one_line_error(code, output, "LlamaForCausalLM", "GPT2LMHeadModel")
+    _assert_one_line_error(code, output, "LlamaForCausalLM", "model_type gpt2")
     assert not (tmp_path / "g.gguf").exists()
 
 
