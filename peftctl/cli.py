@@ -104,14 +104,15 @@ def merge(
 @app.command()
 def export(
     path: str = typer.Argument(..., help="a run directory or an adapter directory"),
-    format: str = typer.Option("peft", "--format", help="peft (adapter in PEFT format) or merged (full model)"),
-    out: str = typer.Option(..., "--out", help="output directory"),
+    format: str = typer.Option("peft", "--format", help="peft (adapter in PEFT format), merged (full model) or gguf (merged, one llama.cpp file)"),
+    out: str = typer.Option(..., "--out", help="output directory (gguf: a .gguf file or a directory)"),
+    outtype: Optional[str] = typer.Option(None, "--outtype", help="gguf only: f32, f16, bf16 or auto (the model's own precision, the default)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Write the adapter (PEFT format) or the merged model to OUT."""
+    """Write the adapter (PEFT format), the merged model, or the merged model as GGUF to OUT."""
     from peftctl.export.export import export as export_run
 
-    _run(lambda: export_run(path, format, out, quiet=quiet))
+    _run(lambda: export_run(path, format, out, quiet=quiet, outtype=outtype))
 
 
 @app.command()

@@ -13,20 +13,17 @@ def default_merge_dir(path: Path) -> Path:
     return path / "merged" if (path / "config.yaml").is_file() else path.parent / f"{path.name}-merged"
 
 
-def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False,
-          dtype: str | None = None, requantize: str | None = None) -> Path:
-    """Merge the adapter at PATH (run or adapter dir) into its base model; write safetensors +
-    config + tokenizer to ``out`` atomically. Returns ``out``.
+def merged_model(path: str | Path, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False,
+                 dtype: str | None = None) -> tuple[Any, Any, Any, str]:
+    """Fold the adapter at PATH (run or adapter dir) into its base model in memory.
 
-    A quantized base (quant=nf4/fp4/int8) is first dequantized to ``dtype`` (default: the run's
-    quant.compute_dtype), the adapter is merged in that dtype and the model is written dense;
-    ``requantize`` (nf4/fp4/int8) writes it quantized again instead (lossy: a second rounding)."""
+    Returns (merged transformers model, tokenizer, source, note). A quantized base (quant=nf4/fp4/int8)
+    is first dequantized to ``dtype`` (default: the run's quant.compute_dtype) and merged in that dtype."""
     from peftctl.adapters.quantized import dequantize_model, quantized_base_summary
     from peftctl.models.loader import DTYPES
     from peftctl.runs import load_adapted, open_source
 
-    path = Path(path)
-    source = open_source(path, overrides)
+    source = open_source(Path(path), overrides)
     # a quantized base is dequantized where it was quantized: on the GPU when there is one
     import torch
 
@@ -39,14 +36,28 @@ def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] 
     if quantized:
         target = DTYPES[dtype or source.config.quant.compute_dtype]
         dequantize_model(model, target)
-        note = f" (base was {quantized}: dequantized, merged and written in {str(target).replace('torch.', '')}"
-        note += f", re-quantized to {requantize})" if requantize else ")"
+        note = f" (base was {quantized}: dequantized, merged and written in {str(target).replace('torch.', '')})"
     merged = model.merge_and_unload(progressbar=not quiet, safe_merge=safe)
     if quantized:
         merged = merged.to(target)  # embeddings / norms / head too: one dtype throughout
         merged.config.dtype = target
     elif dtype is not None:
         merged = merged.to(DTYPES[dtype])
+    return merged, tokenizer, source, note
+
+
+def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False,
+          dtype: str | None = None, requantize: str | None = None) -> Path:
+    """Merge the adapter at PATH (run or adapter dir) into its base model; write safetensors +
+    config + tokenizer to ``out`` atomically. Returns ``out``.
+
+    A quantized base (quant=nf4/fp4/int8) is first dequantized to ``dtype`` (default: the run's
+    quant.compute_dtype), the adapter is merged in that dtype and the model is written dense;
+    ``requantize`` (nf4/fp4/int8) writes it quantized again instead (lossy: a second rounding)."""
+    path = Path(path)
+    merged, tokenizer, source, note = merged_model(path, overrides, safe=safe, quiet=quiet, dtype=dtype)
+    if note and requantize:
+        note = f"{note[:-1]}, re-quantized to {requantize})"
     out = Path(out) if out is not None else default_merge_dir(path)
     with atomic_directory(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
