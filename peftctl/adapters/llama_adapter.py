@@ -72,11 +72,12 @@ class AdaptedAttention(AdapterLayer):
 
     def update_layer(self, adapter_name: str, config: Any) -> None:
         hidden = self.base_layer.config.hidden_size
-        reference = self.base_layer.q_proj.weight
-        dtype = reference.dtype if reference.is_floating_point() else torch.float32
-        # standard-normal prompts (the official repo's nn.Embedding init) and a zero gate
-        self.adaption_prompt[adapter_name] = nn.Parameter(torch.empty(1, config.adapter_len, hidden, device=reference.device, dtype=dtype).normal_())
-        self.adaption_gate[adapter_name] = nn.Parameter(torch.zeros(1, device=reference.device, dtype=dtype))
+        device = self.base_layer.q_proj.weight.device
+        # standard-normal prompts (the official repo's nn.Embedding init) and a zero gate, kept in
+        # fp32 whatever the base dtype: in bf16, Adam's steps (~lr) on O(1) prompt values are below
+        # the spacing (2^-7) and would be rounded away; they are cast to the activations' dtype at use
+        self.adaption_prompt[adapter_name] = nn.Parameter(torch.empty(1, config.adapter_len, hidden, device=device, dtype=torch.float32).normal_())
+        self.adaption_gate[adapter_name] = nn.Parameter(torch.zeros(1, device=device, dtype=torch.float32))
         self.adapter_configs[adapter_name] = config
 
     def _adapter_delta(self, hidden_states: torch.Tensor, position_embeddings: Any, adapter_name: str) -> torch.Tensor:
@@ -84,7 +85,7 @@ class AdaptedAttention(AdapterLayer):
         batch, length, _ = hidden_states.shape
         heads = attn.config.num_attention_heads
         head_dim = attn.head_dim
-        prompt = self.adaption_prompt[adapter_name]
+        prompt = self.adaption_prompt[adapter_name].to(hidden_states.dtype)
         kv_heads = attn.k_proj.out_features // head_dim
         keys = attn.k_proj(prompt).view(1, -1, kv_heads, head_dim).transpose(1, 2)
         values = attn.v_proj(prompt).view(1, -1, kv_heads, head_dim).transpose(1, 2)
@@ -95,7 +96,7 @@ class AdaptedAttention(AdapterLayer):
             cos, sin = position_embeddings
             query = query * cos.unsqueeze(1) + _rotate_half(query) * sin.unsqueeze(1)
         scores = query @ keys.transpose(2, 3).to(query.dtype) / math.sqrt(head_dim)
-        scores = self.adaption_gate[adapter_name] * torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        scores = (self.adaption_gate[adapter_name].float() * torch.softmax(scores, dim=-1, dtype=torch.float32)).to(query.dtype)
         out = (scores @ values.to(query.dtype)).transpose(1, 2).reshape(batch, length, -1)
         return attn.o_proj(out)
 

@@ -60,3 +60,18 @@ def test_non_llama_attention_is_rejected() -> None:
     llama = tiny_llama()
     with pytest.raises(AdapterError, match="has no q_proj; llama_adapter needs Llama-family attention"):
         get_adapted_model(llama, config_from_dict({**VALUES, "target_modules": "mlp"}))
+
+
+def test_bf16_base_keeps_fp32_trainable_prompts_and_runs_with_and_without_autocast() -> None:
+    """Adam's steps on O(1) prompt values would round away in bf16 (spacing 2^-7): the prompts and
+    the gate stay fp32 on a bf16 base and are cast to the activations' dtype at use."""
+    model = get_adapted_model(tiny_llama().to(torch.bfloat16), config_from_dict(VALUES))
+    attention = model.model.model.layers[1].self_attn
+    assert attention.adaption_prompt["default"].dtype == attention.adaption_gate["default"].dtype == torch.float32
+    with torch.no_grad():
+        attention.adaption_gate["default"].fill_(0.5)
+    plain = model(**batch()).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model(**batch()).logits
+    assert plain.dtype == torch.bfloat16 and torch.isfinite(plain.float()).all()
+    assert (plain.float() - autocast.float()).abs().max() <= 0.05 * plain.float().abs().max()
