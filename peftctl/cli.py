@@ -53,7 +53,9 @@ def train(
     multirun: bool = typer.Option(False, "-m", "--multirun", help="sweep: a=1,2 b=x,y runs every combination"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
 ) -> None:
-    """Train an adapter: `peftctl train recipe=tiny_lora train.lr=1e-3`."""
+    """Train an adapter: `peftctl train recipe=tiny_lora train.lr=1e-3`.
+
+    Several GPUs: `torchrun --nproc_per_node=N -m peftctl train ...` (data parallel)."""
     from peftctl.sweep import run_sweep
     from peftctl.train.run import train as train_run
 
