@@ -20,6 +20,23 @@ TASK_TYPE_TO_PEFT = {
 }
 
 
+# Reading a PEFT adapter_config.json: keys we do not declare are PEFT bookkeeping or PEFT features we
+# do not implement (lora_bias, trainable_token_indices, target_parameters, use_qalora, alora, ...).
+# Those features are off at None / False / empty, or at these values; anything else is refused,
+# since loading without it would silently give other outputs than the adapter was trained with.
+PEFT_METADATA_KEYS = frozenset({"peft_version", "auto_mapping"})
+PEFT_INERT_VALUES = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+
+
+def check_unimplemented_peft_fields(values: dict[str, Any], known: set[str], method: str) -> None:
+    for key in sorted(set(values) - known - PEFT_METADATA_KEYS):
+        value = values[key]
+        if value in (None, False, "", [], {}) or PEFT_INERT_VALUES.get(key, object()) == value:
+            continue
+        raise ConfigError(f"adapter_config.json sets {key}={value!r}, a PEFT {method} option peftctl does not implement; "
+                          "loading the adapter without it would change its outputs")
+
+
 @dataclass
 class AdapterConfig:
     """Fields every method shares, with PEFT's names (so adapter_config.json round-trips).
@@ -66,6 +83,8 @@ class AdapterConfig:
         values.pop("peft_type", None)
         known = set(cls.field_names())
         unknown = [k for k in values if k not in known]
+        if not strict:
+            check_unimplemented_peft_fields(values, known, cls.method)
         if unknown and strict:
             key = unknown[0]
             close = difflib.get_close_matches(key, sorted(known), n=1)

@@ -300,7 +300,10 @@ def load_adapter_config(adapter_dir: str | os.PathLike) -> AdapterConfig:
     if peft_type is None:
         raise ConfigError(f"{adapter_dir}/adapter_config.json has no peft_type")
     method = method_for_peft_type(str(peft_type))
-    return method.config_cls.from_dict(values, strict=False)
+    try:
+        return method.config_cls.from_dict(values, strict=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{adapter_dir}: {exc}") from None
 
 
 def get_adapted_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:
