@@ -25,7 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qlora_llama8b import llama3_8b_config  # noqa: E402  (same model shape as the QLoRA benchmark)
+from qlora_llama8b import llama3_8b_config, random_batches, timed_steps  # noqa: E402  (same shape, batches and timing as the QLoRA benchmark)
 
 GiB = 2**30
 ADAPTER = dict(r=16, lora_alpha=32, lora_dropout=0.05)
@@ -82,28 +82,8 @@ def run(stack: str, config, use_dora: bool, seq: int, warmup: int, steps: int, s
     adapted, loss_fn = (setup_peftctl if stack == "peftctl" else setup_peft)(model, use_dora)
     params = [p for p in adapted.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
-    gen = torch.Generator(device="cuda").manual_seed(1234)
-    batches = []
-    for _ in range(4):
-        ids = torch.randint(0, config.vocab_size, (1, seq), device="cuda", generator=gen)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for step in range(warmup + steps):
-        batch = batches[step % len(batches)]
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
+    batches = random_batches(config, seq)
+    times, losses = timed_steps(loss_fn, optimizer, params, batches, warmup, steps)
     result = {
         "stack": stack, "method": "dora" if use_dora else "lora", "layers": config.num_hidden_layers, "seq": seq,
         "trainable": sum(p.numel() for p in params), "median_step_s": statistics.median(times), "min_step_s": min(times),

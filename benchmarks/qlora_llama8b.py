@@ -111,19 +111,19 @@ def setup_peft(model: nn.Module):
     return adapted, optimizer, loss_fn
 
 
-def run(stack: str, config, seq: int, warmup: int, steps: int, seed: int = 0) -> dict:
-    gc.collect()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()  # anything a previous run left behind is not counted
-    model = build_quantized_llama(config, seed=seed)
-    adapted, optimizer, loss_fn = (setup_peftctl if stack == "peftctl" else setup_peft)(model)
-    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+def random_batches(config, seq: int, count: int = 4) -> list[dict[str, torch.Tensor]]:
+    """``count`` fixed batches of 1 x seq random tokens on the GPU (labels = inputs)."""
     gen = torch.Generator(device="cuda").manual_seed(1234)
     batches = []
-    for _ in range(4):
+    for _ in range(count):
         ids = torch.randint(0, config.vocab_size, (1, seq), device="cuda", generator=gen)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    params = [p for p in adapted.parameters() if p.requires_grad]
+    return batches
+
+
+def timed_steps(loss_fn, optimizer, params: list, batches: list, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """warmup + steps training steps (bf16 autocast, clip 1.0); (timed step seconds, every loss).
+    Resets the peak-memory counter first, so max_memory_allocated covers the steps."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -141,6 +141,19 @@ def run(stack: str, config, seq: int, warmup: int, steps: int, seed: int = 0) ->
         torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - start)
+    return times, losses
+
+
+def run(stack: str, config, seq: int, warmup: int, steps: int, seed: int = 0) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()  # anything a previous run left behind is not counted
+    model = build_quantized_llama(config, seed=seed)
+    adapted, optimizer, loss_fn = (setup_peftctl if stack == "peftctl" else setup_peft)(model)
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    batches = random_batches(config, seq)
+    params = [p for p in adapted.parameters() if p.requires_grad]
+    times, losses = timed_steps(loss_fn, optimizer, params, batches, warmup, steps)
     grads_ok = all(p.grad is None for p in params)  # zeroed with set_to_none
     result = {
         "stack": stack, "layers": config.num_hidden_layers, "seq": seq, "trainable": trainable,

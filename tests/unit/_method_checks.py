@@ -156,6 +156,14 @@ def peft_to_ours(peft_config, make_base: Callable[[], nn.Module], x: torch.Tenso
     return ours
 
 
+def interop_both_ways(config: AdapterConfig, peft_config, make_base: Callable[[], nn.Module], x: torch.Tensor, tmp: Path) -> None:
+    """ours_to_peft on our (perturbed) adapter, then peft_to_ours on peft's for the same config."""
+    adapted = get_adapted_model(make_base(), config)
+    perturb(adapted)
+    ours_to_peft(adapted, make_base, x, tmp / "ours")
+    peft_to_ours(peft_config, make_base, x, tmp / "theirs")
+
+
 
 def check_multi_adapter(make_base: Callable[[], nn.Module], make_config: Callable[[], AdapterConfig], x: torch.Tensor,
                         tmp: Path, mergeable: bool = True) -> None:

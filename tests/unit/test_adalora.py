@@ -3,6 +3,8 @@ training hooks exactly as the product loop calls them (budget schedule, final ra
 rank_pattern round trip, PEFT interop both ways (format checked against peft 0.21.2)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 
@@ -22,13 +24,11 @@ def cfg(**kw) -> AdaLoraConfig:
     return AdaLoraConfig(**base)
 
 
-def train(adapted: AdaptedModel, total_steps: int, record: dict[int, int] | None = None, patterns: dict | None = None) -> None:
-    """The product loop's hook protocol."""
-    hooks = get_method("adalora").training_hooks(adapted, "default", total_steps)
-    opt = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
+def _run_steps(adapted: AdaptedModel, hooks: list, opt: torch.optim.Optimizer, steps: range, after_step: Callable[[int], None] | None = None) -> None:
+    """The product loop's hook protocol over the given (0-based) optimizer steps."""
     ids = input_ids()
     adapted.train()
-    for step in range(total_steps):
+    for step in steps:
         loss = adapted(input_ids=ids, labels=ids).loss
         for hook in hooks:
             loss = hook.on_loss(loss, step)
@@ -39,11 +39,24 @@ def train(adapted: AdaptedModel, total_steps: int, record: dict[int, int] | None
         for hook in hooks:
             hook.after_step(step)
         opt.zero_grad()
+        if after_step is not None:
+            after_step(step)
+
+
+def train(adapted: AdaptedModel, total_steps: int, record: dict[int, int] | None = None, patterns: dict | None = None) -> None:
+    """The product loop's hook protocol; ``record`` / ``patterns`` collect the total rank and the
+    saved rank pattern's kept count after each step."""
+    hooks = get_method("adalora").training_hooks(adapted, "default", total_steps)
+    opt = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
+
+    def collect(step: int) -> None:
         if record is not None:
             record[step] = hooks[0].total_rank()
         if patterns is not None:
             rp = adapted.peft_config["default"].rank_pattern
             patterns[step] = None if rp is None else sum(sum(v) for v in rp.values())
+
+    _run_steps(adapted, hooks, opt, range(total_steps), collect)
     adapted.eval()
 
 
@@ -175,23 +188,6 @@ def test_gpt2_conv1d_merge_and_peft(tmp_path):
 
 def test_yaml_config():
     check_yaml("adalora")
-
-
-def _run_steps(adapted: AdaptedModel, hooks: list, opt: torch.optim.Optimizer, steps: range) -> None:
-    """The product loop's hook protocol over the given (0-based) optimizer steps."""
-    ids = input_ids()
-    adapted.train()
-    for step in steps:
-        loss = adapted(input_ids=ids, labels=ids).loss
-        for hook in hooks:
-            loss = hook.on_loss(loss, step)
-        loss.backward()
-        for hook in hooks:
-            hook.after_backward(step)
-        opt.step()
-        for hook in hooks:
-            hook.after_step(step)
-        opt.zero_grad()
 
 
 def _fresh(initial: AdaptedModel) -> tuple[AdaptedModel, list, torch.optim.Optimizer]:

@@ -10,7 +10,7 @@ from peftctl.adapters import get_adapted_model
 from peftctl.adapters.boft import BOFTConfig, BOFTLayer, butterfly_perm
 from peftctl.errors import ConfigError
 from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       conv_input, input_ids, ours_to_peft, peft_to_ours, perturb, tiny_conv, tiny_llama)
+                                       conv_input, input_ids, interop_both_ways, ours_to_peft, peft_to_ours, perturb, tiny_conv, tiny_llama)
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], boft_block_size=4)
 CONV = dict(task_type=None, target_modules=["conv1", "conv2", "lin"], boft_block_size=4)
@@ -75,10 +75,7 @@ def test_dropout_only_in_training():
 def test_peft_interop_linear_and_conv(tmp_path):
     from peft import BOFTConfig as PeftBOFTConfig
 
-    adapted = get_adapted_model(tiny_llama(), BOFTConfig(**LLAMA))
-    perturb(adapted)
-    ours_to_peft(adapted, tiny_llama, input_ids(), tmp_path / "ours")
-    peft_to_ours(PeftBOFTConfig(**LLAMA), tiny_llama, input_ids(), tmp_path / "theirs")
+    interop_both_ways(BOFTConfig(**LLAMA), PeftBOFTConfig(**LLAMA), tiny_llama, input_ids(), tmp_path)
     conv = get_adapted_model(tiny_conv(), BOFTConfig(**CONV))
     perturb(conv)
     ours_to_peft(conv, tiny_conv, conv_input(), tmp_path / "ours_conv")

@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.ia3 import IA3Config, IA3Linear
 from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       input_ids, ours_to_peft, peft_to_ours, perturb, rel_err, run, tiny_llama)
+                                       input_ids, interop_both_ways, ours_to_peft, peft_to_ours, perturb, rel_err, run, tiny_llama)
 
 TARGETS = ["k_proj", "v_proj", "down_proj"]
 
@@ -89,10 +89,7 @@ def test_conv2d_merge_and_peft(tmp_path):
     layers = dict(adapted.adapter_layers())
     assert layers["conv1"].ia3_l["default"].shape == (1, 8, 1, 1) and layers["conv2"].is_feedforward
     check_merge_roundtrip(adapted, conv_input())
-    adapted = get_adapted_model(tiny_conv(), IA3Config(**kw))
-    perturb(adapted)
-    ours_to_peft(adapted, tiny_conv, conv_input(), tmp_path / "ours")
-    peft_to_ours(PeftIA3Config(**kw), tiny_conv, conv_input(), tmp_path / "theirs")
+    interop_both_ways(IA3Config(**kw), PeftIA3Config(**kw), tiny_conv, conv_input(), tmp_path)
 
 
 def test_yaml_config():

@@ -8,7 +8,7 @@ import torch
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.loha import LoHaConfig, LoHaLayer
 from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       conv1d_input, conv_input, input_ids, ours_to_peft, peft_to_ours, perturb, tiny_conv,
+                                       conv1d_input, conv_input, input_ids, interop_both_ways, perturb, tiny_conv,
                                        tiny_conv1d, tiny_llama)
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
@@ -59,19 +59,13 @@ def test_merge_save_load_trainable(tmp_path):
 def test_peft_interop_llama(tmp_path):
     from peft import LoHaConfig as PeftLoHaConfig
 
-    adapted = get_adapted_model(tiny_llama(), LoHaConfig(**LLAMA))
-    perturb(adapted)
-    ours_to_peft(adapted, tiny_llama, input_ids(), tmp_path / "ours")
-    peft_to_ours(PeftLoHaConfig(**LLAMA), tiny_llama, input_ids(), tmp_path / "theirs")
+    interop_both_ways(LoHaConfig(**LLAMA), PeftLoHaConfig(**LLAMA), tiny_llama, input_ids(), tmp_path)
 
 
 def test_peft_interop_conv_effective(tmp_path):
     from peft import LoHaConfig as PeftLoHaConfig
 
-    adapted = get_adapted_model(tiny_conv(), LoHaConfig(**CONV, use_effective_conv2d=True))
-    perturb(adapted)
-    ours_to_peft(adapted, tiny_conv, conv_input(), tmp_path / "ours")
-    peft_to_ours(PeftLoHaConfig(**CONV, use_effective_conv2d=True), tiny_conv, conv_input(), tmp_path / "theirs")
+    interop_both_ways(LoHaConfig(**CONV, use_effective_conv2d=True), PeftLoHaConfig(**CONV, use_effective_conv2d=True), tiny_conv, conv_input(), tmp_path)
 
 
 def test_multi_adapter_add_set_save_load_delete(tmp_path):
@@ -110,7 +104,4 @@ def test_conv1d_identity_delta_merge_save_load(effective, tmp_path):
 def test_peft_interop_conv1d(tmp_path, effective):
     from peft import LoHaConfig as PeftLoHaConfig
 
-    adapted = get_adapted_model(tiny_conv1d(), LoHaConfig(**CONV, use_effective_conv2d=effective))
-    perturb(adapted)
-    ours_to_peft(adapted, tiny_conv1d, conv1d_input(), tmp_path / "ours")
-    peft_to_ours(PeftLoHaConfig(**CONV, use_effective_conv2d=effective), tiny_conv1d, conv1d_input(), tmp_path / "theirs")
+    interop_both_ways(LoHaConfig(**CONV, use_effective_conv2d=effective), PeftLoHaConfig(**CONV, use_effective_conv2d=effective), tiny_conv1d, conv1d_input(), tmp_path)

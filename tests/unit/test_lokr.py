@@ -8,7 +8,7 @@ import torch
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.lokr import LoKrConfig, factorization
 from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       conv1d_input, conv_input, input_ids, ours_to_peft, peft_to_ours, perturb, tiny_conv,
+                                       conv1d_input, conv_input, input_ids, interop_both_ways, perturb, tiny_conv,
                                        tiny_conv1d, tiny_llama)
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=2, alpha=4)
@@ -60,19 +60,13 @@ def test_merge_save_load_trainable(tmp_path):
 def test_peft_interop_llama(tmp_path, extra):
     from peft import LoKrConfig as PeftLoKrConfig
 
-    adapted = get_adapted_model(tiny_llama(), LoKrConfig(**LLAMA, **extra))
-    perturb(adapted)
-    ours_to_peft(adapted, tiny_llama, input_ids(), tmp_path / "ours")
-    peft_to_ours(PeftLoKrConfig(**LLAMA, **extra), tiny_llama, input_ids(), tmp_path / "theirs")
+    interop_both_ways(LoKrConfig(**LLAMA, **extra), PeftLoKrConfig(**LLAMA, **extra), tiny_llama, input_ids(), tmp_path)
 
 
 def test_peft_interop_conv(tmp_path):
     from peft import LoKrConfig as PeftLoKrConfig
 
-    adapted = get_adapted_model(tiny_conv(), LoKrConfig(**CONV, use_effective_conv2d=True))
-    perturb(adapted)
-    ours_to_peft(adapted, tiny_conv, conv_input(), tmp_path / "ours")
-    peft_to_ours(PeftLoKrConfig(**CONV, use_effective_conv2d=True), tiny_conv, conv_input(), tmp_path / "theirs")
+    interop_both_ways(LoKrConfig(**CONV, use_effective_conv2d=True), PeftLoKrConfig(**CONV, use_effective_conv2d=True), tiny_conv, conv_input(), tmp_path)
 
 
 def test_multi_adapter_add_set_save_load_delete(tmp_path):
@@ -125,7 +119,4 @@ def test_peft_interop_conv1d(tmp_path, case):
     from peft import LoKrConfig as PeftLoKrConfig
 
     kw = {**CONV, "alpha": 2, **CONV1D_CASES[case]}
-    adapted = get_adapted_model(tiny_conv1d(), LoKrConfig(**kw))
-    perturb(adapted)
-    ours_to_peft(adapted, tiny_conv1d, conv1d_input(), tmp_path / "ours")
-    peft_to_ours(PeftLoKrConfig(**kw), tiny_conv1d, conv1d_input(), tmp_path / "theirs")
+    interop_both_ways(LoKrConfig(**kw), PeftLoKrConfig(**kw), tiny_conv1d, conv1d_input(), tmp_path)

@@ -9,7 +9,7 @@ from peftctl.adapters import get_adapted_model
 from peftctl.adapters.oft import OFTConfig, OFTConv2d, OFTLinear, cayley, skew
 from peftctl.errors import ConfigError
 from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       conv_input, input_ids, ours_to_peft, peft_to_ours, perturb, rel_err, run, tiny_conv,
+                                       conv_input, input_ids, interop_both_ways, perturb, rel_err, run, tiny_conv,
                                        tiny_llama)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -73,10 +73,7 @@ def test_save_load_trainable(tmp_path):
 def test_peft_interop(tmp_path, kw):
     from peft import OFTConfig as PeftOFTConfig
 
-    adapted = get_adapted_model(tiny_llama(), OFTConfig(target_modules=TARGETS, oft_block_size=8, **kw))
-    perturb(adapted)
-    ours_to_peft(adapted, tiny_llama, input_ids(), tmp_path / "ours")
-    peft_to_ours(PeftOFTConfig(target_modules=TARGETS, oft_block_size=8, **kw), tiny_llama, input_ids(), tmp_path / "theirs")
+    interop_both_ways(OFTConfig(target_modules=TARGETS, oft_block_size=8, **kw), PeftOFTConfig(target_modules=TARGETS, oft_block_size=8, **kw), tiny_llama, input_ids(), tmp_path)
 
 
 def test_multi_adapter_add_set_save_load_delete(tmp_path):
@@ -158,10 +155,7 @@ def test_conv2d_1x1_peft_interop(tmp_path, kw):
     from peft import OFTConfig as PeftOFTConfig
 
     kw = {**CONV, "target_modules": ["conv2", "lin"], **kw}
-    adapted = get_adapted_model(tiny_conv(), OFTConfig(**kw))
-    perturb(adapted)
-    ours_to_peft(adapted, tiny_conv, conv_input(), tmp_path / "ours")
-    peft_to_ours(PeftOFTConfig(**kw), tiny_conv, conv_input(), tmp_path / "theirs")
+    interop_both_ways(OFTConfig(**kw), PeftOFTConfig(**kw), tiny_conv, conv_input(), tmp_path)
 
 
 @pytest.mark.parametrize("kw", [{"use_cayley_neumann": False}, {"use_cayley_neumann": True}, {"block_share": True}])
