@@ -1,6 +1,7 @@
 """Data-parallel training on 2 GPUs (NCCL): `torchrun --nproc_per_node=2 -m peftctl train ...` takes the
 steps of one process with twice the accumulation, for an fp32 LoRA run and for QLoRA (nf4
-bases placed per rank by the loader). Run with `pytest -m gpu tests/gpu` on a machine with 2 GPUs."""
+bases placed per rank by the loader). Run with `pytest -m multigpu tests/gpu` on a machine with 2 GPUs
+(on one GPU, `pytest -m "gpu and not multigpu" tests/gpu` leaves these out)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.gpu  # CI deselects these with -m "not gpu"
+pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]  # CI deselects these with -m "not gpu"
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEDULE = ["train.max_steps=6", "train.batch_size=4", "train.save_every=3", "train.log_every=1", "train.eval_every=0",
@@ -22,9 +23,8 @@ SCHEDULE = ["train.max_steps=6", "train.batch_size=4", "train.save_every=3", "tr
 
 @pytest.fixture(autouse=True)
 def _needs_two_gpus() -> None:
-    assert torch.cuda.is_available(), "the gpu-marked tests need a CUDA GPU; elsewhere run pytest -m 'not gpu'"
-    if torch.cuda.device_count() < 2:
-        pytest.skip("data-parallel test: needs 2 GPUs (this machine has 1)")
+    assert torch.cuda.device_count() >= 2, (f"the multigpu-marked tests need 2 CUDA GPUs (this machine has {torch.cuda.device_count()}); "
+                                            "on one GPU run pytest -m 'gpu and not multigpu'")
 
 
 def _peftctl(*args: str, ranks: int = 1) -> None:
