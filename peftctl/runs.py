@@ -58,7 +58,7 @@ def open_source(path: str | Path, overrides: list[str] | None = None) -> Source:
 def load_adapted(source: Source, device: Any = "cpu") -> tuple[Any, Any]:
     """(AdaptedModel with the saved adapter, tokenizer)."""
     from peftctl.adapters.model import AdaptedModel
-    from peftctl.models.loader import load_model, load_tokenizer, resolve_model_path
+    from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
 
     cfg = source.config
     model_path = resolve_model_path(cfg.model)
@@ -66,6 +66,4 @@ def load_adapted(source: Source, device: Any = "cpu") -> tuple[Any, Any]:
     tokenizer = load_tokenizer(cfg.model, str(tokenizer_path))
     model = load_model(cfg.model, cfg.quant, model_path, device=device)
     adapted = AdaptedModel.from_pretrained(model, source.adapter_dir)
-    if not getattr(model, "is_quantized", False):
-        adapted = adapted.to(device)  # a bitsandbytes base was placed while loading and cannot move
-    return adapted.eval(), tokenizer
+    return move_to_device(adapted, device).eval(), tokenizer

@@ -50,6 +50,13 @@ def _quantized_placement(device: Any) -> Any:
     return str(device) if device.type == "cuda" else None
 
 
+def move_to_device(model: nn.Module, device: Any) -> nn.Module:
+    """``model.to(device)``, except for a bitsandbytes-quantized transformers model (bare or inside an
+    AdaptedModel): load_model placed it while loading, and it cannot be moved afterwards."""
+    quantized = any(getattr(m, "is_quantized", False) for m in (model, getattr(model, "model", None)))
+    return model if quantized else model.to(device)
+
+
 def load_model(model_cfg: Any, quant_cfg: Any = None, path: str | None = None, device: Any = None, **extra: Any) -> nn.Module:
     """`from_pretrained` with the right Auto class for model.task_type; quantized when quant != none.
 

@@ -80,7 +80,7 @@ def build_model_and_data(cfg: RunConfig, device: Any = None) -> tuple[Any, Any, 
     """(adapted model, tokenizer, prepared data); raises ConfigError on any bad input."""
     from peftctl.adapters.model import get_adapted_model
     from peftctl.data.pipeline import prepare_data
-    from peftctl.models.loader import load_model, load_tokenizer, resolve_model_path
+    from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
 
     path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.model, path)
@@ -104,8 +104,8 @@ def build_model_and_data(cfg: RunConfig, device: Any = None) -> tuple[Any, Any, 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapter_config = task_adapter_defaults(adapter_config, model, cfg.model.task_type, path)
     init = getattr(adapter_config, "init_lora_weights", None)
-    if init in ("eva", "corda") and device is not None and not getattr(model, "is_quantized", False):
-        model.to(device)  # the data-driven inits run where training will
+    if init in ("eva", "corda") and device is not None:
+        move_to_device(model, device)  # the data-driven inits run where training will
     if init == "corda":
         from peftctl.adapters.lora_corda import preprocess_corda
 
@@ -168,6 +168,7 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
 
 
 def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_after_step: int | None) -> Path:
+    from peftctl.models.loader import move_to_device
     from peftctl.train.distributed import barrier, broadcast_object
     from peftctl.train.logging import plot_metrics
     from peftctl.train.loop import Trainer
@@ -182,8 +183,7 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
     if checkpoint is None and any((run_dir / "checkpoints").glob("step-*")):
         raise ConfigError(f"output_dir={str(run_dir)!r} holds checkpoints of an unfinished run; continue it with train.resume=true or pick another output_dir")
     model, tokenizer, data = build_model_and_data(cfg, device)
-    if not getattr(model.model, "is_quantized", False):
-        model.to(device)  # bitsandbytes models were placed by the loader (device_map) and cannot move
+    move_to_device(model, device)
     trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet, dist=dist)
     if dist.enabled:
         seed_everything(cfg.train.seed + dist.rank)  # each rank its own dropout stream (weights came from rank 0)
