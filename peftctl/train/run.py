@@ -28,6 +28,15 @@ def pick_device(train_cfg: Any) -> torch.device:
     return torch.device(train_cfg.device)
 
 
+def apply_kernels(model: Any, cfg: RunConfig, device: torch.device) -> str:
+    """The CUDA fast path where ``train.kernels=auto`` and it applies (peftctl/kernels); a one-line note."""
+    from peftctl.kernels import apply_fast_path
+
+    if cfg.train.kernels == "off":
+        return "off (train.kernels=off)"
+    return apply_fast_path(model, device, cfg.adapter.method)
+
+
 def default_run_dir(cfg: RunConfig) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / cfg.recipe / stamp
@@ -184,6 +193,7 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
         raise ConfigError(f"output_dir={str(run_dir)!r} holds checkpoints of an unfinished run; continue it with train.resume=true or pick another output_dir")
     model, tokenizer, data = build_model_and_data(cfg, device)
     move_to_device(model, device)
+    fast_path = apply_kernels(model, cfg, device)
     trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet, dist=dist)
     if dist.enabled:
         seed_everything(cfg.train.seed + dist.rank)  # each rank its own dropout stream (weights came from rank 0)
@@ -206,7 +216,8 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
     if not quiet:
         trainable, total = model.get_nb_trainable_parameters()
         ranks = f" x {dist.world_size} ranks" if dist.enabled else ""
-        print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}{ranks}  |  {trainer.total_steps} steps", flush=True)
+        print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}{ranks}  |  {trainer.total_steps} steps"
+              f"  |  fast path {fast_path}", flush=True)
     started = time.perf_counter()
     result = trainer.fit(stop_after_step=stop_after_step)
     elapsed = time.perf_counter() - started
