@@ -34,7 +34,7 @@ def apply_kernels(model: Any, cfg: RunConfig, device: torch.device) -> str:
 
     if cfg.train.kernels == "off":
         return "off (train.kernels=off)"
-    return apply_fast_path(model, device, cfg.adapter.method)
+    return apply_fast_path(model, device, cfg.adapter)
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
