@@ -117,6 +117,27 @@ def export(
     _run(lambda: export_run(path, format, out, quiet=quiet, outtype=outtype))
 
 
+@app.command("generate")
+def generate_command(
+    path: str = typer.Argument(..., help="a run directory or an adapter directory"),
+    overrides: Optional[List[str]] = OverridesArg,
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="one prompt (default: interactive, a prompt per line)"),
+    file: Optional[str] = typer.Option(None, "--file", help="a text file with one prompt per line"),
+    extra_input: Optional[str] = typer.Option(None, "--input", help="alpaca-format runs: the input under the instruction"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sampled"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed"),
+    base: bool = typer.Option(False, "--base", help="the base model, adapter switched off"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON line per prompt instead of streamed text"),
+) -> None:
+    """Generate from base + adapter (unmerged), the prompt wrapped as the run's training data was."""
+    from peftctl.eval.generate import Sampling, generate
+
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    _run(lambda: generate(path, list(overrides or []), prompt=prompt, file=file, sampling=sampling, base=base, as_json=as_json, extra_input=extra_input))
+
+
 @app.command()
 def bench(
     overrides: Optional[List[str]] = OverridesArg,
