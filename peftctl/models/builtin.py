@@ -51,7 +51,7 @@ def builtin_model_dir(name: str, arch: dict[str, Any], seed: int = 0) -> Path:
     torch.random.set_rng_state(generator_state)
     from peftctl.utils import atomic_directory
 
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, overwrite=True) as tmp:  # the cache's own entry
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
