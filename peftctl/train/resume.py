@@ -50,7 +50,7 @@ def find_checkpoint(cfg: RunConfig, run_dir: Path) -> Path:
         return verified_checkpoint(Path(str(resume)))
     found = latest_checkpoint(run_dir)
     if found is None:
-        what = "a valid checkpoint" if any((run_dir / "checkpoints").glob("step-*")) else "a checkpoint"
+        what = "valid checkpoint" if any((run_dir / "checkpoints").glob("step-*")) else "checkpoint"
         raise ConfigError(f"train.resume: no {what} in {run_dir / 'checkpoints'}; start the run again without train.resume")
     return found
 
