@@ -34,6 +34,8 @@ def resume_run_dir(cfg: RunConfig) -> Path:
             raise ConfigError("train.resume=true needs output_dir=<the run directory to continue>; or pass train.resume=<checkpoint path>")
         return Path(cfg.output_dir)
     path = Path(str(resume))
+    if not path.is_dir():
+        raise ConfigError(f"train.resume={str(resume)!r} is neither a checkpoint nor a run directory with checkpoints (expected true or a folder)")
     is_checkpoint = (path / STATE_NAME).exists() or (path / MANIFEST_NAME).exists() or path.parent.name == "checkpoints"
     return path.parent.parent if is_checkpoint else path
 
@@ -45,8 +47,6 @@ def find_checkpoint(cfg: RunConfig, run_dir: Path) -> Path:
     resume = cfg.train.resume
     named = resume not in (True, "true", "True") and Path(str(resume)) != run_dir
     if named:
-        if not Path(str(resume)).is_dir():
-            raise ConfigError(f"train.resume={str(resume)!r} is neither a checkpoint nor a run directory with checkpoints")
         return verified_checkpoint(Path(str(resume)))
     found = latest_checkpoint(run_dir)
     if found is None:
