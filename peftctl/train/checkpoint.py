@@ -214,22 +214,33 @@ def verified_checkpoint(path: Path) -> Path:
 
 
 # what atomic_directory / atomic_write_text leave behind when killed: .<name>.<random>.tmp and .<name>.old
-TORN_NAME = re.compile(r"^\.(?P<name>.+?)(\.[a-z0-9_]+\.tmp|\.old)$")
+# (nested: ..adapter.<random>.tmp.<random>.tmp), for these run-directory entries and checkpoints/step-N
 RUN_ENTRIES = ("adapter", "config.yaml", "metrics.jsonl", "initial_adapter", "loftq_base")
+
+
+def _torn_owner(entry: str, names: Sequence[str]) -> str | None:
+    """The entry a leftover temporary name belongs to ('adapter', 'step-000008', ...), or None."""
+    if not entry.startswith(".") or not entry.endswith((".tmp", ".old")):
+        return None
+    base = entry.lstrip(".")
+    return next((name for name in names if base.startswith(name + ".")), None)
 
 
 def clean_torn_writes(run_dir: Path) -> None:
     """Remove the temporary folders / files of writes killed midway in a run directory; a checkpoint
     (or adapter/) caught between the two renames of a replacement is moved back into place."""
-    for folder, names in ((run_dir, RUN_ENTRIES), (run_dir / "checkpoints", None)):
+    checkpoints = run_dir / "checkpoints"
+    for folder in (run_dir, checkpoints):
         if not folder.is_dir():
             continue
         for entry in sorted(folder.iterdir()):
-            match = TORN_NAME.match(entry.name)
-            if match is None or not (match["name"] in names if names else match["name"].startswith("step-")):
+            names = RUN_ENTRIES if folder == run_dir else [m.group(0) for m in [re.match(r"\.*(step-\d+)", entry.name)] if m]
+            names = [n.lstrip(".") for n in names]
+            owner = _torn_owner(entry.name, names)
+            if owner is None:
                 continue
-            final = folder / match["name"]
-            if entry.name.endswith(".old") and not final.exists():
+            final = folder / owner
+            if entry.name == f".{owner}.old" and not final.exists():
                 os.replace(entry, final)  # the replacement never arrived: keep the previous one
             else:
                 remove_path(entry)

@@ -9,7 +9,7 @@ import datetime as _dt
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -153,15 +153,21 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
         distributed.shutdown(dist)
 
 
-def _take_lock(lock: Any, dist: Any, create: bool) -> None:
+def _take_lock(lock: Any, dist: Any, create: bool, then_check: Callable[[], None] | None = None) -> None:
     """Rank 0 takes the run directory's lock (``create``: making the directory first; otherwise only
-    if it exists); every rank raises the same ConfigError if another train holds it."""
+    if it exists) and runs ``then_check`` under it; every rank raises the same ConfigError if another
+    train holds the lock or the check fails."""
     from peftctl.train.distributed import broadcast_object
 
     message = None
     if dist.is_main and not lock.held and (create or lock.path.parent.is_dir()):
         lock.path.parent.mkdir(parents=True, exist_ok=True)
         message = lock.try_acquire()
+    if dist.is_main and message is None and then_check is not None:
+        try:
+            then_check()
+        except ConfigError as exc:
+            message = str(exc)
     message = broadcast_object(message, dist)
     if message:
         raise ConfigError(message)
@@ -211,12 +217,11 @@ def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, 
     elif dist.enabled:
         seed_everything(cfg.train.seed + dist.rank)  # each rank its own dropout stream (weights came from rank 0)
     barrier(dist)  # every rank has checked its inputs before rank 0 creates the run directory
-    _take_lock(lock, dist, create=True)
+    _take_lock(lock, dist, create=True, then_check=lambda: _check_run_dir_is_free(run_dir, checkpoint))  # checked again, under the lock
     cfg.output_dir = str(run_dir)
     initial_adapter = run_dir / "initial_adapter" if mutates_base_weights(cfg.adapter) else None
     if dist.is_main:
         # every input is checked: only now does the run directory appear
-        _check_run_dir_is_free(run_dir, checkpoint)  # again, under the lock
         if uses_loftq(cfg) and checkpoint is None:
             _write_loftq_base(cfg, model, tokenizer, run_dir / "loftq_base")
         atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))

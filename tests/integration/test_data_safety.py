@@ -117,7 +117,6 @@ def test_the_source_and_its_ancestors_are_never_replaced(where: str, command: li
 
 
 def test_gguf_export_refuses_an_existing_file(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("gguf")  # the gguf writer is an optional extra; test_export_gguf.py covers writing
     existing = tmp_path / "model.gguf"
     existing.write_bytes(b"the user's model")
     folder = tmp_path / "folder"
@@ -365,11 +364,14 @@ def test_torn_temporary_writes_are_cleaned_up_on_resume(runs: dict[str, Path], t
     torn.mkdir()
     (torn / "optimizer.pt").write_bytes(b"half")
     (run / ".config.yaml.abc123.tmp").write_text("half")
+    (run / "..adapter.x1.tmp.y2.tmp").mkdir()  # the adapter's own atomic write inside the final adapter's
     os.replace(checkpoints / "step-000010", checkpoints / ".step-000010.old")
-    (run / "user.tmp").write_text("not ours")  # not a peftctl temporary name: kept
+    for name in ("user.tmp", ".user.tmp"):  # not peftctl temporary names: kept
+        (run / name).write_text("not ours")
     code, output = _cli(["train", f"output_dir={run}", "train.resume=true", "--quiet"])
     assert code == 0, output
-    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")] and not list(run.glob(".config.yaml.*"))
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".user.tmp"]
     assert (run / "user.tmp").is_file()
     _assert_same_adapter(runs["straight"], run)
     # the restored step-10 checkpoint was the one resumed from: steps 11 and 12 were trained once more
