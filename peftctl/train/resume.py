@@ -102,7 +102,8 @@ def load_saved_config(run_dir: Path) -> dict[str, Any]:
 
 def filled_in_by_run(saved: dict[str, Any], run_dir: Path) -> set[str]:
     """Keys the run rewrote in its config.yaml: a LoftQ run's base becomes RUN/loftq_base."""
-    if str(saved.get("model", {}).get("name_or_path")) == str(run_dir / "loftq_base"):
+    base = Path(str((saved.get("model") or {}).get("name_or_path")))
+    if base.name == "loftq_base" and base.resolve() == (run_dir / "loftq_base").resolve():
         return {"model.name_or_path", "model.arch", "adapter.init_lora_weights"}
     return set()
 

@@ -376,3 +376,21 @@ def test_torn_temporary_writes_are_cleaned_up_on_resume(runs: dict[str, Path], t
     _assert_same_adapter(runs["straight"], run)
     # the restored step-10 checkpoint was the one resumed from: steps 11 and 12 were trained once more
     assert "warning" not in output
+
+
+def test_resume_of_a_loftq_run_accepts_the_overrides_it_was_started_with(tmp_path: Path) -> None:
+    """A LoftQ run saves RUN/loftq_base as its base (and a plain init): repeating the original
+    overrides on resume is not a change of the run; other changes still are."""
+    from peftctl.config.compose import compose_config, config_to_yaml
+    from peftctl.errors import ConfigError
+    from peftctl.train.resume import resume_config
+
+    original = ["quant=nf4", "adapter.init_lora_weights=loftq", f"output_dir={tmp_path}"]
+    saved = compose_config(original)
+    saved.model.name_or_path, saved.model.arch, saved.adapter.init_lora_weights = str(tmp_path / "loftq_base"), None, True  # as _write_loftq_base saves it
+    (tmp_path / "config.yaml").write_text(config_to_yaml(saved))
+    again = [*original, "train.resume=true"]
+    resumed, notes = resume_config(compose_config(again), again, tmp_path)
+    assert resumed.model.name_or_path == str(tmp_path / "loftq_base") and resumed.adapter.init_lora_weights is True and notes == []
+    with pytest.raises(ConfigError, match=r"adapter.r=4 \(saved: 8\)"):
+        resume_config(compose_config([*again, "adapter.r=4"]), [*again, "adapter.r=4"], tmp_path)
