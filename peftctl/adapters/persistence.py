@@ -106,7 +106,7 @@ def save_adapter_dir(
     config = config if config is not None else model.peft_config[adapter_name]
     tensors = tensors if tensors is not None else get_adapter_state_dict(model, adapter_name)
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite=True) as tmp:  # save_pretrained replaces, as in PEFT
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save(tmp)
 

@@ -5,12 +5,15 @@ import shutil
 from pathlib import Path
 
 from peftctl.errors import ConfigError
+from peftctl.export.target import check_output_target, source_paths
 from peftctl.utils import atomic_directory
 
 FORMATS = ("peft", "merged", "gguf")
 
 
-def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, outtype: str | None = None) -> Path:
+def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, outtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write PATH's adapter (peft), merged model (merged) or GGUF file (gguf) to OUT; an existing
+    non-empty OUT (or .gguf file) is replaced only with ``overwrite``, the source never."""
     from peftctl.export.merge import merge
     from peftctl.runs import open_source
 
@@ -21,11 +24,12 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
     if format == "gguf":
         from peftctl.export.gguf_export import export_gguf
 
-        return export_gguf(path, out, outtype or "auto", quiet=quiet)
+        return export_gguf(path, out, outtype or "auto", quiet=quiet, overwrite=overwrite)
     if format == "merged":
-        return merge(path, out, quiet=quiet)
+        return merge(path, out, quiet=quiet, overwrite=overwrite)
+    check_output_target(out, source_paths(path), overwrite)
     source = open_source(path)
-    with atomic_directory(Path(out)) as tmp:
+    with atomic_directory(Path(out), overwrite=True) as tmp:  # checked above
         for file in source.adapter_dir.iterdir():
             if file.is_file():
                 shutil.copy2(file, tmp / file.name)

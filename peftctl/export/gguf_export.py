@@ -391,16 +391,23 @@ def write_gguf(model: Any, tokenizer: Any, target: Path, outtype: str = "auto", 
     return target
 
 
-def export_gguf(path: str | Path, out: str | Path, outtype: str = "auto", quiet: bool = False) -> Path:
-    """`peftctl export PATH --format gguf --out FILE_OR_DIR`: merge the adapter, write one GGUF file."""
+def export_gguf(path: str | Path, out: str | Path, outtype: str = "auto", quiet: bool = False, overwrite: bool = False) -> Path:
+    """`peftctl export PATH --format gguf --out FILE_OR_DIR`: merge the adapter, write one GGUF file.
+    An existing file there is replaced only with ``overwrite``."""
     from peftctl.export.merge import merged_model
+    from peftctl.export.target import check_output_target, source_paths
 
     require_gguf()
     check_outtype(outtype)
     check_source(path)
+    sources = source_paths(path)
+    check_output_target(out, sources, overwrite, kind="file" if Path(out).suffix == ".gguf" else "folder")
+    if outtype != "auto":
+        check_output_target(gguf_path(out, outtype), sources, overwrite, kind="file")
     merged, tokenizer, _, note = merged_model(path, quiet=True)
     check_supported(merged)
     resolved = resolve_outtype(outtype, merged)
+    check_output_target(gguf_path(out, resolved), sources, overwrite, kind="file")  # `auto`: known only now
     target = write_gguf(merged, tokenizer, gguf_path(out, resolved), resolved, name=Path(path).resolve().name)
     if not quiet:
         print(f"merged model written to {target} (GGUF, {resolved}){note}")

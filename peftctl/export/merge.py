@@ -6,6 +6,7 @@ from typing import Any
 
 from peftctl.adapters.persistence import save_adapter_dir
 from peftctl.errors import ConfigError
+from peftctl.export.target import check_output_target, source_paths
 from peftctl.utils import atomic_directory
 
 
@@ -47,19 +48,21 @@ def merged_model(path: str | Path, overrides: list[str] | None = None, safe: boo
 
 
 def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False,
-          dtype: str | None = None, requantize: str | None = None) -> Path:
+          dtype: str | None = None, requantize: str | None = None, overwrite: bool = False) -> Path:
     """Merge the adapter at PATH (run or adapter dir) into its base model; write safetensors +
     config + tokenizer to ``out`` atomically. Returns ``out``.
 
     A quantized base (quant=nf4/fp4/int8) is first dequantized to ``dtype`` (default: the run's
     quant.compute_dtype), the adapter is merged in that dtype and the model is written dense;
-    ``requantize`` (nf4/fp4/int8) writes it quantized again instead (lossy: a second rounding)."""
+    ``requantize`` (nf4/fp4/int8) writes it quantized again instead (lossy: a second rounding).
+    An existing non-empty ``out`` is replaced only with ``overwrite``; the source never."""
     path = Path(path)
+    out = Path(out) if out is not None else default_merge_dir(path)
+    check_output_target(out, source_paths(path), overwrite)
     merged, tokenizer, source, note = merged_model(path, overrides, safe=safe, quiet=quiet, dtype=dtype)
     if note and requantize:
         note = f"{note[:-1]}, re-quantized to {requantize})"
-    out = Path(out) if out is not None else default_merge_dir(path)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite=True) as tmp:  # checked above
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if requantize:
@@ -105,13 +108,17 @@ def merge_many(
     as_adapter: bool = False,
     safe: bool = False,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Blend several adapters trained on the same base (add_weighted_adapter) and write either the
-    merged model or, with ``as_adapter``, the blended adapter in PEFT format. Returns ``out``."""
+    merged model or, with ``as_adapter``, the blended adapter in PEFT format. Returns ``out``.
+    An existing non-empty ``out`` is replaced only with ``overwrite``; a source never."""
     from peftctl.export.blend import blend_adapters
     from peftctl.models.loader import load_model, load_tokenizer, resolve_model_path
     from peftctl.runs import open_source
 
+    out = Path(out)
+    check_output_target(out, [p for path in paths for p in source_paths(path)], overwrite)
     sources = [open_source(path) for path in paths]
     bases = {str(s.config.model.name_or_path) for s in sources}
     if len(bases) > 1:
@@ -123,8 +130,7 @@ def merge_many(
     tokenizer = load_tokenizer(cfg.model, model_path)
     model = load_model(cfg.model, cfg.quant, model_path)
     blended = blend_adapters(model, [s.adapter_dir for s in sources], names=names, weights=weight_values, combination_type=combination, density=density, svd_rank=svd_rank)
-    out = Path(out)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite=True) as tmp:  # checked above
         if as_adapter:
             save_adapter_dir(blended, tmp, "blended")
         else:
