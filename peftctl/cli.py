@@ -66,12 +66,13 @@ def train(
 def eval_command(
     path: str = typer.Argument(..., help="a run directory or an adapter directory"),
     overrides: Optional[List[str]] = OverridesArg,
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Base vs adapted on held-out data: loss, perplexity, exact match; writes eval.json."""
     from peftctl.eval.evaluate import evaluate
 
-    _run(lambda: evaluate(path, list(overrides or []), quiet=quiet))
+    _run(lambda: evaluate(path, list(overrides or []), quiet=quiet, trust_remote_code=trust_remote_code))
 
 
 @app.command()
@@ -87,6 +88,7 @@ def merge(
     safe: bool = typer.Option(False, "--safe", help="check merged weights for NaN / inf before writing"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="dtype of the merged model (default: a quantized base's compute dtype)"),
     requantize: Optional[str] = typer.Option(None, "--requantize", help="nf4, fp4 or int8: write the merged model quantized again"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Fold an adapter into its base model, or blend several adapters (add_weighted_adapter)."""
@@ -95,10 +97,10 @@ def merge(
 
     def action() -> Any:
         if len(paths) == 1 and adapters is None and weights is None and not as_adapter:
-            return merge_run(paths[0], out, safe=safe, quiet=quiet, dtype=dtype, requantize=requantize)
+            return merge_run(paths[0], out, safe=safe, quiet=quiet, dtype=dtype, requantize=requantize, trust_remote_code=trust_remote_code)
         if out is None:
             raise ConfigError("--out is required when blending adapters")
-        return merge_many(paths, out, adapters, weights, combination, density, svd_rank, as_adapter=as_adapter, safe=safe, quiet=quiet)
+        return merge_many(paths, out, adapters, weights, combination, density, svd_rank, as_adapter=as_adapter, safe=safe, quiet=quiet, trust_remote_code=trust_remote_code)
 
     _run(action)
 
@@ -109,12 +111,13 @@ def export(
     format: str = typer.Option("peft", "--format", help="peft (adapter in PEFT format), merged (full model) or gguf (merged, one llama.cpp file)"),
     out: str = typer.Option(..., "--out", help="output directory (gguf: a .gguf file or a directory)"),
     outtype: Optional[str] = typer.Option(None, "--outtype", help="gguf only: f32, f16, bf16 or auto (the model's own precision, the default)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Write the adapter (PEFT format), the merged model, or the merged model as GGUF to OUT."""
     from peftctl.export.export import export as export_run
 
-    _run(lambda: export_run(path, format, out, quiet=quiet, outtype=outtype))
+    _run(lambda: export_run(path, format, out, quiet=quiet, outtype=outtype, trust_remote_code=trust_remote_code))
 
 
 @app.command()

@@ -5,12 +5,12 @@ import shutil
 from pathlib import Path
 
 from peftctl.errors import ConfigError
-from peftctl.utils import atomic_directory
+from peftctl.utils import atomic_directory, check_output_path
 
 FORMATS = ("peft", "merged", "gguf")
 
 
-def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, outtype: str | None = None) -> Path:
+def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, outtype: str | None = None, trust_remote_code: bool = False) -> Path:
     from peftctl.export.merge import merge
     from peftctl.runs import open_source
 
@@ -18,13 +18,14 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
         raise ConfigError(f"--format={format!r} is not valid; expected one of {', '.join(FORMATS)}")
     if outtype is not None and format != "gguf":
         raise ConfigError("--outtype applies to --format gguf only")
+    check_output_path(out, "--out", directory=format != "gguf")  # gguf: OUT may name the file
     if format == "gguf":
         from peftctl.export.gguf_export import export_gguf
 
-        return export_gguf(path, out, outtype or "auto", quiet=quiet)
+        return export_gguf(path, out, outtype or "auto", quiet=quiet, trust_remote_code=trust_remote_code)
     if format == "merged":
-        return merge(path, out, quiet=quiet)
-    source = open_source(path)
+        return merge(path, out, quiet=quiet, trust_remote_code=trust_remote_code)
+    source = open_source(path, trust_remote_code=trust_remote_code)
     with atomic_directory(Path(out)) as tmp:
         for file in source.adapter_dir.iterdir():
             if file.is_file():

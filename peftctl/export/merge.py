@@ -6,7 +6,7 @@ from typing import Any
 
 from peftctl.adapters.persistence import save_adapter_dir
 from peftctl.errors import ConfigError
-from peftctl.utils import atomic_directory
+from peftctl.utils import atomic_directory, check_output_path
 
 
 def default_merge_dir(path: Path) -> Path:
@@ -14,7 +14,7 @@ def default_merge_dir(path: Path) -> Path:
 
 
 def merged_model(path: str | Path, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False,
-                 dtype: str | None = None) -> tuple[Any, Any, Any, str]:
+                 dtype: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any, Any, str]:
     """Fold the adapter at PATH (run or adapter dir) into its base model in memory.
 
     Returns (merged transformers model, tokenizer, source, note). A quantized base (quant=nf4/fp4/int8)
@@ -23,7 +23,7 @@ def merged_model(path: str | Path, overrides: list[str] | None = None, safe: boo
     from peftctl.models.loader import DTYPES
     from peftctl.runs import load_adapted, open_source
 
-    source = open_source(Path(path), overrides)
+    source = open_source(Path(path), overrides, trust_remote_code=trust_remote_code)
     # a quantized base is dequantized where it was quantized: on the GPU when there is one
     import torch
 
@@ -47,7 +47,7 @@ def merged_model(path: str | Path, overrides: list[str] | None = None, safe: boo
 
 
 def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False,
-          dtype: str | None = None, requantize: str | None = None) -> Path:
+          dtype: str | None = None, requantize: str | None = None, trust_remote_code: bool = False) -> Path:
     """Merge the adapter at PATH (run or adapter dir) into its base model; write safetensors +
     config + tokenizer to ``out`` atomically. Returns ``out``.
 
@@ -55,10 +55,11 @@ def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] 
     quant.compute_dtype), the adapter is merged in that dtype and the model is written dense;
     ``requantize`` (nf4/fp4/int8) writes it quantized again instead (lossy: a second rounding)."""
     path = Path(path)
-    merged, tokenizer, source, note = merged_model(path, overrides, safe=safe, quiet=quiet, dtype=dtype)
+    out = Path(out) if out is not None else default_merge_dir(path)
+    check_output_path(out, "--out")
+    merged, tokenizer, source, note = merged_model(path, overrides, safe=safe, quiet=quiet, dtype=dtype, trust_remote_code=trust_remote_code)
     if note and requantize:
         note = f"{note[:-1]}, re-quantized to {requantize})"
-    out = Path(out) if out is not None else default_merge_dir(path)
     with atomic_directory(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -105,6 +106,7 @@ def merge_many(
     as_adapter: bool = False,
     safe: bool = False,
     quiet: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Blend several adapters trained on the same base (add_weighted_adapter) and write either the
     merged model or, with ``as_adapter``, the blended adapter in PEFT format. Returns ``out``."""
@@ -112,7 +114,8 @@ def merge_many(
     from peftctl.models.loader import load_model, load_tokenizer, resolve_model_path
     from peftctl.runs import open_source
 
-    sources = [open_source(path) for path in paths]
+    check_output_path(out, "--out")
+    sources = [open_source(path, trust_remote_code=trust_remote_code) for path in paths]
     bases = {str(s.config.model.name_or_path) for s in sources}
     if len(bases) > 1:
         raise ConfigError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}); blend adapters of one base")
