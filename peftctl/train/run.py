@@ -15,7 +15,7 @@ import torch
 from peftctl.config.compose import compose_config, config_to_yaml
 from peftctl.config.schema import RunConfig
 from peftctl.errors import ConfigError
-from peftctl.utils import atomic_write_text, seed_everything
+from peftctl.utils import atomic_write_text, check_output_path, seed_everything
 
 ADAPTER_NAME = "default"
 
@@ -178,6 +178,7 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
     checkpoint = _resume_checkpoint(cfg)
     run_dir = checkpoint.parent.parent if checkpoint else Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
     run_dir = broadcast_object(run_dir, dist)  # the default name holds a timestamp: rank 0's
+    check_output_path(run_dir, "output_dir")
     if checkpoint is None and (run_dir / "adapter").exists():
         raise ConfigError(f"output_dir={str(run_dir)!r} already holds a finished run; pick another output_dir")
     if checkpoint is None and any((run_dir / "checkpoints").glob("step-*")):
