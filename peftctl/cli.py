@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any, Callable, List, Optional
 
 import typer
@@ -17,7 +18,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-ef
 OverridesArg = typer.Argument(None, help="Hydra overrides: recipe=NAME key=value group=option ...")
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    return f"warning: {message}\n"
+
+
 def _quiet_libraries() -> None:
+    warnings.formatwarning = _one_line_warning  # a warning is one line on stderr, like an error
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import transformers

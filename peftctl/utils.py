@@ -34,6 +34,15 @@ def honour_umask(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+def _honour_umask_inside(folder: Path) -> None:
+    """Libraries that write files with a fixed mode (safetensors: 0600) get the umask's mode too."""
+    mask = current_umask()
+    for item in folder.rglob("*"):
+        if not item.is_symlink():
+            executable = item.is_dir() or item.stat().st_mode & 0o111
+            os.chmod(item, (0o777 if executable else 0o666) & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file so that readers see either the old file or the whole new one."""
     path = Path(path)
@@ -62,6 +71,7 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = True) -> Iterat
     try:
         honour_umask(tmp, directory=True)
         yield tmp
+        _honour_umask_inside(tmp)
         if final.exists():
             if not overwrite:
                 raise FileExistsError(final)

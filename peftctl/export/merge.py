@@ -55,6 +55,7 @@ def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] 
     quant.compute_dtype), the adapter is merged in that dtype and the model is written dense;
     ``requantize`` (nf4/fp4/int8) writes it quantized again instead (lossy: a second rounding)."""
     path = Path(path)
+    _check_merge_options(dtype, requantize)  # before any model loads
     out = Path(out) if out is not None else default_merge_dir(path)
     check_output_path(out, "--out")
     merged, tokenizer, source, note = merged_model(path, overrides, safe=safe, quiet=quiet, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -68,6 +69,15 @@ def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] 
     if not quiet:
         print(f"merged model written to {out}{note}")
     return out
+
+
+def _check_merge_options(dtype: str | None, requantize: str | None) -> None:
+    from peftctl.models.loader import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype={dtype!r} is not valid; expected one of bfloat16, float16, float32")
+    if requantize is not None and requantize not in ("nf4", "fp4", "int8"):
+        raise ConfigError(f"--requantize={requantize!r} is not valid; expected nf4, fp4 or int8")
 
 
 def _requantize_dir(directory: Path, cfg: Any, method: str, dtype: str | None) -> None:
