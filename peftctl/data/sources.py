@@ -47,6 +47,9 @@ def _load_files(files: dict[str, str], builder: str) -> Any:
     datasets.disable_progress_bars()
     for file in files.values():
         _check_has_content(file)
+    log = datasets.utils.logging
+    verbosity = log.get_verbosity()
+    log.set_verbosity(log.CRITICAL)  # its "Failed to load JSON" log line would be a second line on stderr
     try:
         return datasets.load_dataset(builder, data_files=files)
     except Exception as exc:  # malformed file: say which one, and where
@@ -55,6 +58,8 @@ def _load_files(files: dict[str, str], builder: str) -> Any:
             if location:
                 raise ConfigError(f"dataset.path={file!r}: {location}") from None
         raise ConfigError(f"dataset.path: cannot read {', '.join(files.values())} as {builder}: {_first_line(exc)}") from None
+    finally:
+        log.set_verbosity(verbosity)
 
 
 def load_raw_splits(dataset_cfg: Any) -> tuple[Any, Any | None]:
