@@ -99,8 +99,11 @@ def unparsable_override_hint(text: str, overrides: list[str]) -> str | None:
     if not match:
         return None
     override = _first_unparsable(overrides)
-    key = override.split("=", 1)[0] if "=" in override else "key"
+    key, _, value = override.partition("=")
+    key = key or "key"
     shown = f" {override!r}" if override else ""
+    if value[:1] in ("[", "{"):
+        return f"cannot parse the override{shown}: a list is written {key}=[a,b], a mapping {key}={{a: 1}}; quote any item with special characters"
     return (f"cannot parse the override{shown}: quote a value with special characters, e.g. {key}='my dir/(1)' "
             f"(in the shell: \"{key}='my dir/(1)'\")")
 
@@ -149,6 +152,9 @@ def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     recipe, rest = split_recipe(list(overrides or []))
+    for item in rest:
+        if "=" not in item and not item.startswith("~"):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
     if recipe not in list_recipes():
         raise ConfigError(f"recipe={recipe} is not a known recipe; valid: {', '.join(list_recipes())}")
     GlobalHydra.instance().clear()

@@ -47,14 +47,15 @@ def _check_model_config_file(name: str, file: Path) -> None:
         raise ConfigError(f"model.name_or_path={name!r}: {file} does not hold a model config (a JSON object)")
 
 
-def _load_error(model_cfg: Any, exc: Exception) -> ConfigError:
-    """ConfigError for a base model / tokenizer that transformers cannot load."""
+def _load_error(model_cfg: Any, exc: Exception, field: str = "name_or_path") -> ConfigError:
+    """ConfigError for a base model / tokenizer that transformers cannot load, naming model.<field>."""
     text = str(exc).strip()
+    value = getattr(model_cfg, field)
     if "trust_remote_code" in text:
-        return ConfigError(f"model.name_or_path={model_cfg.name_or_path!r} needs its own (remote) code; "
+        return ConfigError(f"model.{field}={value!r} needs its own (remote) code; "
                            "allow it with model.trust_remote_code=true (train) or --trust-remote-code (eval / merge / export)")
     first = text.splitlines()[0] if text else type(exc).__name__
-    return ConfigError(f"model.name_or_path={model_cfg.name_or_path!r} could not be loaded: {first}")
+    return ConfigError(f"model.{field}={value!r} could not be loaded: {first}")
 
 
 def load_tokenizer(model_cfg: Any, path: str | None = None) -> Any:
@@ -64,7 +65,7 @@ def load_tokenizer(model_cfg: Any, path: str | None = None) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise _load_error(model_cfg, exc) from None
+        raise _load_error(model_cfg, exc, "tokenizer" if model_cfg.tokenizer else "name_or_path") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -143,7 +143,13 @@ CASES = [
     Case("max_seq_len 2", [*TRAIN, "dataset.max_seq_len=2"], ["dataset.max_seq_len=2"]),
     Case("eval batch size 0", [*TRAIN, "eval.batch_size=0"], ["eval.batch_size=0"]),
     Case("num_labels 0", [*TRAIN, "model.num_labels=0"], ["model.num_labels=0"]),
+    Case("float for an integer", [*TRAIN, "train.max_steps=1.5"], ["train.max_steps=1.5", "integer"]),
+    Case("override without =", [*TRAIN, "lr"], ["'lr'", "key=value"]),
+    Case("unknown interpolation", [*TRAIN, "train.lr=${{nope}}"], ["nope"]),
+    Case("unknown builtin dataset", [*TRAIN, "dataset.path=builtin:nosuch"], ["dataset.path=builtin:nosuch", "builtin:sentiment"]),
+    Case("boft block size does not divide", [*TRAIN, "adapter=boft", "adapter.boft_block_size=5"], ["adapter.boft_block_size=5"]),
     # ---- overrides Hydra's lexer cannot read: a hint to quote
+    Case("unclosed list", [*TRAIN, "adapter.target_modules=[q_proj"], ["adapter.target_modules=[q_proj", "[a,b]"]),
     Case("unparsable override", [*TRAIN, "dataset.path=/data/a(1),b"], ["dataset.path=/data/a(1),b", "quote", "dataset.path='"]),
     Case("unparsable override (real stderr)", [*TRAIN, "output_dir={tmp}/it's \"q\""], ["output_dir=", "quote"], subprocess=True),
     # ---- dataset files
@@ -164,6 +170,7 @@ CASES = [
          [write("ok.jsonl", alpaca_lines())]),
     # ---- the model
     Case("missing model dir", [*TRAIN, "model.name_or_path={tmp}/nomodel"], ["model.name_or_path", "nomodel"]),
+    Case("missing tokenizer dir", [*TRAIN, "model.tokenizer={tmp}/notok"], ["model.tokenizer=", "notok"]),
     Case("corrupt model config.json", [*TRAIN, "model.name_or_path={tmp}/model"], ["model.name_or_path", "config.json", "not valid JSON"], [corrupt_model_dir]),
     Case("layers_to_transform beyond the model", [*TRAIN, "adapter.layers_to_transform=[7]"], ["adapter.layers_to_transform=[7]", "layers are 0..1"]),
     Case("target_modules match nothing", [*TRAIN, "adapter.target_modules=[nosuch_proj]"], ["adapter.target_modules", "nosuch_proj"]),
