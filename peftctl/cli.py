@@ -23,7 +23,6 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
 
 
 def _quiet_libraries() -> None:
-    warnings.formatwarning = _one_line_warning  # a warning is one line on stderr, like an error
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import transformers
@@ -35,6 +34,7 @@ def _quiet_libraries() -> None:
 def _run(action: Callable[[], Any]) -> Any:
     """Run a command; turn our errors into one line and an exit code."""
     _quiet_libraries()
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning  # one line, like an error
     try:
         return action()
     except PeftctlError as exc:
@@ -51,6 +51,8 @@ def _run(action: Callable[[], Any]) -> Any:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         typer.echo(f"error: {type(exc).__name__}: {message} (PEFTCTL_DEBUG=1 shows the traceback)", err=True)
         raise typer.Exit(1) from None
+    finally:
+        warnings.formatwarning = previous_format
 
 
 @app.command()
