@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,11 @@ class ModelConfig:
     num_labels: Optional[int] = None
     arch: Optional[dict] = None  # architecture of a built-in model (name_or_path: builtin:NAME)
     init_seed: int = 0
+
+    def validate(self) -> None:
+        check(bool(self.name_or_path.strip()), "model.name_or_path", self.name_or_path, "expected a model directory, hub name or builtin:NAME")
+        if self.num_labels is not None:
+            check(self.num_labels >= 1, "model.num_labels", self.num_labels, "expected an integer >= 1 or null")
 
 
 @dataclass
@@ -108,6 +114,10 @@ class TrainConfig:
         check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "expected an integer >= 0")
         check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "expected 0 <= warmup_ratio < 1")
         check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "expected a number >= 0")
+        # AdamW's ranges (torch would refuse them only after the model has loaded)
+        for name in ("adam_beta1", "adam_beta2"):
+            check(0 <= getattr(self, name) < 1, f"train.{name}", getattr(self, name), "expected 0 <= beta < 1")
+        check(self.adam_eps >= 0, "train.adam_eps", self.adam_eps, "expected a number >= 0")
         if self.max_grad_norm is not None:
             check(self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm, "expected a number > 0 or null")
         for name in ("log_every", "eval_every", "save_every"):
@@ -122,6 +132,13 @@ class EvalConfig:
     max_new_tokens: int = 16
     num_generate: int = 64  # held-out examples scored by exact match of greedy generation
     max_eval_samples: Optional[int] = None
+
+    def validate(self) -> None:
+        check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "expected an integer >= 1")
+        check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "expected an integer >= 1")
+        check(self.num_generate >= 0, "eval.num_generate", self.num_generate, "expected an integer >= 0")
+        if self.max_eval_samples is not None:
+            check(self.max_eval_samples > 0, "eval.max_eval_samples", self.max_eval_samples, "expected an integer > 0 or null")
 
 
 @dataclass
@@ -178,8 +195,8 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any, str]:
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value, "a number"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, float(value) if ok else value, "a finite number"
     if annotation is str:
         return isinstance(value, str), value, "a string"
     if annotation in (dict, list):

@@ -48,13 +48,13 @@ def score(model: Any, tokenizer: Any, examples: list[Example], cfg: Any, device:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "exact_match": exact_match(predictions, [e.response for e in sample])}
 
 
-def evaluate(path: str | Path, overrides: list[str] | None = None, quiet: bool = False) -> dict[str, Any]:
+def evaluate(path: str | Path, overrides: list[str] | None = None, quiet: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     """Evaluate base and adapted model on the run's held-out data; writes eval.json next to PATH's adapter."""
     from peftctl.data.pipeline import prepare_data
     from peftctl.runs import load_adapted, open_source
     from peftctl.train.run import pick_device
 
-    source = open_source(path, overrides)
+    source = open_source(path, overrides, trust_remote_code=trust_remote_code)
     cfg = source.config
     device = pick_device(cfg.train)
     model, tokenizer = load_adapted(source, device)

@@ -129,8 +129,8 @@ def interactive_prompts(stdin: TextIO, out: TextIO) -> Iterator[str]:
 
 
 def generate(path: str, overrides: list[str] | None = None, prompt: str | None = None, file: str | None = None, sampling: Sampling = Sampling(),
-             base: bool = False, as_json: bool = False, extra_input: str | None = None, stdin: TextIO | None = None,
-             out: TextIO | None = None) -> list[dict[str, str]]:
+             base: bool = False, as_json: bool = False, extra_input: str | None = None, trust_remote_code: bool = False,
+             stdin: TextIO | None = None, out: TextIO | None = None) -> list[dict[str, str]]:
     """Generate from the run (or adapter dir) at PATH; returns [{prompt, response}]."""
     from peftctl.runs import load_adapted, open_source
     from peftctl.train.run import pick_device
@@ -138,7 +138,7 @@ def generate(path: str, overrides: list[str] | None = None, prompt: str | None =
     stdin, out = stdin or sys.stdin, out or sys.stdout
     sampling.validate()
     prompts = read_prompts(prompt, file)
-    source = open_source(path, overrides)
+    source = open_source(path, overrides, trust_remote_code=trust_remote_code)
     cfg = source.config
     if cfg.model.task_type != "causal_lm":
         raise ConfigError(f"peftctl generate needs a causal-LM run; {path} is model.task_type={cfg.model.task_type}")

@@ -16,7 +16,7 @@ import torch
 from peftctl.config.compose import compose_config, config_to_yaml
 from peftctl.config.schema import RunConfig
 from peftctl.errors import ConfigError
-from peftctl.utils import atomic_directory, atomic_write_text, seed_everything
+from peftctl.utils import atomic_directory, atomic_write_text, check_output_path, seed_everything
 
 ADAPTER_NAME = "default"
 
@@ -195,6 +195,7 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
 
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
     run_dir = broadcast_object(run_dir, dist)  # the default name holds a timestamp: rank 0's
+    check_output_path(run_dir, "output_dir")
     lock = RunLock(run_dir)
     try:
         _take_lock(lock, dist, create=False)  # an existing run directory: before reading its state
