@@ -211,4 +211,7 @@ def pack(data: PreparedData, dataset_cfg: Any) -> PreparedData:
     for name, examples in (("train", data.train_examples), ("eval", data.eval_examples)):
         rows[name] = pack_examples(examples, dataset_cfg.max_seq_len, dataset_cfg.packing_split) if examples else []
         data.stats[name].update({"rows": len(rows[name]), "packing_efficiency": round(packing_efficiency(rows[name], dataset_cfg.max_seq_len), 4)})
+    train = data.stats["train"]
+    data.notes.append(f"data: packed {train['examples']} train examples into {train['rows']} rows of {dataset_cfg.max_seq_len} tokens "
+                      f"({train['packing_efficiency']:.0%} real tokens)")
     return dataclasses.replace(data, train=rows["train"], eval=rows["eval"])
