@@ -178,12 +178,20 @@ def _select_and_split(train_records: Any, eval_records: Any, dataset_cfg: Any) -
     if dataset_cfg.max_samples is not None:
         train_records = train_records.select(range(min(dataset_cfg.max_samples, len(train_records))))
     if eval_records is None and dataset_cfg.eval_size > 0:
-        parts = train_records.train_test_split(test_size=dataset_cfg.eval_size, seed=dataset_cfg.seed)
+        try:
+            parts = train_records.train_test_split(test_size=dataset_cfg.eval_size, seed=dataset_cfg.seed)
+        except ValueError:  # too few records to hold any out
+            raise ConfigError(f"dataset.eval_size={dataset_cfg.eval_size} leaves no training or no eval example of {len(train_records)} records; "
+                              "set dataset.eval_size=0 or a dataset.eval_split") from None
         train_records, eval_records = parts["train"], parts["test"]
     return train_records, eval_records
 
 
 def prepare_data(dataset_cfg: Any, tokenizer: Any) -> PreparedData:
+    if dataset_cfg.format in CHAT_FORMATS:
+        from peftctl.data.chat import resolve_template
+
+        resolve_template(dataset_cfg, tokenizer)  # a bad template name fails before any data is read
     train_records, eval_records = load_raw_splits(dataset_cfg)
     check_columns(train_records, dataset_cfg)
     if eval_records is not None:

@@ -1,6 +1,8 @@
 """Load raw records: built-in data, local JSON / JSONL / CSV / Parquet files or folders, hub datasets."""
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +12,42 @@ BUILTIN_PREFIX = "builtin:"
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+def first_bad_json_line(path: str) -> tuple[int, str] | None:
+    """(line number, parser message) of the first line of a JSON-lines file that is not valid JSON;
+    for a file holding one JSON document (an array), where that document breaks."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return exc.lineno, exc.msg
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as exc:
+                return number, exc.msg
+    return None
+
+
 def _load_files(files: dict[str, str], builder: str) -> Any:
     import datasets
 
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(logging.CRITICAL)  # our one line replaces the loader's own error log
     try:
         return datasets.load_dataset(builder, data_files=files)
-    except Exception as exc:  # malformed file: say which one
+    except Exception as exc:  # malformed file: say which one (and for JSON, which line)
+        if builder == "json":
+            for path in files.values():
+                bad = first_bad_json_line(path)
+                if bad is not None:
+                    raise ConfigError(f"dataset.path: {path} line {bad[0]} is not valid JSON ({bad[1]})") from None
         raise ConfigError(f"dataset.path: cannot read {', '.join(files.values())} as {builder}: {str(exc).splitlines()[0]}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def load_raw_splits(dataset_cfg: Any) -> tuple[Any, Any | None]:
