@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -143,8 +145,6 @@ def encode_records(records: Any, dataset_cfg: Any, tokenizer: Any, names: list[s
     dataset.cache and the same data, tokenizer and settings were tokenized before."""
     import datasets
 
-    from peftctl.utils import atomic_directory
-
     key = cache_key(records, dataset_cfg, tokenizer, names) if dataset_cfg.cache else None
     folder = cache_root() / "data" / key if key else None
     if folder is not None and (folder / COUNTS_FILE).is_file():
@@ -155,12 +155,26 @@ def encode_records(records: Any, dataset_cfg: Any, tokenizer: Any, names: list[s
     encoded = _tokenize(records, dataset_cfg, record_encoder(dataset_cfg, tokenizer, names), key or "peftctl-uncached")
     dropped = len(records) - len(encoded)
     if folder is not None:
-        with atomic_directory(folder) as tmp:
-            if len(encoded):  # (datasets cannot load back an empty saved dataset)
-                encoded.save_to_disk(str(tmp))
-            (tmp / COUNTS_FILE).write_text(json.dumps({"examples": len(encoded), "dropped": dropped}))
+        _save_to_cache(encoded, dropped, folder)
         notes.append(f"data: {what} tokenized ({len(records)} records), cached in {folder}")
     return _examples_from(encoded.to_dict()), dropped
+
+
+def _save_to_cache(encoded: Any, dropped: int, folder: Path) -> None:
+    """Write into a temporary sibling, then rename it into place; if another process (a DDP rank)
+    got there first, keep its copy (the same tokens)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        if len(encoded):  # (datasets cannot load back an empty saved dataset)
+            encoded.save_to_disk(str(tmp))
+        (tmp / COUNTS_FILE).write_text(json.dumps({"examples": len(encoded), "dropped": dropped}))
+        os.rename(tmp, folder)
+    except OSError:
+        if not (folder / COUNTS_FILE).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- the pipeline
