@@ -1,10 +1,11 @@
 """Sample packing: several examples per row of dataset.max_seq_len tokens, with no padding between them.
 
 Each example keeps its own positions (``position_ids`` restart at 0) and sees only itself: the batch
-carries ``position_ids`` and no attention mask, and transformers (>= 4.5x "padding-free" path, checked
-in tests for Llama and GPT-2 with eager and SDPA attention) derives from the position restarts a
-block-diagonal causal mask, or cu_seqlens for flash attention. The model must run with
-``use_cache=False`` (with a cache, transformers skips the packed-sequence detection).
+carries ``position_ids`` and no attention mask, and transformers (5.x: ``find_packed_sequence_indices``
+in masking_utils; checked in tests for Llama and GPT-2 with eager and SDPA attention) derives from the
+position restarts a block-diagonal causal mask, or cu_seqlens for flash attention. The model must run
+with ``use_cache=False`` (with a cache, transformers skips the packed-sequence detection and the
+examples leak into each other). ``check_packed_attention`` verifies this on the run's own model.
 
 Labels: each example's first label is -100, so no token is trained to predict the next example.
 The padding that ends a batch's shorter rows gets positions restarting at 0 as well (a separate
@@ -124,3 +125,28 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
 def packing_efficiency(rows: list[PackedRow], max_seq_len: int) -> float:
     """Real tokens / row slots."""
     return sum(len(r.input_ids) for r in rows) / max(len(rows) * max_seq_len, 1)
+
+
+@torch.no_grad()
+def check_packed_attention(model: Any, device: Any, vocab_size: int) -> None:
+    """ConfigError unless this model keeps packed examples apart: the logits of two short random
+    sequences packed into one row must equal their logits alone. (Models whose attention ignores
+    position restarts, e.g. remote code that builds its own mask, would silently attend across
+    examples.)"""
+    from peftctl.errors import ConfigError
+
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(3, max(vocab_size, 4), (n,), generator=generator) for n in (5, 7))
+    row = PackedRow(torch.cat([first, second]).tolist(), [IGNORE_INDEX] * 12, list(range(5)) + list(range(7)), [5, 7])
+    was_training = model.training
+    model.eval()
+    try:
+        packed = model(**model_inputs({k: v.to(device) for k, v in collate_packed([row], 0).items()})).logits.float()
+        alone = model(input_ids=second[None].to(device)).logits.float()
+    finally:
+        model.train(was_training)
+    packed_second = packed[0, -7:]
+    error = float((packed_second - alone[0, -7:]).abs().max()) / max(float(alone.abs().max()), 1e-6)
+    if not error < 1e-2:
+        raise ConfigError(f"dataset.packing=true: this model's attention does not keep packed examples apart (relative logit error {error:.2g}); "
+                          "set dataset.packing=false")

@@ -44,8 +44,9 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 def score(model: Any, tokenizer: Any, examples: list[Example], cfg: Any, device: torch.device) -> dict[str, float]:
     loss_items: list[Any] = examples
     if cfg.dataset.packing:  # the same examples, several per row (the loss is the same up to rounding)
-        from peftctl.data.packing import pack_examples
+        from peftctl.data.packing import check_packed_attention, pack_examples
 
+        check_packed_attention(model, device, len(tokenizer))
         loss_items = pack_examples(examples, cfg.dataset.max_seq_len, cfg.dataset.packing_split)
     loss = evaluate_loss(model, loss_items, cfg.eval.batch_size, tokenizer.pad_token_id, device)
     sample = examples[: cfg.eval.num_generate]

@@ -184,6 +184,10 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
         raise ConfigError(f"output_dir={str(run_dir)!r} holds checkpoints of an unfinished run; continue it with train.resume=true or pick another output_dir")
     model, tokenizer, data = build_model_and_data(cfg, device)
     move_to_device(model, device)
+    if cfg.dataset.packing:
+        from peftctl.data.packing import check_packed_attention
+
+        check_packed_attention(model, device, len(tokenizer))
     trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet, dist=dist)
     if dist.enabled:
         seed_everything(cfg.train.seed + dist.rank)  # each rank its own dropout stream (weights came from rank 0)

@@ -81,3 +81,19 @@ def test_packing_with_virtual_token_methods_is_refused(recipe: str, tmp_path: Pa
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "dataset.packing=true" in lines[0] and "dataset.packing=false" in lines[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_data_command_shows_packed_rows() -> None:
+    result = CliRunner().invoke(app, ["data", "dataset.packing=true", LONG_ROWS, "--json", "--show", "2"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    stats, rows = lines[0]["stats"]["train"], lines[1:]
+    assert len(rows) == 2 and stats["packing_efficiency"] > 0.9 and stats["rows"] * 512 * stats["packing_efficiency"] == pytest.approx(stats["tokens"], abs=1)
+    for row in rows:
+        start = 0
+        for n in row["lengths"]:
+            assert row["position_ids"][start : start + n] == list(range(n)) and row["labels"][start] == -100
+            start += n
+        assert start == len(row["input_ids"]) <= 512
+    shown = CliRunner().invoke(app, ["data", "dataset.packing=true", LONG_ROWS, "--show", "1"])
+    assert shown.exit_code == 0 and "packing efficiency" in shown.output and "⟂" in shown.output and "train row 0" in shown.output

@@ -126,3 +126,22 @@ def test_packed_loss_sum_and_count_equal_the_padded_ones(name: str) -> None:
         packed_loss, packed_count = causal_lm_loss_sum(model, collate(pack_examples(examples, 64), 0))
     assert packed_count == padded_count
     assert float(packed_loss) == pytest.approx(float(padded_loss), rel=1e-5)
+
+
+def test_the_packing_check_accepts_llama_and_refuses_a_model_that_leaks() -> None:
+    from peftctl.data.packing import check_packed_attention
+    from peftctl.errors import ConfigError
+
+    model = _model("tiny_llama", "sdpa")
+    check_packed_attention(model, torch.device("cpu"), 259)
+
+    class IgnoresPositions(torch.nn.Module):  # as remote code that drops position_ids would
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, position_ids=None, **kwargs):  # type: ignore[no-untyped-def]
+            return self.inner(input_ids=input_ids)
+
+    with pytest.raises(ConfigError, match="does not keep packed examples apart"):
+        check_packed_attention(IgnoresPositions(), torch.device("cpu"), 259)
