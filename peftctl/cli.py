@@ -171,6 +171,18 @@ def bench(
     _run(lambda: run_bench(list(overrides or []), warmup, steps, seq_len, find_max_context, memory_gib, as_json))
 
 
+@app.command("data")
+def data_command(
+    overrides: Optional[List[str]] = OverridesArg,
+    show: int = typer.Option(3, "--show", help="how many training examples (packed: rows) to print"),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines: the counts, then input_ids / labels (-100 = masked) / position_ids"),
+) -> None:
+    """The dataset as a run sees it: counts, and examples with the trained tokens highlighted."""
+    from peftctl.data.inspect import inspect_data
+
+    _run(lambda: inspect_data(list(overrides or []), show=show, as_json=as_json))
+
+
 @app.command()
 def recipes() -> None:
     """List the recipes with their one-line descriptions."""

@@ -38,7 +38,7 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     path: str = "builtin:sentiment"
-    format: Literal["alpaca", "text", "chat", "seq2seq", "classification", "token_classification"] = "alpaca"
+    format: Literal["alpaca", "text", "chat", "sharegpt", "seq2seq", "classification", "token_classification"] = "alpaca"
     name: Optional[str] = None  # hub dataset config name
     split: str = "train"
     eval_split: Optional[str] = None  # a separate split; otherwise eval_size is held out of `split`
@@ -50,7 +50,15 @@ class DatasetConfig:
     input_column: str = "input"
     output_column: str = "output"
     text_column: str = "text"
-    messages_column: str = "messages"
+    messages_column: str = "messages"  # format=chat: OpenAI-style [{role, content}]
+    conversations_column: str = "conversations"  # format=sharegpt: [{from, value}]
+    role_map: Optional[dict] = None  # extra / overriding role names -> system | user | assistant | tool
+    chat_template: Optional[str] = None  # a built-in name (chatml, llama3, mistral, alpaca) or a .jinja path; null: the tokenizer's
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # chat: which turns the loss covers
+    packing: bool = False  # several examples per row of max_seq_len (causal LM), attention kept per example
+    packing_split: bool = False  # true: cut examples across rows instead of first-fit-decreasing whole ones
+    num_proc: Optional[int] = None  # processes for tokenization (datasets.map)
+    cache: bool = True  # reuse tokenized data from $PEFTCTL_CACHE/data (keyed by data, tokenizer and settings)
     # task formats (data/tasks.py): seq2seq source/target, classification text [+ pair] + label,
     # token_classification tokens + tags; label_names fixes the label order (else sorted from train)
     source_column: str = "source"
@@ -67,6 +75,12 @@ class DatasetConfig:
         check(self.max_seq_len >= 8, "dataset.max_seq_len", self.max_seq_len, "expected an integer >= 8")
         if self.max_samples is not None:
             check(self.max_samples > 0, "dataset.max_samples", self.max_samples, "expected an integer > 0 or null")
+        if self.num_proc is not None:
+            check(self.num_proc >= 1, "dataset.num_proc", self.num_proc, "expected an integer >= 1 or null")
+        if self.role_map is not None:
+            roles = ("system", "user", "assistant", "tool")
+            for key, value in self.role_map.items():
+                check(value in roles, f"dataset.role_map.{key}", value, f"expected one of {', '.join(roles)}")
 
 
 @dataclass
@@ -244,11 +258,23 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
     adapter_values.setdefault("task_type", TASK_TYPE_TO_PEFT[built["model"].task_type])
     adapter = config_from_dict(adapter_values, strict=True)
     _check_format_fits_task(built["dataset"].format, built["model"].task_type)
+    _check_packing(built["dataset"], built["model"].task_type, adapter.method)
     scalars = {k: values[k] for k in ("recipe", "description", "output_dir") if k in values}
     for key, value in scalars.items():
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{key}={value!r} is not valid; expected a string")
     return RunConfig(adapter=adapter, **scalars, **built)
+
+
+def _check_packing(dataset: DatasetConfig, task_type: str, method: str) -> None:
+    from peftctl.data.packing import PROMPT_FAMILY
+
+    if not dataset.packing:
+        return
+    if task_type != "causal_lm":
+        raise ConfigError(f"dataset.packing=true is not valid with model.task_type={task_type}; packing is for causal_lm only")
+    if method in PROMPT_FAMILY:
+        raise ConfigError(f"dataset.packing=true is not valid with adapter={method}: its virtual tokens assume one example per row; set dataset.packing=false")
 
 
 def _check_format_fits_task(dataset_format: str, task_type: str) -> None:

@@ -56,7 +56,7 @@ def _load_files(files: dict[str, str], builder: str) -> Any:
         for file in files.values():
             location = _json_error_location(file) if builder == "json" else None
             if location:
-                raise ConfigError(f"dataset.path={file!r}: {location}") from None
+                raise ConfigError(f"dataset.path: {file} {location}") from None
         raise ConfigError(f"dataset.path: cannot read {', '.join(files.values())} as {builder}: {_first_line(exc)}") from None
     finally:
         log.set_verbosity(verbosity)

@@ -97,13 +97,13 @@ def build_model_and_data(cfg: RunConfig, device: Any = None) -> tuple[Any, Any, 
     if init == "corda":
         from peftctl.adapters.lora_corda import preprocess_corda
 
-        batches = sample_batches(data.train, cfg, tokenizer.pad_token_id, CORDA_MAX_SAMPLES)
+        batches = sample_batches(data.train_examples, cfg, tokenizer.pad_token_id, CORDA_MAX_SAMPLES)
         preprocess_corda(model, adapter_config, dataloader=batches)
     adapted = get_adapted_model(model, adapter_config, ADAPTER_NAME)
     if init == "eva":
         from peftctl.adapters.lora_eva import initialize_lora_eva_weights
 
-        batches = sample_batches(data.train, cfg, tokenizer.pad_token_id)
+        batches = sample_batches(data.train_examples, cfg, tokenizer.pad_token_id)
         initialize_lora_eva_weights(adapted, batches, ADAPTER_NAME, max_batches=EVA_MAX_BATCHES)
     return adapted, tokenizer, data
 
@@ -221,6 +221,10 @@ def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, 
     _check_run_dir_is_free(run_dir, checkpoint)
     model, tokenizer, data = build_model_and_data(cfg, device)
     move_to_device(model, device)
+    if cfg.dataset.packing:
+        from peftctl.data.packing import check_packed_attention
+
+        check_packed_attention(model, device, len(tokenizer))
     fast_path = apply_kernels(model, cfg, device)
     trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet, dist=dist)
     if checkpoint is not None:
@@ -242,6 +246,8 @@ def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, 
             model.save_pretrained(initial_adapter)
     barrier(dist)
     if not quiet:
+        for note in data.notes:  # data cache use, packing
+            print(note, flush=True)
         trainable, total = model.get_nb_trainable_parameters()
         ranks = f" x {dist.world_size} ranks" if dist.enabled else ""
         print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}{ranks}  |  {trainer.total_steps} steps"
