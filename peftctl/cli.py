@@ -40,7 +40,8 @@ def _run(action: Callable[[], Any]) -> Any:
     except PeftctlError as exc:
         if os.environ.get("PEFTCTL_DEBUG"):
             raise
-        typer.echo(f"error: {exc}", err=True)
+        if not getattr(exc, "reported_elsewhere", False):  # data parallel: the failing rank alone prints the line
+            typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -60,14 +61,29 @@ def train(
     overrides: Optional[List[str]] = OverridesArg,
     multirun: bool = typer.Option(False, "-m", "--multirun", help="sweep: a=1,2 b=x,y runs every combination"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    max_parallel: Optional[int] = typer.Option(None, "--max-parallel", help="sweep: runs at once (the joblib launcher's n_jobs)"),
 ) -> None:
     """Train an adapter: `peftctl train recipe=tiny_lora train.lr=1e-3`.
 
-    Several GPUs: `torchrun --nproc_per_node=N -m peftctl train ...` (data parallel)."""
+    Several GPUs: `peftctl train ... train.nproc=N` (or `torchrun --nproc_per_node=N -m peftctl train ...`)."""
     from peftctl.sweep import run_sweep
+    from peftctl.train.launch import launch, requested_nproc
     from peftctl.train.run import train as train_run
 
-    _run(lambda: run_sweep(list(overrides or []), quiet=quiet) if multirun else train_run(list(overrides or []), quiet=quiet))
+    args = list(overrides or [])
+
+    def action() -> int:
+        if multirun:
+            return run_sweep(args, quiet=quiet, max_parallel=max_parallel)
+        nproc = requested_nproc(args)
+        if nproc > 1:
+            return launch(args, nproc, quiet=quiet)
+        train_run(args, quiet=quiet)
+        return 0
+
+    code = _run(action)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("eval")

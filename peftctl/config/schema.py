@@ -118,6 +118,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: Any = False  # false | true (latest checkpoint in output_dir) | path to a checkpoint
+    nproc: int = 1  # > 1: `peftctl train` validates the config, then starts torchrun with this many ranks (train/launch.py)
+    dist_timeout_s: int = 600  # data parallel: a collective waiting longer than this fails the run instead of hanging
 
     def validate(self) -> None:
         check(self.lr > 0, "train.lr", self.lr, "expected a number > 0")
@@ -138,6 +140,8 @@ class TrainConfig:
             check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "expected an integer >= 0")
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "expected an integer >= 1")
         check(isinstance(self.resume, (bool, str)), "train.resume", self.resume, "expected true, false or a checkpoint path")
+        check(self.nproc >= 1, "train.nproc", self.nproc, "expected an integer >= 1 (processes to start with torchrun)")
+        check(self.dist_timeout_s >= 1, "train.dist_timeout_s", self.dist_timeout_s, "expected an integer >= 1 (seconds)")
 
 
 @dataclass

@@ -11,6 +11,13 @@ grad_accum=N·k`` (tests/integration/test_distributed.py checks this).
 
 Rank 0 alone writes the run directory (config, metrics, checkpoints, adapter, plots); the other
 ranks' RNG states are gathered into each checkpoint so a resumed run continues every rank's stream.
+
+No rank may wait for a collective another rank never enters. So, by construction: every rank runs
+the same sequence of collectives (the loop's decisions depend only on the step number and on values
+every rank has after an all-reduce); work done by rank 0 alone (checkpoint, eval, final adapter) and
+work that may fail on one rank (loading the inputs) is wrapped in ``on_main`` / ``settle``, a status
+exchange every rank enters whether or not its part failed, after which all ranks continue or all
+raise; and every collective has a finite timeout (train.dist_timeout_s), so anything else is an error.
 """
 from __future__ import annotations
 
@@ -44,30 +51,48 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device_kind: str) -> DistInfo:
-    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); SINGLE when not launched so."""
+def init_distributed(device_kind: str, timeout_s: float = 600) -> DistInfo:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); SINGLE when not launched so.
+
+    On CUDA the group is bound to this rank's GPU (``device_id``), so NCCL never guesses a device for a
+    barrier; every collective has a finite ``timeout_s``, so a rank left waiting fails instead of hanging.
+    Control messages (objects, barriers, the status exchanges of ``settle``) go over a separate gloo
+    group: they never touch a GPU stream and gloo's timeouts interrupt a blocked wait."""
+    import datetime
+
     import torch.distributed as dist
 
+    global _CONTROL
     if launched_world_size() <= 1:
         return SINGLE
     info = DistInfo(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         if device_kind == "cuda":
-            torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+            device = torch.device("cuda", info.local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
+        else:
+            dist.init_process_group(backend="gloo", timeout=timeout)
+    _CONTROL = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
     return info
+
+
+_CONTROL: Any = None  # the gloo group of control messages (None: the default group is gloo already)
 
 
 def shutdown(info: DistInfo) -> None:
     import torch.distributed as dist
 
+    global _CONTROL
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+    _CONTROL = None
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=_CONTROL)
 
 
 def broadcast_object(value: Any, info: DistInfo) -> Any:
@@ -75,7 +100,7 @@ def broadcast_object(value: Any, info: DistInfo) -> Any:
     if not info.enabled:
         return value
     holder = [value]
-    torch.distributed.broadcast_object_list(holder, src=0)
+    torch.distributed.broadcast_object_list(holder, src=0, group=_CONTROL)
     return holder[0]
 
 
@@ -84,8 +109,77 @@ def gather_objects(value: Any, info: DistInfo) -> list[Any] | None:
     if not info.enabled:
         return [value]
     gathered: list[Any] | None = [None] * info.world_size if info.is_main else None
-    torch.distributed.gather_object(value, gathered, dst=0)
+    torch.distributed.gather_object(value, gathered, dst=0, group=_CONTROL)
     return gathered
+
+
+def all_objects(value: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not info.enabled:
+        return [value]
+    gathered: list[Any] = [None] * info.world_size
+    torch.distributed.all_gather_object(gathered, value, group=_CONTROL)
+    return gathered
+
+
+# test-only fault injection (tests/integration/test_distributed_paths.py): PEFTCTL_TEST_FAIL_AT=<point>:<rank>
+# raises on that rank where fail_point(<point>) is called ("inputs" raises a ConfigError, others a RuntimeError)
+FAIL_ENV = "PEFTCTL_TEST_FAIL_AT"
+
+
+def fail_point(point: str, info: DistInfo) -> None:
+    """Raise here on the rank PEFTCTL_TEST_FAIL_AT names for this point (tests only; a no-op otherwise)."""
+    if os.environ.get(FAIL_ENV) == f"{point}:{info.rank}":
+        from peftctl.errors import ConfigError
+
+        if point == "inputs":
+            raise ConfigError(f"injected bad input on rank {info.rank} (test)")
+        raise RuntimeError(f"injected failure at {point} on rank {info.rank} (test)")
+
+
+def settle(failure: BaseException | None, info: DistInfo) -> None:
+    """Every rank tells every other whether its part of a section failed; then either all ranks go on
+    or all raise: the failing rank its own exception, the others the same error class (a
+    PeftctlError keeps its exit code) with the failing rank's message. Call it on every rank, at
+    the same point, so no rank is left waiting in a collective the failed one never reaches."""
+    if not info.enabled:
+        if failure is not None:
+            raise failure
+        return
+    mine = None if failure is None else (type(failure).__name__, str(failure), getattr(failure, "exit_code", 1))
+    outcomes = all_objects(mine, info)
+    if failure is not None:
+        raise failure
+    for rank, outcome in enumerate(outcomes):
+        if outcome is not None:
+            raise _error_from_other_rank(rank, *outcome)
+
+
+def _error_from_other_rank(rank: int, kind: str, message: str, exit_code: int) -> Exception:
+    from peftctl.errors import ConfigError, PeftctlError, TrainingError
+
+    if kind in ("ConfigError",) or exit_code == 2:
+        error: Exception = ConfigError(message)
+    elif kind == "TrainingError":
+        error = TrainingError(message)
+    else:
+        error = TrainingError(f"rank {rank} failed: {kind}: {message}")
+    if isinstance(error, PeftctlError):
+        error.reported_elsewhere = True  # type: ignore[attr-defined]  # cli: only the failing rank prints it
+    return error
+
+
+def on_main(action: Any, info: DistInfo) -> Any:
+    """``action()`` on rank 0 alone (writing files, evaluating), then ``settle``: if it raised, every
+    rank raises; otherwise its value on rank 0 (None elsewhere)."""
+    value, failure = None, None
+    if info.is_main:
+        try:
+            value = action()
+        except Exception as exc:  # handed to settle, which re-raises it here
+            failure = exc
+    settle(failure, info)
+    return value
 
 
 def broadcast_parameters(params: list[torch.nn.Parameter], info: DistInfo) -> None:

@@ -13,8 +13,8 @@ import torch
 from peftctl.data.tokenize import Example, collate
 from peftctl.errors import TrainingError
 from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
-from peftctl.train.checkpoint import kill_point, load_checkpoint, rng_state, save_checkpoint
-from peftctl.train.distributed import SINGLE, DistInfo, broadcast_parameters, gather_objects, sum_gradients, sum_values
+from peftctl.train.checkpoint import checkpoint_dir, kill_point, load_checkpoint, rng_state, save_checkpoint
+from peftctl.train.distributed import SINGLE, DistInfo, broadcast_parameters, fail_point, gather_objects, on_main, settle, sum_gradients, sum_values
 from peftctl.train.logging import MetricsLog, Progress
 from peftctl.train.optim import build_optimizer, build_scheduler
 
@@ -187,7 +187,9 @@ class Trainer:
         if n_bad:
             where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
             value = bad_loss if bad_loss is not None else "non-finite on another rank"
-            raise TrainingError(f"loss became {value} at step {self.state.step + 1}; training stopped ({where}). Try a lower train.lr or train.precision=fp32")
+            error = TrainingError(f"loss became {value} at step {self.state.step + 1}; training stopped ({where}). Try a lower train.lr or train.precision=fp32")
+            error.reported_elsewhere = not self.dist.is_main  # type: ignore[attr-defined]  # every rank stops; rank 0 says why
+            raise error
         self.state.tokens += int(tokens)
         params = self._trainable()
         sum_gradients(params, self.dist)
@@ -207,12 +209,36 @@ class Trainer:
         return loss_total, grad_norm
 
     def _checkpoint(self) -> None:
-        self._require_finite("a checkpoint")  # every rank holds the same weights: every rank stops
+        self._settled(self._require_finite, "a checkpoint")  # every rank holds the same weights: every rank stops
         state = {"step": self.state.step, "epoch": self.state.epoch, "position": self.state.position, "tokens": self.state.tokens, "total_steps": self.total_steps}
         rank_rngs = gather_objects(rng_state(), self.dist)  # every rank's dropout stream, for resume
-        if self.dist.is_main:
-            self.last_checkpoint = save_checkpoint(self.run_dir, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, state,
-                                                   self.cfg.train.keep_checkpoints, self.hooks, rank_rngs=rank_rngs)
+
+        def save() -> Path:
+            fail_point("checkpoint", self.dist)
+            return save_checkpoint(self.run_dir, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, state,
+                                   self.cfg.train.keep_checkpoints, self.hooks, rank_rngs=rank_rngs)
+
+        on_main(save, self.dist)  # a failed write on rank 0 ends every rank
+        self.last_checkpoint = checkpoint_dir(self.run_dir, self.state.step)
+
+    def _settled(self, check: Any, *args: Any) -> None:
+        """``check(*args)`` on every rank; if it raises on any rank, every rank raises (distributed.settle)."""
+        failure = None
+        try:
+            check(*args)
+        except Exception as exc:
+            failure = exc
+        settle(failure, self.dist)
+
+    def _evaluate_on_main(self, log: Any) -> float | None:
+        """Rank 0 evaluates and logs; every rank enters (and leaves, or raises) together. The loss on rank 0."""
+        def run() -> float:
+            fail_point("eval", self.dist)
+            eval_loss = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, self.cfg.train.precision, self.task_type)
+            log.write({"step": self.state.step, "eval_loss": eval_loss})
+            return eval_loss
+
+        return on_main(run, self.dist)
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after_step: int | None = None) -> dict[str, Any]:
@@ -245,19 +271,20 @@ class Trainer:
                     log.write(record)
                     window_start, window_tokens = time.perf_counter(), self.state.tokens
                 progress.update(step, {"loss": loss, "lr": lr, "tok/s": round(record["tokens_per_s"])}, log_now)
-                if main and self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
-                    eval_loss = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision, self.task_type)
-                    log.write({"step": step, "eval_loss": eval_loss})
-                    progress.message(f"step {step}  eval_loss {eval_loss:.4f}")
+                if self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
+                    eval_loss = self._evaluate_on_main(log)
+                    if main:
+                        progress.message(f"step {step}  eval_loss {eval_loss:.4f}")
                 if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
                     self._checkpoint()
                 if stop_after_step is not None and step >= stop_after_step:
                     return {"stopped_at": step, "completed": False}
         finally:
             progress.close()
-        self._require_finite("the final adapter")
+        self._settled(self._require_finite, "the final adapter")
         result: dict[str, Any] = {"completed": True, "steps": self.state.step}
-        if main and self.eval_data:
-            result["eval_loss"] = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision, self.task_type)
-            log.write({"step": self.state.step, "eval_loss": result["eval_loss"]})
+        if self.eval_data:
+            eval_loss = self._evaluate_on_main(log)
+            if main:
+                result["eval_loss"] = eval_loss
         return result

@@ -153,7 +153,7 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
         override_list = None if isinstance(overrides, RunConfig) else list(overrides or [])
         cfg, notes = resume_config(cfg, override_list, resume_run_dir(cfg))
     device = pick_device(cfg.train)
-    dist = distributed.init_distributed(device.type)
+    dist = distributed.init_distributed(device.type, cfg.train.dist_timeout_s)
     try:
         for note in notes if dist.is_main else []:
             print(note, file=sys.stderr, flush=True)
@@ -166,18 +166,21 @@ def _take_lock(lock: Any, dist: Any, create: bool, then_check: Callable[[], None
     """Rank 0 takes the run directory's lock (``create``: making the directory first; otherwise only
     if it exists) and runs ``then_check`` under it; every rank raises the same ConfigError if another
     train holds the lock or the check fails."""
-    from peftctl.train.distributed import broadcast_object
+    from peftctl.train.distributed import broadcast_object, on_main
 
-    message = None
-    if dist.is_main and not lock.held and (create or lock.path.parent.is_dir()):
-        lock.path.parent.mkdir(parents=True, exist_ok=True)
-        message = lock.try_acquire()
-    if dist.is_main and message is None and then_check is not None:
-        try:
-            then_check()
-        except ConfigError as exc:
-            message = str(exc)
-    message = broadcast_object(message, dist)
+    def acquire_and_check() -> str | None:
+        message = None
+        if not lock.held and (create or lock.path.parent.is_dir()):
+            lock.path.parent.mkdir(parents=True, exist_ok=True)
+            message = lock.try_acquire()
+        if message is None and then_check is not None:
+            try:
+                then_check()
+            except ConfigError as exc:
+                message = str(exc)
+        return message
+
+    message = broadcast_object(on_main(acquire_and_check, dist), dist)  # a failure on rank 0 ends every rank
     if message:
         raise ConfigError(message)
 
@@ -207,35 +210,44 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
 def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_after_step: int | None, run_dir: Path, lock: Any) -> Path:
     from peftctl.models.loader import move_to_device
     from peftctl.train.checkpoint import clean_torn_writes, kill_point
-    from peftctl.train.distributed import barrier
+    from peftctl.train.distributed import fail_point, on_main, settle
     from peftctl.train.logging import plot_metrics
     from peftctl.train.loop import Trainer
     from peftctl.train.resume import find_checkpoint, resume_requested
 
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)  # torchrun: one GPU per rank
-    if dist.is_main and lock.held:
-        clean_torn_writes(run_dir)  # temporary folders of writes a kill interrupted
-    barrier(dist)
-    checkpoint = find_checkpoint(cfg, run_dir) if resume_requested(cfg) else None
-    _check_run_dir_is_free(run_dir, checkpoint)
-    model, tokenizer, data = build_model_and_data(cfg, device)
-    move_to_device(model, device)
-    if cfg.dataset.packing:
-        from peftctl.data.packing import check_packed_attention
+    on_main(lambda: clean_torn_writes(run_dir) if lock.held else None, dist)  # temporary folders of writes a kill interrupted
+    # each rank loads and checks its inputs; settle: one rank's bad input ends every rank (no collective in here)
+    failure = None
+    try:
+        fail_point("inputs", dist)
+        checkpoint = find_checkpoint(cfg, run_dir) if resume_requested(cfg) else None
+        _check_run_dir_is_free(run_dir, checkpoint)
+        model, tokenizer, data = build_model_and_data(cfg, device)
+        move_to_device(model, device)
+        if cfg.dataset.packing:
+            from peftctl.data.packing import check_packed_attention
 
-        check_packed_attention(model, device, len(tokenizer))
-    fast_path = apply_kernels(model, cfg, device)
+            check_packed_attention(model, device, len(tokenizer))
+        fast_path = apply_kernels(model, cfg, device)
+    except Exception as exc:
+        failure = exc
+    settle(failure, dist)
     trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet, dist=dist)
-    if checkpoint is not None:
-        trainer.resume_from(checkpoint)  # a checkpoint that does not fit is refused before anything is written
-    elif dist.enabled:
-        seed_everything(cfg.train.seed + dist.rank)  # each rank its own dropout stream (weights came from rank 0)
-    barrier(dist)  # every rank has checked its inputs before rank 0 creates the run directory
+    try:
+        if checkpoint is not None:
+            trainer.resume_from(checkpoint)  # a checkpoint that does not fit is refused before anything is written
+        elif dist.enabled:
+            seed_everything(cfg.train.seed + dist.rank)  # each rank its own dropout stream (weights came from rank 0)
+    except Exception as exc:
+        failure = exc
+    settle(failure, dist)  # every rank has checked its inputs before rank 0 creates the run directory
     _take_lock(lock, dist, create=True, then_check=lambda: _check_run_dir_is_free(run_dir, checkpoint))  # checked again, under the lock
     cfg.output_dir = str(run_dir)
     initial_adapter = run_dir / "initial_adapter" if mutates_base_weights(cfg.adapter) else None
-    if dist.is_main:
+
+    def write_run_start() -> None:
         # every input is checked: only now does the run directory appear
         if uses_loftq(cfg) and checkpoint is None:
             _write_loftq_base(cfg, model, tokenizer, run_dir / "loftq_base")
@@ -244,7 +256,8 @@ def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, 
             # PiSSA / OLoRA replace W by a residual: keep the starting adapter so the final one can be
             # saved as a plain LoRA against the untouched base (PEFT's weight conversion)
             model.save_pretrained(initial_adapter)
-    barrier(dist)
+
+    on_main(write_run_start, dist)
     if not quiet:
         for note in data.notes:  # data cache use, packing
             print(note, flush=True)
@@ -255,14 +268,16 @@ def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, 
     started = time.perf_counter()
     result = trainer.fit(stop_after_step=stop_after_step)
     elapsed = time.perf_counter() - started
-    if dist.is_main:
+
+    def write_run_end() -> None:
         plot_metrics(trainer_records(run_dir), run_dir / "plots" / "loss.png")
         if result["completed"]:
             with atomic_directory(run_dir / "adapter", overwrite=True) as tmp:  # adapter + tokenizer appear together
                 model.save_pretrained(tmp, path_initial_model_for_weight_conversion=initial_adapter)
                 kill_point("final:adapter")
                 tokenizer.save_pretrained(tmp)
-    barrier(dist)
+
+    on_main(write_run_end, dist)
     if not result["completed"]:
         return run_dir
     if not quiet:
