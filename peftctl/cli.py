@@ -50,7 +50,8 @@ def _run(action: Callable[[], Any]) -> Any:
         if os.environ.get("PEFTCTL_DEBUG"):
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        typer.echo(f"error: {type(exc).__name__}: {message} (PEFTCTL_DEBUG=1 shows the traceback)", err=True)
+        if not getattr(exc, "reported_elsewhere", False):  # data parallel: a lower rank printed the same failure
+            typer.echo(f"error: {type(exc).__name__}: {message} (PEFTCTL_DEBUG=1 shows the traceback)", err=True)
         raise typer.Exit(1) from None
     finally:
         warnings.formatwarning = previous_format

@@ -122,14 +122,20 @@ def all_objects(value: Any, info: DistInfo) -> list[Any]:
     return gathered
 
 
-# test-only fault injection (tests/integration/test_distributed_paths.py): PEFTCTL_TEST_FAIL_AT=<point>:<rank>
-# raises on that rank where fail_point(<point>) is called ("inputs" raises a ConfigError, others a RuntimeError)
+# test-only fault injection (tests/integration/test_launch_and_collectives.py): PEFTCTL_TEST_FAIL_AT=<point>:<rank>
+# raises on that rank where fail_point(<point>) is called ("inputs" raises a ConfigError, others a RuntimeError);
+# <point>:<rank>:stall makes that rank stop there for an hour instead (a rank that hangs)
 FAIL_ENV = "PEFTCTL_TEST_FAIL_AT"
 
 
 def fail_point(point: str, info: DistInfo) -> None:
-    """Raise here on the rank PEFTCTL_TEST_FAIL_AT names for this point (tests only; a no-op otherwise)."""
-    if os.environ.get(FAIL_ENV) == f"{point}:{info.rank}":
+    """Raise (or stall) here on the rank PEFTCTL_TEST_FAIL_AT names for this point (tests only; a no-op otherwise)."""
+    wanted = os.environ.get(FAIL_ENV)
+    if wanted == f"{point}:{info.rank}:stall":
+        import time
+
+        time.sleep(3600)
+    if wanted == f"{point}:{info.rank}":
         from peftctl.errors import ConfigError
 
         if point == "inputs":
@@ -149,6 +155,8 @@ def settle(failure: BaseException | None, info: DistInfo) -> None:
     mine = None if failure is None else (type(failure).__name__, str(failure), getattr(failure, "exit_code", 1))
     outcomes = all_objects(mine, info)
     if failure is not None:
+        if any(outcome is not None for outcome in outcomes[: info.rank]):
+            failure.reported_elsewhere = True  # type: ignore[attr-defined]  # the lowest failing rank prints its line
         raise failure
     for rank, outcome in enumerate(outcomes):
         if outcome is not None:

@@ -67,3 +67,13 @@ def test_every_collective_path_ends_all_ranks(tmp_path: Path, case: str, extra: 
     assert not (run / "adapter").exists()
     if fail_at == "inputs:1":
         assert not run.exists()  # checked by every rank before rank 0 creates anything
+
+
+def test_a_stalled_rank_becomes_an_error_after_train_dist_timeout_s(tmp_path: Path) -> None:
+    """Rank 0 stops inside its checkpoint write (as a stuck file system would): rank 1 gives up after
+    train.dist_timeout_s with one error line, and torchrun then ends rank 0 too."""
+    result = _peftctl("train.nproc=2", *SCHEDULE, "train.save_every=2", "train.dist_timeout_s=30", f"output_dir={tmp_path / 'run'}", fail_at="checkpoint:0:stall")
+    assert result.returncode != 0
+    errors = _error_lines(result)
+    assert len(errors) == 1 and "timed out" in errors[0].lower(), result.stderr[-3000:]
+    assert not (tmp_path / "run" / "adapter").exists()
