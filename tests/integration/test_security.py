@@ -147,7 +147,7 @@ def test_written_files_and_directories_honour_the_umask(mask: int, umask, tmp_pa
     umask(mask)
     assert current_umask() == mask and current_umask() == mask  # reading it does not change it
     atomic_write_text(tmp_path / "a.txt", "x")
-    with atomic_directory(tmp_path / "dir") as tmp:
+    with atomic_directory(tmp_path / "dir", overwrite=False) as tmp:
         (tmp / "inside.txt").write_text("y")
         save_file({"w": torch.ones(2)}, str(tmp / "weights.safetensors"))  # safetensors writes 0600 whatever the umask
         (tmp / "sub").mkdir()
