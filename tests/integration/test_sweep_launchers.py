@@ -67,6 +67,8 @@ def test_max_parallel_is_the_joblib_launcher_and_bad_launcher_input_is_one_clear
         resolve_launcher(["hydra/launcher=joblib", "hydra.launcher.n_jobz=2"])
     with pytest.raises(ConfigError, match="--max-parallel"):
         resolve_launcher(["hydra/launcher=submitit_slurm"], max_parallel=2)
+    with pytest.raises(ConfigError, match="--max-parallel=0 is not valid; expected an integer >= 1"):
+        resolve_launcher([], max_parallel=0)
 
 
 def test_the_slurm_launcher_config_renders_a_valid_sbatch_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
