@@ -51,7 +51,7 @@ def build_bf16_llama(config, seed: int) -> nn.Module:
 
 def setup_peftctl(model: nn.Module, use_dora: bool):
     from peftctl.adapters.lora import LoraConfig
-    from peftctl.adapters.model import get_adapted_model
+    from peftctl.adapters.core.model import get_adapted_model
     from peftctl.train.chunked_ce import causal_lm_loss_sum
 
     adapted = get_adapted_model(model, LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", use_dora=use_dora, **ADAPTER))

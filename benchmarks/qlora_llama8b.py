@@ -80,7 +80,7 @@ def build_quantized_llama(config, device: str = "cuda", seed: int = 0, method: s
 
 def setup_peftctl(model: nn.Module):
     from peftctl.adapters.lora import LoraConfig
-    from peftctl.adapters.model import get_adapted_model
+    from peftctl.adapters.core.model import get_adapted_model
     from peftctl.models.kbit import prepare_model_for_kbit_training
     from peftctl.train.chunked_ce import causal_lm_loss_sum
     from peftctl.train.optim import build_optimizer

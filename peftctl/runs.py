@@ -32,7 +32,7 @@ def open_source(path: str | Path, overrides: list[str] | None = None) -> Source:
     on top of the run's saved config (or, for a bare adapter dir, the default recipe)."""
     import yaml
 
-    from peftctl.adapters.model import load_adapter_config
+    from peftctl.adapters.core.model import load_adapter_config
     from peftctl.config.compose import compose_dict
 
     path = Path(path)
@@ -57,7 +57,7 @@ def open_source(path: str | Path, overrides: list[str] | None = None) -> Source:
 
 def load_adapted(source: Source, device: Any = "cpu") -> tuple[Any, Any]:
     """(AdaptedModel with the saved adapter, tokenizer)."""
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
     from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
 
     cfg = source.config

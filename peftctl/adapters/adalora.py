@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.layer_utils import is_gpt2_conv1d, linear_in_out
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.layer_utils import is_gpt2_conv1d, linear_in_out
 from peftctl.adapters.lora import LoraConfig
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 
 @dataclass
@@ -264,7 +264,7 @@ def create_adalora_layer(module: nn.Module, module_name: str, config: AdaLoraCon
 
 
 def _method():
-    from peftctl.adapters.registry import Method
+    from peftctl.adapters.core.registry import Method
 
     class AdaLoraMethod(Method):
         def training_hooks(self, model: "AdaptedModel", adapter_name: str, total_steps: int) -> list[Any]:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
 from peftctl.errors import ConfigError
 
 
@@ -179,7 +179,7 @@ def create_boft_layer(module: nn.Module, module_name: str, config: BOFTConfig) -
 
 
 def _method():
-    from peftctl.adapters.registry import Method
+    from peftctl.adapters.core.registry import Method
 
     return Method("boft", BOFTConfig, create_boft_layer, (BOFTLayer,))
 

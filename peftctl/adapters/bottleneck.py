@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
 from peftctl.errors import AdapterError, ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 # model_type -> sub-layers that get an adapter when target_modules is not given
@@ -131,7 +131,7 @@ def create_bottleneck_layer(module: nn.Module, module_name: str, config: Bottlen
 
 
 def _method():
-    from peftctl.adapters.registry import Method
+    from peftctl.adapters.core.registry import Method
 
     class BottleneckMethod(Method):
         def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:

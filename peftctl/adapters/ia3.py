@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.layer_utils import is_gpt2_conv1d, linear_in_out
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.layer_utils import is_gpt2_conv1d, linear_in_out
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 # model_type -> (target_modules, feedforward_modules): PEFT's IA3 defaults
 IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
@@ -152,7 +152,7 @@ def create_ia3_layer(module: nn.Module, module_name: str, config: IA3Config) -> 
 
 
 def _method():
-    from peftctl.adapters.registry import Method
+    from peftctl.adapters.core.registry import Method
 
     class IA3Method(Method):
         def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:

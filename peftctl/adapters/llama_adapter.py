@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.registry import Method
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.registry import Method
 from peftctl.errors import AdapterError, ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 
 @dataclass
@@ -122,7 +122,7 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 class LlamaAdapterMethod(Method):
     mergeable = False  # the prompts are attended to, not folded into a weight
     def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
-        from peftctl.adapters.inject import _set_submodule
+        from peftctl.adapters.core.inject import _set_submodule
 
         assert isinstance(config, AdaptionPromptConfig)
         prefix, layers = _decoder_layers(model.model)

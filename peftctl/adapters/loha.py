@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
 
 
 def pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -194,7 +194,7 @@ def create_loha_layer(module: nn.Module, module_name: str, config: LoHaConfig) -
 
 
 def _method():
-    from peftctl.adapters.registry import Method
+    from peftctl.adapters.core.registry import Method
 
     return Method("loha", LoHaConfig, create_loha_layer, (LoHaLayer,))
 

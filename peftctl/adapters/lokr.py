@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
+from peftctl.adapters.core.base import AdapterLayer
 from peftctl.adapters.loha import LycorisCommon, LycorisLayer, conv_shape, cp_kernel, cp_weight, kaiming_, uses_cp
 
 
@@ -142,7 +142,7 @@ def create_lokr_layer(module: nn.Module, module_name: str, config: LoKrConfig) -
 
 
 def _method():
-    from peftctl.adapters.registry import Method
+    from peftctl.adapters.core.registry import Method
 
     return Method("lokr", LoKrConfig, create_lokr_layer, (LoKrLayer,))
 

@@ -23,9 +23,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.layer_utils import is_gpt2_conv1d, linear_in_out
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.layer_utils import is_gpt2_conv1d, linear_in_out
 from peftctl.errors import ConfigError
 
 
@@ -246,7 +246,7 @@ def create_oft_layer(module: nn.Module, module_name: str, config: OFTConfig) -> 
 
 
 def _method():
-    from peftctl.adapters.registry import Method
+    from peftctl.adapters.core.registry import Method
 
     return Method("oft", OFTConfig, create_oft_layer, (OFTLinear, OFTConv2d))
 

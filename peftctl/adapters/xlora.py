@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.config import AdapterConfig
 from peftctl.adapters.lora import LoraLinear
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 CLASSIFIER = "internal_xlora_classifier"
 
@@ -103,9 +103,9 @@ def layer_scalings(scalings: torch.Tensor, index: int, config: XLoraConfig) -> t
 
 
 def _load_expert(model: "AdaptedModel", name: str, directory: str) -> None:
-    from peftctl.adapters import persistence
+    from peftctl.adapters.core import persistence
     from peftctl.adapters.lora import METHOD as LORA
-    from peftctl.adapters.model import load_adapter_config
+    from peftctl.adapters.core.model import load_adapter_config
 
     config = load_adapter_config(directory)
     if config.method != "lora":
@@ -133,7 +133,7 @@ def latest_scalings(model: "AdaptedModel") -> torch.Tensor | None:
 
 
 def _method():
-    from peftctl.adapters.registry import Method
+    from peftctl.adapters.core.registry import Method
 
     class XLoraMethod(Method):
         mergeable = False  # per-token scalings have no weight form

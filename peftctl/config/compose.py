@@ -54,7 +54,7 @@ def _suggest_key(key: str, recipe: str) -> str:
         node = node.get(part) if isinstance(node, dict) else None
     candidates = list(node) if isinstance(node, dict) else []
     if parent == "adapter" and isinstance(node, dict):
-        from peftctl.adapters.registry import get_method
+        from peftctl.adapters.core.registry import get_method
 
         try:
             candidates += get_method(node.get("method", "lora")).config_cls.field_names()
@@ -138,7 +138,7 @@ def drop_recipe_fields_of_other_method(values: dict[str, Any], recipe: str, over
     is dropped, so a misspelt recipe field fails too."""
     import yaml
 
-    from peftctl.adapters.registry import available_methods, get_method
+    from peftctl.adapters.core.registry import available_methods, get_method
 
     recipe_yaml = yaml.safe_load((resource_dir("recipes") / f"{recipe}.yaml").read_text()) or {}
     own = recipe_yaml.get("adapter") or {}

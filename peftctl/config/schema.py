@@ -2,7 +2,7 @@
 
 Hydra composes the YAML; `build_run_config` then checks every key and value against these
 dataclasses and raises ConfigError with one line that names the field and what would be valid.
-The `adapter` group is checked by the chosen method's own config class (adapters/registry.py).
+The `adapter` group is checked by the chosen method's own config class (adapters/core/registry.py).
 """
 from __future__ import annotations
 
@@ -212,8 +212,8 @@ def build_section(cls: type, values: dict[str, Any] | None, section: str) -> Any
 
 def build_run_config(values: dict[str, Any]) -> RunConfig:
     """Check a composed config (plain dict) and return the typed RunConfig."""
-    from peftctl.adapters.config import TASK_TYPE_TO_PEFT
-    from peftctl.adapters.registry import config_from_dict
+    from peftctl.adapters.core.config import TASK_TYPE_TO_PEFT
+    from peftctl.adapters.core.registry import config_from_dict
 
     values = dict(values)
     sections = {"model": ModelConfig, "dataset": DatasetConfig, "quant": QuantConfig, "train": TrainConfig, "eval": EvalConfig}

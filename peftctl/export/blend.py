@@ -13,8 +13,8 @@ from typing import Sequence
 
 from torch import nn
 
-from peftctl.adapters import persistence
-from peftctl.adapters.model import AdaptedModel
+from peftctl.adapters.core import persistence
+from peftctl.adapters.core.model import AdaptedModel
 from peftctl.errors import ConfigError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from peftctl.adapters.persistence import save_adapter_dir
+from peftctl.adapters.core.persistence import save_adapter_dir
 from peftctl.errors import ConfigError
 from peftctl.utils import atomic_directory
 
@@ -19,7 +19,7 @@ def merged_model(path: str | Path, overrides: list[str] | None = None, safe: boo
 
     Returns (merged transformers model, tokenizer, source, note). A quantized base (quant=nf4/fp4/int8)
     is first dequantized to ``dtype`` (default: the run's quant.compute_dtype) and merged in that dtype."""
-    from peftctl.adapters.quantized import dequantize_model, quantized_base_summary
+    from peftctl.models.quantized import dequantize_model, quantized_base_summary
     from peftctl.models.loader import DTYPES
     from peftctl.runs import load_adapted, open_source
 

@@ -16,7 +16,7 @@ from torch import nn
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype | None:
-    from peftctl.adapters.quantized import compute_dtype, is_quantized
+    from peftctl.models.quantized import compute_dtype, is_quantized
 
     for module in model.modules():
         if is_quantized(module):

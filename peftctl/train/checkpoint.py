@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftctl.adapters.persistence import read_adapter_weights, save_adapter_dir, set_adapter_state_dict
+from peftctl.adapters.core.persistence import read_adapter_weights, save_adapter_dir, set_adapter_state_dict
 from peftctl.errors import ConfigError
 from peftctl.utils import atomic_directory
 

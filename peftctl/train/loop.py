@@ -100,7 +100,7 @@ class Trainer:
 
     def __init__(self, model: Any, adapter_name: str, train_data: list[Example], eval_data: list[Example], cfg: Any, run_dir: Path, device: torch.device, pad_id: int,
                  quiet: bool = False, dist: DistInfo = SINGLE) -> None:
-        from peftctl.adapters.registry import get_method
+        from peftctl.adapters.core.registry import get_method
 
         self.dist = dist
         self.model, self.adapter_name, self.cfg = model, adapter_name, cfg

@@ -67,7 +67,7 @@ def uses_loftq(cfg: RunConfig) -> bool:
 
 def _write_loftq_base(cfg: RunConfig, model: Any, tokenizer: Any, directory: Path) -> None:
     """The LoftQ base (deq(Q)) becomes the run's base model: eval / merge / resume load it."""
-    from peftctl.adapters.loftq import save_loftq_base
+    from peftctl.adapters.lora.loftq import save_loftq_base
     from peftctl.models.loader import DTYPES
 
     save_loftq_base(model, directory, DTYPES[cfg.quant.compute_dtype])
@@ -78,7 +78,7 @@ def _write_loftq_base(cfg: RunConfig, model: Any, tokenizer: Any, directory: Pat
 
 def build_model_and_data(cfg: RunConfig, device: Any = None) -> tuple[Any, Any, Any]:
     """(adapted model, tokenizer, prepared data); raises ConfigError on any bad input."""
-    from peftctl.adapters.model import get_adapted_model
+    from peftctl.adapters.core.model import get_adapted_model
     from peftctl.data.pipeline import prepare_data
     from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
 
@@ -90,8 +90,8 @@ def build_model_and_data(cfg: RunConfig, device: Any = None) -> tuple[Any, Any, 
     seed_everything(cfg.train.seed)
     adapter_config = cfg.adapter.replace(base_model_name_or_path=str(cfg.model.name_or_path))
     if uses_loftq(cfg):
-        # LoftQ needs the full-precision weights: load dense, initialise, then quantize (adapters/loftq.py)
-        from peftctl.adapters.loftq import build_loftq_model
+        # LoftQ needs the full-precision weights: load dense, initialise, then quantize (adapters/lora/loftq.py)
+        from peftctl.adapters.lora.loftq import build_loftq_model
 
         model = load_model(cfg.model, None, path)
         return build_loftq_model(model, adapter_config, cfg.quant, ADAPTER_NAME, cfg.train.gradient_checkpointing), tokenizer, data
@@ -107,13 +107,13 @@ def build_model_and_data(cfg: RunConfig, device: Any = None) -> tuple[Any, Any, 
     if init in ("eva", "corda") and device is not None:
         move_to_device(model, device)  # the data-driven inits run where training will
     if init == "corda":
-        from peftctl.adapters.lora_corda import preprocess_corda
+        from peftctl.adapters.lora.corda import preprocess_corda
 
         batches = sample_batches(data.train, cfg, tokenizer.pad_token_id, CORDA_MAX_SAMPLES)
         preprocess_corda(model, adapter_config, dataloader=batches)
     adapted = get_adapted_model(model, adapter_config, ADAPTER_NAME)
     if init == "eva":
-        from peftctl.adapters.lora_eva import initialize_lora_eva_weights
+        from peftctl.adapters.lora.eva import initialize_lora_eva_weights
 
         batches = sample_batches(data.train, cfg, tokenizer.pad_token_id)
         initialize_lora_eva_weights(adapted, batches, ADAPTER_NAME, max_batches=EVA_MAX_BATCHES)

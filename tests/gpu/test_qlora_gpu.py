@@ -26,8 +26,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_lora_on_nf4_matches_dequantized_reference_on_cuda() -> None:
     from peftctl.adapters.lora import LoraConfig
-    from peftctl.adapters.model import get_adapted_model
-    from peftctl.adapters.quantized import dequantize
+    from peftctl.adapters.core.model import get_adapted_model
+    from peftctl.models.quantized import dequantize
     from peftctl.models.quantization import quantize_linear
 
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def test_llama8b_wide_slice_trains_and_merges() -> None:
     adapters get grads, and the merged bf16 model reproduces the adapted 4-bit model's logits."""
     import qlora_llama8b as bench
 
-    from peftctl.adapters.quantized import dequantize_model
+    from peftctl.models.quantized import dequantize_model
 
     config = bench.llama3_8b_config(2)
     model = bench.build_quantized_llama(config, seed=0)
@@ -102,7 +102,7 @@ def test_qlora_llama_recipe_through_the_product_loop(tmp_path: Path) -> None:
 
     import qlora_llama8b as bench
 
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
     from peftctl.config.compose import compose_config
     from peftctl.data.tokenize import Example
     from peftctl.models.tokenizer import build_byte_tokenizer
@@ -121,8 +121,8 @@ def test_qlora_llama_recipe_through_the_product_loop(tmp_path: Path) -> None:
                           "train.log_every=4", "train.lr=1e-3", f"output_dir={tmp_path / 'run'}"])
     assert (cfg.quant.method, cfg.quant.double_quant, cfg.train.optimizer, cfg.train.precision, cfg.train.gradient_checkpointing) == (
         "nf4", True, "paged_adamw_8bit", "bf16", True)
-    from peftctl.adapters.model import get_adapted_model
-    from peftctl.adapters.quantized import is_4bit
+    from peftctl.adapters.core.model import get_adapted_model
+    from peftctl.models.quantized import is_4bit
     from peftctl.models.kbit import prepare_model_for_kbit_training
     from peftctl.models.loader import load_model
 

@@ -21,7 +21,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def _in_memory_blend(runs: list[Path], combination: str, weights: list[float], density: float | None = None):
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
     from peftctl.models.loader import load_model
     from peftctl.runs import open_source
 

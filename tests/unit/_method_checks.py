@@ -12,7 +12,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftctl.adapters import AdaptedModel, get_adapted_model
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.config import AdapterConfig
 
 PEFT_VERSION_CHECKED = "0.21.2"
 
@@ -195,7 +195,7 @@ def check_yaml(method: str, **overrides) -> AdapterConfig:
     """configs/adapter/<method>.yaml builds that method's config (strict keys)."""
     import yaml
 
-    from peftctl.adapters.registry import config_from_dict
+    from peftctl.adapters.core.registry import config_from_dict
 
     path = Path(__file__).resolve().parents[2] / "configs" / "adapter" / f"{method}.yaml"
     values = {**yaml.safe_load(path.read_text()), **overrides}

@@ -7,8 +7,8 @@ from typing import Any, Callable
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from peftctl.adapters.model import AdaptedModel, get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import AdaptedModel, get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 
 VOCAB = 300
 

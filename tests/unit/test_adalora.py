@@ -10,7 +10,7 @@ import torch
 
 from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.adalora import AdaLoraConfig, AdaLoraLinear
-from peftctl.adapters.registry import get_method
+from peftctl.adapters.core.registry import get_method
 from peftctl.errors import ConfigError
 from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
                                        input_ids, ours_to_peft, perturb, rel_err, run, tiny_llama)

@@ -1,4 +1,4 @@
-"""The pure merge functions of peftctl.adapters.combine vs hand-written element-wise references."""
+"""The pure merge functions of peftctl.adapters.core.combine vs hand-written element-wise references."""
 from __future__ import annotations
 
 import itertools
@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from peftctl.adapters import combine
+from peftctl.adapters.core import combine
 from peftctl.errors import ConfigError
 
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from _lora_fixtures import ALL_TARGETS, clone, ids, out, perturb_adapters, rel_err, tiny_all_types
-from peftctl.adapters import dora, get_adapted_model
+from peftctl.adapters import get_adapted_model
+from peftctl.adapters.lora import dora
 from peftctl.adapters.lora import LoraConfig
 
 

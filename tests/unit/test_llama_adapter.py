@@ -8,8 +8,8 @@ import pytest
 import torch
 from _prompt_family import batch, check_peft_interop, check_training_and_round_trip, logits, tiny_llama
 
-from peftctl.adapters.model import get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 from peftctl.errors import ConfigError
 
 VALUES = {"method": "llama_adapter", "adapter_len": 3, "adapter_layers": 1}

@@ -7,9 +7,9 @@ import torch
 
 import bitsandbytes  # noqa: E402,F401  (a test dependency: missing it must fail, not skip)
 
-from peftctl.adapters.loftq import apply_loftq, loftq_decompose, quantize_dequantize  # noqa: E402
+from peftctl.adapters.lora.loftq import apply_loftq, loftq_decompose, quantize_dequantize  # noqa: E402
 from peftctl.adapters.lora import LoraConfig  # noqa: E402
-from peftctl.adapters.model import get_adapted_model  # noqa: E402
+from peftctl.adapters.core.model import get_adapted_model  # noqa: E402
 from peftctl.errors import AdapterError, ConfigError  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def test_train_with_loftq_writes_the_quantized_base_and_adapter(tmp_path) -> Non
     source = open_source(run)
     assert str(source.config.model.name_or_path).endswith("loftq_base")
     model, tokenizer = load_adapted(source, "cpu")
-    from peftctl.adapters.quantized import is_4bit
+    from peftctl.models.quantized import is_4bit
     from peftctl.data.pipeline import prepare_data
     from peftctl.train.loop import evaluate_loss
 

@@ -17,7 +17,7 @@ from torch import nn
 from _lora_fixtures import tiny_gpt2, tiny_llama
 from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.lora import LoraConfig
-from peftctl.adapters.lora_corda import preprocess_corda
+from peftctl.adapters.lora.corda import preprocess_corda
 from peftctl.errors import ConfigError
 
 R = 3

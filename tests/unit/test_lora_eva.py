@@ -16,7 +16,7 @@ from torch import nn
 from _lora_fixtures import tiny_gpt2, tiny_llama
 from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.lora import LoraConfig
-from peftctl.adapters.lora_eva import distribute_ranks, initialize_lora_eva_weights
+from peftctl.adapters.lora.eva import distribute_ranks, initialize_lora_eva_weights
 from peftctl.errors import ConfigError
 
 D = 16  # feature size of the controlled models
@@ -320,7 +320,7 @@ def test_peftctl_train_adapter_eva_saves_an_adapter_peft_loads(tmp_path: Path) -
 
 
 def _linear_names(model_cfg: Any) -> list[str]:
-    from peftctl.adapters.inject import is_target, output_head_names
+    from peftctl.adapters.core.inject import is_target, output_head_names
     from peftctl.models.loader import load_model
 
     model = load_model(model_cfg)

@@ -11,7 +11,7 @@ from torch import nn
 from _lora_fixtures import clone, ids, out, perturb_adapters, rel_err, tiny_gpt2, tiny_llama
 from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.lora import LoraConfig
-from peftctl.adapters.lora_init import olora_factors, pissa_factors
+from peftctl.adapters.lora.inits import olora_factors, pissa_factors
 
 R = 3
 

@@ -207,7 +207,7 @@ def test_layer_options_on_llama_invariants(option: str, tmp_path) -> None:
     """layers_to_transform and layer_replication: same invariants. With layer_replication the
     disabled model is the *replicated* base stack (weights shared, no adapters), as in PEFT."""
     from _lora_fixtures import tiny_llama
-    from peftctl.adapters.layer_replication import replicate_layers
+    from peftctl.adapters.lora.layer_replication import replicate_layers
 
     base = tiny_llama(layers=3)
     options = LLAMA_OPTIONS[option]

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from test_tasks import CLS_BATCH, TOK_BATCH, tiny_bert_cls, tiny_bert_tokens
 
-from peftctl.adapters.model import AdaptedModel, get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import AdaptedModel, get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 from peftctl.errors import ConfigError
 
 CASES = [("SEQ_CLS", tiny_bert_cls, CLS_BATCH), ("TOKEN_CLS", tiny_bert_tokens, TOK_BATCH)]

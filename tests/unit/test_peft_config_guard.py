@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peftctl.adapters.model import AdaptedModel
+from peftctl.adapters.core.model import AdaptedModel
 from peftctl.errors import ConfigError
 
 

@@ -10,8 +10,8 @@ import torch
 from _prompt_family import batch, check_peft_interop, check_training_and_round_trip, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 
-from peftctl.adapters.model import AdaptedModel, get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import AdaptedModel, get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 
 PROJECTION = {"method": "prefix_tuning", "num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16}
 
@@ -28,7 +28,7 @@ def test_gqa_prefix_has_per_kv_head_shape(tmp_path: Path) -> None:
     config = model.peft_config["default"]
     # 2 key/value heads of head_dim 8 (4 query heads of 32 / 4): token_dim 16, 2 "attention heads"
     assert (config.token_dim, config.num_attention_heads, config.num_layers) == (16, 2, 2)
-    from peftctl.adapters.prefix_tuning import METHOD
+    from peftctl.adapters.prompt.prefix_tuning import METHOD
 
     built = METHOD.prefix_cache(model, "default", 3)
     assert built.layers[0].keys.shape == (3, 2, 4, 8)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from _prompt_family import batch, check_peft_interop, check_training_and_round_trip, tiny_gpt2, tiny_llama
 
-from peftctl.adapters.model import get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 from peftctl.errors import ConfigError
 from peftctl.models.tokenizer import build_byte_tokenizer
 

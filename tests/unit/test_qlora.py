@@ -12,8 +12,8 @@ import torch
 import bitsandbytes as bnb  # noqa: E402  (a test dependency: missing it must fail, not skip)
 
 from peftctl.adapters.lora import LoraConfig  # noqa: E402
-from peftctl.adapters.model import AdaptedModel, get_adapted_model  # noqa: E402
-from peftctl.adapters.quantized import dequantize, dequantize_model, is_4bit, is_8bit, read_weight, write_weight  # noqa: E402
+from peftctl.adapters.core.model import AdaptedModel, get_adapted_model  # noqa: E402
+from peftctl.models.quantized import dequantize, dequantize_model, is_4bit, is_8bit, read_weight, write_weight  # noqa: E402
 from peftctl.models.quantization import quantize_linear  # noqa: E402
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

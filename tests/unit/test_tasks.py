@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification, T5Config, T5ForConditionalGeneration
 
-from peftctl.adapters.model import AdaptedModel, get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import AdaptedModel, get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 from peftctl.config.schema import DatasetConfig
 from peftctl.data.tasks import encode_task, label_names
 from peftctl.data.tokenize import IGNORE_INDEX, Example, collate

@@ -8,8 +8,8 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peftctl.adapters.model import get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 from peftctl.config.compose import resource_dir
 
 # data-driven inits (eva, corda) and X-LoRA's trained experts are built by their own tests

@@ -13,9 +13,9 @@ from peft.utils import merge_utils as peft_merge_utils  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from peftctl.adapters import AdaptedModel  # noqa: E402
-from peftctl.adapters import persistence  # noqa: E402
+from peftctl.adapters.core import persistence  # noqa: E402
 from peftctl.adapters.lora import LoraConfig  # noqa: E402
-from peftctl.adapters.lora_weighted import lora_factors  # noqa: E402
+from peftctl.adapters.lora.weighted import lora_factors  # noqa: E402
 from peftctl.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -246,7 +246,7 @@ def test_bad_arguments_raise_config_error(kwargs, message):
 
 
 def test_methods_without_a_combiner_raise_config_error_naming_the_supported_ones(monkeypatch):
-    from peftctl.adapters import weighted
+    from peftctl.adapters.core import weighted
 
     monkeypatch.delitem(weighted._COMBINERS, "lora")
     _, ours = _pair("llama", names=("a", "b"))
@@ -278,7 +278,7 @@ def test_rslora_sources_blend_to_the_exact_weighted_delta():
 
 
 def test_union_of_target_modules_follows_peft():
-    from peftctl.adapters.weighted import union_target_modules
+    from peftctl.adapters.core.weighted import union_target_modules
 
     lists = [LoraConfig(target_modules=["v_proj", "q_proj"]), LoraConfig(target_modules=["k_proj", "q_proj"])]
     assert union_target_modules(lists) == ["k_proj", "q_proj", "v_proj"]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.layer_utils import is_gpt2_conv1d
+from peftctl.adapters.core.layer_utils import is_gpt2_conv1d
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def corda_options(config: "LoraConfig") -> dict[str, Any]:
 
 def corda_targets(model: nn.Module, config: "LoraConfig") -> dict[str, nn.Module]:
     """The Linear / GPT-2 Conv1D modules of a plain (not yet adapted) model that ``config`` targets."""
-    from peftctl.adapters.inject import is_target, output_head_names
+    from peftctl.adapters.core.inject import is_target, output_head_names
 
     heads = output_head_names(model)
     return {

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftctl.adapters.base import AdapterLayer
+from peftctl.adapters.core.base import AdapterLayer
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -55,7 +55,7 @@ def get_adapter_state_dict(model: "AdaptedModel", adapter_name: str) -> dict[str
     state = model.state_dict(keep_vars=False)
     tensors = {peft_key: state[ours].detach().cpu().contiguous() for ours, peft_key in adapter_key_map(model, adapter_name).items()}
     # a method may reshape what it saves (AdaLoRA keeps only the ranks its rank_pattern keeps)
-    from peftctl.adapters.registry import get_method
+    from peftctl.adapters.core.registry import get_method
 
     hook = getattr(get_method(model.peft_config[adapter_name].method), "state_dict_for_save", None)
     return hook(model, adapter_name, tensors) if hook else tensors
@@ -88,7 +88,7 @@ def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state:
 
 
 def _method_of(model: "AdaptedModel", adapter_name: str) -> Any:
-    from peftctl.adapters.registry import get_method
+    from peftctl.adapters.core.registry import get_method
 
     return get_method(model.peft_config[adapter_name].method)
 

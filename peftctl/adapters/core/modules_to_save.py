@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
+from peftctl.adapters.core.base import AdapterLayer
 from peftctl.errors import AdapterError, ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.config import AdapterConfig
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.config import AdapterConfig
+    from peftctl.adapters.core.model import AdaptedModel
 
 
 class ModulesToSaveWrapper(AdapterLayer):
@@ -93,7 +93,7 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 def apply_modules_to_save(model: "AdaptedModel", adapter_name: str, config: "AdapterConfig") -> list[str]:
     """Wrap (or reuse the wrapper of) every module named in ``config.modules_to_save``."""
-    from peftctl.adapters.inject import _set_submodule
+    from peftctl.adapters.core.inject import _set_submodule
 
     targets = config.modules_to_save
     if not targets:

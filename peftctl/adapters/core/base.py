@@ -141,7 +141,7 @@ class AdapterLayer(nn.Module):
             self.merge(adapter_names=[adapter_name])  # raises the layer's own "cannot be merged" error
         if adapter_name not in self.adapter_configs or adapter_name in self.merged_adapters:
             return
-        from peftctl.adapters.quantized import read_weight
+        from peftctl.models.quantized import read_weight
 
         with torch.no_grad():
             candidate = self.adapted_weight(read_weight(self.base_layer), adapter_name)
@@ -155,7 +155,7 @@ class AdapterLayer(nn.Module):
         if not self.mergeable:
             raise AdapterError(f"{type(self).__name__} adapters cannot be merged into the base weights")
         names = self.active_adapters if adapter_names is None else adapter_names
-        from peftctl.adapters.quantized import read_weight, write_weight  # dequantizes bnb bases
+        from peftctl.models.quantized import read_weight, write_weight  # dequantizes bnb bases
 
         for name in names:
             if name not in self.adapter_configs or name in self.merged_adapters:
@@ -171,7 +171,7 @@ class AdapterLayer(nn.Module):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        from peftctl.adapters.quantized import read_weight, write_weight
+        from peftctl.models.quantized import read_weight, write_weight
 
         while self.merged_adapters:
             name = self.merged_adapters.pop()

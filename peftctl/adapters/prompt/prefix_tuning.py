@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.prompt_common import PromptLearningConfig, PromptMethod
+from peftctl.adapters.prompt.common import PromptLearningConfig, PromptMethod
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 
 @dataclass

@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING, Iterable
 
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.layer_utils import is_gpt2_conv1d
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.layer_utils import is_gpt2_conv1d
+from peftctl.adapters.core.config import AdapterConfig
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
-    from peftctl.adapters.registry import Method
+    from peftctl.adapters.core.model import AdaptedModel
+    from peftctl.adapters.core.registry import Method
 
 # model_type -> modules adapted when target_modules is not given (PEFT's defaults for LoRA)
 DEFAULT_TARGETS: dict[str, list[str]] = {

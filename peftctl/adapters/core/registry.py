@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 
 class Method:
@@ -42,8 +42,8 @@ class Method:
         return self.config_cls.peft_type
 
     def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
-        from peftctl.adapters.inject import inject_layers
-        from peftctl.adapters.modules_to_save import apply_modules_to_save
+        from peftctl.adapters.core.inject import inject_layers
+        from peftctl.adapters.core.modules_to_save import apply_modules_to_save
 
         inject_layers(model, adapter_name, config, self)
         apply_modules_to_save(model, adapter_name, config)
@@ -74,10 +74,10 @@ _METHODS: dict[str, str] = {
     "boft": "peftctl.adapters.boft:METHOD",
     "bottleneck": "peftctl.adapters.bottleneck:METHOD",
     "xlora": "peftctl.adapters.xlora:METHOD",
-    "prompt_tuning": "peftctl.adapters.prompt_tuning:METHOD",
-    "p_tuning": "peftctl.adapters.p_tuning:METHOD",
-    "prefix_tuning": "peftctl.adapters.prefix_tuning:METHOD",
-    "p_tuning_v2": "peftctl.adapters.p_tuning_v2:METHOD",
+    "prompt_tuning": "peftctl.adapters.prompt.prompt_tuning:METHOD",
+    "p_tuning": "peftctl.adapters.prompt.p_tuning:METHOD",
+    "prefix_tuning": "peftctl.adapters.prompt.prefix_tuning:METHOD",
+    "p_tuning_v2": "peftctl.adapters.prompt.p_tuning_v2:METHOD",
     "llama_adapter": "peftctl.adapters.llama_adapter:METHOD",
 }
 

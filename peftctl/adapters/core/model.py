@@ -13,11 +13,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters import persistence
-from peftctl.adapters.registry import get_method, method_for_peft_type
-from peftctl.adapters.weighted import WeightedAdapterMixin
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core import persistence
+from peftctl.adapters.core.registry import get_method, method_for_peft_type
+from peftctl.adapters.core.weighted import WeightedAdapterMixin
 from peftctl.errors import AdapterError, ConfigError
 
 
@@ -212,7 +212,7 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         return self._unload(merge=False)
 
     def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        from peftctl.adapters.inject import _set_submodule
+        from peftctl.adapters.core.inject import _set_submodule
 
         if merge:
             self._check_mergeable(adapter_names, safe_merge)

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.combine import merge_tensors, svd_refactor
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.weighted import COMBINATION_TYPES, CombineOptions, Combiner, union_target_modules
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.combine import merge_tensors, svd_refactor
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.weighted import COMBINATION_TYPES, CombineOptions, Combiner, union_target_modules
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 EQUAL_RANK_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 

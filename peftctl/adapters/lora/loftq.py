@@ -60,7 +60,7 @@ def loftq_decompose(weight: torch.Tensor, rank: int, scaling: float, bits: int =
 def apply_loftq(layer: Any, adapter_name: str, loftq_config: dict[str, Any]) -> list[float]:
     """Initialise one LoRA layer's adapter with LoftQ and write deq(Q) into its (dense) base weight.
     Returns the per-iteration reconstruction errors."""
-    from peftctl.adapters.quantized import is_quantized
+    from peftctl.models.quantized import is_quantized
 
     if is_quantized(layer.base_layer):
         raise AdapterError(
@@ -81,7 +81,7 @@ def apply_loftq(layer: Any, adapter_name: str, loftq_config: dict[str, Any]) -> 
 
 
 def _adapter_module_ids(model: torch.nn.Module) -> set[int]:
-    from peftctl.adapters.base import AdapterLayer
+    from peftctl.adapters.core.base import AdapterLayer
 
     ids: set[int] = set()
     for module in model.modules():
@@ -108,7 +108,7 @@ def quantize_adapted_base(adapted: torch.nn.Module, quant_cfg: Any) -> int:
 def dense_base_state_dict(adapted: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The base model's weights (quantized layers dequantized to ``dtype``) under the plain
     transformers keys: what `from_pretrained` needs to rebuild the LoftQ base."""
-    from peftctl.adapters.quantized import _find_hf_model, dequantize, is_quantized
+    from peftctl.models.quantized import _find_hf_model, dequantize, is_quantized
 
     hf = _find_hf_model(adapted)
     skip = _adapter_module_ids(adapted)
@@ -130,7 +130,7 @@ def dense_base_state_dict(adapted: torch.nn.Module, dtype: torch.dtype) -> dict[
 def build_loftq_model(model: torch.nn.Module, config: Any, quant_cfg: Any, adapter_name: str, gradient_checkpointing: bool) -> torch.nn.Module:
     """Dense base -> k-bit prep -> LoRA with LoftQ init (base := deq(Q)) -> quantize the base.
     The returned model computes Q + s·B A exactly as the LoftQ decomposition left it."""
-    from peftctl.adapters.model import get_adapted_model
+    from peftctl.adapters.core.model import get_adapted_model
     from peftctl.models.kbit import prepare_model_for_kbit_training
 
     bits = int(config.loftq_config.get("loftq_bits", 4))
@@ -152,7 +152,7 @@ def save_loftq_base(adapted: torch.nn.Module, directory: Any, dtype: torch.dtype
 
     from safetensors.torch import save_file
 
-    from peftctl.adapters.quantized import _find_hf_model
+    from peftctl.models.quantized import _find_hf_model
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

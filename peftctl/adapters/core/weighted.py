@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.combine import DENSITY_KINDS, MAJORITY_SIGN_METHODS
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.combine import DENSITY_KINDS, MAJORITY_SIGN_METHODS
+from peftctl.adapters.core.config import AdapterConfig
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 COMBINATION_TYPES = (
     "svd",
@@ -83,7 +83,7 @@ class Combiner:
 
 # method name -> "module:attribute" of its Combiner instance
 _COMBINERS: dict[str, str] = {
-    "lora": "peftctl.adapters.lora_weighted:COMBINER",
+    "lora": "peftctl.adapters.lora.weighted:COMBINER",
 }
 
 

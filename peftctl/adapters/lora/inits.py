@@ -25,7 +25,7 @@ from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
     from peftctl.adapters.lora import LoraLayer
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 
 def initialise(layer: "LoraLayer", adapter_name: str, init: bool | str) -> None:
@@ -118,7 +118,7 @@ def convert_state(current: dict[str, torch.Tensor], initial: dict[str, torch.Ten
 
 def save_as_plain_lora(model: "AdaptedModel", directory: str | os.PathLike, adapter_name: str, initial_dir: str | os.PathLike) -> None:
     """Save ``adapter_name`` as a rank-2r LoRA that loads on the untouched base model."""
-    from peftctl.adapters import persistence
+    from peftctl.adapters.core import persistence
 
     config = model.peft_config[adapter_name]
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):

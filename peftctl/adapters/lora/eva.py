@@ -32,7 +32,7 @@ from peftctl.errors import AdapterError, ConfigError
 
 if TYPE_CHECKING:
     from peftctl.adapters.lora import LoraConfig, LoraLayer
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 EVA_DEFAULTS: dict[str, Any] = {
     "rho": 2.0,
@@ -412,7 +412,7 @@ def load_eva_state_dict(adapted: "AdaptedModel", eva_state_dict: Mapping[str, to
 
 def _drop_layer(adapted: "AdaptedModel", name: str, layer: "LoraLayer", adapter_name: str) -> None:
     """EVA gave the layer rank 0: the adapter leaves it (and the wrapper too, when it held no other)."""
-    from peftctl.adapters.inject import _set_submodule
+    from peftctl.adapters.core.inject import _set_submodule
 
     layer.delete_adapter(adapter_name)
     if not layer.adapter_configs:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftctl.adapters.prefix_tuning import PrefixTuningConfig, PrefixTuningMethod
+from peftctl.adapters.prompt.prefix_tuning import PrefixTuningConfig, PrefixTuningMethod
 
 
 @dataclass

@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftctl.adapters import dora, lora_corda, lora_eva, lora_init
-from peftctl.adapters.layer_utils import is_gpt2_conv1d
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.registry import Method
+from peftctl.adapters.lora import corda as lora_corda, dora, eva as lora_eva, inits as lora_init
+from peftctl.adapters.core.layer_utils import is_gpt2_conv1d
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.registry import Method
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 INIT_CHOICES = "true, false, 'gaussian', 'pissa', 'pissa_niter_N', 'olora', 'loftq', 'eva', 'corda'"
 NOT_IMPLEMENTED_INITS = ("lora_ga",)
@@ -133,7 +133,7 @@ class LoraLayer(AdapterLayer):
         self.adapter_configs[adapter_name] = config
         lora_init.initialise(self, adapter_name, config.init_lora_weights)
         if config.init_lora_weights == "loftq":
-            from peftctl.adapters.loftq import apply_loftq
+            from peftctl.adapters.lora.loftq import apply_loftq
 
             apply_loftq(self, adapter_name, config.loftq_config)
         if config.init_lora_weights == "corda":
@@ -145,7 +145,7 @@ class LoraLayer(AdapterLayer):
     def oriented_weight(self) -> torch.Tensor:
         """The base weight as (out, in, ...) (GPT-2 Conv1D stores it transposed); bitsandbytes
         layers are dequantized (DoRA's column norm needs the real values)."""
-        from peftctl.adapters.quantized import read_weight
+        from peftctl.models.quantized import read_weight
 
         weight = read_weight(self.base_layer)
         return weight.T if self.fan_in_fan_out else weight
@@ -304,7 +304,7 @@ class LoraMethod(Method):
         if config.bias != "none" and len(model.peft_config) > 1:
             raise ConfigError(f"adapter.bias={config.bias!r} needs a single adapter (biases are shared by all adapters); use bias: none")
         if config.layer_replication:
-            from peftctl.adapters.layer_replication import replicate_layers
+            from peftctl.adapters.lora.layer_replication import replicate_layers
 
             replicate_layers(model.model, config.layer_replication)
         super().inject(model, adapter_name, config)

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.registry import Method
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.registry import Method
 from peftctl.errors import AdapterError, ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 PROMPT_KEY = "prompt_embeddings"
 
@@ -131,7 +131,7 @@ class PromptMethod(Method):
 
     # ------------------------------------------------------------------ setup
     def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
-        from peftctl.adapters.modules_to_save import apply_modules_to_save
+        from peftctl.adapters.core.modules_to_save import apply_modules_to_save
 
         assert isinstance(config, PromptLearningConfig)
         fill_model_dims(config, model.model, kv_prefix=self.mode == "kv")
@@ -150,7 +150,7 @@ class PromptMethod(Method):
         return list(model.prompt_encoder[adapter_name].parameters())
 
     def extra_adapter_keys(self, model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
-        from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
+        from peftctl.adapters.core.modules_to_save import ModulesToSaveWrapper
 
         keys = {f"prompt_encoder.{adapter_name}.embedding.weight": PROMPT_KEY}
         # PEFT's prompt-learning models hold the transformers model directly as `base_model` (no

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.prompt_common import PromptLearningConfig, PromptMethod
+from peftctl.adapters.prompt.common import PromptLearningConfig, PromptMethod
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 INIT_CHOICES = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
