@@ -22,6 +22,7 @@ from torch import nn
 
 from peftctl.adapters.core.base import AdapterLayer
 from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.adapters.core.layer_utils import is_gpt2_conv1d, linear_in_out
 from peftctl.adapters.lora import LoraConfig
 from peftctl.errors import ConfigError
@@ -263,33 +264,35 @@ def create_adalora_layer(module: nn.Module, module_name: str, config: AdaLoraCon
     return AdaLoraLinear(module, module_name) if isinstance(module, nn.Linear) or is_gpt2_conv1d(module) else None
 
 
-def _method():
-    from peftctl.adapters.core.registry import Method
+class AdaLoraMethod(AdapterMethod):
+    name = "adalora"
+    config_cls = AdaLoraConfig
+    layer_types = (AdaLoraLinear,)
 
-    class AdaLoraMethod(Method):
-        def training_hooks(self, model: "AdaptedModel", adapter_name: str, total_steps: int) -> list[Any]:
-            return [RankAllocator(model, adapter_name, total_steps)]
+    def create_layer(self, module: nn.Module, module_name: str, config: AdaLoraConfig) -> AdapterLayer | None:
+        return create_adalora_layer(module, module_name, config)
 
-        def state_dict_for_save(self, model: "AdaptedModel", adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            """Keep only the rows rank_pattern keeps (PEFT's resize_state_dict_by_rank_pattern)."""
-            pattern = model.peft_config[adapter_name].rank_pattern
-            if not pattern:
-                return tensors
-            out = dict(tensors)
-            for key, keep_list in pattern.items():
-                module = key[: -len(".lora_E")]
-                keep = torch.tensor(keep_list, dtype=torch.bool)
-                for attr in ("lora_E", "lora_A", "lora_B"):
-                    name = f"base_model.model.{module}.{attr}"
-                    if name not in out:
-                        continue
-                    t = out[name]
-                    dim = 1 if attr == "lora_B" else 0
-                    if t.shape[dim] == keep.numel() and int(keep.sum()) != keep.numel():
-                        out[name] = (t[:, keep] if dim == 1 else t[keep]).contiguous()
-            return out
+    def training_hooks(self, model: "AdaptedModel", adapter_name: str, total_steps: int) -> list[Any]:
+        return [RankAllocator(model, adapter_name, total_steps)]
 
-    return AdaLoraMethod("adalora", AdaLoraConfig, create_adalora_layer, (AdaLoraLinear,))
+    def state_dict_for_save(self, model: "AdaptedModel", adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep only the rows rank_pattern keeps (PEFT's resize_state_dict_by_rank_pattern)."""
+        pattern = model.peft_config[adapter_name].rank_pattern
+        if not pattern:
+            return tensors
+        out = dict(tensors)
+        for key, keep_list in pattern.items():
+            module = key[: -len(".lora_E")]
+            keep = torch.tensor(keep_list, dtype=torch.bool)
+            for attr in ("lora_E", "lora_A", "lora_B"):
+                name = f"base_model.model.{module}.{attr}"
+                if name not in out:
+                    continue
+                t = out[name]
+                dim = 1 if attr == "lora_B" else 0
+                if t.shape[dim] == keep.numel() and int(keep.sum()) != keep.numel():
+                    out[name] = (t[:, keep] if dim == 1 else t[keep]).contiguous()
+        return out
 
 
-METHOD = _method()
+METHOD = AdaLoraMethod()

@@ -20,6 +20,7 @@ from torch import nn
 
 from peftctl.adapters.core.base import AdapterLayer
 from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.errors import ConfigError
 
 
@@ -178,10 +179,13 @@ def create_boft_layer(module: nn.Module, module_name: str, config: BOFTConfig) -
     return BOFTLayer(module, module_name) if isinstance(module, (nn.Linear, nn.Conv2d)) else None
 
 
-def _method():
-    from peftctl.adapters.core.registry import Method
+class BOFTMethod(AdapterMethod):
+    name = "boft"
+    config_cls = BOFTConfig
+    layer_types = (BOFTLayer,)
 
-    return Method("boft", BOFTConfig, create_boft_layer, (BOFTLayer,))
+    def create_layer(self, module: nn.Module, module_name: str, config: BOFTConfig) -> AdapterLayer | None:
+        return create_boft_layer(module, module_name, config)
 
 
-METHOD = _method()
+METHOD = BOFTMethod()

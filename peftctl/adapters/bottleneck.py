@@ -20,6 +20,7 @@ from torch import nn
 
 from peftctl.adapters.core.base import AdapterLayer
 from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.errors import AdapterError, ConfigError
 
 if TYPE_CHECKING:
@@ -130,18 +131,20 @@ def create_bottleneck_layer(module: nn.Module, module_name: str, config: Bottlen
     return BottleneckLayer(module, module_name)
 
 
-def _method():
-    from peftctl.adapters.core.registry import Method
+class BottleneckMethod(AdapterMethod):
+    name = "bottleneck"
+    config_cls = BottleneckConfig
+    layer_types = (BottleneckLayer,)
 
-    class BottleneckMethod(Method):
-        def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
-            if config.target_modules is None:
-                model_type = getattr(model.config, "model_type", None)
-                if model_type in DEFAULT_SUBLAYERS:
-                    config.target_modules = list(DEFAULT_SUBLAYERS[model_type])
-            super().inject(model, adapter_name, config)
+    def create_layer(self, module: nn.Module, module_name: str, config: BottleneckConfig) -> AdapterLayer | None:
+        return create_bottleneck_layer(module, module_name, config)
 
-    return BottleneckMethod("bottleneck", BottleneckConfig, create_bottleneck_layer, (BottleneckLayer,))
+    def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
+        if config.target_modules is None:
+            model_type = getattr(model.config, "model_type", None)
+            if model_type in DEFAULT_SUBLAYERS:
+                config.target_modules = list(DEFAULT_SUBLAYERS[model_type])
+        super().inject(model, adapter_name, config)
 
 
-METHOD = _method()
+METHOD = BottleneckMethod()

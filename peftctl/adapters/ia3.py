@@ -18,6 +18,7 @@ from torch import nn
 
 from peftctl.adapters.core.base import AdapterLayer
 from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.adapters.core.layer_utils import is_gpt2_conv1d, linear_in_out
 from peftctl.errors import ConfigError
 
@@ -151,22 +152,24 @@ def create_ia3_layer(module: nn.Module, module_name: str, config: IA3Config) -> 
     return None
 
 
-def _method():
-    from peftctl.adapters.core.registry import Method
+class IA3Method(AdapterMethod):
+    name = "ia3"
+    config_cls = IA3Config
+    layer_types = (IA3Linear,)
 
-    class IA3Method(Method):
-        def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
-            # PEFT's per-architecture defaults when the user names no modules
-            if config.target_modules is None:
-                model_type = getattr(model.config, "model_type", None)
-                if model_type in IA3_DEFAULTS:
-                    targets, feedforward = IA3_DEFAULTS[model_type]
-                    config.target_modules = list(targets)
-                    if config.feedforward_modules is None:
-                        config.feedforward_modules = list(feedforward)
-            super().inject(model, adapter_name, config)
+    def create_layer(self, module: nn.Module, module_name: str, config: IA3Config) -> AdapterLayer | None:
+        return create_ia3_layer(module, module_name, config)
 
-    return IA3Method("ia3", IA3Config, create_ia3_layer, (IA3Linear,))
+    def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
+        # PEFT's per-architecture defaults when the user names no modules
+        if config.target_modules is None:
+            model_type = getattr(model.config, "model_type", None)
+            if model_type in IA3_DEFAULTS:
+                targets, feedforward = IA3_DEFAULTS[model_type]
+                config.target_modules = list(targets)
+                if config.feedforward_modules is None:
+                    config.feedforward_modules = list(feedforward)
+        super().inject(model, adapter_name, config)
 
 
-METHOD = _method()
+METHOD = IA3Method()

@@ -18,8 +18,9 @@ from torch import nn
 
 from peftctl.adapters.core.base import AdapterLayer
 from peftctl.adapters.core.config import AdapterConfig
-from peftctl.adapters.core.registry import Method
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.errors import AdapterError, ConfigError
+from peftctl.models.modules import set_submodule
 
 if TYPE_CHECKING:
     from peftctl.adapters.core.model import AdaptedModel
@@ -119,11 +120,13 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ConfigError(f"adapter.method=llama_adapter needs a Llama-family model (a `layers` list of decoder layers); {model_type} has none")
 
 
-class LlamaAdapterMethod(Method):
+class LlamaAdapterMethod(AdapterMethod):
+    name = "llama_adapter"
+    config_cls = AdaptionPromptConfig
+    layer_types = (AdaptedAttention,)
     mergeable = False  # the prompts are attended to, not folded into a weight
-    def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
-        from peftctl.adapters.core.inject import _set_submodule
 
+    def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
         assert isinstance(config, AdaptionPromptConfig)
         prefix, layers = _decoder_layers(model.model)
         if config.adapter_layers > len(layers):
@@ -136,8 +139,8 @@ class LlamaAdapterMethod(Method):
                 raise ConfigError(f"adapter.target_modules={config.target_modules!r}: {name} does not exist in this model") from None
             if not isinstance(module, AdaptedAttention):
                 module = AdaptedAttention(module, name)
-                _set_submodule(model.model, name, module)
+                set_submodule(model.model, name, module)
             module.update_layer(adapter_name, config)
 
 
-METHOD = LlamaAdapterMethod("llama_adapter", AdaptionPromptConfig, layer_types=(AdaptedAttention,))
+METHOD = LlamaAdapterMethod()

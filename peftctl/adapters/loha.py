@@ -21,6 +21,7 @@ from torch import nn
 
 from peftctl.adapters.core.base import AdapterLayer
 from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
 
 
 def pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -193,10 +194,13 @@ def create_loha_layer(module: nn.Module, module_name: str, config: LoHaConfig) -
     return None
 
 
-def _method():
-    from peftctl.adapters.core.registry import Method
+class LoHaMethod(AdapterMethod):
+    name = "loha"
+    config_cls = LoHaConfig
+    layer_types = (LoHaLayer,)
 
-    return Method("loha", LoHaConfig, create_loha_layer, (LoHaLayer,))
+    def create_layer(self, module: nn.Module, module_name: str, config: LoHaConfig) -> AdapterLayer | None:
+        return create_loha_layer(module, module_name, config)
 
 
-METHOD = _method()
+METHOD = LoHaMethod()

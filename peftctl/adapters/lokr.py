@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.adapters.loha import LycorisCommon, LycorisLayer, conv_shape, cp_kernel, cp_weight, kaiming_, uses_cp
 
 
@@ -141,10 +142,13 @@ def create_lokr_layer(module: nn.Module, module_name: str, config: LoKrConfig) -
     return None
 
 
-def _method():
-    from peftctl.adapters.core.registry import Method
+class LoKrMethod(AdapterMethod):
+    name = "lokr"
+    config_cls = LoKrConfig
+    layer_types = (LoKrLayer,)
 
-    return Method("lokr", LoKrConfig, create_lokr_layer, (LoKrLayer,))
+    def create_layer(self, module: nn.Module, module_name: str, config: LoKrConfig) -> AdapterLayer | None:
+        return create_lokr_layer(module, module_name, config)
 
 
-METHOD = _method()
+METHOD = LoKrMethod()

@@ -25,6 +25,7 @@ from torch import nn
 
 from peftctl.adapters.core.base import AdapterLayer
 from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.adapters.core.layer_utils import is_gpt2_conv1d, linear_in_out
 from peftctl.errors import ConfigError
 
@@ -245,10 +246,13 @@ def create_oft_layer(module: nn.Module, module_name: str, config: OFTConfig) -> 
     return None
 
 
-def _method():
-    from peftctl.adapters.core.registry import Method
+class OFTMethod(AdapterMethod):
+    name = "oft"
+    config_cls = OFTConfig
+    layer_types = (OFTLinear, OFTConv2d)
 
-    return Method("oft", OFTConfig, create_oft_layer, (OFTLinear, OFTConv2d))
+    def create_layer(self, module: nn.Module, module_name: str, config: OFTConfig) -> AdapterLayer | None:
+        return create_oft_layer(module, module_name, config)
 
 
-METHOD = _method()
+METHOD = OFTMethod()

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from peftctl.data.pipeline import prepare_data
 from peftctl.data.tokenize import Example
+from peftctl.devices import pick_device
+from peftctl.eval.metrics import exact_match, task_scores
+from peftctl.runs import load_adapted, open_source
 from peftctl.train.loop import evaluate_loss
 from peftctl.utils import atomic_write_text
 
@@ -34,13 +39,6 @@ def greedy_responses(model: Any, tokenizer: Any, examples: list[Example], batch_
     return outputs
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Fraction of predictions equal to the reference after stripping surrounding whitespace."""
-    if not references:
-        return float("nan")
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
-
-
 def score(model: Any, tokenizer: Any, examples: list[Example], cfg: Any, device: torch.device) -> dict[str, float]:
     loss = evaluate_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device)
     sample = examples[: cfg.eval.num_generate]
@@ -50,23 +48,15 @@ def score(model: Any, tokenizer: Any, examples: list[Example], cfg: Any, device:
 
 def evaluate(path: str | Path, overrides: list[str] | None = None, quiet: bool = False) -> dict[str, Any]:
     """Evaluate base and adapted model on the run's held-out data; writes eval.json next to PATH's adapter."""
-    from peftctl.data.pipeline import prepare_data
-    from peftctl.runs import load_adapted, open_source
-    from peftctl.train.run import pick_device
-
     source = open_source(path, overrides)
     cfg = source.config
-    device = pick_device(cfg.train)
+    device = pick_device(cfg.train.device)
     model, tokenizer = load_adapted(source, device)
     data = prepare_data(cfg.dataset, tokenizer)
     examples = data.eval or data.train
     if cfg.eval.max_eval_samples:
         examples = examples[: cfg.eval.max_eval_samples]
     if cfg.model.task_type != "causal_lm":
-        from functools import partial
-
-        from peftctl.eval.metrics import task_scores
-
         scorer: Any = partial(task_scores, label_names=data.label_names)
     else:
         scorer = score

@@ -8,6 +8,14 @@ from typing import Any
 import torch
 
 from peftctl.data.tokenize import IGNORE_INDEX, Example, collate
+from peftctl.train.loop import evaluate_loss
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Fraction of predictions equal to the reference after stripping surrounding whitespace."""
+    if not references:
+        return float("nan")
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
 
 
 def accuracy(predictions: list[int], references: list[int]) -> float:
@@ -101,9 +109,6 @@ def seq2seq_predictions(model: Any, tokenizer: Any, examples: list[Example], bat
 
 def task_scores(model: Any, tokenizer: Any, examples: list[Example], cfg: Any, device: torch.device, label_names: list[str] | None) -> dict[str, float]:
     """Loss plus the task's metric for seq2seq / classification / token classification."""
-    from peftctl.eval.evaluate import exact_match
-    from peftctl.train.loop import evaluate_loss
-
     task, batch_size, pad_id = cfg.model.task_type, cfg.eval.batch_size, tokenizer.pad_token_id
     loss = evaluate_loss(model, examples, batch_size, pad_id, device, task_type=task)
     scores = {"eval_loss": loss}

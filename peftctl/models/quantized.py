@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from peftctl.errors import AdapterError
+from peftctl.models.modules import find_hf_model
 
 
 def _bnb() -> Any:
@@ -137,7 +138,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
             del inner.quantization_config
         except AttributeError:
             pass
-    hf = _find_hf_model(model)
+    hf = find_hf_model(model)
     if targets and hf is not None:
         hf.hf_quantizer = None
         for attr in ("quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
@@ -148,18 +149,6 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
         if dtype is not None:
             hf.config.dtype = dtype
     return len(targets)
-
-
-def _find_hf_model(model: nn.Module) -> Any:
-    """The transformers PreTrainedModel inside ``model`` (itself, or an AdaptedModel's)."""
-    from transformers import PreTrainedModel
-
-    if isinstance(model, PreTrainedModel):
-        return model
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            return module
-    return None
 
 
 def quantized_base_summary(model: nn.Module) -> str | None:

@@ -15,7 +15,7 @@ from peftctl.errors import TrainingError
 from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
 from peftctl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from peftctl.train.distributed import SINGLE, DistInfo, broadcast_parameters, gather_objects, sum_gradients, sum_values
-from peftctl.train.logging import MetricsLog, Progress
+from peftctl.train.metrics_log import MetricsLog, Progress
 from peftctl.train.optim import build_optimizer, build_scheduler
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -10,10 +10,11 @@ from peftctl.adapters.core.base import AdapterLayer
 from peftctl.adapters.core.layer_utils import is_gpt2_conv1d
 from peftctl.adapters.core.config import AdapterConfig
 from peftctl.errors import ConfigError
+from peftctl.models.modules import set_submodule
 
 if TYPE_CHECKING:
     from peftctl.adapters.core.model import AdaptedModel
-    from peftctl.adapters.core.registry import Method
+    from peftctl.adapters.core.method import AdapterMethod
 
 # model_type -> modules adapted when target_modules is not given (PEFT's defaults for LoRA)
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -87,13 +88,7 @@ def is_target(name: str, module: nn.Module, model: nn.Module, config: AdapterCon
     return True
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
-def inject_layers(adapted: "AdaptedModel", adapter_name: str, config: AdapterConfig, method: "Method") -> list[str]:
+def inject_layers(adapted: "AdaptedModel", adapter_name: str, config: AdapterConfig, method: "AdapterMethod") -> list[str]:
     """Wrap every target module of ``adapted.model`` with ``method``'s layer and add the adapter."""
     model = adapted.model
     heads = output_head_names(model)
@@ -119,7 +114,7 @@ def inject_layers(adapted: "AdaptedModel", adapter_name: str, config: AdapterCon
             continue
         if existing is None:
             layer.train(base.training)  # a new wrapper follows the model's train/eval mode
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
         layer.update_layer(adapter_name, config)
         layer.train(layer.training)  # sub-modules the adapter just created follow the wrapper's mode
         wrapped.append(name)

@@ -16,6 +16,7 @@ from torch import nn
 
 from peftctl.adapters.core.base import AdapterLayer
 from peftctl.errors import AdapterError, ConfigError
+from peftctl.models.modules import set_submodule
 
 if TYPE_CHECKING:
     from peftctl.adapters.core.config import AdapterConfig
@@ -93,7 +94,6 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 def apply_modules_to_save(model: "AdaptedModel", adapter_name: str, config: "AdapterConfig") -> list[str]:
     """Wrap (or reuse the wrapper of) every module named in ``config.modules_to_save``."""
-    from peftctl.adapters.core.inject import _set_submodule
 
     targets = config.modules_to_save
     if not targets:
@@ -107,7 +107,7 @@ def apply_modules_to_save(model: "AdaptedModel", adapter_name: str, config: "Ada
             raise ConfigError(f"adapter.modules_to_save names {name}, which adapter.target_modules already adapts; list it in only one")
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module, name)
         if wrapper is not module:
-            _set_submodule(model.model, name, wrapper)
+            set_submodule(model.model, name, wrapper)
         wrapper.update_layer(adapter_name, config)
         wrapped.append(name)
     if not wrapped:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from peftctl.adapters.core.base import AdapterLayer
 from peftctl.errors import ConfigError
+from peftctl.utils import atomic_directory
 
 if TYPE_CHECKING:
     from peftctl.adapters.core.model import AdaptedModel
@@ -55,17 +56,13 @@ def get_adapter_state_dict(model: "AdaptedModel", adapter_name: str) -> dict[str
     state = model.state_dict(keep_vars=False)
     tensors = {peft_key: state[ours].detach().cpu().contiguous() for ours, peft_key in adapter_key_map(model, adapter_name).items()}
     # a method may reshape what it saves (AdaLoRA keeps only the ranks its rank_pattern keeps)
-    from peftctl.adapters.core.registry import get_method
-
-    hook = getattr(get_method(model.peft_config[adapter_name].method), "state_dict_for_save", None)
-    return hook(model, adapter_name, tensors) if hook else tensors
+    return model.method_of(adapter_name).state_dict_for_save(model, adapter_name, tensors)
 
 
 def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor], source: str = "") -> None:
     """Load PEFT-named tensors into one adapter; every expected tensor must be present."""
-    prepare = getattr(_method_of(model, adapter_name), "before_load", None)
-    if prepare is not None:  # e.g. a prompt encoder switching to the folded form it was saved in
-        prepare(model, adapter_name, peft_state)
+    # e.g. a prompt encoder switching to the folded form it was saved in
+    model.method_of(adapter_name).before_load(model, adapter_name, peft_state)
     mapping = adapter_key_map(model, adapter_name)
     by_peft_key = {peft_key: ours for ours, peft_key in mapping.items()}
     missing = [k for k in by_peft_key if k not in peft_state]
@@ -87,12 +84,6 @@ def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state:
             target.data.copy_(tensor.to(device=target.device, dtype=target.dtype))
 
 
-def _method_of(model: "AdaptedModel", adapter_name: str) -> Any:
-    from peftctl.adapters.core.registry import get_method
-
-    return get_method(model.peft_config[adapter_name].method)
-
-
 def save_adapter_dir(
     model: "AdaptedModel",
     directory: str | os.PathLike,
@@ -101,8 +92,6 @@ def save_adapter_dir(
     config: Any = None,
 ) -> None:
     """Write one adapter; ``tensors`` / ``config`` override what the model holds (weight conversion)."""
-    from peftctl.utils import atomic_directory
-
     config = config if config is not None else model.peft_config[adapter_name]
     tensors = tensors if tensors is not None else get_adapter_state_dict(model, adapter_name)
     directory = Path(directory)

@@ -23,11 +23,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from peftctl.adapters.core.inject import is_target, output_head_names
 from peftctl.adapters.core.layer_utils import is_gpt2_conv1d
+from peftctl.adapters.core.method import RunSetup
+from peftctl.adapters.lora.inits import LoraInit, initialise
+from peftctl.adapters.lora.layer import LoraLayer, LoraLinear
 from peftctl.errors import ConfigError
+from peftctl.models.loader import move_to_device
 
 if TYPE_CHECKING:
-    from peftctl.adapters.lora import LoraConfig, LoraLayer
+    from peftctl.adapters.lora.config import LoraConfig
 
 CORDA_DEFAULTS: dict[str, Any] = {
     "cache_file": None,
@@ -64,8 +69,6 @@ def corda_options(config: "LoraConfig") -> dict[str, Any]:
 
 def corda_targets(model: nn.Module, config: "LoraConfig") -> dict[str, nn.Module]:
     """The Linear / GPT-2 Conv1D modules of a plain (not yet adapted) model that ``config`` targets."""
-    from peftctl.adapters.core.inject import is_target, output_head_names
-
     heads = output_head_names(model)
     return {
         name: module
@@ -235,8 +238,6 @@ def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
 @torch.no_grad()
 def apply_corda(layer: "LoraLayer", adapter_name: str, config: "LoraConfig") -> None:
     """A = sqrt(S/s) Vᵀ, B = U sqrt(S/s); the base weight becomes W − s·B A (CorDA, as PiSSA)."""
-    from peftctl.adapters.lora import LoraLinear
-
     if not isinstance(layer, LoraLinear):
         raise ConfigError(f"adapter.init_lora_weights='corda' supports Linear / Conv1D layers only, not {layer.module_name} ({type(layer.base_layer).__name__}); narrow adapter.target_modules")
     base = layer.base_layer
@@ -270,3 +271,25 @@ def apply_corda(layer: "LoraLayer", adapter_name: str, config: "LoraConfig") -> 
 @functools.lru_cache(maxsize=2)
 def _read_cache(path: str, mtime: float) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu")
+
+
+CORDA_MAX_SAMPLES = 256  # in a run, the covariances come from this many training examples (PEFT suggests ~256)
+
+
+class CordaInit(LoraInit):
+    """``init_lora_weights="corda"``: eigens from the run's training batches before injection, then
+    each layer starts from them; the base weight becomes the residual."""
+
+    mutates_base = True
+
+    def init_layer(self, layer: LoraLayer, adapter_name: str, config: LoraConfig) -> None:
+        initialise(layer, adapter_name, config.init_lora_weights)
+        apply_corda(layer, adapter_name, config)
+
+    def prepare_base(self, model: nn.Module, config: LoraConfig, setup: RunSetup) -> None:
+        if setup.device is not None:
+            move_to_device(model, setup.device)  # the data-driven init runs where training will
+        preprocess_corda(model, config, dataloader=setup.sample_batches(CORDA_MAX_SAMPLES))
+
+
+CORDA = CordaInit()

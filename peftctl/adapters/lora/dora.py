@@ -1,4 +1,4 @@
-"""DoRA (Liu et al., 2024): weight-decomposed LoRA, used by lora.py when ``use_dora=True``.
+"""DoRA (Liu et al., 2024): weight-decomposed LoRA, the LoraVariant a layer uses when ``use_dora=True``.
 
     W' = m · (W + s·BA) / ‖W + s·BA‖        (paper eq. 5; the norm per output channel, i.e. per
                                              column of the paper's (in, out) weight)
@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from peftctl.adapters.lora.variant import LoraVariant
+
 if TYPE_CHECKING:
-    from peftctl.adapters.lora import LoraLayer
+    from peftctl.adapters.lora.layer import LoraLayer
 
 
 def weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -122,3 +124,32 @@ def unmerged_weight(layer: "LoraLayer", weight: torch.Tensor, adapter_name: str)
     delta = layer.lora_delta(adapter_name).detach()
     norm = layer._dora_merge_norm[adapter_name]
     return weight.float() / _factor(layer, adapter_name, norm, weight.dim()) - delta
+
+
+class DoraVariant(LoraVariant):
+    """DoRA on Linear / Conv1D / convolutions: the magnitude starts at ‖W + s·BA‖ (so the output is
+    unchanged at init); forward and merge as above."""
+
+    def init(self, layer: LoraLayer, adapter_name: str) -> None:
+        magnitude = weight_norm(layer.oriented_weight(), layer.lora_delta(adapter_name))
+        layer.lora_magnitude_vector[adapter_name] = nn.Parameter(magnitude_layout(magnitude, layer.weight.dim()))
+
+    def forward(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return dora_output(layer, x, result, adapter_name)
+
+    def merged_weight(self, layer: LoraLayer, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return merged_weight(layer, weight, adapter_name)
+
+    def unmerged_weight(self, layer: LoraLayer, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return unmerged_weight(layer, weight, adapter_name)
+
+
+class DoraEmbeddingVariant(DoraVariant):
+    """DoRA on an embedding: no bias, no dropout on token ids (PEFT's DoraEmbeddingLayer)."""
+
+    def forward(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return dora_embedding_output(layer, x, result, adapter_name)
+
+
+DORA = DoraVariant()
+DORA_EMBEDDING = DoraEmbeddingVariant()

@@ -28,11 +28,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from peftctl.adapters.core.method import RunSetup
+from peftctl.adapters.lora.inits import LoraInit
+from peftctl.adapters.lora.layer import LoraLayer, LoraLinear
 from peftctl.errors import AdapterError, ConfigError
+from peftctl.models.loader import move_to_device
+from peftctl.models.modules import set_submodule
 
 if TYPE_CHECKING:
-    from peftctl.adapters.lora import LoraConfig, LoraLayer
     from peftctl.adapters.core.model import AdaptedModel
+    from peftctl.adapters.lora.config import LoraConfig
 
 EVA_DEFAULTS: dict[str, Any] = {
     "rho": 2.0,
@@ -189,8 +194,6 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 def eva_target_layers(adapted: "AdaptedModel", adapter_name: str) -> dict[str, "LoraLayer"]:
     """The LoRA Linear / Conv1D layers holding ``adapter_name`` (the ones EVA initialises)."""
-    from peftctl.adapters.lora import LoraLinear
-
     return {name: layer for name, layer in adapted.adapter_layers() if isinstance(layer, LoraLinear) and adapter_name in layer.r}
 
 
@@ -412,11 +415,9 @@ def load_eva_state_dict(adapted: "AdaptedModel", eva_state_dict: Mapping[str, to
 
 def _drop_layer(adapted: "AdaptedModel", name: str, layer: "LoraLayer", adapter_name: str) -> None:
     """EVA gave the layer rank 0: the adapter leaves it (and the wrapper too, when it held no other)."""
-    from peftctl.adapters.core.inject import _set_submodule
-
     layer.delete_adapter(adapter_name)
     if not layer.adapter_configs:
-        _set_submodule(adapted.model, name, layer.base_layer)
+        set_submodule(adapted.model, name, layer.base_layer)
 
 
 def initialize_lora_eva_weights(
@@ -440,3 +441,20 @@ def initialize_lora_eva_weights(
         eva_state_dict = get_eva_state_dict(adapted, dataloader, adapter_name, forward_fn, max_batches)
     load_eva_state_dict(adapted, eva_state_dict, adapter_name)
     return adapted
+
+
+EVA_MAX_BATCHES = 500  # in a run, EVA re-reads the training batches until its components converge; this caps it
+
+
+class EvaInit(LoraInit):
+    """``init_lora_weights="eva"``: default init at injection, then the fit on the run's training batches."""
+
+    def prepare_base(self, model: nn.Module, config: LoraConfig, setup: RunSetup) -> None:
+        if setup.device is not None:
+            move_to_device(model, setup.device)  # the data-driven init runs where training will
+
+    def after_inject(self, model: AdaptedModel, adapter_name: str, setup: RunSetup) -> None:
+        initialize_lora_eva_weights(model, setup.sample_batches(None), adapter_name, max_batches=EVA_MAX_BATCHES)
+
+
+EVA = EvaInit()

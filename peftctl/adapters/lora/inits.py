@@ -1,5 +1,10 @@
 """LoRA initialisations (``init_lora_weights``) and the PiSSA / OLoRA -> LoRA weight conversion.
 
+Each value of ``init_lora_weights`` is a ``LoraInit`` object in the table ``LORA_INITS``
+(lora/config.py): how one layer's A / B start (``init_layer``), and what a run must do around that
+(``prepare_base`` before injection, ``after_inject``, ``mutates_base``, ...; the LoRA method's hooks
+delegate to it). The data-driven and quantization-aware ones live in eva.py, corda.py and loftq.py.
+
 * ``True``: A Kaiming-uniform, B = 0 (Hu et al.) -> ΔW = 0; Embedding: A = 0, B ~ N(0, 1) (as PEFT).
 * ``False``: A and B random (ΔW ≠ 0): a non-identity start, for tests.
 * ``"gaussian"``: A ~ N(0, σ=1/r) (PEFT's choice of spread), B = 0.
@@ -16,16 +21,51 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from peftctl.adapters.core import persistence
+from peftctl.adapters.core.method import RunSetup
+from peftctl.adapters.lora.layer import LoraLayer, LoraLinear
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.lora import LoraLayer
     from peftctl.adapters.core.model import AdaptedModel
+    from peftctl.adapters.lora.config import LoraConfig
+
+
+class LoraInit:
+    """One ``init_lora_weights`` value. The default: ``initialise`` (Kaiming A, zero B), no run setup."""
+
+    mutates_base = False  # initialising rewrites the base weight (the run keeps the initial adapter)
+
+    def init_layer(self, layer: LoraLayer, adapter_name: str, config: LoraConfig) -> None:
+        initialise(layer, adapter_name, config.init_lora_weights)
+
+    def loads_base_quantized(self, config: LoraConfig, quant: Any) -> bool:
+        return quant.method != "none"
+
+    def prepare_base(self, model: nn.Module, config: LoraConfig, setup: RunSetup) -> None:
+        """Before injection (CorDA's covariances, LoftQ's k-bit preparation)."""
+
+    def after_inject(self, model: AdaptedModel, adapter_name: str, setup: RunSetup) -> None:
+        """After injection (EVA's fit, LoftQ's quantization of the base)."""
+
+    def save_base(self, model: AdaptedModel, config: LoraConfig, quant: Any, run_dir: Path) -> Path | None:
+        return None
+
+
+class MutatingInit(LoraInit):
+    """PiSSA / OLoRA: A / B from a factorisation of W, which becomes the residual."""
+
+    mutates_base = True
+
+
+DEFAULT = LoraInit()
+MUTATING = MutatingInit()
 
 
 def initialise(layer: "LoraLayer", adapter_name: str, init: bool | str) -> None:
@@ -73,8 +113,6 @@ def olora_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def _mutating_init(layer: "LoraLayer", adapter_name: str, init: str) -> None:
-    from peftctl.adapters.lora import LoraLinear
-
     if not isinstance(layer, LoraLinear):
         raise ConfigError(
             f"adapter.init_lora_weights={init!r} supports Linear / Conv1D layers only, not {layer.module_name} "
@@ -96,10 +134,6 @@ def _mutating_init(layer: "LoraLayer", adapter_name: str, init: str) -> None:
         layer.lora_B[adapter_name].weight.data.copy_(b)
 
 
-def is_mutating(init: bool | str) -> bool:
-    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda"))
-
-
 def convert_state(current: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ΔW = s·(BA − B₀A₀) = s·[B | −B₀][A ; A₀]: concatenate, in PEFT's key names."""
     out: dict[str, torch.Tensor] = {}
@@ -118,8 +152,6 @@ def convert_state(current: dict[str, torch.Tensor], initial: dict[str, torch.Ten
 
 def save_as_plain_lora(model: "AdaptedModel", directory: str | os.PathLike, adapter_name: str, initial_dir: str | os.PathLike) -> None:
     """Save ``adapter_name`` as a rank-2r LoRA that loads on the untouched base model."""
-    from peftctl.adapters.core import persistence
-
     config = model.peft_config[adapter_name]
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise ConfigError("path_initial_model_for_weight_conversion cannot be used with use_rslora together with rank_pattern / alpha_pattern")

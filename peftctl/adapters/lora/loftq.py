@@ -9,11 +9,26 @@ s is the layer's LoRA scaling (alpha / r), folded into B so the product is exact
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.method import RunSetup
+from peftctl.adapters.lora.inits import LoraInit, initialise
+from peftctl.adapters.lora.layer import LoraLayer
 from peftctl.errors import AdapterError, ConfigError
+from peftctl.models.kbit import prepare_model_for_kbit_training
+from peftctl.models.loader import DTYPES
+from peftctl.models.modules import find_hf_model
+from peftctl.models.quantization import quantize_linear
+from peftctl.models.quantized import dequantize, is_quantized
+
+if TYPE_CHECKING:
+    from peftctl.adapters.core.model import AdaptedModel
+    from peftctl.adapters.lora.config import LoraConfig
 
 BLOCKSIZE = 64  # bitsandbytes' Linear4bit default
 
@@ -23,7 +38,7 @@ def quantize_dequantize(weight: torch.Tensor, bits: int, quant_type: str = "nf4"
     absmax (LLM.int8()'s weight format)."""
     w = weight.float().contiguous()
     if bits == 4:
-        import bitsandbytes.functional as F
+        import bitsandbytes.functional as F  # lazy: bitsandbytes is an optional dependency
 
         packed, state = F.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type)
         return F.dequantize_4bit(packed, state).float()
@@ -60,8 +75,6 @@ def loftq_decompose(weight: torch.Tensor, rank: int, scaling: float, bits: int =
 def apply_loftq(layer: Any, adapter_name: str, loftq_config: dict[str, Any]) -> list[float]:
     """Initialise one LoRA layer's adapter with LoftQ and write deq(Q) into its (dense) base weight.
     Returns the per-iteration reconstruction errors."""
-    from peftctl.models.quantized import is_quantized
-
     if is_quantized(layer.base_layer):
         raise AdapterError(
             f"LoftQ needs the full-precision weight of {layer.module_name or 'the layer'}, but the base is already quantized; "
@@ -81,8 +94,6 @@ def apply_loftq(layer: Any, adapter_name: str, loftq_config: dict[str, Any]) -> 
 
 
 def _adapter_module_ids(model: torch.nn.Module) -> set[int]:
-    from peftctl.adapters.core.base import AdapterLayer
-
     ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, AdapterLayer):
@@ -93,8 +104,6 @@ def _adapter_module_ids(model: torch.nn.Module) -> set[int]:
 
 def quantize_adapted_base(adapted: torch.nn.Module, quant_cfg: Any) -> int:
     """Quantize the dense base Linears of an adapted model in place (adapters and head untouched)."""
-    from peftctl.models.quantization import quantize_linear
-
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     skip = _adapter_module_ids(adapted)
     names = [n for n, m in adapted.named_modules() if type(m) is torch.nn.Linear and id(m) not in skip and not n.endswith("lm_head")]
@@ -108,9 +117,7 @@ def quantize_adapted_base(adapted: torch.nn.Module, quant_cfg: Any) -> int:
 def dense_base_state_dict(adapted: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The base model's weights (quantized layers dequantized to ``dtype``) under the plain
     transformers keys: what `from_pretrained` needs to rebuild the LoftQ base."""
-    from peftctl.models.quantized import _find_hf_model, dequantize, is_quantized
-
-    hf = _find_hf_model(adapted)
+    hf = find_hf_model(adapted)
     skip = _adapter_module_ids(adapted)
     out: dict[str, torch.Tensor] = {}
     for name, module in hf.named_modules():
@@ -127,39 +134,65 @@ def dense_base_state_dict(adapted: torch.nn.Module, dtype: torch.dtype) -> dict[
     return out
 
 
-def build_loftq_model(model: torch.nn.Module, config: Any, quant_cfg: Any, adapter_name: str, gradient_checkpointing: bool) -> torch.nn.Module:
-    """Dense base -> k-bit prep -> LoRA with LoftQ init (base := deq(Q)) -> quantize the base.
-    The returned model computes Q + s·B A exactly as the LoftQ decomposition left it."""
-    from peftctl.adapters.core.model import get_adapted_model
-    from peftctl.models.kbit import prepare_model_for_kbit_training
-
+def check_loftq_quant(config: LoraConfig, quant_cfg: Any) -> None:
+    """ConfigError unless the run's quantization is one LoftQ supports, with matching bits."""
     bits = int(config.loftq_config.get("loftq_bits", 4))
     expected = {"nf4": 4, "int8": 8}.get(quant_cfg.method)
     if expected is None:
         raise ConfigError(f"adapter.init_lora_weights=loftq supports quant=nf4 or int8, not quant={quant_cfg.method}")
     if bits != expected:
         raise ConfigError(f"adapter.loftq_config.loftq_bits={bits} does not match quant={quant_cfg.method} ({expected} bits)")
-    model = prepare_model_for_kbit_training(model, gradient_checkpointing, upcast_norms=quant_cfg.compute_dtype == "float16")
-    adapted = get_adapted_model(model, config, adapter_name)
-    quantize_adapted_base(adapted, quant_cfg)
-    config.init_lora_weights = True  # the saved adapter is loaded as trained weights, not re-initialised
-    return adapted
 
 
 def save_loftq_base(adapted: torch.nn.Module, directory: Any, dtype: torch.dtype) -> None:
     """Write the LoftQ base (deq(Q) in ``dtype``) as a transformers model directory."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from peftctl.models.quantized import _find_hf_model
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    hf = _find_hf_model(adapted)
+    hf = find_hf_model(adapted)
     config = hf.config.__class__.from_dict(hf.config.to_dict())
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = dtype
     config.save_pretrained(directory)
     save_file(dense_base_state_dict(adapted, dtype), str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+class LoftQInit(LoraInit):
+    """``init_lora_weights="loftq"``. Each layer: base := deq(Q), adapter := the LoftQ factors. With a
+    quantized run (quant=nf4 / int8) the base is loaded in full precision and prepared for k-bit
+    training, the adapter initialised, then the base quantized (deq(Q) re-quantizes to the same
+    codes): the model computes Q + s·B A exactly as the decomposition left it, and the run keeps
+    deq(Q) as its base model."""
+
+    def init_layer(self, layer: LoraLayer, adapter_name: str, config: LoraConfig) -> None:
+        initialise(layer, adapter_name, config.init_lora_weights)
+        apply_loftq(layer, adapter_name, config.loftq_config)
+
+    def loads_base_quantized(self, config: LoraConfig, quant: Any) -> bool:
+        return False  # LoftQ needs the full-precision weights; after_inject quantizes
+
+    def prepare_base(self, model: torch.nn.Module, config: LoraConfig, setup: RunSetup) -> None:
+        if setup.quant.method == "none":
+            return
+        check_loftq_quant(config, setup.quant)
+        upcast = setup.quant.compute_dtype == "float16"
+        prepare_model_for_kbit_training(model, setup.gradient_checkpointing, upcast_norms=upcast)
+
+    def after_inject(self, model: AdaptedModel, adapter_name: str, setup: RunSetup) -> None:
+        if setup.quant.method == "none":
+            return
+        quantize_adapted_base(model, setup.quant)
+        # the saved adapter is loaded as trained weights, not re-initialised
+        model.peft_config[adapter_name].init_lora_weights = True
+
+    def save_base(self, model: AdaptedModel, config: LoraConfig, quant: Any, run_dir: Path) -> Path | None:
+        """The LoftQ base (deq(Q)) becomes the run's base model: eval / merge / resume load it."""
+        if quant.method == "none":
+            return None
+        directory = run_dir / "loftq_base"
+        save_loftq_base(model, directory, DTYPES[quant.compute_dtype])
+        config.init_lora_weights = True
+        return directory
+
+
+LOFTQ = LoftQInit()

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from peftctl.adapters.core.config import AdapterConfig
-from peftctl.adapters.core.registry import Method
+from peftctl.adapters.core.method import AdapterMethod
+from peftctl.adapters.core.modules_to_save import ModulesToSaveWrapper, apply_modules_to_save
 from peftctl.errors import AdapterError, ConfigError
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ def encoder_output(model: "AdaptedModel", adapter_name: str) -> torch.Tensor:
     return encoder(indices)
 
 
-class PromptMethod(Method):
+class PromptMethod(AdapterMethod):
     """Base of the prompt family. Subclasses set ``mode`` and implement ``build_encoder``."""
 
     mode = "embed"  # or "kv"
@@ -131,8 +132,6 @@ class PromptMethod(Method):
 
     # ------------------------------------------------------------------ setup
     def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
-        from peftctl.adapters.core.modules_to_save import apply_modules_to_save
-
         assert isinstance(config, PromptLearningConfig)
         fill_model_dims(config, model.model, kv_prefix=self.mode == "kv")
         if config.inference_mode:
@@ -150,8 +149,6 @@ class PromptMethod(Method):
         return list(model.prompt_encoder[adapter_name].parameters())
 
     def extra_adapter_keys(self, model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
-        from peftctl.adapters.core.modules_to_save import ModulesToSaveWrapper
-
         keys = {f"prompt_encoder.{adapter_name}.embedding.weight": PROMPT_KEY}
         # PEFT's prompt-learning models hold the transformers model directly as `base_model` (no
         # `.model` level as for layer methods): the head copies are saved as base_model.<path>

@@ -58,10 +58,12 @@ class PromptEncoder(nn.Module):
 
 
 class PTuningMethod(PromptMethod):
+    name = "p_tuning"
+    config_cls = PromptEncoderConfig
     mode = "embed"
 
     def build_encoder(self, model: "AdaptedModel", config: Any) -> nn.Module:
         return PromptEncoder(config)
 
 
-METHOD = PTuningMethod("p_tuning", PromptEncoderConfig)
+METHOD = PTuningMethod()

@@ -22,4 +22,9 @@ class PTuningV2Config(PrefixTuningConfig):
         self._check(self.prefix_projection is False, "prefix_projection", self.prefix_projection, "P-tuning v2 has no reparameterisation; use adapter=prefix_tuning for a projection")
 
 
-METHOD = PrefixTuningMethod("p_tuning_v2", PTuningV2Config)
+class PTuningV2Method(PrefixTuningMethod):
+    name = "p_tuning_v2"
+    config_cls = PTuningV2Config
+
+
+METHOD = PTuningV2Method()

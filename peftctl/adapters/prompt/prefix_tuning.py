@@ -51,6 +51,8 @@ class PrefixEncoder(nn.Module):
 
 
 class PrefixTuningMethod(PromptMethod):
+    name = "prefix_tuning"
+    config_cls = PrefixTuningConfig
     mode = "kv"
 
     def build_encoder(self, model: "AdaptedModel", config: Any) -> nn.Module:
@@ -63,4 +65,4 @@ class PrefixTuningMethod(PromptMethod):
         return config.num_layers * 2 * config.token_dim
 
 
-METHOD = PrefixTuningMethod("prefix_tuning", PrefixTuningConfig)
+METHOD = PrefixTuningMethod()

@@ -61,7 +61,15 @@ def init_token_ids(config: PromptTuningConfig) -> list[int]:
 
 
 class PromptTuningMethod(PromptMethod):
+    name = "prompt_tuning"
+    config_cls = PromptTuningConfig
     mode = "embed"
+
+    def run_defaults(self, config: PromptTuningConfig, model_path: str) -> PromptTuningConfig:
+        """The TEXT init tokenizes its text with the run's tokenizer unless one is named."""
+        if config.prompt_tuning_init == "TEXT" and not config.tokenizer_name_or_path:
+            return config.replace(tokenizer_name_or_path=model_path)
+        return config
 
     def build_encoder(self, model: "AdaptedModel", config: Any) -> nn.Module:
         encoder = PromptEmbedding(config.total_virtual_tokens, config.token_dim)
@@ -75,4 +83,4 @@ class PromptTuningMethod(PromptMethod):
         return encoder
 
 
-METHOD = PromptTuningMethod("prompt_tuning", PromptTuningConfig)
+METHOD = PromptTuningMethod()
