@@ -11,7 +11,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from peftctl.errors import PeftctlError
+from peftctl.errors import ConfigError, PeftctlError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning, driven by Hydra recipes.")
 OverridesArg = typer.Argument(None, help="Hydra overrides: recipe=NAME key=value group=option ...")
@@ -20,7 +20,7 @@ OverridesArg = typer.Argument(None, help="Hydra overrides: recipe=NAME key=value
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import transformers
+    import transformers  # lazy: only after the environment above is set
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -56,6 +56,7 @@ def train(
     """Train an adapter: `peftctl train recipe=tiny_lora train.lr=1e-3`.
 
     Several GPUs: `torchrun --nproc_per_node=N -m peftctl train ...` (data parallel)."""
+    # commands import their stack lazily: `peftctl --help` and bad-input errors stay fast (CLI start-up)
     from peftctl.sweep import run_sweep
     from peftctl.train.run import train as train_run
 
@@ -90,7 +91,6 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Fold an adapter into its base model, or blend several adapters (add_weighted_adapter)."""
-    from peftctl.errors import ConfigError
     from peftctl.export.merge import merge as merge_run, merge_many
 
     def action() -> Any:

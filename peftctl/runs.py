@@ -7,6 +7,12 @@ from typing import Any
 
 from peftctl.config.schema import RunConfig, build_run_config
 from peftctl.errors import ConfigError
+from omegaconf import OmegaConf
+import yaml
+from peftctl.adapters.core.model import load_adapter_config
+from peftctl.config.compose import compose_dict
+from peftctl.adapters.core.model import AdaptedModel
+from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
 
 
 @dataclass
@@ -18,8 +24,6 @@ class Source:
 
 
 def _apply_dotlist(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -30,10 +34,6 @@ def _apply_dotlist(values: dict[str, Any], overrides: list[str]) -> dict[str, An
 def open_source(path: str | Path, overrides: list[str] | None = None) -> Source:
     """Resolve PATH for `peftctl eval / merge / export`. Overrides are `key=value` pairs applied
     on top of the run's saved config (or, for a bare adapter dir, the default recipe)."""
-    import yaml
-
-    from peftctl.adapters.core.model import load_adapter_config
-    from peftctl.config.compose import compose_dict
 
     path = Path(path)
     overrides = list(overrides or [])
@@ -57,9 +57,6 @@ def open_source(path: str | Path, overrides: list[str] | None = None) -> Source:
 
 def load_adapted(source: Source, device: Any = "cpu") -> tuple[Any, Any]:
     """(AdaptedModel with the saved adapter, tokenizer)."""
-    from peftctl.adapters.core.model import AdaptedModel
-    from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
-
     cfg = source.config
     model_path = resolve_model_path(cfg.model)
     tokenizer_path = source.adapter_dir if (source.adapter_dir / "tokenizer_config.json").is_file() else model_path

@@ -6,12 +6,16 @@ from pathlib import Path
 from typing import Any
 
 from peftctl.errors import ConfigError
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from peftctl.config.compose import compose_config
+from peftctl.train.run import default_run_dir, train
+from peftctl.train.run import trainer_records
+from rich.console import Console
+from rich.table import Table
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Cartesian product of the sweep overrides, each as a plain override list."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(overrides)
@@ -28,9 +32,6 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def run_sweep(overrides: list[str], quiet: bool = False) -> list[dict[str, Any]]:
-    from peftctl.config.compose import compose_config
-    from peftctl.train.run import default_run_dir, train
-
     combos = expand_sweep(overrides)
     configs = [compose_config(combo) for combo in combos]  # check every point before training any
     root = Path(configs[0].output_dir) if configs[0].output_dir else default_run_dir(configs[0]).with_name(default_run_dir(configs[0]).name + "-sweep")
@@ -44,16 +45,11 @@ def run_sweep(overrides: list[str], quiet: bool = False) -> list[dict[str, Any]]
 
 
 def _final_eval_loss(run_dir: Path) -> float | None:
-    from peftctl.train.run import trainer_records
-
     losses = [r["eval_loss"] for r in trainer_records(run_dir) if "eval_loss" in r]
     return losses[-1] if losses else None
 
 
 def print_summary(results: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="sweep summary")
     table.add_column("run")
     table.add_column("overrides")

@@ -7,6 +7,13 @@ from typing import Any
 
 from peftctl.config.schema import RunConfig, build_run_config
 from peftctl.errors import ConfigError
+import difflib
+from peftctl.adapters.core.registry import get_method
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+import yaml
+from peftctl.adapters.core.registry import available_methods, get_method
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = "tiny_lora"
@@ -42,8 +49,6 @@ def split_recipe(overrides: list[str]) -> tuple[str, list[str]]:
 
 def _suggest_key(key: str, recipe: str) -> str:
     """', did you mean X?' for a misspelt dotted key, from the recipe's keys (and the adapter's fields)."""
-    import difflib
-
     try:
         values = compose_dict([f"recipe={recipe}"])
     except ConfigError:
@@ -54,8 +59,6 @@ def _suggest_key(key: str, recipe: str) -> str:
         node = node.get(part) if isinstance(node, dict) else None
     candidates = list(node) if isinstance(node, dict) else []
     if parent == "adapter" and isinstance(node, dict):
-        from peftctl.adapters.core.registry import get_method
-
         try:
             candidates += get_method(node.get("method", "lora")).config_cls.field_names()
         except ConfigError:
@@ -100,10 +103,6 @@ def _force_field_override(override: str) -> str:
 
 def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
     """Compose `recipe=NAME` + Hydra overrides into a plain dict (no validation yet)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
     recipe, rest = split_recipe(list(overrides or []))
     if recipe not in list_recipes():
         raise ConfigError(f"recipe={recipe} is not a known recipe; valid: {', '.join(list_recipes())}")
@@ -136,9 +135,6 @@ def drop_recipe_fields_of_other_method(values: dict[str, Any], recipe: str, over
     config does not have (e.g. prompt_tuning_init for LoRA) belong to R's method and are dropped.
     Fields the user sets are kept, so a misspelt override still fails; with R's own method nothing
     is dropped, so a misspelt recipe field fails too."""
-    import yaml
-
-    from peftctl.adapters.core.registry import available_methods, get_method
 
     recipe_yaml = yaml.safe_load((resource_dir("recipes") / f"{recipe}.yaml").read_text()) or {}
     own = recipe_yaml.get("adapter") or {}
@@ -160,6 +156,4 @@ def compose_config(overrides: list[str] | None = None) -> RunConfig:
 
 
 def config_to_yaml(config: RunConfig) -> str:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_yaml(OmegaConf.create(config.to_dict()))

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from peftctl.errors import ConfigError
+from peftctl.adapters.core.config import TASK_TYPE_TO_PEFT
+from peftctl.adapters.core.registry import config_from_dict
+from peftctl.data.tasks import TASK_FORMATS
 
 
 @dataclass
@@ -212,9 +215,6 @@ def build_section(cls: type, values: dict[str, Any] | None, section: str) -> Any
 
 def build_run_config(values: dict[str, Any]) -> RunConfig:
     """Check a composed config (plain dict) and return the typed RunConfig."""
-    from peftctl.adapters.core.config import TASK_TYPE_TO_PEFT
-    from peftctl.adapters.core.registry import config_from_dict
-
     values = dict(values)
     sections = {"model": ModelConfig, "dataset": DatasetConfig, "quant": QuantConfig, "train": TrainConfig, "eval": EvalConfig}
     reject_unknown_keys(values, [f.name for f in dataclasses.fields(RunConfig)])
@@ -233,8 +233,6 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
 
 
 def _check_format_fits_task(dataset_format: str, task_type: str) -> None:
-    from peftctl.data.tasks import TASK_FORMATS
-
     expected = TASK_FORMATS.get(dataset_format, "causal_lm")
     if expected != task_type:
         raise ConfigError(f"dataset.format={dataset_format} is not valid with model.task_type={task_type}; it needs model.task_type={expected}")

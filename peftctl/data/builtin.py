@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from peftctl.errors import ConfigError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 INSTRUCTION = "Is this review positive or negative?"
@@ -88,8 +89,6 @@ def generate_tasks(n_train: int = 400, n_test: int = 60, seed: int = 4321) -> di
 def builtin_files(name: str) -> dict[str, str]:
     files = {split: BUILTIN_DIR / f"{name}_{split}.jsonl" for split in ("train", "test")}
     if not all(path.is_file() for path in files.values()):
-        from peftctl.errors import ConfigError
-
         known = sorted({p.stem.rsplit("_", 1)[0] for p in BUILTIN_DIR.glob("*.jsonl")})
         raise ConfigError(f"dataset.path=builtin:{name} is not a built-in dataset; valid: {', '.join('builtin:' + k for k in known)}")
     return {split: str(path) for split, path in files.items()}

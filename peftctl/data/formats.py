@@ -8,14 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from peftctl.errors import ConfigError
+from peftctl.data.tasks import TASK_FORMATS, task_columns
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 def required_columns(dataset_cfg: Any) -> list[str]:
-    from peftctl.data.tasks import TASK_FORMATS, task_columns
-
     if dataset_cfg.format in TASK_FORMATS:
         return task_columns(dataset_cfg)
     if dataset_cfg.format == "alpaca":

@@ -5,13 +5,14 @@ from pathlib import Path
 from typing import Any
 
 from peftctl.errors import ConfigError
+from peftctl.data.builtin import builtin_files
 
 BUILTIN_PREFIX = "builtin:"
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def _load_files(files: dict[str, str], builder: str) -> Any:
-    import datasets
+    import datasets  # lazy: a heavy import, only when data is loaded (CLI start-up)
 
     datasets.disable_progress_bars()
     try:
@@ -22,12 +23,10 @@ def _load_files(files: dict[str, str], builder: str) -> Any:
 
 def load_raw_splits(dataset_cfg: Any) -> tuple[Any, Any | None]:
     """(train records, eval records or None), as `datasets.Dataset` objects."""
-    import datasets
+    import datasets  # lazy: see above
 
     path = str(dataset_cfg.path)
     if path.startswith(BUILTIN_PREFIX):
-        from peftctl.data.builtin import builtin_files
-
         loaded = _load_files(builtin_files(path[len(BUILTIN_PREFIX):]), "json")
     elif Path(path).expanduser().is_file():
         file = Path(path).expanduser()

@@ -16,6 +16,8 @@ from peftctl.eval.metrics import exact_match, task_scores
 from peftctl.runs import load_adapted, open_source
 from peftctl.train.loop import evaluate_loss
 from peftctl.utils import atomic_write_text
+from rich.console import Console
+from rich.table import Table
 
 
 @torch.no_grad()
@@ -73,9 +75,6 @@ def evaluate(path: str | Path, overrides: list[str] | None = None, quiet: bool =
 
 
 def print_report(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"eval on {report['examples']} held-out examples ({report['generated']} generated)")
     table.add_column("metric")
     table.add_column("base", justify="right")

@@ -6,21 +6,19 @@ from pathlib import Path
 
 from peftctl.errors import ConfigError
 from peftctl.utils import atomic_directory
+from peftctl.export.merge import merge
+from peftctl.runs import open_source
+from peftctl.export.gguf_export import export_gguf
 
 FORMATS = ("peft", "merged", "gguf")
 
 
 def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, outtype: str | None = None) -> Path:
-    from peftctl.export.merge import merge
-    from peftctl.runs import open_source
-
     if format not in FORMATS:
         raise ConfigError(f"--format={format!r} is not valid; expected one of {', '.join(FORMATS)}")
     if outtype is not None and format != "gguf":
         raise ConfigError("--outtype applies to --format gguf only")
     if format == "gguf":
-        from peftctl.export.gguf_export import export_gguf
-
         return export_gguf(path, out, outtype or "auto", quiet=quiet)
     if format == "merged":
         return merge(path, out, quiet=quiet)

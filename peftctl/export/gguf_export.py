@@ -19,6 +19,9 @@ import numpy as np
 import torch
 
 from peftctl.errors import ConfigError
+from peftctl.models.loader import resolve_model_path
+from peftctl.runs import open_source
+from peftctl.export.merge import merged_model
 
 OUTTYPES = ("auto", "f32", "f16", "bf16")
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -51,7 +54,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 def require_gguf() -> Any:
     try:
-        import gguf
+        import gguf  # optional dependency
     except ImportError:
         raise ConfigError("--format gguf needs the gguf package: pip install peftctl[gguf]") from None
     return gguf
@@ -73,10 +76,7 @@ def check_supported(model: Any) -> None:
 
 def check_source(path: str | Path) -> None:
     """Refuse an unsupported base model from its config, before loading and merging the weights."""
-    from transformers import AutoConfig
-
-    from peftctl.models.loader import resolve_model_path
-    from peftctl.runs import open_source
+    from transformers import AutoConfig  # lazy: transformers loads on first use, after the CLI has set its environment (cli._quiet_libraries)
 
     cfg = open_source(path).config.model
     model_type = AutoConfig.from_pretrained(resolve_model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code).model_type
@@ -393,8 +393,6 @@ def write_gguf(model: Any, tokenizer: Any, target: Path, outtype: str = "auto", 
 
 def export_gguf(path: str | Path, out: str | Path, outtype: str = "auto", quiet: bool = False) -> Path:
     """`peftctl export PATH --format gguf --out FILE_OR_DIR`: merge the adapter, write one GGUF file."""
-    from peftctl.export.merge import merged_model
-
     require_gguf()
     check_outtype(outtype)
     check_source(path)

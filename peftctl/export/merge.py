@@ -7,6 +7,15 @@ from typing import Any
 from peftctl.adapters.core.persistence import save_adapter_dir
 from peftctl.errors import ConfigError
 from peftctl.utils import atomic_directory
+from peftctl.models.quantized import dequantize_model, quantized_base_summary
+from peftctl.models.loader import DTYPES
+from peftctl.runs import load_adapted, open_source
+import torch
+import dataclasses
+from peftctl.models.loader import load_model
+from peftctl.export.blend import blend_adapters
+from peftctl.models.loader import load_model, load_tokenizer, resolve_model_path
+from peftctl.runs import open_source
 
 
 def default_merge_dir(path: Path) -> Path:
@@ -19,14 +28,8 @@ def merged_model(path: str | Path, overrides: list[str] | None = None, safe: boo
 
     Returns (merged transformers model, tokenizer, source, note). A quantized base (quant=nf4/fp4/int8)
     is first dequantized to ``dtype`` (default: the run's quant.compute_dtype) and merged in that dtype."""
-    from peftctl.models.quantized import dequantize_model, quantized_base_summary
-    from peftctl.models.loader import DTYPES
-    from peftctl.runs import load_adapted, open_source
-
     source = open_source(Path(path), overrides)
     # a quantized base is dequantized where it was quantized: on the GPU when there is one
-    import torch
-
     on_gpu = source.config.quant.method != "none" and torch.cuda.is_available()
     model, tokenizer = load_adapted(source, "cuda" if on_gpu else "cpu")
     quantized = quantized_base_summary(model)
@@ -71,9 +74,6 @@ def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] 
 
 def _requantize_dir(directory: Path, cfg: Any, method: str, dtype: str | None) -> None:
     """Reload the dense merged model through transformers' bitsandbytes path and save it quantized."""
-    import dataclasses
-
-    from peftctl.models.loader import load_model
 
     if method not in ("nf4", "fp4", "int8"):
         raise ConfigError(f"--requantize={method!r} is not valid; expected nf4, fp4 or int8")
@@ -108,10 +108,6 @@ def merge_many(
 ) -> Path:
     """Blend several adapters trained on the same base (add_weighted_adapter) and write either the
     merged model or, with ``as_adapter``, the blended adapter in PEFT format. Returns ``out``."""
-    from peftctl.export.blend import blend_adapters
-    from peftctl.models.loader import load_model, load_tokenizer, resolve_model_path
-    from peftctl.runs import open_source
-
     sources = [open_source(path) for path in paths]
     bases = {str(s.config.model.name_or_path) for s in sources}
     if len(bases) > 1:

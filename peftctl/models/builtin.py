@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from peftctl.models.tokenizer import BYTE_VOCAB_SIZE, SPECIAL_TOKENS, build_byte_tokenizer
+from peftctl.utils import atomic_directory
 
 BUILTIN_PREFIX = "builtin:"
 # model_type -> the class saved for it (others: a causal LM). An encoder-only BERT is saved without a
@@ -29,7 +30,7 @@ def cache_root() -> Path:
 
 def builtin_model_dir(name: str, arch: dict[str, Any], seed: int = 0) -> Path:
     """Materialise a built-in model on disk (once) and return its directory."""
-    import transformers
+    import transformers  # lazy: transformers loads on first use, after the CLI has set its environment (cli._quiet_libraries)
     from transformers import AutoConfig
 
     arch = dict(arch)
@@ -49,8 +50,6 @@ def builtin_model_dir(name: str, arch: dict[str, Any], seed: int = 0) -> Path:
     auto_cls = getattr(transformers, SAVED_CLASSES.get(model_type, "AutoModelForCausalLM"))
     model = auto_cls.from_config(config)
     torch.random.set_rng_state(generator_state)
-    from peftctl.utils import atomic_directory
-
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

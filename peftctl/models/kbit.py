@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from peftctl.models.quantized import compute_dtype, is_quantized
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype | None:
-    from peftctl.models.quantized import compute_dtype, is_quantized
-
     for module in model.modules():
         if is_quantized(module):
             return compute_dtype(module)

@@ -9,6 +9,7 @@ from torch import nn
 
 from peftctl.errors import ConfigError
 from peftctl.models.builtin import BUILTIN_PREFIX, builtin_model_dir
+from peftctl.models.quantization import bnb_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 AUTO_CLASSES = {
@@ -33,7 +34,7 @@ def resolve_model_path(model_cfg: Any) -> str:
 
 
 def load_tokenizer(model_cfg: Any, path: str | None = None) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers loads on first use, after the CLI has set its environment (cli._quiet_libraries)
 
     path = path or resolve_model_path(model_cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
@@ -62,7 +63,7 @@ def load_model(model_cfg: Any, quant_cfg: Any = None, path: str | None = None, d
 
     A quantized model is placed on ``device`` while it loads (bitsandbytes quantizes on the way onto
     the GPU, and such a model cannot be moved afterwards); default: the current GPU if there is one."""
-    import transformers
+    import transformers  # lazy: see load_tokenizer
 
     path = path or resolve_model_path(model_cfg)
     auto_cls = getattr(transformers, AUTO_CLASSES[model_cfg.task_type])
@@ -72,8 +73,6 @@ def load_model(model_cfg: Any, quant_cfg: Any = None, path: str | None = None, d
     if model_cfg.dtype != "auto":
         kwargs["dtype"] = DTYPES[model_cfg.dtype]
     if quant_cfg is not None and quant_cfg.method != "none":
-        from peftctl.models.quantization import bnb_config
-
         kwargs["quantization_config"] = bnb_config(quant_cfg)
         placement = _quantized_placement(device)
         if placement is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftctl.errors import ConfigError
+import torch
 
 
 def bnb_config(quant_cfg: Any) -> Any:
@@ -12,8 +13,7 @@ def bnb_config(quant_cfg: Any) -> Any:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ConfigError(f"quant={quant_cfg.method} needs bitsandbytes: pip install 'peftctl[quant]'") from None
-    import torch
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # lazy: transformers loads on first use, after the CLI has set its environment (cli._quiet_libraries)
 
     compute_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[quant_cfg.compute_dtype]
     if quant_cfg.method == "int8":
@@ -30,8 +30,7 @@ def bnb_config(quant_cfg: Any) -> Any:
 def quantize_linear(linear: Any, method: str = "nf4", compute_dtype: Any = None, double_quant: bool = True) -> Any:
     """A bitsandbytes layer holding ``linear``'s weight quantized (nf4 / fp4: Linear4bit; int8:
     Linear8bitLt), on ``linear``'s device. The float weight is not kept."""
-    import bitsandbytes as bnb
-    import torch
+    import bitsandbytes as bnb  # optional dependency (quant=nf4 / int8 only)
 
     weight = linear.weight.data
     device = weight.device
@@ -57,8 +56,6 @@ def quantize_linears_(model: Any, method: str = "nf4", compute_dtype: Any = None
     """Replace the nn.Linear modules of ``model`` (output head excluded, as transformers does) by
     bitsandbytes layers in place, one at a time so peak memory stays one layer above the result.
     Returns how many were quantized."""
-    import torch
-
     names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.rpartition(".")[2] not in skip]
     for name in names:
         parent_name, _, child = name.rpartition(".")

@@ -24,7 +24,7 @@ from peftctl.models.modules import find_hf_model
 
 def _bnb() -> Any:
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional dependency
     except ImportError:  # pragma: no cover - bitsandbytes is an optional dependency
         return None
     return bnb

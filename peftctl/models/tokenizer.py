@@ -31,7 +31,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # lazy: only to build the built-in model
 
     table = _bytes_to_unicode()
     vocab = {table[byte]: byte for byte in range(256)}

@@ -15,24 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from peftctl.models.modules import find_hf_model
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**26  # logits per chunk: 64M fp32 = 256 MiB
 
 
-def _hf_model(model: nn.Module) -> Any:
-    from transformers import PreTrainedModel
-
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            return module
-    return None
-
-
 @contextmanager
 def head_as_identity(model: nn.Module) -> Iterator[nn.Module | None]:
     """Temporarily replace the output head by an identity; yields the head (None: not possible)."""
-    hf = _hf_model(model)
+    hf = find_hf_model(model)
     head = hf.get_output_embeddings() if hf is not None and hasattr(hf, "get_output_embeddings") else None
     name = next((n for n, m in hf.named_children() if m is head), None) if head is not None else None
     if name is None or getattr(hf.config, "final_logit_softcapping", None) or getattr(hf.config, "logit_scale", None):

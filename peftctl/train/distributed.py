@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,6 @@ def launched_world_size() -> int:
 
 def init_distributed(device_kind: str) -> DistInfo:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); SINGLE when not launched so."""
-    import torch.distributed as dist
-
     if launched_world_size() <= 1:
         return SINGLE
     info = DistInfo(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
@@ -59,8 +58,6 @@ def init_distributed(device_kind: str) -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
-    import torch.distributed as dist
-
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -17,6 +17,7 @@ from peftctl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from peftctl.train.distributed import SINGLE, DistInfo, broadcast_parameters, gather_objects, sum_gradients, sum_values
 from peftctl.train.metrics_log import MetricsLog, Progress
 from peftctl.train.optim import build_optimizer, build_scheduler
+from peftctl.adapters.core.registry import get_method
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -100,8 +101,6 @@ class Trainer:
 
     def __init__(self, model: Any, adapter_name: str, train_data: list[Example], eval_data: list[Example], cfg: Any, run_dir: Path, device: torch.device, pad_id: int,
                  quiet: bool = False, dist: DistInfo = SINGLE) -> None:
-        from peftctl.adapters.core.registry import get_method
-
         self.dist = dist
         self.model, self.adapter_name, self.cfg = model, adapter_name, cfg
         self.train_data, self.eval_data = train_data, eval_data

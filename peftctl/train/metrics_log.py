@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 
 
 class MetricsLog:
@@ -36,8 +37,6 @@ class Progress:
         self.interactive = sys.stdout.isatty() and not quiet
         self._bar = None
         if self.interactive:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
-
             self._bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
             self._task = self._bar.add_task("train", total=total, completed=start, info="")
             self._bar.start()
@@ -62,7 +61,7 @@ class Progress:
 
 def plot_metrics(records: list[dict[str, Any]], out_path: Path) -> None:
     """Training loss (and eval loss where logged) and learning rate against step."""
-    import matplotlib
+    import matplotlib  # lazy: heavy, and the backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

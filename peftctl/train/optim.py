@@ -17,7 +17,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: Any) -> tor
     if train_cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, **kwargs)
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional dependency
     except ImportError:
         raise ConfigError(f"train.optimizer={train_cfg.optimizer} needs bitsandbytes: pip install 'peftctl[quant]'") from None
     classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from peftctl.errors import AdapterError
+from peftctl.models.quantized import read_weight
+from peftctl.models.quantized import read_weight, write_weight
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
@@ -141,8 +143,6 @@ class AdapterLayer(nn.Module):
             self.merge(adapter_names=[adapter_name])  # raises the layer's own "cannot be merged" error
         if adapter_name not in self.adapter_configs or adapter_name in self.merged_adapters:
             return
-        from peftctl.models.quantized import read_weight
-
         with torch.no_grad():
             candidate = self.adapted_weight(read_weight(self.base_layer), adapter_name)
         if not torch.isfinite(candidate).all():
@@ -155,8 +155,6 @@ class AdapterLayer(nn.Module):
         if not self.mergeable:
             raise AdapterError(f"{type(self).__name__} adapters cannot be merged into the base weights")
         names = self.active_adapters if adapter_names is None else adapter_names
-        from peftctl.models.quantized import read_weight, write_weight  # dequantizes bnb bases
-
         for name in names:
             if name not in self.adapter_configs or name in self.merged_adapters:
                 continue
@@ -171,8 +169,6 @@ class AdapterLayer(nn.Module):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        from peftctl.models.quantized import read_weight, write_weight
-
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():

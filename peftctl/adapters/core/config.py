@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from peftctl.errors import ConfigError
+from peftctl.utils import atomic_write_text
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION", "QUESTION_ANS")
 # peftctl's config names (model.task_type) -> PEFT's task_type names
@@ -106,8 +107,6 @@ class AdapterConfig:
         return self.to_dict()
 
     def save(self, directory: str | os.PathLike) -> None:
-        from peftctl.utils import atomic_write_text
-
         atomic_write_text(os.path.join(directory, "adapter_config.json"), json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n")
 
     def replace(self, **changes: Any) -> "AdapterConfig":

@@ -21,6 +21,7 @@ from peftctl.adapters.core.registry import get_method, method_for_peft_type
 from peftctl.adapters.core.weighted import WeightedAdapterMixin
 from peftctl.errors import AdapterError, ConfigError
 from peftctl.models.modules import set_submodule
+from rich.progress import track
 
 
 class _BaseModelHolder(nn.Module):
@@ -215,8 +216,6 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         layers = list(self.adapter_layers())
         iterator: Any = layers
         if progressbar:
-            from rich.progress import track  # lazy: only for the optional progress bar
-
             iterator = track(layers, description="merging")
         for name, layer in iterator:
             if merge:
