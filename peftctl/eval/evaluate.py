@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from peftctl.config.schema import RunConfig
 from peftctl.data.pipeline import prepare_data
 from peftctl.data.tokenize import Example
 from peftctl.devices import pick_device
@@ -41,7 +42,7 @@ def greedy_responses(model: Any, tokenizer: Any, examples: list[Example], batch_
     return outputs
 
 
-def score(model: Any, tokenizer: Any, examples: list[Example], cfg: Any, device: torch.device) -> dict[str, float]:
+def score(model: Any, tokenizer: Any, examples: list[Example], cfg: RunConfig, device: torch.device) -> dict[str, float]:
     loss = evaluate_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device)
     sample = examples[: cfg.eval.num_generate]
     predictions = greedy_responses(model, tokenizer, sample, cfg.eval.batch_size, cfg.eval.max_new_tokens, device)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from peftctl.config.schema import RunConfig
 from peftctl.data.tokenize import IGNORE_INDEX, Example, collate
 from peftctl.train.loop import evaluate_loss
 
@@ -107,7 +108,7 @@ def seq2seq_predictions(model: Any, tokenizer: Any, examples: list[Example], bat
     return outputs
 
 
-def task_scores(model: Any, tokenizer: Any, examples: list[Example], cfg: Any, device: torch.device, label_names: list[str] | None) -> dict[str, float]:
+def task_scores(model: Any, tokenizer: Any, examples: list[Example], cfg: RunConfig, device: torch.device, label_names: list[str] | None) -> dict[str, float]:
     """Loss plus the task's metric for seq2seq / classification / token classification."""
     task, batch_size, pad_id = cfg.model.task_type, cfg.eval.batch_size, tokenizer.pad_token_id
     loss = evaluate_loss(model, examples, batch_size, pad_id, device, task_type=task)

@@ -17,7 +17,8 @@ from peftctl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from peftctl.train.distributed import SINGLE, DistInfo, broadcast_parameters, gather_objects, sum_gradients, sum_values
 from peftctl.train.metrics_log import MetricsLog, Progress
 from peftctl.train.optim import build_optimizer, build_scheduler
-from peftctl.adapters.core.registry import get_method
+from peftctl.adapters.core.model import AdaptedModel
+from peftctl.config.schema import RunConfig, TrainConfig
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,7 +51,7 @@ def micro_batches(examples: list[Example], batch_size: int, seed: int, state: Lo
         state.position = 0
 
 
-def total_optimizer_steps(n_examples: int, train_cfg: Any, world_size: int = 1) -> int:
+def total_optimizer_steps(n_examples: int, train_cfg: TrainConfig, world_size: int = 1) -> int:
     """train.max_steps, or the steps of train.epochs epochs (each step takes grad_accum micro-batches per rank)."""
     if train_cfg.max_steps > 0:
         return train_cfg.max_steps
@@ -99,7 +100,7 @@ class Trainer:
     dealt round-robin to the ranks and the adapter's gradients summed across them; rank 0 alone
     logs, evaluates and writes checkpoints."""
 
-    def __init__(self, model: Any, adapter_name: str, train_data: list[Example], eval_data: list[Example], cfg: Any, run_dir: Path, device: torch.device, pad_id: int,
+    def __init__(self, model: AdaptedModel, adapter_name: str, train_data: list[Example], eval_data: list[Example], cfg: RunConfig, run_dir: Path, device: torch.device, pad_id: int,
                  quiet: bool = False, dist: DistInfo = SINGLE) -> None:
         self.dist = dist
         self.model, self.adapter_name, self.cfg = model, adapter_name, cfg
@@ -110,10 +111,9 @@ class Trainer:
         self.optimizer = build_optimizer(model.parameters(), cfg.train)
         broadcast_parameters(self._trainable(), dist)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)
-        fp16 = cfg.train.precision == "fp16"
-        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16) if fp16 else None
-        method = get_method(model.peft_config[adapter_name].method)
-        self.hooks = method.training_hooks(model, adapter_name, self.total_steps)
+        # fp16 needs loss scaling; otherwise the scaler is switched off (every call passes through)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        self.hooks = model.method_of(adapter_name).training_hooks(model, adapter_name, self.total_steps)
         self.state = LoopState()
         self.last_checkpoint: Path | None = None
 
@@ -148,7 +148,7 @@ class Trainer:
             if not torch.isfinite(loss):
                 bad_loss = float(loss.detach())
                 continue  # no backward of a non-finite loss; every rank stops below
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self.scaler.scale(loss).backward()
             loss_total += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
         loss_total, tokens, n_bad = sum_values([loss_total, tokens, float(bad_loss is not None)], self.device, self.dist)
@@ -160,15 +160,11 @@ class Trainer:
         params = self._trainable()
         sum_gradients(params, self.dist)
         self._hook("after_backward", self.state.step)
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+        self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.scaler.step(self.optimizer)  # a disabled scaler just calls optimizer.step()
+        self.scaler.update()
         self.scheduler.step()
         self._hook("after_step", self.state.step)
         self.optimizer.zero_grad(set_to_none=True)

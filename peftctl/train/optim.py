@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
+from peftctl.config.schema import TrainConfig
 from peftctl.errors import ConfigError
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: Any) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ConfigError("the adapter has no trainable parameters; check adapter.target_modules and adapter.inference_mode")
@@ -24,7 +25,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: Any) -> tor
     return classes[train_cfg.optimizer](params, **kwargs)
 
 
-def warmup_steps(train_cfg: Any, total_steps: int) -> int:
+def warmup_steps(train_cfg: TrainConfig, total_steps: int) -> int:
     return train_cfg.warmup_steps or int(math.ceil(train_cfg.warmup_ratio * total_steps))
 
 
@@ -41,6 +42,6 @@ def lr_multiplier(step: int, total_steps: int, warmup: int, kind: str) -> float:
     return 1.0 - progress
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Any, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = warmup_steps(train_cfg, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, warmup, train_cfg.scheduler))
