@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,11 @@ demo: install
 ## the test suite, as CI runs it (GPU tests are deselected; run them with -m gpu on a GPU)
 test: install
 	$(BIN)/python -m pytest -m "not gpu" tests
+
+## lint and formatting check (ruff, configured in pyproject.toml); `ruff format` fixes formatting
+lint: install
+	$(BIN)/ruff check peftctl tests benchmarks
+	$(BIN)/ruff format --check peftctl tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
