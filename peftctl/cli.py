@@ -118,6 +118,22 @@ def export(
 
 
 @app.command()
+def bench(
+    overrides: Optional[List[str]] = OverridesArg,
+    warmup: int = typer.Option(3, "--warmup", help="untimed steps first (compilation happens there)"),
+    steps: int = typer.Option(10, "--steps", help="timed steps"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per sequence (default: dataset.max_seq_len)"),
+    find_max_context: bool = typer.Option(False, "--max-context", help="search the longest sequence whose step fits in memory"),
+    memory_gib: Optional[float] = typer.Option(None, "--memory-gib", help="cap this process's GPU memory (e.g. 80 for an 80 GB card)"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object instead of text"),
+) -> None:
+    """Time the training step of a recipe on synthetic batches: tokens/s, step time, peak memory, MFU."""
+    from peftctl.train.bench import run_bench
+
+    _run(lambda: run_bench(list(overrides or []), warmup, steps, seq_len, find_max_context, memory_gib, as_json))
+
+
+@app.command()
 def recipes() -> None:
     """List the recipes with their one-line descriptions."""
     from peftctl.config.compose import list_recipes

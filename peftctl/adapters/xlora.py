@@ -28,6 +28,7 @@ from peftctl.adapters.core.model import load_adapter_config
 from peftctl.adapters.lora import METHOD as LORA
 from peftctl.adapters.lora import LoraLinear
 from peftctl.errors import ConfigError
+from peftctl.models.compat import cache_from_kwargs, replace_cache_in_kwargs
 
 if TYPE_CHECKING:
     from peftctl.adapters.core.model import AdaptedModel
@@ -187,9 +188,10 @@ class XLoraMethod(AdapterMethod):
     def _dual_pass(model: "AdaptedModel", forward: Any, *args: Any, **kwargs: Any) -> Any:
         classifier = _classifier(model)
         scan_kwargs = {k: v for k, v in kwargs.items() if k not in ("labels", "output_hidden_states", "return_dict")}
-        if scan_kwargs.get("past_key_values") is not None:
+        cache = cache_from_kwargs(scan_kwargs)
+        if cache is not None:
             # the scaling pass must not grow the KV cache the real pass uses
-            scan_kwargs["past_key_values"] = copy.deepcopy(scan_kwargs["past_key_values"])
+            scan_kwargs = replace_cache_in_kwargs(scan_kwargs, copy.deepcopy(cache))
         classifier.scalings = None
         with torch.no_grad():  # scaling pass
             hidden = forward(*args, output_hidden_states=True, **scan_kwargs).hidden_states[-1]

@@ -93,6 +93,8 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: Optional[float] = 1.0
     gradient_checkpointing: bool = False
+    # auto: the CUDA fast path (peftctl/kernels) where it applies, the eager path elsewhere; off: always eager
+    kernels: Literal["auto", "off"] = "auto"
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only the final adapter

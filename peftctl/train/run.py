@@ -26,6 +26,7 @@ from peftctl.data.pipeline import PreparedData, prepare_data
 from peftctl.data.tokenize import collate
 from peftctl.devices import pick_device
 from peftctl.errors import ConfigError
+from peftctl.kernels import apply_fast_path
 from peftctl.models.kbit import prepare_model_for_kbit_training
 from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
 from peftctl.train import distributed
@@ -36,6 +37,13 @@ from peftctl.train.metrics_log import plot_metrics
 from peftctl.utils import atomic_write_text, seed_everything
 
 ADAPTER_NAME = "default"
+
+
+def apply_kernels(model: nn.Module, cfg: RunConfig, device: torch.device) -> str:
+    """The CUDA fast path where ``train.kernels=auto`` and it applies (peftctl/kernels); a one-line note."""
+    if cfg.train.kernels == "off":
+        return "off (train.kernels=off)"
+    return apply_fast_path(model, device, cfg.adapter.method)
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -156,6 +164,7 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
         raise ConfigError(f"output_dir={str(run_dir)!r} holds checkpoints of an unfinished run; continue it with train.resume=true or pick another output_dir")
     model, tokenizer, data = build_model_and_data(cfg, device)
     move_to_device(model, device)
+    fast_path = apply_kernels(model, cfg, device)
     trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet, dist=dist)
     if dist.enabled:
         seed_everything(cfg.train.seed + dist.rank)  # each rank its own dropout stream (weights came from rank 0)
@@ -179,7 +188,8 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
     if not quiet:
         trainable, total = model.get_nb_trainable_parameters()
         ranks = f" x {dist.world_size} ranks" if dist.enabled else ""
-        print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}{ranks}  |  {trainer.total_steps} steps", flush=True)
+        print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}{ranks}  |  {trainer.total_steps} steps"
+              f"  |  fast path {fast_path}", flush=True)
     started = time.perf_counter()
     result = trainer.fit(stop_after_step=stop_after_step)
     elapsed = time.perf_counter() - started

@@ -23,7 +23,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[2] / "peftctl"
 # A module belongs to the longest prefix listed (peftctl.adapters.core before peftctl.adapters).
 LAYERS: list[tuple[str, ...]] = [
     ("peftctl.errors", "peftctl.utils", "peftctl.devices"),
-    ("peftctl.data", "peftctl.models"),
+    ("peftctl.data", "peftctl.models", "peftctl.kernels"),
     ("peftctl.adapters.core",),  # the method-agnostic core: names no method
     ("peftctl.adapters",),  # the methods (lora/, prompt/, one file each for the rest)
     ("peftctl.config",),  # the run config checks `adapter.*` with the chosen method's config class

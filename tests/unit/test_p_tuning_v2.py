@@ -2,6 +2,7 @@
 on BERT classification; on disk PEFT's PREFIX_TUNING with the head under PEFT's names."""
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import BertModel
 from test_tasks import CLS_BATCH, TOK_BATCH, tiny_bert_cls, tiny_bert_tokens
 
 from peftctl.adapters.core.model import AdaptedModel, get_adapted_model
@@ -17,11 +19,18 @@ from peftctl.errors import ConfigError
 
 CASES = [("SEQ_CLS", tiny_bert_cls, CLS_BATCH), ("TOKEN_CLS", tiny_bert_tokens, TOK_BATCH)]
 
+# peft 0.21.2 runs prefix tuning on a classification model only when the backbone's forward names a
+# `past_key_values` parameter; transformers >= 5.2x renamed it to `cache`, and peft then refuses the
+# model ("Model does not support past key values"). The oracle, not peftctl, is what cannot run there.
+PEFT_PREFIX_ORACLE_RUNS = "past_key_values" in inspect.signature(BertModel.forward).parameters
+
 
 def _inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+@pytest.mark.skipif(not PEFT_PREFIX_ORACLE_RUNS, reason="peft 0.21.2 refuses prefix tuning on BERT when forward names "
+                    "`cache` instead of `past_key_values` (transformers >= 5.2x): the oracle cannot run on this release")
 @pytest.mark.parametrize("task,build,batch", CASES, ids=[c[0] for c in CASES])
 def test_peft_interop_both_ways_with_head(task: str, build, batch: dict, tmp_path: Path) -> None:
     ours = get_adapted_model(build(), config_from_dict({"method": "p_tuning_v2", "num_virtual_tokens": 3, "modules_to_save": ["classifier"], "task_type": task}))

@@ -25,6 +25,7 @@ from peftctl.adapters.core.config import AdapterConfig
 from peftctl.adapters.core.method import AdapterMethod
 from peftctl.adapters.core.modules_to_save import ModulesToSaveWrapper, apply_modules_to_save
 from peftctl.errors import AdapterError, ConfigError
+from peftctl.models.compat import cache_from_kwargs, cache_kwarg, output_cache
 
 if TYPE_CHECKING:
     from peftctl.adapters.core.model import AdaptedModel
@@ -216,9 +217,9 @@ class PromptMethod(AdapterMethod):
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(batch_size, n), attention_mask], dim=1)
         if self.mode == "kv":
-            if kwargs.get("past_key_values") is not None:
-                raise AdapterError("prefix tuning builds past_key_values itself; do not pass them to forward")
-            kwargs["past_key_values"] = self.prefix_cache(model, adapter_name, batch_size)
+            if cache_from_kwargs(kwargs) is not None:
+                raise AdapterError("prefix tuning builds the key/value cache itself; do not pass one to forward")
+            kwargs[cache_kwarg(base)] = self.prefix_cache(model, adapter_name, batch_size)
             if encoder_decoder:
                 # the prefix lives in the decoder's self-attention cache: extend the decoder mask
                 kwargs["decoder_attention_mask"] = _extend_decoder_mask(kwargs.get("decoder_attention_mask"), kwargs.get("decoder_input_ids"), labels, n)
@@ -304,11 +305,12 @@ def decode(model: "AdaptedModel", adapter_name: str, method: PromptMethod, input
             logits = method.forward(model, adapter_name, input_ids=sequence, attention_mask=mask, position_ids=positions).logits[:, -1]
         elif past is None:
             out = method.forward(model, adapter_name, input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=True)
-            logits, past = out.logits[:, -1], out.past_key_values
+            logits, past = out.logits[:, -1], output_cache(out)
         else:
             full_mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)
-            out = base(input_ids=sequence[:, -1:], attention_mask=full_mask, past_key_values=past, position_ids=positions[:, -1:], use_cache=True)
-            logits, past = out.logits[:, -1], out.past_key_values
+            step_inputs = {"input_ids": sequence[:, -1:], "attention_mask": full_mask, "position_ids": positions[:, -1:], cache_kwarg(base): past}
+            out = base(**step_inputs, use_cache=True)
+            logits, past = out.logits[:, -1], output_cache(out)
         token = _pick(logits, do_sample, temperature, top_k)
         token = torch.where(finished, torch.full_like(token, pad), token)
         sequence = torch.cat([sequence, token[:, None]], dim=1)

@@ -1,0 +1,50 @@
+"""The training fast path on CUDA (``train.kernels=auto``), with the exact eager path everywhere else.
+
+What it does today: every decoder layer of a Llama / Mistral / Qwen2-style model is put under
+``torch.compile``. One compiled layer fuses what eager PyTorch runs as dozens of small kernels per
+projection (RMSNorm, RoPE, SwiGLU, the LoRA path's dropout / scale / add and dtype casts) and launches
+far fewer kernels, which is where a LoRA step at batch 1 x 2k tokens loses its time. The layer's
+arithmetic is unchanged (same matmuls, same dtypes); fused elementwise code may round differently in
+the last bit, so the fast path is checked against the eager one within bf16 tolerance
+(tests/gpu/test_fast_path_gpu.py), and ``train.kernels=off`` gives the eager path exactly.
+
+It applies only where it was measured (benchmarks/fast_path.py): CUDA, a supported decoder layer,
+and a weight-based adapter (LoRA, DoRA, QLoRA's LoRA on bitsandbytes layers). Prompt-family methods,
+which reach into the KV cache or the inputs, run eager.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# decoder blocks whose code was compiled and measured; others run eager
+SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+# adapter methods whose layers compile cleanly inside those blocks
+SUPPORTED_METHODS = ("lora",)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The supported decoder layers of ``model`` (empty when the architecture is not supported)."""
+    return [m for m in model.modules() if type(m).__name__ in SUPPORTED_LAYERS]
+
+
+def fast_path_reason_off(model: nn.Module, device: torch.device, method: str | None = None) -> str | None:
+    """Why the fast path does not apply here (None when it does)."""
+    if device.type != "cuda":
+        return f"device {device.type}: the fast path is CUDA only"
+    if method is not None and method not in SUPPORTED_METHODS:
+        return f"adapter {method}: the fast path covers {', '.join(SUPPORTED_METHODS)}"
+    if not decoder_layers(model):
+        return "no supported decoder layer (Llama, Mistral, Qwen2/3)"
+    return None
+
+
+def apply_fast_path(model: nn.Module, device: torch.device, method: str | None = None) -> str:
+    """Compile every supported decoder layer in place; returns a one-line description of what ran."""
+    reason = fast_path_reason_off(model, torch.device(device), method)
+    if reason is not None:
+        return f"off ({reason})"
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return f"on: {len(layers)} x {type(layers[0]).__name__} under torch.compile"

@@ -1,0 +1,213 @@
+"""`peftctl bench`: time the training step of a composed recipe on synthetic batches.
+
+The model, adapter, fast path, precision, checkpointing and optimizer are exactly those `peftctl
+train` builds for the same overrides, and each timed step is the training loop's own optimizer step
+(Trainer._optimizer_step): only the data is synthetic (random token ids, every token a label), so no
+dataset is read beyond what building the run needs. Reported: tokens/s and step time (median, min,
+max) over the timed steps, peak GPU memory, model TFLOP/s and MFU against the GPU's dense bf16 peak.
+
+Model FLOPs per token (a frozen base; the usual 6N rule less the weight gradients the base never gets):
+    forward 2·N, backward 2·N (input gradients only) for the frozen weights N (embedding lookups excluded),
+    6·N_t for the trainable adapter weights N_t,
+    attention scores and values: 2·2·L·s·d forward, twice that backward, halved by the causal mask.
+Recomputation under gradient checkpointing is not counted (it is overhead, not model work).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftctl.config.compose import compose_config
+from peftctl.data.tokenize import Example
+from peftctl.devices import pick_device
+from peftctl.errors import ConfigError
+from peftctl.models.loader import move_to_device
+from peftctl.train.loop import Trainer, label_tokens
+from peftctl.train.run import ADAPTER_NAME, apply_kernels, build_model_and_data
+
+# dense bf16 peaks (TFLOP/s) of the datacenter GPUs people train on, by device-name substring
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+@dataclass
+class BenchResult:
+    seq_len: int
+    batch_size: int
+    steps: int
+    step_s: list[float] = field(default_factory=list)
+    tokens_per_step: int = 0
+    peak_memory_gib: float | None = None
+    flops_per_token: float = 0.0
+    gpu: str | None = None
+    fast_path: str = ""
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def median_step_s(self) -> float:
+        return statistics.median(self.step_s)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.median_step_s
+
+    @property
+    def tflops(self) -> float:
+        return self.tokens_per_s * self.flops_per_token / 1e12
+
+    @property
+    def mfu(self) -> float | None:
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if self.gpu and k in self.gpu), None)
+        return self.tflops / peak if peak else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seq_len": self.seq_len, "batch_size": self.batch_size, "steps": self.steps, "tokens_per_s": self.tokens_per_s,
+                "median_step_s": self.median_step_s, "min_step_s": min(self.step_s), "max_step_s": max(self.step_s),
+                "peak_memory_gib": self.peak_memory_gib, "model_tflops": self.tflops, "mfu": self.mfu, "gpu": self.gpu,
+                "fast_path": self.fast_path, "losses": self.losses}
+
+
+def weight_count(param: torch.Tensor) -> int:
+    """Values a weight holds (bitsandbytes 4-bit weights pack two per stored byte: their quant_state knows)."""
+    state = getattr(param, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else param.numel()
+
+
+def model_flops_per_token(model: Any, seq_len: int) -> float:
+    """Training FLOPs per token of a frozen base with a trainable adapter (module docstring). The input
+    embedding is a lookup, not a product: it counts only where it is tied to the output head."""
+    embedding = model.model.get_input_embeddings().weight
+    head = model.model.get_output_embeddings()
+    lookup_only = {id(embedding)} if head is None or head.weight is not embedding else set()
+    frozen = sum(weight_count(p) for p in model.parameters() if not p.requires_grad and id(p) not in lookup_only)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = model.model.config
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // max(heads, 1)
+    attention = 3 * 2 * 2 * getattr(config, "num_hidden_layers", 0) * seq_len * heads * head_dim / 2  # (fwd + 2 bwd) x (QK^T, AV) x causal half
+    return 4 * frozen + 6 * trainable + attention
+
+
+def synthetic_examples(count: int, seq_len: int, vocab_size: int, seed: int) -> list[Any]:
+    """``count`` examples of ``seq_len`` random token ids, every position a label."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, vocab_size, (count, seq_len), generator=generator).tolist()
+    return [Example(input_ids=row, labels=list(row), prompt="", response="") for row in rows]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(trainer: Any, examples: list[Any], warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """(seconds of each timed step, every step's loss) through the loop's own optimizer step."""
+    per_step = trainer.cfg.train.grad_accum
+    micro = [examples[i : i + trainer.cfg.train.batch_size] for i in range(0, len(examples), trainer.cfg.train.batch_size)]
+    group = micro[:per_step]
+    n_tokens = max(sum(label_tokens(b, trainer.task_type) for b in group), 1)
+    times, losses = [], []
+    for step in range(warmup + steps):
+        _synchronize(trainer.device)
+        started = time.perf_counter()
+        loss, _ = trainer._optimizer_step(group, n_tokens)
+        _synchronize(trainer.device)
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+        losses.append(loss)
+    return times, losses
+
+
+def bench(overrides: list[str], warmup: int = 3, steps: int = 10, seq_len: int | None = None, memory_gib: float | None = None) -> BenchResult:
+    """Build the run as `peftctl train` would, then time ``steps`` optimizer steps after ``warmup``."""
+    if warmup < 0 or steps < 1:
+        raise ConfigError(f"--warmup={warmup} / --steps={steps}: expected warmup >= 0 and steps >= 1")
+    cfg = compose_config(overrides)
+    if cfg.model.task_type != "causal_lm":
+        raise ConfigError(f"model.task_type={cfg.model.task_type}: peftctl bench times causal-LM training only")
+    device = pick_device(cfg.train.device)
+    cap_memory(device, memory_gib)
+    seq = seq_len or cfg.dataset.max_seq_len
+    model, tokenizer, _ = build_model_and_data(cfg, device)
+    move_to_device(model, device)
+    fast_path = apply_kernels(model, cfg, device)
+    vocab = model.model.get_input_embeddings().weight.shape[0]
+    examples = synthetic_examples(cfg.train.batch_size * cfg.train.grad_accum, seq, vocab, cfg.train.seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = Trainer(model, ADAPTER_NAME, examples, [], cfg, Path(scratch), device, tokenizer.pad_token_id, quiet=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, losses = time_steps(trainer, examples, warmup, steps)
+    result = BenchResult(seq_len=seq, batch_size=cfg.train.batch_size * cfg.train.grad_accum, steps=steps, step_s=times,
+                         tokens_per_step=len(examples) * seq, flops_per_token=model_flops_per_token(model, seq), fast_path=fast_path, losses=losses)
+    if device.type == "cuda":
+        result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        result.gpu = torch.cuda.get_device_name(device)
+    return result
+
+
+def cap_memory(device: torch.device, memory_gib: float | None) -> None:
+    """Let this process allocate at most ``memory_gib`` of the GPU (a smaller card, simulated)."""
+    if memory_gib is None:
+        return
+    if device.type != "cuda":
+        raise ConfigError("--memory-gib caps GPU memory; this run is on the CPU (train.device=cuda)")
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if not 0 < memory_gib <= total:
+        raise ConfigError(f"--memory-gib={memory_gib}: expected a number in (0, {total:.0f}] (this GPU's memory)")
+    torch.cuda.set_per_process_memory_fraction(memory_gib / total, device)
+
+
+def max_context(overrides: list[str], memory_gib: float | None, start: int = 4096, limit: int = 1 << 20, granularity: int = 1024) -> tuple[int, list[dict[str, Any]]]:
+    """The longest sequence (a multiple of ``granularity``) whose training step fits: doubling from
+    ``start`` until a step runs out of memory, then bisection. Each trial is a fresh build and one step."""
+    trials: list[dict[str, Any]] = []
+
+    def fits(seq: int) -> bool:
+        try:
+            result = bench(overrides, warmup=0, steps=1, seq_len=seq, memory_gib=memory_gib)
+            trials.append({"seq_len": seq, "fits": True, **result.as_dict()})
+            return True
+        except torch.OutOfMemoryError:
+            trials.append({"seq_len": seq, "fits": False})
+            return False
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    low, high = 0, start
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    while high - low > granularity:
+        middle = (low + high) // 2 // granularity * granularity
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low, trials
+
+
+def format_result(result: BenchResult) -> str:
+    lines = [f"fast path {result.fast_path}",
+             f"batch {result.batch_size} x {result.seq_len} tokens, {result.steps} timed steps",
+             f"tokens/s {result.tokens_per_s:,.0f}  |  step {result.median_step_s:.3f} s (min {min(result.step_s):.3f}, max {max(result.step_s):.3f})"]
+    memory = f"peak memory {result.peak_memory_gib:.2f} GiB  |  " if result.peak_memory_gib is not None else ""
+    mfu = f"  |  MFU {result.mfu:.1%} of {result.gpu}'s bf16 peak" if result.mfu is not None else ""
+    lines.append(f"{memory}model {result.tflops:.3g} TFLOP/s{mfu}")
+    return "\n".join(lines)
+
+
+def run_bench(overrides: list[str], warmup: int, steps: int, seq_len: int | None, find_max_context: bool, memory_gib: float | None, as_json: bool) -> dict[str, Any]:
+    """What the CLI's `peftctl bench` prints (text, or one JSON object with --json)."""
+    if find_max_context:
+        longest, trials = max_context(overrides, memory_gib)
+        report = {"max_context": longest, "memory_gib": memory_gib, "trials": trials}
+        print(json.dumps(report) if as_json else f"longest sequence that trains within {memory_gib or 'all'} GiB: {longest:,} tokens")
+        return report
+    result = bench(overrides, warmup, steps, seq_len, memory_gib)
+    print(json.dumps(result.as_dict()) if as_json else format_result(result))
+    return result.as_dict()
