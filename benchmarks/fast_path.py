@@ -44,7 +44,7 @@ def adapt(stack: str, model: torch.nn.Module, use_dora: bool):
     if stack == "peftctl+compile":
         from peftctl.kernels import apply_fast_path
 
-        print("fast path:", apply_fast_path(adapted, torch.device("cuda")), flush=True)
+        print("fast path:", apply_fast_path(adapted, torch.device("cuda"), adapted.peft_config["default"]), flush=True)
     return adapted
 
 
@@ -71,7 +71,8 @@ def run(stack: str, config, checkpointing: bool, seq: int, warmup: int, steps: i
     result = {"stack": stack, "method": "dora" if use_dora else "lora", "checkpointing": checkpointing, "layers": config.num_hidden_layers, "seq": seq,
               "median_step_s": statistics.median(times), "min_step_s": min(times), "max_step_s": max(times),
               "tokens_per_s": seq / statistics.median(times), "peak_gib": (torch.cuda.max_memory_allocated() - before) / GiB,
-              "first_loss": losses[0], "last_loss": losses[-1], "wall_s": time.perf_counter() - started}
+              "first_loss": losses[0], "last_loss": losses[-1], "wall_s": time.perf_counter() - started,
+              "compiled_graphs_so_far": int(__import__("torch._dynamo.utils", fromlist=["counters"]).counters["stats"]["unique_graphs"])}
     del adapted, optimizer, model, params
     gc.collect()
     torch.cuda.empty_cache()

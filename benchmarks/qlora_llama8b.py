@@ -78,6 +78,15 @@ def build_quantized_llama(config, device: str = "cuda", seed: int = 0, method: s
     return model
 
 
+def setup_peftctl_compiled(model: nn.Module):
+    """peftctl with its CUDA fast path (what `train.kernels=auto` applies)."""
+    from peftctl.kernels import apply_fast_path
+
+    adapted, optimizer, loss_fn = setup_peftctl(model)
+    print("fast path:", apply_fast_path(adapted, torch.device("cuda"), adapted.peft_config["default"]), flush=True)
+    return adapted, optimizer, loss_fn
+
+
 def setup_peftctl(model: nn.Module):
     from peftctl.adapters.lora import LoraConfig
     from peftctl.adapters.core.model import get_adapted_model
@@ -149,7 +158,8 @@ def run(stack: str, config, seq: int, warmup: int, steps: int, seed: int = 0) ->
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()  # anything a previous run left behind is not counted
     model = build_quantized_llama(config, seed=seed)
-    adapted, optimizer, loss_fn = (setup_peftctl if stack == "peftctl" else setup_peft)(model)
+    setups = {"peftctl": setup_peftctl, "peftctl+compile": setup_peftctl_compiled, "peft": setup_peft}
+    adapted, optimizer, loss_fn = setups[stack](model)
     trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     batches = random_batches(config, seq)
     params = [p for p in adapted.parameters() if p.requires_grad]

@@ -43,7 +43,7 @@ def apply_kernels(model: nn.Module, cfg: RunConfig, device: torch.device) -> str
     """The CUDA fast path where ``train.kernels=auto`` and it applies (peftctl/kernels); a one-line note."""
     if cfg.train.kernels == "off":
         return "off (train.kernels=off)"
-    return apply_fast_path(model, device, cfg.adapter.method)
+    return apply_fast_path(model, device, cfg.adapter)
 
 
 def default_run_dir(cfg: RunConfig) -> Path:

@@ -67,7 +67,7 @@ def test_model_flops_per_token_matches_pytorch_flop_counter() -> None:
 
 def test_kernels_auto_is_the_exact_eager_path_on_cpu(tmp_path: Path) -> None:
     model = get_adapted_model(tiny_llama(), LoraConfig(r=4))
-    assert apply_fast_path(model, torch.device("cpu"), "lora").startswith("off")
+    assert apply_fast_path(model, torch.device("cpu"), LoraConfig(r=4)).startswith("off")
     assert decoder_layers(model) and all(layer._compiled_call_impl is None for layer in decoder_layers(model))
     schedule = ["train.max_steps=3", "train.batch_size=4", "train.save_every=0", "train.eval_every=0", "dataset.max_samples=24"]
     runs = {k: train([*schedule, f"train.kernels={k}", f"output_dir={tmp_path / k}"], quiet=True) for k in ("auto", "off")}
