@@ -73,7 +73,7 @@ def run(stack: str, config, checkpointing: bool, seq: int, warmup: int, steps: i
               "tokens_per_s": seq / statistics.median(times), "peak_gib": (torch.cuda.max_memory_allocated() - before) / GiB,
               "first_loss": losses[0], "last_loss": losses[-1], "wall_s": time.perf_counter() - started,
               "compiled_graphs_so_far": int(__import__("torch._dynamo.utils", fromlist=["counters"]).counters["stats"]["unique_graphs"])}
-    del adapted, optimizer, model, params
+    adapted = optimizer = model = params = None  # free the GPU memory before the next run
     gc.collect()
     torch.cuda.empty_cache()
     return result

@@ -6,9 +6,8 @@ Both stacks get the same base (rebuilt from the same seed), the same batch (1 x 
 LoRA r=16 / alpha=32 / dropout 0.05 on all linear layers, gradient checkpointing (non-reentrant),
 bf16 autocast, paged AdamW 8-bit, grad-norm clipping 1.0. Each run: WARMUP steps, then STEPS timed
 steps (cuda synchronize around each); median step time -> tokens/s; peak = max_memory_allocated
-over the training steps (weights included) minus what was allocated before the model was built. Runs alternate (ours, peft, ours, peft, ...) so drift
-hits both,
-and the order flips every round.
+over the training steps (weights included) minus what was allocated before the model was built.
+Runs alternate (ours, peft, ours, peft, ...) so drift hits both, and the order flips every round.
 
   python benchmarks/qlora_llama8b.py --layers 32 --seq 2048 --steps 10 --warmup 3 --rounds 2
 """
@@ -22,9 +21,13 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -76,7 +76,8 @@ def check_supported(model: Any) -> None:
 
 def check_source(path: str | Path) -> None:
     """Refuse an unsupported base model from its config, before loading and merging the weights."""
-    from transformers import AutoConfig  # lazy: transformers loads on first use, after the CLI has set its environment (cli._quiet_libraries)
+    # lazy: transformers loads on first use, after the CLI has set its environment
+    from transformers import AutoConfig
 
     cfg = open_source(path).config.model
     model_type = AutoConfig.from_pretrained(resolve_model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code).model_type

@@ -30,7 +30,8 @@ def cache_root() -> Path:
 
 def builtin_model_dir(name: str, arch: dict[str, Any], seed: int = 0) -> Path:
     """Materialise a built-in model on disk (once) and return its directory."""
-    import transformers  # lazy: transformers loads on first use, after the CLI has set its environment (cli._quiet_libraries)
+    # lazy: transformers loads on first use, after the CLI has set its environment
+    import transformers
     from transformers import AutoConfig
 
     arch = dict(arch)

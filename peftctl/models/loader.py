@@ -34,7 +34,8 @@ def resolve_model_path(model_cfg: Any) -> str:
 
 
 def load_tokenizer(model_cfg: Any, path: str | None = None) -> Any:
-    from transformers import AutoTokenizer  # lazy: transformers loads on first use, after the CLI has set its environment (cli._quiet_libraries)
+    # lazy: transformers loads on first use, after the CLI has set its environment
+    from transformers import AutoTokenizer
 
     path = path or resolve_model_path(model_cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)

@@ -13,7 +13,8 @@ def bnb_config(quant_cfg: Any) -> Any:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ConfigError(f"quant={quant_cfg.method} needs bitsandbytes: pip install 'peftctl[quant]'") from None
-    from transformers import BitsAndBytesConfig  # lazy: transformers loads on first use, after the CLI has set its environment (cli._quiet_libraries)
+    # lazy: transformers loads on first use, after the CLI has set its environment
+    from transformers import BitsAndBytesConfig
 
     compute_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[quant_cfg.compute_dtype]
     if quant_cfg.method == "int8":

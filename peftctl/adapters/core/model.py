@@ -235,7 +235,8 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
 
     def print_trainable_parameters(self) -> str:
         trainable, total = self.get_nb_trainable_parameters()
-        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+        percent = 100 * trainable / max(total, 1)
+        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
         print(line)
         return line
 

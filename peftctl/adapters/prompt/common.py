@@ -187,7 +187,8 @@ class PromptMethod(AdapterMethod):
 
     def prefix_cache(self, model: "AdaptedModel", adapter_name: str, batch_size: int) -> Any:
         """A transformers Cache pre-filled with this adapter's per-layer key/value prefixes."""
-        from transformers import DynamicCache, EncoderDecoderCache  # lazy: transformers loads on first use, after the CLI has set its environment (cli._quiet_libraries)
+        # lazy: transformers loads on first use, after the CLI has set its environment
+        from transformers import DynamicCache, EncoderDecoderCache
 
         config = model.peft_config[adapter_name]
         n, heads = config.num_virtual_tokens, config.num_attention_heads

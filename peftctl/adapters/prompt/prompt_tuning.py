@@ -48,7 +48,8 @@ class PromptEmbedding(nn.Module):
 
 def init_token_ids(config: PromptTuningConfig) -> list[int]:
     """The text's token ids, repeated and cut to the number of virtual tokens."""
-    from transformers import AutoTokenizer  # lazy: transformers loads on first use, after the CLI has set its environment (cli._quiet_libraries)
+    # lazy: transformers loads on first use, after the CLI has set its environment
+    from transformers import AutoTokenizer
 
     if not config.tokenizer_name_or_path:
         raise ConfigError("adapter.tokenizer_name_or_path is required when adapter.prompt_tuning_init=TEXT")
