@@ -94,7 +94,7 @@ class AdapterMethod:
         initial adapter so that the final one is saved against the untouched base (``save_converted``)."""
         return False
 
-    def save_base(self, model: AdaptedModel, config: AdapterConfig, setup: RunSetup, run_dir: Path) -> Path | None:
+    def save_base(self, model: AdaptedModel, config: AdapterConfig, quant: Any, run_dir: Path) -> Path | None:
         """For a setup that leaves base weights a fresh load cannot rebuild (LoftQ's deq(Q)): write that
         base as a transformers model directory under ``run_dir``, update ``config`` to what a run on
         that base needs, and return the directory. None (the default): the base is the loaded model."""
