@@ -9,6 +9,7 @@ annotations: they are left out of the cycle check, but they must respect the lay
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 from pathlib import Path
 
@@ -155,3 +156,19 @@ def test_the_runner_names_no_adapter_method():
     names = set(available_methods()) | {"loftq", "eva", "corda", "pissa", "olora", "dora", "prompt_tuning_init", "init_lora_weights"}
     named = sorted(names & words)
     assert not named, f"train/run.py names adapter methods {named}; give the method a hook instead"
+
+
+def test_overridden_hooks_keep_the_contract_signature():
+    """A method's hook takes the parameters AdapterMethod states (hooks with *args are free-form)."""
+    hooks = [n for n, f in vars(AdapterMethod).items() if inspect.isfunction(f) and not n.startswith("_")]
+    mismatched = []
+    for name in available_methods():
+        method_cls = type(get_method(name))
+        for hook in hooks:
+            base = inspect.signature(getattr(AdapterMethod, hook))
+            if any(p.kind is p.VAR_POSITIONAL for p in base.parameters.values()):
+                continue
+            own = inspect.signature(getattr(method_cls, hook))
+            if list(own.parameters) != list(base.parameters):
+                mismatched.append(f"{method_cls.__name__}.{hook}{own} vs {base}")
+    assert not mismatched, mismatched
