@@ -64,7 +64,7 @@ class DoraNormCache:
 def dora_output(layer: "LoraLayer", x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
     """The layer output with one DoRA adapter applied to ``result`` (the base output)."""
     magnitude = layer.lora_magnitude_vector[adapter_name]
-    norm = layer._dora_cache.norm(layer, adapter_name).reshape(magnitude.shape)
+    norm = layer.dora_norm_cache.norm(layer, adapter_name).reshape(magnitude.shape)
     # m/‖·‖ − 1 is formed in fp32 and only then cast: m/‖·‖ itself is ≈ 1, where bf16's spacing
     # (2^-7) would round away the magnitude's updates (and with them DoRA's effect in bf16 training)
     scale_minus_one = (magnitude.float() / norm.float() - 1).to(x.dtype)
@@ -87,7 +87,7 @@ def dora_embedding_output(layer: "LoraLayer", x: torch.Tensor, result: torch.Ten
     y = m/‖E + ΔE‖ · (result + s·B(A(x))) with the norm per embedding dimension. ``result`` is the
     running output, so earlier active adapters are rescaled too (as PEFT, and as merging them)."""
     magnitude = layer.lora_magnitude_vector[adapter_name]
-    norm = layer._dora_cache.norm(layer, adapter_name)
+    norm = layer.dora_norm_cache.norm(layer, adapter_name)
     mag_scale = magnitude / norm.to(magnitude.dtype)
     lora = layer.lora_path(x, adapter_name) * layer.scaling[adapter_name]
     return (mag_scale * (result.to(mag_scale.dtype) + lora.to(mag_scale.dtype))).to(result.dtype)
@@ -102,7 +102,7 @@ def _unmerged_base(layer: "LoraLayer", weight: torch.Tensor) -> torch.Tensor:
     """The base weight before the adapters already merged into ``weight`` (in (out, in) layout)."""
     for name in reversed(layer.merged_adapters):
         if name in layer.lora_magnitude_vector:
-            weight = weight.float() / _factor(layer, name, layer._dora_merge_norm[name], weight.dim()) - layer.lora_delta(name).detach()
+            weight = weight.float() / _factor(layer, name, layer.dora_merge_norm[name], weight.dim()) - layer.lora_delta(name).detach()
         else:
             weight = weight.float() - layer.lora_delta(name).detach()
     return weight
@@ -115,14 +115,14 @@ def merged_weight(layer: "LoraLayer", weight: torch.Tensor, adapter_name: str) -
     output of the adapters applied before (PEFT's forward for several active adapters)."""
     delta = layer.lora_delta(adapter_name).detach()
     norm = weight_norm(_unmerged_base(layer, weight), delta)
-    layer._dora_merge_norm[adapter_name] = norm
+    layer.dora_merge_norm[adapter_name] = norm
     return _factor(layer, adapter_name, norm, weight.dim()) * (weight.float() + delta)
 
 
 def unmerged_weight(layer: "LoraLayer", weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
     """Inverse of merged_weight: W = W' · ‖W+ΔW‖/m − ΔW, with the norm kept at merge time."""
     delta = layer.lora_delta(adapter_name).detach()
-    norm = layer._dora_merge_norm[adapter_name]
+    norm = layer.dora_merge_norm[adapter_name]
     return weight.float() / _factor(layer, adapter_name, norm, weight.dim()) - delta
 
 

@@ -43,8 +43,8 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.lora_variant: dict[str, LoraVariant] = {}  # adapters with a variant (DoRA); plain LoRA: none
         self.fan_in_fan_out = False
-        self._dora_cache = dora.DoraNormCache()
-        self._dora_merge_norm: dict[str, torch.Tensor] = {}
+        self.dora_norm_cache = dora.DoraNormCache()
+        self.dora_merge_norm: dict[str, torch.Tensor] = {}
 
     # -- to implement per layer type
     def _create_ab(self, adapter_name: str, r: int) -> None:  # pragma: no cover - abstract
