@@ -7,7 +7,7 @@ from typing import Any
 
 from peftctl.errors import ConfigError
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from peftctl.config.compose import compose_config
+from peftctl.config.compose import compose_config, quote_value_if_needed, unparsable_override_hint
 from peftctl.train.run import default_run_dir, train
 from peftctl.train.run import trainer_records
 from rich.console import Console
@@ -17,10 +17,11 @@ from rich.table import Table
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Cartesian product of the sweep overrides, each as a plain override list."""
     parser = OverridesParser.create()
+    quoted = [quote_value_if_needed(o) for o in overrides]
     try:
-        parsed = parser.parse_overrides(overrides)
+        parsed = parser.parse_overrides(quoted)
     except Exception as exc:
-        raise ConfigError(f"bad sweep override: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(unparsable_override_hint(str(exc), quoted) or f"bad sweep override: {str(exc).splitlines()[0]}") from None
     choices: list[list[str]] = []
     for override in parsed:
         key = override.get_key_element()

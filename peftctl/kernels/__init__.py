@@ -63,7 +63,7 @@ def allow_one_graph_per_layer(n_layers: int) -> None:
     The layers share one code object, and guards specialise on per-layer constants (the attention's
     ``layer_idx``), so each layer may need its own graph, times a few variants (training / no-grad
     eval, a second sequence length). Past the limit dynamo silently runs the layer eager."""
-    import torch._dynamo.config as dynamo_config
+    import torch._dynamo.config as dynamo_config  # lazy: only when the fast path compiles
 
     needed = 4 * n_layers + 8
     for name in ("recompile_limit", "cache_size_limit"):

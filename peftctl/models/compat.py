@@ -22,6 +22,7 @@ def _forward_parameters(model_class: type) -> frozenset[str]:
 @lru_cache(maxsize=None)
 def release_cache_name() -> str:
     """The installed transformers release's name for the cache (its model outputs carry that field)."""
+    # lazy: transformers loads on first use, after the CLI has set its environment
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("peftctl.adapters",),  # the methods (lora/, prompt/, one file each for the rest)
     ("peftctl.config",),  # the run config checks `adapter.*` with the chosen method's config class
     ("peftctl.runs", "peftctl.train"),
-    ("peftctl.eval", "peftctl.export"),
+    ("peftctl.eval", "peftctl.export", "peftctl.data.inspect"),  # data.inspect: the `peftctl data` command
     ("peftctl.sweep", "peftctl.cli", "peftctl.__main__", "peftctl"),
 ]
 
