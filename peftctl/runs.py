@@ -1,19 +1,19 @@
 """Open what a run or adapter directory holds: its config, base model, tokenizer and adapter."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+from omegaconf import OmegaConf
+
+from peftctl.adapters.core.model import AdaptedModel, load_adapter_config
+from peftctl.config.compose import compose_dict
 from peftctl.config.schema import RunConfig, build_run_config
 from peftctl.errors import ConfigError
-from omegaconf import OmegaConf
-import yaml
-from peftctl.adapters.core.model import load_adapter_config
-from peftctl.config.compose import compose_dict
-from peftctl.adapters.core.model import AdaptedModel
 from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
-import yaml
 
 
 @dataclass
@@ -52,19 +52,29 @@ def open_source(path: str | Path, overrides: list[str] | None = None, trust_remo
         adapter_dir = path
         adapter_cfg = load_adapter_config(path)
         values = compose_dict([o for o in overrides if o.startswith("recipe=")])
-        values["adapter"] = {"method": adapter_cfg.method, **{k: v for k, v in adapter_cfg.to_dict().items() if k != "peft_type"}}
+        values["adapter"] = {
+            "method": adapter_cfg.method,
+            **{k: v for k, v in adapter_cfg.to_dict().items() if k != "peft_type"},
+        }
         if adapter_cfg.base_model_name_or_path:
             values["model"]["name_or_path"] = adapter_cfg.base_model_name_or_path
         overrides = [o for o in overrides if not o.startswith("recipe=")]
     elif (path / "config.yaml").is_file():
-        raise ConfigError(f"{path} is a run directory without a finished adapter (adapter/ is missing); resume the run or pick a checkpoint's adapter/ folder")
+        raise ConfigError(
+            f"{path} is a run directory without a finished adapter (adapter/ is missing); resume the run or pick a "
+            "checkpoint's adapter/ folder"
+        )
     else:
-        raise ConfigError(f"{path} is neither a run directory (config.yaml + adapter/) nor an adapter directory (adapter_config.json)")
+        raise ConfigError(
+            f"{path} is neither a run directory (config.yaml + adapter/) nor an adapter directory (adapter_config.json)"
+        )
     if adapter_dir != path:
         _check_saved_config(values, path / "config.yaml", trust_remote_code)
     config = build_run_config(_apply_dotlist(values, overrides))
     if config.model.trust_remote_code and not trust_remote_code:
-        raise ConfigError("model.trust_remote_code=true is not an override of eval / merge / export; pass --trust-remote-code")
+        raise ConfigError(
+            "model.trust_remote_code=true is not an override of eval / merge / export; pass --trust-remote-code"
+        )
     config.model.trust_remote_code = trust_remote_code  # the command line decides, never a file
     return Source(adapter_dir=adapter_dir, config=config)
 

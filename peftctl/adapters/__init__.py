@@ -1,4 +1,5 @@
 """The adapter-injection core. No `import peft` anywhere under peftctl/."""
+
 from peftctl.adapters.core.base import AdapterLayer
 from peftctl.adapters.core.config import AdapterConfig
 from peftctl.adapters.core.model import AdaptedModel, get_adapted_model, load_adapter_config

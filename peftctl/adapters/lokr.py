@@ -10,6 +10,7 @@ root, or ``decompose_factor``). W2 is low-rank unless r ≥ max(b, d)/2; W1 is l
 A full 3-D W2 of a Conv1d is combined as PEFT 0.21 does: torch.kron(W1, W2) of the 2-D W1 and
 3-D W2, reshaped to (out, in, k). Tensor names are PEFT's (``lokr_w1`` ...).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,18 @@ class LoKrConfig(LycorisCommon):
 
     def validate(self) -> None:
         super().validate()
-        self._check(self.init_weights in (True, False, "lycoris"), "init_weights", self.init_weights, "expected true, false or 'lycoris'")
-        self._check(self.decompose_factor == -1 or self.decompose_factor > 0, "decompose_factor", self.decompose_factor, "expected -1 or an integer > 0")
+        self._check(
+            self.init_weights in (True, False, "lycoris"),
+            "init_weights",
+            self.init_weights,
+            "expected true, false or 'lycoris'",
+        )
+        self._check(
+            self.decompose_factor == -1 or self.decompose_factor > 0,
+            "decompose_factor",
+            self.decompose_factor,
+            "expected -1 or an integer > 0",
+        )
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

@@ -15,6 +15,7 @@ peft 0.21.2's *unmerged* Conv2d forward instead folds rotated unfold patches bac
 which sums overlaps: for kernels > 1×1 it is not the identity at init and differs from its own
 merged model. peftctl computes what PEFT merges; the two agree exactly on 1×1 kernels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from torch import nn
 
 from peftctl.adapters.core.base import AdapterLayer
 from peftctl.adapters.core.config import AdapterConfig
-from peftctl.adapters.core.method import AdapterMethod
 from peftctl.adapters.core.layer_utils import is_gpt2_conv1d, linear_in_out
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.errors import ConfigError
 
 
@@ -212,7 +213,10 @@ class OFTConv2d(OFTLayer):
     def __init__(self, base_layer: nn.Conv2d, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
         if base_layer.groups != 1:
-            raise ConfigError(f"OFT on grouped convolutions is not supported ({module_name}: groups={base_layer.groups}); exclude it with adapter.exclude_modules")
+            raise ConfigError(
+                f"OFT on grouped convolutions is not supported ({module_name}: groups={base_layer.groups}); exclude it "
+                "with adapter.exclude_modules"
+            )
         kh, kw = base_layer.kernel_size
         self.in_features = base_layer.in_channels * kh * kw
 

@@ -12,6 +12,7 @@ Saved as peft_type "XLORA": the classifier's tensors (``base_model.internal_xlor
 and the config with the experts' directories. ``latest_scalings(model)`` returns the last
 (batch, seq, n_layers, n_experts) scalings for inspection.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,9 +22,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from peftctl.adapters.core import persistence
 from peftctl.adapters.core.config import AdapterConfig
 from peftctl.adapters.core.method import AdapterMethod
-from peftctl.adapters.core import persistence
 from peftctl.adapters.core.model import load_adapter_config
 from peftctl.adapters.lora import METHOD as LORA
 from peftctl.adapters.lora import LoraLinear
@@ -57,13 +58,25 @@ class XLoraConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(bool(self.adapters), "adapters", self.adapters, "expected a mapping expert name -> LoRA adapter directory")
+        self._check(
+            bool(self.adapters), "adapters", self.adapters, "expected a mapping expert name -> LoRA adapter directory"
+        )
         self._check(self.xlora_depth >= 1, "xlora_depth", self.xlora_depth, "expected an integer >= 1")
-        self._check(self.softmax_temperature > 0, "softmax_temperature", self.softmax_temperature, "expected a number > 0")
-        self._check(self.top_k_lora is None or 1 <= self.top_k_lora <= len(self.adapters), "top_k_lora", self.top_k_lora,
-                    f"expected null or 1..{len(self.adapters)} (the number of experts)")
-        self._check(not self.use_trainable_adapters, "use_trainable_adapters", self.use_trainable_adapters,
-                    "trainable experts are not supported; only the classifier trains")
+        self._check(
+            self.softmax_temperature > 0, "softmax_temperature", self.softmax_temperature, "expected a number > 0"
+        )
+        self._check(
+            self.top_k_lora is None or 1 <= self.top_k_lora <= len(self.adapters),
+            "top_k_lora",
+            self.top_k_lora,
+            f"expected null or 1..{len(self.adapters)} (the number of experts)",
+        )
+        self._check(
+            not self.use_trainable_adapters,
+            "use_trainable_adapters",
+            self.use_trainable_adapters,
+            "trainable experts are not supported; only the classifier trains",
+        )
 
 
 class XLoraClassifier(nn.Module):
@@ -110,7 +123,9 @@ def layer_scalings(scalings: torch.Tensor, index: int, config: XLoraConfig) -> t
 def _load_expert(model: "AdaptedModel", name: str, directory: str) -> None:
     config = load_adapter_config(directory)
     if config.method != "lora":
-        raise ConfigError(f"adapter.adapters[{name!r}]={directory} is a {config.method} adapter; X-LoRA experts must be LoRA")
+        raise ConfigError(
+            f"adapter.adapters[{name!r}]={directory} is a {config.method} adapter; X-LoRA experts must be LoRA"
+        )
     LORA.inject(model, name, config)
     tensors = persistence.read_adapter_weights(directory)
     with torch.no_grad():
@@ -144,8 +159,11 @@ class XLoraMethod(AdapterMethod):
         experts = list(config.adapters)
         for name in experts:
             _load_expert(model, name, config.adapters[name])
-        layers = [layer for _, layer in model.adapter_layers() if isinstance(layer, LoraLinear)
-                  and any(e in layer.lora_A for e in experts)]
+        layers = [
+            layer
+            for _, layer in model.adapter_layers()
+            if isinstance(layer, LoraLinear) and any(e in layer.lora_A for e in experts)
+        ]
         hidden = config.hidden_size or getattr(model.config, "hidden_size", None)
         if hidden is None:
             raise ConfigError("adapter.hidden_size is required: the model config has no hidden_size")
@@ -166,14 +184,18 @@ class XLoraMethod(AdapterMethod):
             if classifier.scalings is None:
                 if config.scaling_pass_value == 0:
                     return output
-                weights = torch.full((*x.shape[:-1], len(experts)), config.scaling_pass_value, device=x.device, dtype=output.dtype)
+                weights = torch.full(
+                    (*x.shape[:-1], len(experts)), config.scaling_pass_value, device=x.device, dtype=output.dtype
+                )
             else:
                 weights = layer_scalings(classifier.scalings, index, config)
             zeros = torch.zeros_like(output)
             for e, name in enumerate(experts):
                 if name in layer.lora_A:
                     contribution = layer.adapter_output(x, zeros, name)
-                    output = output + contribution * weights[..., e:e + 1].to(output.dtype) * config.global_scaling_weight
+                    output = (
+                        output + contribution * weights[..., e : e + 1].to(output.dtype) * config.global_scaling_weight
+                    )
             return output
 
         return add_experts
@@ -217,7 +239,10 @@ class XLoraMethod(AdapterMethod):
         return list(_classifier(model).parameters())
 
     def extra_adapter_keys(self, model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
-        return {f"base_model.{CLASSIFIER}.{n}": f"base_model.{CLASSIFIER}.{n}" for n, _ in _classifier(model).named_parameters()}
+        return {
+            f"base_model.{CLASSIFIER}.{n}": f"base_model.{CLASSIFIER}.{n}"
+            for n, _ in _classifier(model).named_parameters()
+        }
 
     def on_unload(self, model: "AdaptedModel") -> None:
         if hasattr(model.base_model, CLASSIFIER):

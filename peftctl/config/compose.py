@@ -1,20 +1,21 @@
 """Find recipes and config groups, and compose a recipe with Hydra overrides into a RunConfig."""
+
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any
 
-from peftctl.config.schema import RunConfig, build_run_config
-from peftctl.errors import ConfigError
-import difflib
-from peftctl.adapters.core.registry import get_method
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
-import yaml
-from peftctl.adapters.core.registry import available_methods, get_method
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from peftctl.adapters.core.registry import available_methods, get_method
+from peftctl.config.schema import RunConfig, build_run_config
+from peftctl.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = "tiny_lora"
@@ -97,7 +98,10 @@ def _first_unparsable(overrides: list[str]) -> str:
 
 def unparsable_override_hint(text: str, overrides: list[str]) -> str | None:
     """For Hydra's lexer / parser errors: the override it could not read and how to quote it."""
-    match = re.search(r"(?:LexerNoViableAltException|mismatched input|token recognition error|extraneous input|no viable alternative)[^\n]*", text)
+    match = re.search(
+        r"(?:LexerNoViableAltException|mismatched input|token recognition error|extraneous input|no viable alternative)[^\n]*",
+        text,
+    )
     if not match:
         return None
     override = _first_unparsable(overrides)
@@ -106,8 +110,10 @@ def unparsable_override_hint(text: str, overrides: list[str]) -> str | None:
     shown = f" {override!r}" if override else ""
     if value[:1] in ("[", "{"):
         return f"cannot parse the override{shown}: a list is written {key}=[a,b], a mapping {key}={{a: 1}}; quote any item with special characters"
-    return (f"cannot parse the override{shown}: quote a value with special characters, e.g. {key}='my dir/(1)' "
-            f"(in the shell: \"{key}='my dir/(1)'\")")
+    return (
+        f"cannot parse the override{shown}: quote a value with special characters, e.g. {key}='my dir/(1)' "
+        f"(in the shell: \"{key}='my dir/(1)'\")"
+    )
 
 
 def _explain_hydra_error(exc: Exception, recipe: str, overrides: list[str]) -> str:
@@ -120,7 +126,9 @@ def _explain_hydra_error(exc: Exception, recipe: str, overrides: list[str]) -> s
         key = match.group(1)
         hint = _suggest_key(key, recipe) or f" (`peftctl show recipe={recipe}` lists every key)"
         return f"{key} is not a known config key{hint}"
-    match = re.search(r"Could not find '([^/']+)/([^']+)'.*?Available options in '[^']+':\s*(.*?)(?:\n\S|\Z)", text, flags=re.DOTALL)
+    match = re.search(
+        r"Could not find '([^/']+)/([^']+)'.*?Available options in '[^']+':\s*(.*?)(?:\n\S|\Z)", text, flags=re.DOTALL
+    )
     if match:
         group, choice, options = match.group(1), match.group(2), ", ".join(match.group(3).split())
         return f"{group}={choice} is not a known {group} config; valid: {options}"

@@ -6,17 +6,43 @@ rather than memorise sentences. The same reviews also come as a classification t
 (``sentiment_cls``: text + label 0/1) and a seq2seq task (``sentiment_s2s``: source + target), and
 ``ner`` is a tiny named-entity task (tokens + BIO tags of PER / LOC / ORG). Regenerate with `python -m peftctl.data.builtin`.
 """
+
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+
 from peftctl.errors import ConfigError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 INSTRUCTION = "Is this review positive or negative?"
-PRODUCTS = ["phone", "laptop", "blender", "jacket", "headset", "kettle", "lamp", "backpack", "camera", "chair", "watch", "printer"]
-POSITIVE = ["great", "excellent", "wonderful", "reliable", "sturdy", "fantastic", "comfortable", "fast", "lovely", "superb"]
+PRODUCTS = [
+    "phone",
+    "laptop",
+    "blender",
+    "jacket",
+    "headset",
+    "kettle",
+    "lamp",
+    "backpack",
+    "camera",
+    "chair",
+    "watch",
+    "printer",
+]
+POSITIVE = [
+    "great",
+    "excellent",
+    "wonderful",
+    "reliable",
+    "sturdy",
+    "fantastic",
+    "comfortable",
+    "fast",
+    "lovely",
+    "superb",
+]
 NEGATIVE = ["terrible", "awful", "flimsy", "slow", "broken", "disappointing", "noisy", "cheap", "useless", "faulty"]
 POSITIVE_ENDINGS = ["I love it.", "Would buy again.", "Highly recommended.", "Worth every penny.", "Very happy."]
 NEGATIVE_ENDINGS = ["I regret it.", "Sent it back.", "Do not buy.", "A waste of money.", "Very annoyed."]
@@ -40,7 +66,9 @@ def generate(n_train: int = 2000, n_test: int = 200, seed: int = 1234) -> dict[s
             if review in seen:
                 continue  # the test split holds only reviews never seen in training
             seen.add(review)
-            splits[split].append({"instruction": INSTRUCTION, "input": review, "output": "positive" if positive else "negative"})
+            splits[split].append(
+                {"instruction": INSTRUCTION, "input": review, "output": "positive" if positive else "negative"}
+            )
     return splits
 
 
@@ -90,7 +118,9 @@ def builtin_files(name: str) -> dict[str, str]:
     files = {split: BUILTIN_DIR / f"{name}_{split}.jsonl" for split in ("train", "test")}
     if not all(path.is_file() for path in files.values()):
         known = sorted({p.stem.rsplit("_", 1)[0] for p in BUILTIN_DIR.glob("*.jsonl")})
-        raise ConfigError(f"dataset.path=builtin:{name} is not a built-in dataset; valid: {', '.join('builtin:' + k for k in known)}")
+        raise ConfigError(
+            f"dataset.path=builtin:{name} is not a built-in dataset; valid: {', '.join('builtin:' + k for k in known)}"
+        )
     return {split: str(path) for split, path in files.items()}
 
 

@@ -1,28 +1,42 @@
 """`peftctl data`: the composed dataset as a run would see it — counts, and examples with their
 trained tokens highlighted (or as JSON lines), so masks can be checked before training."""
+
 from __future__ import annotations
 
 import json
 import sys
 from typing import Any
 
-from peftctl.data.tokenize import IGNORE_INDEX
-from rich.text import Text
-from rich.table import Table
-from peftctl.config.compose import compose_config
-from peftctl.data.pipeline import prepare_data
-from peftctl.models.loader import load_tokenizer
 from rich.console import Console
 from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
 
-STAT_LABELS = {"examples": "examples", "tokens": "tokens", "trained_tokens": "trained tokens", "dropped": "dropped (nothing to train)",
-               "truncated": "truncated at max_seq_len", "rows": "packed rows", "packing_efficiency": "packing efficiency (real tokens / row slots)"}
+from peftctl.config.compose import compose_config
+from peftctl.data.pipeline import prepare_data
+from peftctl.data.tokenize import IGNORE_INDEX
+from peftctl.models.loader import load_tokenizer
+
+STAT_LABELS = {
+    "examples": "examples",
+    "tokens": "tokens",
+    "trained_tokens": "trained tokens",
+    "dropped": "dropped (nothing to train)",
+    "truncated": "truncated at max_seq_len",
+    "rows": "packed rows",
+    "packing_efficiency": "packing efficiency (real tokens / row slots)",
+}
 
 
 def item_record(item: Any, index: int) -> dict[str, Any]:
     """One example or packed row as JSON: input_ids, labels (-100 where masked), position_ids."""
     positions = getattr(item, "position_ids", None) or list(range(len(item.input_ids)))
-    record: dict[str, Any] = {"index": index, "input_ids": list(item.input_ids), "labels": list(item.labels), "position_ids": list(positions)}
+    record: dict[str, Any] = {
+        "index": index,
+        "input_ids": list(item.input_ids),
+        "labels": list(item.labels),
+        "position_ids": list(positions),
+    }
     if getattr(item, "lengths", None):
         record["lengths"] = list(item.lengths)
     return record
@@ -63,7 +77,13 @@ def _stats_table(stats: dict[str, dict[str, Any]]) -> Any:
     for key, label in STAT_LABELS.items():
         if any(key in stats[name] for name in splits):
             cells = [stats[name].get(key, "") for name in splits]
-            table.add_row(label, *[f"{c:.1%}" if key == "packing_efficiency" else f"{c:,}" if isinstance(c, int) else str(c) for c in cells])
+            table.add_row(
+                label,
+                *[
+                    f"{c:.1%}" if key == "packing_efficiency" else f"{c:,}" if isinstance(c, int) else str(c)
+                    for c in cells
+                ],
+            )
     return table
 
 

@@ -11,6 +11,7 @@ Labels: each example's first label is -100, so no token is trained to predict th
 The padding that ends a batch's shorter rows gets positions restarting at 0 as well (a separate
 "sequence" that nothing real attends to) and labels -100.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -81,13 +82,27 @@ def pack_examples(examples: list[Example], max_seq_len: int, split: bool = False
     in two continues its positions in the next row)."""
     if not split:
         bins = first_fit_decreasing([len(e.input_ids) for e in examples], max_seq_len)
-        return [_row([(list(examples[i].input_ids), _first_label_masked(examples[i]), list(range(len(examples[i].input_ids)))) for i in b]) for b in bins]
+        return [
+            _row(
+                [
+                    (
+                        list(examples[i].input_ids),
+                        _first_label_masked(examples[i]),
+                        list(range(len(examples[i].input_ids))),
+                    )
+                    for i in b
+                ]
+            )
+            for b in bins
+        ]
     rows, pieces, used = [], [], 0
     for example in examples:
         ids, labels, offset = list(example.input_ids), _first_label_masked(example), 0
         while offset < len(ids):
             take = min(max_seq_len - used, len(ids) - offset)
-            pieces.append((ids[offset : offset + take], labels[offset : offset + take], list(range(offset, offset + take))))
+            pieces.append(
+                (ids[offset : offset + take], labels[offset : offset + take], list(range(offset, offset + take)))
+            )
             used, offset = used + take, offset + take
             if used == max_seq_len:
                 rows.append(_row(pieces))
@@ -129,5 +144,8 @@ def check_packed_attention(model: Any, device: Any, vocab_size: int) -> None:
     packed_second = packed[0, -7:]
     error = float((packed_second - alone[0, -7:]).abs().max()) / max(float(alone.abs().max()), 1e-6)
     if not error < 1e-2:
-        raise ConfigError(f"dataset.packing=true: this model's attention does not keep packed examples apart (relative logit error {error:.2g}); "
-                          "set dataset.packing=false")
+        raise ConfigError(
+            "dataset.packing=true: this model's attention does not keep packed examples apart (relative logit error "
+            f"{error:.2g}); "
+            "set dataset.packing=false"
+        )

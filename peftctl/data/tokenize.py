@@ -1,4 +1,5 @@
 """Tokenize (prompt, response) pairs with the prompt masked out of the loss, and collate batches."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ def encode_pair(prompt: str, response: str, tokenizer: Any, max_seq_len: int, tr
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = (bos + prompt_ids + response_ids)[:max_seq_len]
-    labels = [IGNORE_INDEX] * len(bos) + (prompt_ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
+    labels = (
+        [IGNORE_INDEX] * len(bos) + (prompt_ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
+    )
     return Example(input_ids, labels[:max_seq_len], prompt, response, truncated=len(labels) > max_seq_len)
 
 

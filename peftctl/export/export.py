@@ -1,4 +1,5 @@
 """`peftctl export`: the adapter in PEFT format, the merged model, or the merged model as GGUF."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,8 +15,15 @@ from peftctl.utils import atomic_directory, check_output_path
 FORMATS = ("peft", "merged", "gguf")
 
 
-def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, outtype: str | None = None, overwrite: bool = False,
-           trust_remote_code: bool = False) -> Path:
+def export(
+    path: str | Path,
+    format: str,
+    out: str | Path,
+    quiet: bool = False,
+    outtype: str | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
     """Write PATH's adapter (peft), merged model (merged) or GGUF file (gguf) to OUT; an existing
     non-empty OUT (or .gguf file) is replaced only with ``overwrite``, the source never."""
     if format not in FORMATS:
@@ -24,7 +32,9 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
         raise ConfigError("--outtype applies to --format gguf only")
     check_output_path(out, "--out", directory=format != "gguf")  # gguf: OUT may name the file
     if format == "gguf":
-        return export_gguf(path, out, outtype or "auto", quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
+        return export_gguf(
+            path, out, outtype or "auto", quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code
+        )
     if format == "merged":
         return merge(path, out, quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
     check_output_path(out, "--out")

@@ -12,6 +12,7 @@ It applies only where it was measured (benchmarks/fast_path.py): CUDA, a support
 and LoRA (also QLoRA's LoRA on bitsandbytes layers). Other methods run eager; so does DoRA, whose
 compiled layers gave another first-step loss than its eager ones on the GPU (to be found and fixed).
 """
+
 from __future__ import annotations
 
 from typing import Any

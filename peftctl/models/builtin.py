@@ -5,11 +5,13 @@ builds a seeded random model and the byte-level tokenizer, saves both with `save
 cache folder keyed by the architecture's hash, and returns that folder: the caller then loads it with
 `from_pretrained` exactly as it would a downloaded model.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,6 @@ import torch
 
 from peftctl.models.tokenizer import BYTE_VOCAB_SIZE, SPECIAL_TOKENS, build_byte_tokenizer
 from peftctl.utils import atomic_directory
-import time
 
 BUILTIN_PREFIX = "builtin:"
 # model_type -> the class saved for it (others: a causal LM). An encoder-only BERT is saved without a
@@ -46,7 +47,9 @@ def builtin_model_dir(name: str, arch: dict[str, Any], seed: int = 0) -> Path:
 
     arch = dict(arch)
     model_type = arch.pop("model_type", "llama")
-    key = hashlib.sha256(json.dumps({"type": model_type, "arch": arch, "seed": seed}, sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps({"type": model_type, "arch": arch, "seed": seed}, sort_keys=True).encode()
+    ).hexdigest()[:12]
     target = cache_root() / "builtin" / f"{name}-{key}"
     if (target / "config.json").is_file():
         return target

@@ -5,6 +5,7 @@ its outputs) from ``past_key_values`` to ``cache``; the old name is still accept
 warning and is to be removed in a later release. Code that hands a cache to a model or reads one back
 goes through these helpers, so it works on both sides of the rename.
 """
+
 from __future__ import annotations
 
 import inspect

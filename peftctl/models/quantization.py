@@ -1,10 +1,12 @@
 """bitsandbytes quantization settings for the model loader (quant=none|nf4|fp4|int8)."""
+
 from __future__ import annotations
 
 from typing import Any
 
-from peftctl.errors import ConfigError
 import torch
+
+from peftctl.errors import ConfigError
 
 
 def bnb_config(quant_cfg: Any) -> Any:
@@ -16,7 +18,9 @@ def bnb_config(quant_cfg: Any) -> Any:
     # lazy: transformers loads on first use, after the CLI has set its environment
     from transformers import BitsAndBytesConfig
 
-    compute_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[quant_cfg.compute_dtype]
+    compute_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
+        quant_cfg.compute_dtype
+    ]
     if quant_cfg.method == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -38,22 +42,45 @@ def quantize_linear(linear: Any, method: str = "nf4", compute_dtype: Any = None,
     compute_dtype = compute_dtype or (weight.dtype if weight.dtype != torch.float32 else torch.float32)
     has_bias = linear.bias is not None
     if method == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0, device="meta")
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0, device="meta"
+        )
         params = bnb.nn.Int8Params(weight.to(torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False)
         layer.weight = params._quantize(device) if device.type == "cuda" else params
     elif method in ("nf4", "fp4"):
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                                  compress_statistics=double_quant, quant_type=method, device="meta")
-        params = bnb.nn.Params4bit(weight.to(compute_dtype).contiguous(), requires_grad=False, compress_statistics=double_quant, quant_type=method, module=layer)
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type=method,
+            device="meta",
+        )
+        params = bnb.nn.Params4bit(
+            weight.to(compute_dtype).contiguous(),
+            requires_grad=False,
+            compress_statistics=double_quant,
+            quant_type=method,
+            module=layer,
+        )
         layer.weight = params._quantize(device)
     else:
         raise ConfigError(f"quant.method={method!r} is not valid; expected one of none, nf4, fp4, int8")
     if has_bias:
-        layer.bias = torch.nn.Parameter(linear.bias.data.to(compute_dtype if method != "int8" else linear.bias.dtype), requires_grad=False)
+        layer.bias = torch.nn.Parameter(
+            linear.bias.data.to(compute_dtype if method != "int8" else linear.bias.dtype), requires_grad=False
+        )
     return layer
 
 
-def quantize_linears_(model: Any, method: str = "nf4", compute_dtype: Any = None, double_quant: bool = True, skip: tuple[str, ...] = ("lm_head",)) -> int:
+def quantize_linears_(
+    model: Any,
+    method: str = "nf4",
+    compute_dtype: Any = None,
+    double_quant: bool = True,
+    skip: tuple[str, ...] = ("lm_head",),
+) -> int:
     """Replace the nn.Linear modules of ``model`` (output head excluded, as transformers does) by
     bitsandbytes layers in place, one at a time so peak memory stays one layer above the result.
     Returns how many were quantized."""

@@ -6,18 +6,19 @@ states; the head and the cross-entropy then run over chunks of tokens, each chun
 backward pass (activation checkpointing), so at most one chunk of logits is alive at a time.
 The sum is the same as ``cross_entropy(logits.float(), labels, reduction="sum")``.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from peftctl.models.modules import find_hf_model
 
 from peftctl.data.packing import model_inputs
+from peftctl.models.modules import find_hf_model
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**26  # logits per chunk: 64M fp32 = 256 MiB
@@ -70,5 +71,10 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
             return chunked_lm_loss_sum(hidden, shift_labels.reshape(-1), head, head.out_features), count
     logits = output if head is None else head(output)
     shift_logits = logits[:, :-1, :].float()
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
     return loss, count

@@ -1,4 +1,5 @@
 """The one training loop: accumulate, clip, step, schedule, log, eval, checkpoint, resume."""
+
 from __future__ import annotations
 
 import math
@@ -10,15 +11,15 @@ from typing import Any, Iterator
 
 import torch
 
-from peftctl.data.tokenize import Example, collate
-from peftctl.errors import TrainingError
-from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
-from peftctl.train.checkpoint import kill_point, load_checkpoint, rng_state, save_checkpoint
-from peftctl.train.distributed import SINGLE, DistInfo, broadcast_parameters, gather_objects, sum_gradients, sum_values
-from peftctl.train.metrics_log import MetricsLog, Progress
-from peftctl.train.optim import build_optimizer, build_scheduler
 from peftctl.adapters.core.model import AdaptedModel
 from peftctl.config.schema import RunConfig, TrainConfig
+from peftctl.data.tokenize import Example, collate
+from peftctl.errors import TrainingError
+from peftctl.train.checkpoint import kill_point, load_checkpoint, rng_state, save_checkpoint
+from peftctl.train.distributed import SINGLE, DistInfo, broadcast_parameters, gather_objects, sum_gradients, sum_values
+from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
+from peftctl.train.metrics_log import MetricsLog, Progress
+from peftctl.train.optim import build_optimizer, build_scheduler
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,7 +74,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device, precision: str = "fp32", task_type: str = "causal_lm") -> float:
+def evaluate_loss(
+    model: Any,
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    precision: str = "fp32",
+    task_type: str = "causal_lm",
+) -> float:
     """Token- (classification: example-) weighted mean loss over the labels of ``examples``."""
     was_training = model.training
     model.eval()
@@ -100,8 +109,19 @@ class Trainer:
     dealt round-robin to the ranks and the adapter's gradients summed across them; rank 0 alone
     logs, evaluates and writes checkpoints."""
 
-    def __init__(self, model: AdaptedModel, adapter_name: str, train_data: list[Example], eval_data: list[Example], cfg: RunConfig, run_dir: Path, device: torch.device, pad_id: int,
-                 quiet: bool = False, dist: DistInfo = SINGLE) -> None:
+    def __init__(
+        self,
+        model: AdaptedModel,
+        adapter_name: str,
+        train_data: list[Example],
+        eval_data: list[Example],
+        cfg: RunConfig,
+        run_dir: Path,
+        device: torch.device,
+        pad_id: int,
+        quiet: bool = False,
+        dist: DistInfo = SINGLE,
+    ) -> None:
         self.dist = dist
         self.model, self.adapter_name, self.cfg = model, adapter_name, cfg
         self.train_data, self.eval_data = train_data, eval_data
@@ -122,8 +142,19 @@ class Trainer:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def resume_from(self, checkpoint: Path) -> None:
-        saved = load_checkpoint(checkpoint, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, self.hooks, rank=self.dist.rank)
-        self.state = LoopState(step=saved["step"], epoch=saved["epoch"], position=saved["position"], tokens=saved["tokens"])
+        saved = load_checkpoint(
+            checkpoint,
+            self.model,
+            self.adapter_name,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.hooks,
+            rank=self.dist.rank,
+        )
+        self.state = LoopState(
+            step=saved["step"], epoch=saved["epoch"], position=saved["position"], tokens=saved["tokens"]
+        )
         self.last_checkpoint = checkpoint
         self._rebase_lr(self.cfg.train.lr)
 
@@ -145,7 +176,11 @@ class Trainer:
                 return name
         for param_state in self.optimizer.state.values():
             for key, value in param_state.items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.is_floating_point()
+                    and not bool(torch.isfinite(value).all())
+                ):
                     return f"the optimizer state ({key})"
         return None
 
@@ -153,9 +188,15 @@ class Trainer:
         """TrainingError instead of saving non-finite weights: the named last good checkpoint stays finite."""
         bad = self._first_non_finite()
         if bad is not None:
-            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
-            raise TrainingError(f"{bad} became non-finite by step {self.state.step}; training stopped without saving {what} ({where}). "
-                                "Try a lower train.lr or train.precision=fp32")
+            where = (
+                f"the last good checkpoint is {self.last_checkpoint}"
+                if self.last_checkpoint
+                else "no checkpoint was written yet"
+            )
+            raise TrainingError(
+                f"{bad} became non-finite by step {self.state.step}; training stopped without saving {what} ({where}). "
+                "Try a lower train.lr or train.precision=fp32"
+            )
 
     def _hook(self, name: str, *args: Any) -> Any:
         value = args[0] if name == "on_loss" else None
@@ -182,11 +223,20 @@ class Trainer:
             self.scaler.scale(loss).backward()
             loss_total += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
-        loss_total, tokens, n_bad = sum_values([loss_total, tokens, float(bad_loss is not None)], self.device, self.dist)
+        loss_total, tokens, n_bad = sum_values(
+            [loss_total, tokens, float(bad_loss is not None)], self.device, self.dist
+        )
         if n_bad:
-            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            where = (
+                f"the last good checkpoint is {self.last_checkpoint}"
+                if self.last_checkpoint
+                else "no checkpoint was written yet"
+            )
             value = bad_loss if bad_loss is not None else "non-finite on another rank"
-            raise TrainingError(f"loss became {value} at step {self.state.step + 1}; training stopped ({where}). Try a lower train.lr or train.precision=fp32")
+            raise TrainingError(
+                f"loss became {value} at step {self.state.step + 1}; training stopped ({where}). Try a lower train.lr "
+                "or train.precision=fp32"
+            )
         self.state.tokens += int(tokens)
         params = self._trainable()
         sum_gradients(params, self.dist)
@@ -203,11 +253,27 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         self._require_finite("a checkpoint")  # every rank holds the same weights: every rank stops
-        state = {"step": self.state.step, "epoch": self.state.epoch, "position": self.state.position, "tokens": self.state.tokens, "total_steps": self.total_steps}
+        state = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "position": self.state.position,
+            "tokens": self.state.tokens,
+            "total_steps": self.total_steps,
+        }
         rank_rngs = gather_objects(rng_state(), self.dist)  # every rank's dropout stream, for resume
         if self.dist.is_main:
-            self.last_checkpoint = save_checkpoint(self.run_dir, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, state,
-                                                   self.cfg.train.keep_checkpoints, self.hooks, rank_rngs=rank_rngs)
+            self.last_checkpoint = save_checkpoint(
+                self.run_dir,
+                self.model,
+                self.adapter_name,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                state,
+                self.cfg.train.keep_checkpoints,
+                self.hooks,
+                rank_rngs=rank_rngs,
+            )
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after_step: int | None = None) -> dict[str, Any]:
@@ -231,8 +297,16 @@ class Trainer:
                 step = self.state.step
                 kill_point(f"step:{step}")
                 elapsed = time.perf_counter() - window_start
-                record = {"step": step, "epoch": round(self.state.epoch + self.state.position * train_cfg.batch_size / len(self.train_data), 4),
-                          "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": (self.state.tokens - window_tokens) / max(elapsed, 1e-9)}
+                record = {
+                    "step": step,
+                    "epoch": round(
+                        self.state.epoch + self.state.position * train_cfg.batch_size / len(self.train_data), 4
+                    ),
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": (self.state.tokens - window_tokens) / max(elapsed, 1e-9),
+                }
                 if self.device.type == "cuda":
                     record["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 log_now = train_cfg.log_every > 0 and (step % train_cfg.log_every == 0 or step == self.total_steps)
@@ -240,8 +314,22 @@ class Trainer:
                     log.write(record)
                     window_start, window_tokens = time.perf_counter(), self.state.tokens
                 progress.update(step, {"loss": loss, "lr": lr, "tok/s": round(record["tokens_per_s"])}, log_now)
-                if main and self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
-                    eval_loss = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision, self.task_type)
+                if (
+                    main
+                    and self.eval_data
+                    and train_cfg.eval_every
+                    and step % train_cfg.eval_every == 0
+                    and step < self.total_steps
+                ):
+                    eval_loss = evaluate_loss(
+                        self.model,
+                        self.eval_data,
+                        self.cfg.eval.batch_size,
+                        self.pad_id,
+                        self.device,
+                        train_cfg.precision,
+                        self.task_type,
+                    )
                     log.write({"step": step, "eval_loss": eval_loss})
                     progress.message(f"step {step}  eval_loss {eval_loss:.4f}")
                 if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
@@ -253,6 +341,14 @@ class Trainer:
         self._require_finite("the final adapter")
         result: dict[str, Any] = {"completed": True, "steps": self.state.step}
         if main and self.eval_data:
-            result["eval_loss"] = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision, self.task_type)
+            result["eval_loss"] = evaluate_loss(
+                self.model,
+                self.eval_data,
+                self.cfg.eval.batch_size,
+                self.pad_id,
+                self.device,
+                train_cfg.precision,
+                self.task_type,
+            )
             log.write({"step": self.state.step, "eval_loss": result["eval_loss"]})
         return result

@@ -3,6 +3,7 @@
 Everything that can fail on bad input (config, model path, dataset, columns) is checked before the
 run directory is created, so bad input never leaves a partial run behind.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -92,7 +93,9 @@ def run_setup(cfg: RunConfig, device: torch.device | None, examples: list[Any], 
     )
 
 
-def sample_batches(examples: list[Any], cfg: RunConfig, pad_id: int, limit: int | None = None) -> list[dict[str, torch.Tensor]]:
+def sample_batches(
+    examples: list[Any], cfg: RunConfig, pad_id: int, limit: int | None = None
+) -> list[dict[str, torch.Tensor]]:
     """The batches a data-driven init reads (RunSetup.sample_batches): training examples in the run's seed order
     (the first ``limit``), collated in train.batch_size batches."""
     order = list(range(len(examples)))
@@ -115,12 +118,16 @@ def task_adapter_defaults(adapter_config: AdapterConfig, model: nn.Module, task_
     """Fill what the task implies: the classification head trains and is saved (modules_to_save, as
     PEFT does for SEQ_CLS / TOKEN_CLS)."""
     if task_type in ("seq_cls", "token_cls") and adapter_config.modules_to_save is None:
-        heads = [n for n in ("classifier", "score") if any(name.split(".")[-1] == n for name, _ in model.named_modules())]
+        heads = [
+            n for n in ("classifier", "score") if any(name.split(".")[-1] == n for name, _ in model.named_modules())
+        ]
         return adapter_config.replace(modules_to_save=heads or None)
     return adapter_config
 
 
-def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, stop_after_step: int | None = None) -> Path:
+def train(
+    overrides: list[str] | RunConfig | None = None, quiet: bool = False, stop_after_step: int | None = None
+) -> Path:
     """Train as `peftctl train` does and return the run directory.
 
     ``stop_after_step`` ends the run right after that step (and its checkpoint, if one is due),
@@ -163,7 +170,10 @@ def _check_run_dir_is_free(run_dir: Path, checkpoint: Path | None) -> None:
     if checkpoint is None and (run_dir / "adapter").exists():
         raise ConfigError(f"output_dir={str(run_dir)!r} already holds a finished run; pick another output_dir")
     if checkpoint is None and any((run_dir / "checkpoints").glob("step-*")):
-        raise ConfigError(f"output_dir={str(run_dir)!r} holds checkpoints of an unfinished run; continue it with train.resume=true or pick another output_dir")
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r} holds checkpoints of an unfinished run; continue it with train.resume=true "
+            "or pick another output_dir"
+        )
 
 
 def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_after_step: int | None) -> Path:
@@ -178,7 +188,9 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
         lock.release()
 
 
-def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_after_step: int | None, run_dir: Path, lock: Any) -> Path:
+def _train_locked(
+    cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_after_step: int | None, run_dir: Path, lock: Any
+) -> Path:
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)  # torchrun: one GPU per rank
     if dist.is_main and lock.held:
@@ -191,13 +203,17 @@ def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, 
     if cfg.dataset.packing:
         check_packed_attention(model, device, len(tokenizer))
     fast_path = apply_kernels(model, cfg, device)
-    trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet, dist=dist)
+    trainer = Trainer(
+        model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet, dist=dist
+    )
     if checkpoint is not None:
         trainer.resume_from(checkpoint)  # a checkpoint that does not fit is refused before anything is written
     elif dist.enabled:
         seed_everything(cfg.train.seed + dist.rank)  # each rank its own dropout stream (weights came from rank 0)
     barrier(dist)  # every rank has checked its inputs before rank 0 creates the run directory
-    _take_lock(lock, dist, create=True, then_check=lambda: _check_run_dir_is_free(run_dir, checkpoint))  # checked again, under the lock
+    _take_lock(
+        lock, dist, create=True, then_check=lambda: _check_run_dir_is_free(run_dir, checkpoint)
+    )  # checked again, under the lock
     cfg.output_dir = str(run_dir)
     method = model.method_of(ADAPTER_NAME)
     initial_adapter = run_dir / "initial_adapter" if method.mutates_base(cfg.adapter) else None
@@ -216,8 +232,12 @@ def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, 
             print(note, flush=True)
         trainable, total = model.get_nb_trainable_parameters()
         ranks = f" x {dist.world_size} ranks" if dist.enabled else ""
-        print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}{ranks}  |  {trainer.total_steps} steps"
-              f"  |  fast path {fast_path}", flush=True)
+        print(
+            f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device "
+            f"{device}{ranks}  |  {trainer.total_steps} steps"
+            f"  |  fast path {fast_path}",
+            flush=True,
+        )
     started = time.perf_counter()
     result = trainer.fit(stop_after_step=stop_after_step)
     elapsed = time.perf_counter() - started
@@ -233,7 +253,10 @@ def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, 
         return run_dir
     if not quiet:
         extra = f"  eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
-        print(f"done: {result['steps']} steps in {elapsed:.0f} s{extra}; adapter saved to {run_dir / 'adapter'}", flush=True)
+        print(
+            f"done: {result['steps']} steps in {elapsed:.0f} s{extra}; adapter saved to {run_dir / 'adapter'}",
+            flush=True,
+        )
     return run_dir
 
 

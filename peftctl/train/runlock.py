@@ -3,6 +3,7 @@
 The lock is an flock(2) on RUN_DIR/train.lock (held by rank 0 of a torchrun job); the kernel drops
 it when the process ends, however it ends, so a killed run never leaves a stale lock behind.
 """
+
 from __future__ import annotations
 
 import fcntl

@@ -86,8 +86,12 @@ GRAPH: dict[str, tuple[set[str], set[str]]] = {m: imported_modules(m, p) for m, 
 
 
 def layer_of(module: str) -> int:
-    matches = [(len(prefix), index) for index, layer in enumerate(LAYERS) for prefix in layer
-               if module == prefix or module.startswith(prefix + ".")]
+    matches = [
+        (len(prefix), index)
+        for index, layer in enumerate(LAYERS)
+        for prefix in layer
+        if module == prefix or module.startswith(prefix + ".")
+    ]
     assert matches, f"{module} is in no layer of LAYERS; add it"
     return max(matches)[1]
 
@@ -102,7 +106,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -153,7 +157,16 @@ def test_no_hook_is_looked_up_with_getattr():
 
 def test_the_runner_names_no_adapter_method():
     words = set(re.findall(r"\w+", (PACKAGE_DIR / "train" / "run.py").read_text().lower()))
-    names = set(available_methods()) | {"loftq", "eva", "corda", "pissa", "olora", "dora", "prompt_tuning_init", "init_lora_weights"}
+    names = set(available_methods()) | {
+        "loftq",
+        "eva",
+        "corda",
+        "pissa",
+        "olora",
+        "dora",
+        "prompt_tuning_init",
+        "init_lora_weights",
+    }
     named = sorted(names & words)
     assert not named, f"train/run.py names adapter methods {named}; give the method a hook instead"
 

@@ -10,6 +10,7 @@ A weight-based method subclasses AdapterLayer and supplies
   * ``get_delta_weight(name)`` for additive methods, or ``adapted_weight`` / ``unadapted_weight``
     for multiplicative ones (OFT, BOFT, IA3); merge / unmerge follow from those.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,7 +19,6 @@ import torch
 from torch import nn
 
 from peftctl.errors import AdapterError
-from peftctl.models.quantized import read_weight
 from peftctl.models.quantized import read_weight, write_weight
 
 
@@ -51,7 +51,9 @@ class AdapterLayer(nn.Module):
     def update_layer(self, adapter_name: str, config: Any) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:  # pragma: no cover
+    def adapter_output(
+        self, x: torch.Tensor, result: torch.Tensor, adapter_name: str
+    ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:  # pragma: no cover - abstract
@@ -97,7 +99,9 @@ class AdapterLayer(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
-            raise AdapterError(f"adapter {adapter_name!r} is merged into {self.module_name}; unmerge it before deleting")
+            raise AdapterError(
+                f"adapter {adapter_name!r} is merged into {self.module_name}; unmerge it before deleting"
+            )
         for attr in self.adapter_layer_names:
             container = getattr(self, attr)
             if adapter_name in container:

@@ -139,7 +139,9 @@ class AdapterMethod:
     def before_load(self, model: AdaptedModel, adapter_name: str, peft_state: dict[str, torch.Tensor]) -> None:
         """Adjust the model to the saved tensors before loading them (a folded prompt encoder)."""
 
-    def save_converted(self, model: AdaptedModel, directory: str | Path, adapter_name: str, initial_dir: str | Path) -> None:
+    def save_converted(
+        self, model: AdaptedModel, directory: str | Path, adapter_name: str, initial_dir: str | Path
+    ) -> None:
         """Save the adapter against the original base weights (``path_initial_model_for_weight_conversion``)."""
         raise ConfigError(f"path_initial_model_for_weight_conversion is not supported by the {self.name} method")
 

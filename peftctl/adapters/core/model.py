@@ -3,6 +3,7 @@
 Module tree mirrors PEFT's (``AdaptedModel.base_model.model`` is the wrapped transformers model) so
 that state-dict keys, and so the saved tensor names, are PEFT's.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,17 +12,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from rich.progress import track
 from torch import nn
 
+from peftctl.adapters.core import persistence
 from peftctl.adapters.core.base import AdapterLayer
 from peftctl.adapters.core.config import AdapterConfig
-from peftctl.adapters.core import persistence
 from peftctl.adapters.core.method import AdapterMethod
 from peftctl.adapters.core.registry import get_method, method_for_peft_type
 from peftctl.adapters.core.weighted import WeightedAdapterMixin
 from peftctl.errors import AdapterError, ConfigError
 from peftctl.models.modules import set_submodule
-from rich.progress import track
 
 
 class _BaseModelHolder(nn.Module):
@@ -167,7 +168,9 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
             raise AdapterError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first")
         unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
         if unknown:
-            raise ConfigError(f"adapter_names contains unknown adapters {unknown}; adapters: {', '.join(self.peft_config)}")
+            raise ConfigError(
+                f"adapter_names contains unknown adapters {unknown}; adapters: {', '.join(self.peft_config)}"
+            )
         layers = [layer for _, layer in self.adapter_layers()]
         if any(layer.merged for layer in layers):
             raise AdapterError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
@@ -187,7 +190,9 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         for name in names:
             method = self.method_of(name)
             if not method.mergeable:
-                raise AdapterError(f"the {method.name} method cannot be merged into the base weights (adapter {name!r})")
+                raise AdapterError(
+                    f"the {method.name} method cannot be merged into the base weights (adapter {name!r})"
+                )
         if safe_merge:
             for _, layer in self.adapter_layers():
                 for name in names:
@@ -202,7 +207,9 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         """Fold the adapters into the base weights and return the plain transformers model."""
         return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -210,7 +217,9 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         """Remove every adapter without merging; returns the original base model."""
         return self._unload(merge=False)
 
-    def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def _unload(
+        self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         if merge:
             self._check_mergeable(adapter_names, safe_merge)
         layers = list(self.adapter_layers())
@@ -266,11 +275,15 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
     def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         return persistence.get_adapter_state_dict(self, adapter_name)
 
-    def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
+    def load_adapter(
+        self, adapter_dir: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> None:
         config = load_adapter_config(adapter_dir)
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config)
-        persistence.set_adapter_state_dict(self, adapter_name, persistence.read_adapter_weights(adapter_dir), source=str(adapter_dir))
+        persistence.set_adapter_state_dict(
+            self, adapter_name, persistence.read_adapter_weights(adapter_dir), source=str(adapter_dir)
+        )
 
     @classmethod
     def from_pretrained(
@@ -279,7 +292,9 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         config = load_adapter_config(adapter_dir)
         config.inference_mode = not is_trainable
         adapted = cls(model, config, adapter_name)
-        persistence.set_adapter_state_dict(adapted, adapter_name, persistence.read_adapter_weights(adapter_dir), source=str(adapter_dir))
+        persistence.set_adapter_state_dict(
+            adapted, adapter_name, persistence.read_adapter_weights(adapter_dir), source=str(adapter_dir)
+        )
         return adapted
 
 

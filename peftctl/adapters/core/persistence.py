@@ -5,6 +5,7 @@ PEFT's tensor names are our module paths with the adapter name removed, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. Both directions are computed by
 one function (``adapter_key_map``), so saving and loading cannot drift apart.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,12 +55,17 @@ def adapter_key_map(model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
 def get_adapter_state_dict(model: "AdaptedModel", adapter_name: str) -> dict[str, torch.Tensor]:
     """One adapter's tensors under PEFT's names (contiguous CPU copies, ready to save)."""
     state = model.state_dict(keep_vars=False)
-    tensors = {peft_key: state[ours].detach().cpu().contiguous() for ours, peft_key in adapter_key_map(model, adapter_name).items()}
+    tensors = {
+        peft_key: state[ours].detach().cpu().contiguous()
+        for ours, peft_key in adapter_key_map(model, adapter_name).items()
+    }
     # a method may reshape what it saves (AdaLoRA keeps only the ranks its rank_pattern keeps)
     return model.method_of(adapter_name).state_dict_for_save(model, adapter_name, tensors)
 
 
-def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor], source: str = "") -> None:
+def set_adapter_state_dict(
+    model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor], source: str = ""
+) -> None:
     """Load PEFT-named tensors into one adapter; every expected tensor must be present."""
     # e.g. a prompt encoder switching to the folded form it was saved in
     model.method_of(adapter_name).before_load(model, adapter_name, peft_state)
@@ -80,7 +86,10 @@ def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state:
             tensor = peft_state[peft_key]
             target = targets[ours]
             if tensor.shape != target.shape:
-                raise ConfigError(f"adapter tensor {peft_key} in {source or 'state dict'} has shape {tuple(tensor.shape)}, model expects {tuple(target.shape)}")
+                raise ConfigError(
+                    f"adapter tensor {peft_key} in {source or 'state dict'} has shape {tuple(tensor.shape)}, model "
+                    f"expects {tuple(target.shape)}"
+                )
             target.data.copy_(tensor.to(device=target.device, dtype=target.dtype))
 
 
@@ -121,7 +130,9 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
         return _read_weights_file(directory / WEIGHTS_NAME, lambda file: load_file(str(file)))
     if (directory / LEGACY_WEIGHTS_NAME).is_file():
         # never unpickle arbitrary objects
-        return _read_weights_file(directory / LEGACY_WEIGHTS_NAME, lambda file: torch.load(file, map_location="cpu", weights_only=True))
+        return _read_weights_file(
+            directory / LEGACY_WEIGHTS_NAME, lambda file: torch.load(file, map_location="cpu", weights_only=True)
+        )
     raise ConfigError(f"{directory} has no {WEIGHTS_NAME}")
 
 
@@ -131,7 +142,9 @@ def _read_weights_file(file: Path, read: Any) -> dict[str, torch.Tensor]:
         tensors = read(file)
     except Exception as exc:  # safetensors' header / buffer errors, torch's unpickling errors
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{file} is not a readable adapter weights file (truncated or corrupt?): {reason[:160]}") from None
+        raise ConfigError(
+            f"{file} is not a readable adapter weights file (truncated or corrupt?): {reason[:160]}"
+        ) from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ConfigError(f"{file} does not hold a dict of tensors")
     return tensors

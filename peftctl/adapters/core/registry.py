@@ -3,6 +3,7 @@
 The contract a method implements is ``AdapterMethod`` in method.py; each method module defines its
 subclass and the instance ``METHOD``, imported here lazily by name.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -11,7 +12,6 @@ from typing import Any
 from peftctl.adapters.core.config import AdapterConfig
 from peftctl.adapters.core.method import AdapterMethod
 from peftctl.errors import ConfigError
-
 
 # method name -> "module:attribute" of its Method instance; imported lazily
 _METHODS: dict[str, str] = {
@@ -42,7 +42,9 @@ def available_methods() -> list[str]:
 
 def get_method(name: str) -> AdapterMethod:
     if name not in _METHODS:
-        raise ConfigError(f"adapter.method={name!r} is not a known method; expected one of {', '.join(available_methods())}")
+        raise ConfigError(
+            f"adapter.method={name!r} is not a known method; expected one of {', '.join(available_methods())}"
+        )
     module_name, attr = _METHODS[name].split(":")
     return getattr(importlib.import_module(module_name), attr)
 
@@ -52,7 +54,9 @@ def method_for_peft_type(peft_type: str) -> AdapterMethod:
         method = get_method(name)
         if method.peft_type == peft_type:
             return method
-    raise ConfigError(f"peft_type={peft_type!r} is not supported; supported: {', '.join(get_method(n).peft_type for n in _METHODS)}")
+    raise ConfigError(
+        f"peft_type={peft_type!r} is not supported; supported: {', '.join(get_method(n).peft_type for n in _METHODS)}"
+    )
 
 
 def config_from_dict(values: dict[str, Any], *, strict: bool = True) -> AdapterConfig:

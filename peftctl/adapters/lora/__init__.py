@@ -6,4 +6,13 @@ from peftctl.adapters.lora.config import LoraConfig
 from peftctl.adapters.lora.layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, create_lora_layer
 from peftctl.adapters.lora.method import METHOD, LoraMethod
 
-__all__ = ["METHOD", "LoraConfig", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraMethod", "create_lora_layer"]
+__all__ = [
+    "METHOD",
+    "LoraConfig",
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraMethod",
+    "create_lora_layer",
+]

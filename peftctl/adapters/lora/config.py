@@ -57,12 +57,18 @@ class LoraConfig(AdapterConfig):
         self._check(isinstance(self.r, int) and self.r > 0, "r", self.r, "expected an integer > 0")
         self._check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "expected a number > 0")
         self._check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "expected 0 <= p < 1")
-        self._check(self.bias in ("none", "all", "lora_only"), "bias", self.bias, "expected one of none, all, lora_only")
+        self._check(
+            self.bias in ("none", "all", "lora_only"), "bias", self.bias, "expected one of none, all, lora_only"
+        )
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower() in NOT_IMPLEMENTED_INITS:
-            raise ConfigError(f"adapter.init_lora_weights={init!r} is not implemented in peftctl; expected one of {INIT_CHOICES}")
-        valid_init = isinstance(init, bool) or (isinstance(init, str) and init in LORA_INITS) or (
-            isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_"):].isdigit()
+            raise ConfigError(
+                f"adapter.init_lora_weights={init!r} is not implemented in peftctl; expected one of {INIT_CHOICES}"
+            )
+        valid_init = (
+            isinstance(init, bool)
+            or (isinstance(init, str) and init in LORA_INITS)
+            or (isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_") :].isdigit())
         )
         self._check(valid_init, "init_lora_weights", init, f"expected one of {INIT_CHOICES}")
         validate_eva_config(self.eva_config)
@@ -79,7 +85,12 @@ class LoraConfig(AdapterConfig):
                 raise ConfigError(f"adapter.alpha_pattern[{name!r}]={alpha!r} is not valid; expected a number > 0")
         if self.layer_replication is not None:
             ok = all(isinstance(p, (list, tuple)) and len(p) == 2 and 0 <= p[0] < p[1] for p in self.layer_replication)
-            self._check(ok, "layer_replication", self.layer_replication, "expected a list of [start, end) pairs with start < end")
+            self._check(
+                ok,
+                "layer_replication",
+                self.layer_replication,
+                "expected a list of [start, end) pairs with start < end",
+            )
 
     def rank_and_alpha_for(self, module_name: str) -> tuple[int, float]:
         """Per-module r / alpha from rank_pattern / alpha_pattern: the first key that matches the

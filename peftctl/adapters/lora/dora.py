@@ -13,6 +13,7 @@ cached and recomputed only when W, A or B change (tensor version counters).
 Embeddings (table stored (vocab, dim), handled as fan_in_fan_out) have no bias and no dropout:
 y = m/‖·‖ · (E[x] + s·B(A(x))), with the norm per embedding dimension (PEFT's DoraEmbeddingLayer).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -102,7 +103,10 @@ def _unmerged_base(layer: "LoraLayer", weight: torch.Tensor) -> torch.Tensor:
     """The base weight before the adapters already merged into ``weight`` (in (out, in) layout)."""
     for name in reversed(layer.merged_adapters):
         if name in layer.lora_magnitude_vector:
-            weight = weight.float() / _factor(layer, name, layer.dora_merge_norm[name], weight.dim()) - layer.lora_delta(name).detach()
+            weight = (
+                weight.float() / _factor(layer, name, layer.dora_merge_norm[name], weight.dim())
+                - layer.lora_delta(name).detach()
+            )
         else:
             weight = weight.float() - layer.lora_delta(name).detach()
     return weight

@@ -17,6 +17,7 @@ Mutating inits change W, so the trained adapter only works on the residual. ``sa
 expresses the total change against the original W as a rank-2r LoRA (PEFT's
 ``path_initial_model_for_weight_conversion``): W_res + s·BA = W + s·[B | −B₀][A ; A₀].
 """
+
 from __future__ import annotations
 
 import math
@@ -90,7 +91,9 @@ def initialise(layer: "LoraLayer", adapter_name: str, init: bool | str) -> None:
             nn.init.zeros_(b)
 
 
-def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pissa_factors(
+    weight: torch.Tensor, r: int, scaling: float, niter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of PiSSA for a weight in (out, in) layout: s·BA = top-r SVD reconstruction of W."""
     weight = weight.float()
     if niter is None:
@@ -121,11 +124,14 @@ def _mutating_init(layer: "LoraLayer", adapter_name: str, init: str) -> None:
     r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
     weight = layer.oriented_weight()
     if r > min(weight.shape):
-        raise ConfigError(f"adapter.r={r} exceeds the rank of {layer.module_name} {tuple(weight.shape)}, needed for init_lora_weights={init!r}")
+        raise ConfigError(
+            f"adapter.r={r} exceeds the rank of {layer.module_name} {tuple(weight.shape)}, needed for "
+            f"init_lora_weights={init!r}"
+        )
     if init == "olora":
         a, b = olora_factors(weight, r)
     else:
-        niter = int(init[len("pissa_niter_"):]) if init.startswith("pissa_niter_") else None
+        niter = int(init[len("pissa_niter_") :]) if init.startswith("pissa_niter_") else None
         a, b = pissa_factors(weight, r, scaling, niter)
     with torch.no_grad():
         residual = weight.float() - scaling * (b @ a)
@@ -140,7 +146,10 @@ def convert_state(current: dict[str, torch.Tensor], initial: dict[str, torch.Ten
     for key, value in current.items():
         is_a, is_b = key.endswith("lora_A.weight"), key.endswith("lora_B.weight")
         if (is_a or is_b) and key not in initial:
-            raise ConfigError(f"the initial adapter has no tensor {key}; it must be saved from the same model right after initialisation")
+            raise ConfigError(
+                f"the initial adapter has no tensor {key}; it must be saved from the same model right after "
+                "initialisation"
+            )
         if is_a:
             out[key] = torch.cat([value, initial[key].to(value.dtype)], dim=0)
         elif is_b:
@@ -150,13 +159,21 @@ def convert_state(current: dict[str, torch.Tensor], initial: dict[str, torch.Ten
     return out
 
 
-def save_as_plain_lora(model: "AdaptedModel", directory: str | os.PathLike, adapter_name: str, initial_dir: str | os.PathLike) -> None:
+def save_as_plain_lora(
+    model: "AdaptedModel", directory: str | os.PathLike, adapter_name: str, initial_dir: str | os.PathLike
+) -> None:
     """Save ``adapter_name`` as a rank-2r LoRA that loads on the untouched base model."""
     config = model.peft_config[adapter_name]
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        raise ConfigError("path_initial_model_for_weight_conversion cannot be used with use_rslora together with rank_pattern / alpha_pattern")
+        raise ConfigError(
+            "path_initial_model_for_weight_conversion cannot be used with use_rslora together with rank_pattern / "
+            "alpha_pattern"
+        )
     if config.use_dora:
-        raise ConfigError("path_initial_model_for_weight_conversion does not support use_dora=True (the magnitude is not a low-rank delta)")
+        raise ConfigError(
+            "path_initial_model_for_weight_conversion does not support use_dora=True (the magnitude is not a low-rank "
+            "delta)"
+        )
     initial = persistence.read_adapter_weights(initial_dir)
     tensors = convert_state(persistence.get_adapter_state_dict(model, adapter_name), initial)
     # doubling r and alpha keeps s: alpha/r, or alpha/sqrt(r) with rsLoRA (alpha·sqrt 2)

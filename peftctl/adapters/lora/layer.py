@@ -7,6 +7,7 @@ the initialisations are LoraInit objects in a table (config.py: inits.py, eva.py
 Layer types (all with DoRA too): nn.Linear, GPT-2 Conv1D (weights stored (in, out): fan_in_fan_out),
 nn.Embedding, nn.Conv1d / nn.Conv2d / nn.Conv3d.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from peftctl.models.quantized import read_weight
 
 if TYPE_CHECKING:
     from peftctl.adapters.lora.config import LoraConfig
+
 
 class LoraLayer(AdapterLayer):
     """What every LoRA layer shares: r / alpha / scaling per adapter, dropout, init and DoRA."""
@@ -146,7 +148,10 @@ class LoraConv(LoraLayer):
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
         if base_layer.groups != 1:
-            raise ConfigError(f"LoRA on grouped convolutions is not supported ({module_name}: groups={base_layer.groups}); exclude it with adapter.exclude_modules")
+            raise ConfigError(
+                f"LoRA on grouped convolutions is not supported ({module_name}: groups={base_layer.groups}); exclude "
+                "it with adapter.exclude_modules"
+            )
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
 
     def _create_ab(self, adapter_name: str, r: int) -> None:
@@ -154,8 +159,15 @@ class LoraConv(LoraLayer):
         conv = type(base)
         ones = (1,) * (base.weight.dim() - 2)
         self.lora_A[adapter_name] = conv(
-            self.in_features, r, base.kernel_size, base.stride, base.padding, base.dilation,
-            bias=False, padding_mode=base.padding_mode, device=base.weight.device,
+            self.in_features,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
+            device=base.weight.device,
         )
         self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, bias=False, device=base.weight.device)
 
@@ -200,7 +212,9 @@ class LoraEmbedding(LoraLayer):
         """B(A(x)) for token ids x (unscaled): the rows of Aᵀ picked by x, times Bᵀ."""
         base = self.base_layer
         a, b = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-        after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        after_a = F.embedding(
+            x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
         return after_a @ b.T
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:

@@ -7,6 +7,7 @@ so that Q_T + s·B_T A_T ≈ W better than q(W) alone. The base weight is replac
 re-quantizes to the same codes), the adapter starts at (A_T, B_T): training starts at the LoftQ point.
 s is the layer's LoRA scaling (alpha / r), folded into B so the product is exact.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,9 @@ if TYPE_CHECKING:
 BLOCKSIZE = 64  # bitsandbytes' Linear4bit default
 
 
-def quantize_dequantize(weight: torch.Tensor, bits: int, quant_type: str = "nf4", double_quant: bool = True) -> torch.Tensor:
+def quantize_dequantize(
+    weight: torch.Tensor, bits: int, quant_type: str = "nf4", double_quant: bool = True
+) -> torch.Tensor:
     """deq(q(W)) as bitsandbytes stores it: 4-bit blockwise NF4/FP4 (block 64), or 8-bit row-wise
     absmax (LLM.int8()'s weight format)."""
     w = weight.float().contiguous()
@@ -55,8 +58,15 @@ def low_rank(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
-def loftq_decompose(weight: torch.Tensor, rank: int, scaling: float, bits: int = 4, num_iter: int = 1,
-                    quant_type: str = "nf4", double_quant: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+def loftq_decompose(
+    weight: torch.Tensor,
+    rank: int,
+    scaling: float,
+    bits: int = 4,
+    num_iter: int = 1,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
     """(deq(Q), A, B, errors) with Q + scaling·B A ≈ W; errors[t] = ‖W − (Q_t + s·B_t A_t)‖_F."""
     if num_iter < 1:
         raise ConfigError(f"adapter.loftq_config.loftq_iter={num_iter!r} is not valid; expected an integer >= 1")
@@ -77,8 +87,10 @@ def apply_loftq(layer: Any, adapter_name: str, loftq_config: dict[str, Any]) -> 
     Returns the per-iteration reconstruction errors."""
     if is_quantized(layer.base_layer):
         raise AdapterError(
-            f"LoftQ needs the full-precision weight of {layer.module_name or 'the layer'}, but the base is already quantized; "
-            "load the base unquantized and quantize after the LoftQ initialisation (peftctl train does this for quant=nf4/int8)"
+            f"LoftQ needs the full-precision weight of {layer.module_name or 'the layer'}, but the base is already "
+            "quantized; "
+            "load the base unquantized and quantize after the LoftQ initialisation (peftctl train does this for "
+            "quant=nf4/int8)"
         )
     bits = int(loftq_config.get("loftq_bits", 4))
     num_iter = int(loftq_config.get("loftq_iter", 1))
@@ -106,11 +118,21 @@ def quantize_adapted_base(adapted: torch.nn.Module, quant_cfg: Any) -> int:
     """Quantize the dense base Linears of an adapted model in place (adapters and head untouched)."""
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     skip = _adapter_module_ids(adapted)
-    names = [n for n, m in adapted.named_modules() if type(m) is torch.nn.Linear and id(m) not in skip and not n.endswith("lm_head")]
+    names = [
+        n
+        for n, m in adapted.named_modules()
+        if type(m) is torch.nn.Linear and id(m) not in skip and not n.endswith("lm_head")
+    ]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = adapted.get_submodule(parent_name)
-        setattr(parent, child, quantize_linear(getattr(parent, child), quant_cfg.method, dtypes[quant_cfg.compute_dtype], quant_cfg.double_quant))
+        setattr(
+            parent,
+            child,
+            quantize_linear(
+                getattr(parent, child), quant_cfg.method, dtypes[quant_cfg.compute_dtype], quant_cfg.double_quant
+            ),
+        )
     return len(names)
 
 
@@ -141,7 +163,9 @@ def check_loftq_quant(config: LoraConfig, quant_cfg: Any) -> None:
     if expected is None:
         raise ConfigError(f"adapter.init_lora_weights=loftq supports quant=nf4 or int8, not quant={quant_cfg.method}")
     if bits != expected:
-        raise ConfigError(f"adapter.loftq_config.loftq_bits={bits} does not match quant={quant_cfg.method} ({expected} bits)")
+        raise ConfigError(
+            f"adapter.loftq_config.loftq_bits={bits} does not match quant={quant_cfg.method} ({expected} bits)"
+        )
 
 
 def save_loftq_base(adapted: torch.nn.Module, directory: Any, dtype: torch.dtype) -> None:

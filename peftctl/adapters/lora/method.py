@@ -34,7 +34,10 @@ class LoraMethod(AdapterMethod):
     def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
         assert isinstance(config, LoraConfig)
         if config.bias != "none" and len(model.peft_config) > 1:
-            raise ConfigError(f"adapter.bias={config.bias!r} needs a single adapter (biases are shared by all adapters); use bias: none")
+            raise ConfigError(
+                f"adapter.bias={config.bias!r} needs a single adapter (biases are shared by all adapters); use bias: "
+                "none"
+            )
         if config.layer_replication:
             replicate_layers(model.model, config.layer_replication)
         super().inject(model, adapter_name, config)
@@ -80,7 +83,9 @@ class LoraMethod(AdapterMethod):
         params = dict(model.named_parameters())
         return [params[k] for k in self._bias_keys(model, adapter_name)]
 
-    def save_converted(self, model: "AdaptedModel", directory: str | Path, adapter_name: str, initial_dir: str | Path) -> None:
+    def save_converted(
+        self, model: "AdaptedModel", directory: str | Path, adapter_name: str, initial_dir: str | Path
+    ) -> None:
         """PiSSA / OLoRA -> plain LoRA against the original weights (see inits.py)."""
         save_as_plain_lora(model, directory, adapter_name, initial_dir)
 

@@ -3,6 +3,7 @@ attention reads softmax(q [P_k; K]^T / sqrt(d)) [P_v; V]. The prefixes reach the
 transformers Cache (GQA models: num_key_value_heads heads per prefix). With ``prefix_projection`` they
 are reparameterised as MLP(E) (tanh MLP, eq. 5 of the paper) during training and saved folded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,19 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(self.encoder_hidden_size is None or (isinstance(self.encoder_hidden_size, int) and self.encoder_hidden_size > 0), "encoder_hidden_size", self.encoder_hidden_size, "expected an integer > 0 or null")
-        self._check(isinstance(self.prefix_projection, bool), "prefix_projection", self.prefix_projection, "expected true or false")
+        self._check(
+            self.encoder_hidden_size is None
+            or (isinstance(self.encoder_hidden_size, int) and self.encoder_hidden_size > 0),
+            "encoder_hidden_size",
+            self.encoder_hidden_size,
+            "expected an integer > 0 or null",
+        )
+        self._check(
+            isinstance(self.prefix_projection, bool),
+            "prefix_projection",
+            self.prefix_projection,
+            "expected true or false",
+        )
 
 
 class PrefixEncoder(nn.Module):

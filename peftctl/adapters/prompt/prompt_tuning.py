@@ -2,6 +2,7 @@
 input embeddings, [P; E(x)]; the model is frozen. Initialised randomly, from random vocabulary rows
 (SAMPLE_VOCAB) or from the embeddings of a text (TEXT, tokenized and repeated / cut to length).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,9 +33,19 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(self.prompt_tuning_init in INIT_CHOICES, "prompt_tuning_init", self.prompt_tuning_init, "expected one of " + ", ".join(INIT_CHOICES))
+        self._check(
+            self.prompt_tuning_init in INIT_CHOICES,
+            "prompt_tuning_init",
+            self.prompt_tuning_init,
+            "expected one of " + ", ".join(INIT_CHOICES),
+        )
         if self.prompt_tuning_init == "TEXT":
-            self._check(bool(self.prompt_tuning_init_text), "prompt_tuning_init_text", self.prompt_tuning_init_text, "expected a non-empty text when prompt_tuning_init=TEXT")
+            self._check(
+                bool(self.prompt_tuning_init_text),
+                "prompt_tuning_init_text",
+                self.prompt_tuning_init_text,
+                "expected a non-empty text when prompt_tuning_init=TEXT",
+            )
 
 
 class PromptEmbedding(nn.Module):
@@ -76,7 +87,9 @@ class PromptTuningMethod(PromptMethod):
         encoder = PromptEmbedding(config.total_virtual_tokens, config.token_dim)
         words = model.model.get_input_embeddings()
         if config.prompt_tuning_init == "SAMPLE_VOCAB":
-            indices = torch.randint(0, words.weight.shape[0], (config.total_virtual_tokens,), device=words.weight.device)
+            indices = torch.randint(
+                0, words.weight.shape[0], (config.total_virtual_tokens,), device=words.weight.device
+            )
             encoder.embedding.weight.data.copy_(words(indices).detach().float())
         elif config.prompt_tuning_init == "TEXT":
             indices = torch.tensor(init_token_ids(config), device=words.weight.device)
