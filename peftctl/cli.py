@@ -106,7 +106,8 @@ def merge(
     combination: str = typer.Option(
         "svd",
         "--combination",
-        help="svd, linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd",
+        help="svd, linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, "
+        "magnitude_prune, magnitude_prune_svd",
     ),
     density: Optional[float] = typer.Option(None, "--density", help="fraction kept by ties / dare / magnitude_prune"),
     svd_rank: Optional[int] = typer.Option(None, "--svd-rank", help="rank of the *_svd blends"),

@@ -99,7 +99,8 @@ def _first_unparsable(overrides: list[str]) -> str:
 def unparsable_override_hint(text: str, overrides: list[str]) -> str | None:
     """For Hydra's lexer / parser errors: the override it could not read and how to quote it."""
     match = re.search(
-        r"(?:LexerNoViableAltException|mismatched input|token recognition error|extraneous input|no viable alternative)[^\n]*",
+        r"(?:LexerNoViableAltException|mismatched input|token recognition error|extraneous input"
+        r"|no viable alternative)[^\n]*",
         text,
     )
     if not match:
@@ -109,7 +110,10 @@ def unparsable_override_hint(text: str, overrides: list[str]) -> str | None:
     key = key or "key"
     shown = f" {override!r}" if override else ""
     if value[:1] in ("[", "{"):
-        return f"cannot parse the override{shown}: a list is written {key}=[a,b], a mapping {key}={{a: 1}}; quote any item with special characters"
+        return (
+            f"cannot parse the override{shown}: a list is written {key}=[a,b], a mapping {key}={{a: 1}}; "
+            "quote any item with special characters"
+        )
     return (
         f"cannot parse the override{shown}: quote a value with special characters, e.g. {key}='my dir/(1)' "
         f"(in the shell: \"{key}='my dir/(1)'\")"

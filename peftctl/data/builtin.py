@@ -4,7 +4,8 @@ Short product reviews built from templates; the label is the review's sentiment.
 are new combinations of the phrases, so a model must learn which phrases carry the sentiment
 rather than memorise sentences. The same reviews also come as a classification task
 (``sentiment_cls``: text + label 0/1) and a seq2seq task (``sentiment_s2s``: source + target), and
-``ner`` is a tiny named-entity task (tokens + BIO tags of PER / LOC / ORG). Regenerate with `python -m peftctl.data.builtin`.
+``ner`` is a tiny named-entity task (tokens + BIO tags of PER / LOC / ORG).
+Regenerate with `python -m peftctl.data.builtin`.
 """
 
 from __future__ import annotations

@@ -45,7 +45,10 @@ TOP_TENSORS = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", 
 
 # the pre-tokenizer split regexes llama.cpp knows by name (tokenizer.ggml.pre)
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZERS = {_LLAMA3_SPLIT: "llama-bpe", _GPT2_SPLIT: "gpt-2"}
 
 # gguf.TokenType values (kept here so that the mapping code does not need the package)

@@ -34,7 +34,10 @@ class RunLock:
             handle.seek(0)
             pid = handle.read().strip() or "unknown"
             handle.close()
-            return f"output_dir={str(self.path.parent)!r} is in use by another peftctl train (pid {pid}); wait for it to end or pick another output_dir"
+            return (
+                f"output_dir={str(self.path.parent)!r} is in use by another peftctl train (pid {pid}); "
+                "wait for it to end or pick another output_dir"
+            )
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
