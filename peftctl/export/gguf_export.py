@@ -23,7 +23,7 @@ from peftctl.export.merge import merged_model
 from peftctl.export.target import check_output_target, source_paths
 from peftctl.models.loader import resolve_model_path
 from peftctl.runs import open_source
-from peftctl.utils import honour_umask
+from peftctl.utils import check_output_path, honour_umask
 
 OUTTYPES = ("auto", "f32", "f16", "bf16")
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -443,6 +443,7 @@ def export_gguf(
     check_outtype(outtype)
     check_source(path, trust_remote_code)
     sources = source_paths(path)
+    check_output_path(out, "--out", directory=False)  # OUT may name the .gguf file
     check_output_target(out, sources, overwrite, kind="file" if Path(out).suffix == ".gguf" else "folder")
     if outtype != "auto":
         check_output_target(gguf_path(out, outtype), sources, overwrite, kind="file")

@@ -76,7 +76,7 @@ def merge(
     path = Path(path)
     _check_merge_options(dtype, requantize)  # before any model loads
     out = Path(out) if out is not None else default_merge_dir(path)
-    check_output_path(out, "--out")
+    check_output_path(out, "--out", directory=False)
     check_output_target(out, source_paths(path), overwrite)
     merged, tokenizer, source, note = merged_model(
         path, overrides, safe=safe, quiet=quiet, dtype=dtype, trust_remote_code=trust_remote_code
@@ -144,7 +144,7 @@ def merge_many(
     merged model or, with ``as_adapter``, the blended adapter in PEFT format. Returns ``out``.
     An existing non-empty ``out`` is replaced only with ``overwrite``; a source never."""
     out = Path(out)
-    check_output_path(out, "--out")
+    check_output_path(out, "--out", directory=False)
     check_output_target(out, [p for path in paths for p in source_paths(path)], overwrite)
     sources = [open_source(path, trust_remote_code=trust_remote_code) for path in paths]
     bases = {str(s.config.model.name_or_path) for s in sources}

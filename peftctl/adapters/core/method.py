@@ -11,7 +11,7 @@ A method module defines one ``AdapterMethod`` subclass at module level, creates 
   LoftQ, PiSSA / OLoRA);
 * forward: ``wraps_forward`` / ``forward``, ``generate``;
 * training: ``training_hooks``, ``extra_parameters``;
-* saving and loading: ``extra_adapter_keys``, ``state_dict_for_save``, ``before_load``,
+* saving and loading: ``extra_adapter_keys``, ``state_dict_for_save``, ``config_for_weights``, ``before_load``,
   ``save_converted``, ``on_unload``; ``mergeable = False`` refuses merging.
 
 The generic code (``AdaptedModel``, ``persistence``, ``peftctl.train``) calls these hooks and names no
@@ -135,6 +135,11 @@ class AdapterMethod:
     ) -> dict[str, torch.Tensor]:
         """The tensors as written to disk (AdaLoRA keeps only the ranks its rank_pattern keeps)."""
         return tensors
+
+    def config_for_weights(self, config: AdapterConfig, weights: dict[str, torch.Tensor]) -> AdapterConfig:
+        """The config to build a loaded adapter with, given the tensors it was saved with (BOFT reads
+        peft's one-factor files as one factor)."""
+        return config
 
     def before_load(self, model: AdaptedModel, adapter_name: str, peft_state: dict[str, torch.Tensor]) -> None:
         """Adjust the model to the saved tensors before loading them (a folded prompt encoder)."""
