@@ -2,7 +2,7 @@
 
 The model, adapter, fast path, precision, checkpointing and optimizer are exactly those `peftctl
 train` builds for the same overrides, and each timed step is the training loop's own optimizer step
-(Trainer.optimizer_step): only the data is synthetic (random token ids, every token a label), so no
+(Trainer._optimizer_step): only the data is synthetic (random token ids, every token a label), so no
 dataset is read beyond what building the run needs. Reported: tokens/s and step time (median, min,
 max) over the timed steps, peak GPU memory, model TFLOP/s and MFU against the GPU's dense bf16 peak.
 
@@ -133,7 +133,7 @@ def time_steps(trainer: Any, examples: list[Any], warmup: int, steps: int) -> tu
     for step in range(warmup + steps):
         _synchronize(trainer.device)
         started = time.perf_counter()
-        loss, _ = trainer.optimizer_step(group, n_tokens)
+        loss, _ = trainer._optimizer_step(group, n_tokens)
         _synchronize(trainer.device)
         if step >= warmup:
             times.append(time.perf_counter() - started)

@@ -206,7 +206,7 @@ class Trainer:
                 value = function(*args) if name != "on_loss" else function(value, *args[1:])
         return value
 
-    def optimizer_step(self, group: list[list[Example]], n_tokens: int) -> tuple[float, float]:
+    def _optimizer_step(self, group: list[list[Example]], n_tokens: int) -> tuple[float, float]:
         """Forward/backward over this rank's micro-batches of the step, gradients summed across
         ranks, then one optimizer step. ``n_tokens``: label tokens of the whole (global) step.
         Returns (loss, grad norm)."""
@@ -292,7 +292,7 @@ class Trainer:
                 step_batches = [next(batches) for _ in range(train_cfg.grad_accum * self.dist.world_size)]
                 n_tokens = max(sum(label_tokens(b, self.task_type) for b in step_batches), 1)
                 lr = self.scheduler.get_last_lr()[0]
-                loss, grad_norm = self.optimizer_step(step_batches[self.dist.rank :: self.dist.world_size], n_tokens)
+                loss, grad_norm = self._optimizer_step(step_batches[self.dist.rank :: self.dist.world_size], n_tokens)
                 self.state.step += 1
                 step = self.state.step
                 kill_point(f"step:{step}")
