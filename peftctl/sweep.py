@@ -11,6 +11,7 @@ field names as in the Hydra launcher plugins):
 The summary (one row per run: status, final loss, eval loss, trainable params, tok/s, peak memory)
 is printed and written to SWEEP_DIR/sweep_summary.md and .json; the exit code is 1 if any run failed.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,7 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from peftctl.config.compose import compose_config, quote_value_if_needed, resource_dir, unparsable_override_hint
 from peftctl.errors import ConfigError
+from peftctl.train.metrics_log import MetricsLog
+from peftctl.train.run import default_run_dir
+from peftctl.utils import atomic_write_text
 
 LAUNCHERS = ("basic", "joblib", "submitit_slurm")
 SUMMARY_NAME = "sweep_summary"
@@ -32,16 +43,14 @@ SUMMARY_NAME = "sweep_summary"
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Cartesian product of the sweep overrides, each as a plain override list."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from peftctl.config.compose import quote_value_if_needed, unparsable_override_hint
-
     parser = OverridesParser.create()
     quoted = [quote_value_if_needed(o) for o in overrides]
     try:
         parsed = parser.parse_overrides(quoted)
     except Exception as exc:
-        raise ConfigError(unparsable_override_hint(str(exc), quoted) or f"bad sweep override: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            unparsable_override_hint(str(exc), quoted) or f"bad sweep override: {str(exc).splitlines()[0]}"
+        ) from None
     choices: list[list[str]] = []
     for override in parsed:
         key = override.get_key_element()
@@ -61,7 +70,7 @@ def split_launcher_overrides(overrides: list[str]) -> tuple[str, list[str], list
         if key.lstrip("+") == "hydra/launcher":
             launcher = value
         elif key.lstrip("+").startswith("hydra.launcher."):
-            settings.append(f"{key.lstrip('+')[len('hydra.launcher.'):]}={value}")
+            settings.append(f"{key.lstrip('+')[len('hydra.launcher.') :]}={value}")
         else:
             rest.append(item)
     if launcher not in LAUNCHERS:
@@ -71,19 +80,19 @@ def split_launcher_overrides(overrides: list[str]) -> tuple[str, list[str], list
 
 def launcher_settings(launcher: str, overrides: list[str]) -> dict[str, Any]:
     """configs/hydra/launcher/<launcher>.yaml with `hydra.launcher.<field>=value` overrides applied."""
-    from omegaconf import OmegaConf
-
-    from peftctl.config.compose import resource_dir
-
     if launcher == "basic":
         if overrides:
-            raise ConfigError(f"hydra.launcher.{overrides[0]} needs a launcher: add hydra/launcher=joblib or hydra/launcher=submitit_slurm")
+            raise ConfigError(
+                f"hydra.launcher.{overrides[0]} needs a launcher: "
+                "add hydra/launcher=joblib or hydra/launcher=submitit_slurm"
+            )
         return {}
     base = OmegaConf.load(resource_dir("configs") / "hydra" / "launcher" / f"{launcher}.yaml")
     for item in overrides:
         key, _, value = item.partition("=")
         if key not in base:
-            raise ConfigError(f"hydra.launcher.{key} is not a field of the {launcher} launcher; valid: {', '.join(k for k in base if k != '_target_')}")
+            fields = ", ".join(k for k in base if k != "_target_")
+            raise ConfigError(f"hydra.launcher.{key} is not a field of the {launcher} launcher; valid: {fields}")
         base[key] = _yaml_value(value)
     settings = OmegaConf.to_container(base, resolve=True)
     settings.pop("_target_", None)
@@ -91,8 +100,6 @@ def launcher_settings(launcher: str, overrides: list[str]) -> dict[str, Any]:
 
 
 def _yaml_value(text: str) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(text) if text != "" else None
     except yaml.YAMLError:
@@ -119,10 +126,14 @@ def run_point(point: SweepPoint) -> dict[str, Any]:
     return summary_row(point, result.returncode, result.stdout, result.stderr, started, ended)
 
 
-def summary_row(point: SweepPoint, exit_code: int, stdout: str, stderr: str, started: float, ended: float) -> dict[str, Any]:
-    from peftctl.train.logging import MetricsLog
-
-    records = MetricsLog.read(Path(point.run_dir) / "metrics.jsonl") if (Path(point.run_dir) / "metrics.jsonl").is_file() else []
+def summary_row(
+    point: SweepPoint, exit_code: int, stdout: str, stderr: str, started: float, ended: float
+) -> dict[str, Any]:
+    records = (
+        MetricsLog.read(Path(point.run_dir) / "metrics.jsonl")
+        if (Path(point.run_dir) / "metrics.jsonl").is_file()
+        else []
+    )
     losses = [r["loss"] for r in records if "loss" in r]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
@@ -130,19 +141,29 @@ def summary_row(point: SweepPoint, exit_code: int, stdout: str, stderr: str, sta
     trainable = re.search(r"([\d,]+) trainable of", stdout)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     return {
-        "index": point.index, "run": point.run_dir, "overrides": list(point.overrides),
-        "status": "ok" if exit_code == 0 else "failed", "exit_code": exit_code,
-        "final_loss": losses[-1] if losses else None, "eval_loss": evals[-1] if evals else None,
+        "index": point.index,
+        "run": point.run_dir,
+        "overrides": list(point.overrides),
+        "status": "ok" if exit_code == 0 else "failed",
+        "exit_code": exit_code,
+        "final_loss": losses[-1] if losses else None,
+        "eval_loss": evals[-1] if evals else None,
         "trainable_params": int(trainable.group(1).replace(",", "")) if trainable else None,
-        "tokens_per_s": sum(speeds) / len(speeds) if speeds else None, "peak_memory_gib": max(memory) if memory else None,
-        "error": errors[-1][len("error: "):] if errors else (stderr.strip().splitlines()[-1] if exit_code and stderr.strip() else None),
-        "started": started, "ended": ended,
+        "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+        "peak_memory_gib": max(memory) if memory else None,
+        "error": errors[-1][len("error: ") :]
+        if errors
+        else (stderr.strip().splitlines()[-1] if exit_code and stderr.strip() else None),
+        "started": started,
+        "ended": ended,
     }
 
 
-def launch_points(launcher: str, settings: dict[str, Any], points: list[SweepPoint], root: Path) -> list[dict[str, Any]]:
+def launch_points(
+    launcher: str, settings: dict[str, Any], points: list[SweepPoint], root: Path
+) -> list[dict[str, Any]]:
     if launcher == "joblib":
-        from joblib import Parallel, delayed
+        from joblib import Parallel, delayed  # optional dependency (the sweep extra)
 
         options = {k: settings[k] for k in ("n_jobs", "prefer", "verbose", "timeout", "pre_dispatch") if k in settings}
         return list(Parallel(**options)(delayed(run_point)(p) for p in points))
@@ -159,28 +180,43 @@ def _job_result(job: Any, point: SweepPoint) -> dict[str, Any]:
         return job.result()
     except Exception as exc:
         now = time.time()
-        row = summary_row(point, 1, "", f"error: SLURM job {job.job_id}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}", now, now)
-        return row
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return summary_row(point, 1, "", f"error: SLURM job {job.job_id}: {reason}", now, now)
 
 
 # hydra-submitit-launcher's split: these go to the executor itself, the base fields keep their names,
 # the rest are SLURM parameters (slurm_<name>)
-_SUBMITIT_BASE = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name", "stderr_to_stdout"}
+_SUBMITIT_BASE = {
+    "timeout_min",
+    "cpus_per_task",
+    "gpus_per_node",
+    "tasks_per_node",
+    "mem_gb",
+    "nodes",
+    "name",
+    "stderr_to_stdout",
+}
 
 
 def slurm_executor(settings: dict[str, Any], root: Path) -> Any:
     """A submitit SLURM executor configured from the submitit_slurm launcher settings (as the Hydra plugin does)."""
-    import submitit
+    import submitit  # optional dependency (the sweep extra)
 
     params = dict(settings)
     folder = Path(str(params.pop("submitit_folder")))
     folder = folder if folder.is_absolute() else root / folder
-    executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout", 0))
-    executor.update_parameters(**{k if k in _SUBMITIT_BASE else f"slurm_{k}": v for k, v in params.items() if v is not None})
+    executor = submitit.AutoExecutor(
+        folder=str(folder), cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout", 0)
+    )
+    executor.update_parameters(
+        **{k if k in _SUBMITIT_BASE else f"slurm_{k}": v for k, v in params.items() if v is not None}
+    )
     return executor
 
 
-def slurm_submission_script(settings: dict[str, Any], root: Path, command: str = "python -u -m submitit.core._submit") -> str:
+def slurm_submission_script(
+    settings: dict[str, Any], root: Path, command: str = "python -u -m submitit.core._submit"
+) -> str:
     """The sbatch script the submitit_slurm launcher submits (rendered here, without a cluster)."""
     executor = slurm_executor(settings, root)
     return executor._executor._make_submission_file_text(command, "render")
@@ -196,31 +232,45 @@ def resolve_launcher(overrides: list[str], max_parallel: int | None = None) -> t
         if launcher == "basic":
             launcher = "joblib"
         if launcher != "joblib":
-            raise ConfigError(f"--max-parallel sets the joblib launcher's n_jobs; with hydra/launcher={launcher} use its own fields")
+            raise ConfigError(
+                f"--max-parallel sets the joblib launcher's n_jobs; with hydra/launcher={launcher} use its own fields"
+            )
         launcher_overrides = [*launcher_overrides, f"n_jobs={max_parallel}"]
     return launcher, launcher_settings(launcher, launcher_overrides), rest
 
 
 def run_sweep(overrides: list[str], quiet: bool = False, max_parallel: int | None = None) -> int:
     """Run the sweep; 0 if every run succeeded, 1 otherwise (the summary says which)."""
-    from peftctl.config.compose import compose_config
-    from peftctl.train.run import default_run_dir
-
     launcher, settings, rest = resolve_launcher(overrides, max_parallel)
     combos = expand_sweep(rest)
     configs = [compose_config(combo) for combo in combos]  # check every point before training any
-    root = Path(configs[0].output_dir) if configs[0].output_dir else default_run_dir(configs[0]).with_name(default_run_dir(configs[0]).name + "-sweep")
-    points = [SweepPoint(i, tuple(c for c in combo if not c.split("=", 1)[0].lstrip("+") == "output_dir"), str(root / f"{i:03d}"))
-              for i, combo in enumerate(combos)]
+    root = (
+        Path(configs[0].output_dir)
+        if configs[0].output_dir
+        else default_run_dir(configs[0]).with_name(default_run_dir(configs[0]).name + "-sweep")
+    )
+    points = [
+        SweepPoint(
+            i, tuple(c for c in combo if not c.split("=", 1)[0].lstrip("+") == "output_dir"), str(root / f"{i:03d}")
+        )
+        for i, combo in enumerate(combos)
+    ]
     root.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"sweep: {len(points)} runs under {root} (launcher {launcher}{_parallel_note(launcher, settings)})", flush=True)
+        print(
+            f"sweep: {len(points)} runs under {root} (launcher {launcher}{_parallel_note(launcher, settings)})",
+            flush=True,
+        )
     results = sorted(launch_points(launcher, settings, points, root), key=lambda r: r["index"])
     write_summary(results, root)
     print_summary(results)
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
-        print(f"error: {len(failed)} of {len(results)} sweep runs failed (see {root / (SUMMARY_NAME + '.md')})", file=sys.stderr, flush=True)
+        print(
+            f"error: {len(failed)} of {len(results)} sweep runs failed (see {root / (SUMMARY_NAME + '.md')})",
+            file=sys.stderr,
+            flush=True,
+        )
     return 1 if failed else 0
 
 
@@ -233,8 +283,17 @@ def _parallel_note(launcher: str, settings: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ summary
-COLUMNS = [("run", "run"), ("overrides", "overrides"), ("status", "status"), ("final loss", "final_loss"), ("eval loss", "eval_loss"),
-           ("trainable params", "trainable_params"), ("tok/s", "tokens_per_s"), ("peak mem GiB", "peak_memory_gib"), ("error", "error")]
+COLUMNS = [
+    ("run", "run"),
+    ("overrides", "overrides"),
+    ("status", "status"),
+    ("final loss", "final_loss"),
+    ("eval loss", "eval_loss"),
+    ("trainable params", "trainable_params"),
+    ("tok/s", "tokens_per_s"),
+    ("peak mem GiB", "peak_memory_gib"),
+    ("error", "error"),
+]
 
 
 def _cell(key: str, value: Any) -> str:
@@ -264,19 +323,19 @@ def summary_markdown(results: list[dict[str, Any]]) -> str:
 
 
 def write_summary(results: list[dict[str, Any]], root: Path) -> None:
-    from peftctl.utils import atomic_write_text
-
     atomic_write_text(root / f"{SUMMARY_NAME}.md", summary_markdown(results))
     atomic_write_text(root / f"{SUMMARY_NAME}.json", json.dumps(results, indent=2))
 
 
 def print_summary(results: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="sweep summary")
     for title, key in COLUMNS:
-        table.add_column(title, justify="right" if key in ("final_loss", "eval_loss", "trainable_params", "tokens_per_s", "peak_memory_gib") else "left")
+        table.add_column(
+            title,
+            justify="right"
+            if key in ("final_loss", "eval_loss", "trainable_params", "tokens_per_s", "peak_memory_gib")
+            else "left",
+        )
     for row in results:
         table.add_row(*(_cell(key, row.get(key)) for _, key in COLUMNS))
     Console().print(table)

@@ -19,6 +19,7 @@ work that may fail on one rank (loading the inputs) is wrapped in ``on_main`` / 
 exchange every rank enters whether or not its part failed, after which all ranks continue or all
 raise; and every collective has a finite timeout (train.dist_timeout_s), so anything else is an error.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,7 +66,11 @@ def init_distributed(device_kind: str, timeout_s: float = 600) -> DistInfo:
     global _CONTROL
     if launched_world_size() <= 1:
         return SINGLE
-    info = DistInfo(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         if device_kind == "cuda":

@@ -8,6 +8,7 @@ rank starts, so torchrun never prints its failure report for it), then runs
 without `train.nproc`, with this terminal's stdin/stdout/stderr, and exits with torchrun's exit code.
 Multi-node runs use torchrun directly with its rendezvous arguments (README, "Several GPUs").
 """
+
 from __future__ import annotations
 
 import os
@@ -33,14 +34,26 @@ def requested_nproc(overrides: list[str]) -> int:
     try:
         return int(values[-1])
     except ValueError:
-        raise ConfigError(f"train.nproc={values[-1]!r} is not valid; expected an integer >= 1 (processes to start with torchrun)") from None
+        raise ConfigError(
+            f"train.nproc={values[-1]!r} is not valid; expected an integer >= 1 (processes to start with torchrun)"
+        ) from None
 
 
 def torchrun_command(overrides: list[str], nproc: int, quiet: bool = False) -> list[str]:
     """The torchrun command line of a single-node launch with ``nproc`` ranks."""
     rest = [o for o in overrides if not _is_nproc(o)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "peftctl", "train", *rest,
-            *(["--quiet"] if quiet else [])]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "peftctl",
+        "train",
+        *rest,
+        *(["--quiet"] if quiet else []),
+    ]
 
 
 def launch(overrides: list[str], nproc: int, quiet: bool = False) -> int:

@@ -2,6 +2,7 @@
 collective path of a data-parallel run on CPU (gloo, 2 processes): checkpoint save, eval, the
 non-finite-loss stop, and bad input or a failure on one rank each end BOTH ranks, with one error
 line, instead of leaving one rank waiting. Each case runs under a timeout: a hang fails the test."""
+
 from __future__ import annotations
 
 import os
@@ -19,20 +20,44 @@ HANG = 300  # seconds: far above a 4-step tiny run with 2 ranks on 2 shared core
 
 
 def _peftctl(*args: str, fail_at: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1",
-           "PEFTCTL_TEST_FAIL_AT": fail_at or ""}
-    return subprocess.run([sys.executable, "-m", "peftctl", "train", *args], env=env, capture_output=True, text=True, timeout=HANG)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+        "PEFTCTL_TEST_FAIL_AT": fail_at or "",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "peftctl", "train", *args], env=env, capture_output=True, text=True, timeout=HANG
+    )
 
 
 def _error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
-def test_nproc_2_launches_two_ranks_that_take_the_steps_of_one_process_with_twice_the_accumulation(tmp_path: Path) -> None:
-    result = _peftctl("train.nproc=2", *SCHEDULE, "train.grad_accum=1", "adapter.lora_dropout=0", "train.eval_every=2", f"output_dir={tmp_path / 'ddp'}")
+def test_nproc_2_launches_two_ranks_that_take_the_steps_of_one_process_with_twice_the_accumulation(
+    tmp_path: Path,
+) -> None:
+    result = _peftctl(
+        "train.nproc=2",
+        *SCHEDULE,
+        "train.grad_accum=1",
+        "adapter.lora_dropout=0",
+        "train.eval_every=2",
+        f"output_dir={tmp_path / 'ddp'}",
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "x 2 ranks" in result.stdout
-    single = train([*SCHEDULE, "train.grad_accum=2", "adapter.lora_dropout=0", "train.eval_every=2", f"output_dir={tmp_path / 'single'}"], quiet=True)
+    single = train(
+        [
+            *SCHEDULE,
+            "train.grad_accum=2",
+            "adapter.lora_dropout=0",
+            "train.eval_every=2",
+            f"output_dir={tmp_path / 'single'}",
+        ],
+        quiet=True,
+    )
     ours, reference = _adapter(tmp_path / "ddp"), _adapter(single)
     assert max(float((ours[k] - reference[k]).abs().max()) for k in ours) <= 1e-6
     assert torch.allclose(torch.tensor(_losses(tmp_path / "ddp")), torch.tensor(_losses(single)), atol=1e-6)
@@ -42,8 +67,12 @@ def test_nproc_2_launches_two_ranks_that_take_the_steps_of_one_process_with_twic
     assert "nproc" in (tmp_path / "ddp" / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("bad, field", [("train.lr=-1", "train.lr"), ("train.nproc=two", "train.nproc"), ("adapter.rr=8", "adapter.rr")])
-def test_nproc_2_with_bad_input_is_one_line_and_exit_2_before_torchrun_starts(tmp_path: Path, bad: str, field: str) -> None:
+@pytest.mark.parametrize(
+    "bad, field", [("train.lr=-1", "train.lr"), ("train.nproc=two", "train.nproc"), ("adapter.rr=8", "adapter.rr")]
+)
+def test_nproc_2_with_bad_input_is_one_line_and_exit_2_before_torchrun_starts(
+    tmp_path: Path, bad: str, field: str
+) -> None:
     result = _peftctl("train.nproc=2", *SCHEDULE, bad, f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -52,15 +81,27 @@ def test_nproc_2_with_bad_input_is_one_line_and_exit_2_before_torchrun_starts(tm
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("case, extra, fail_at, expect", [
-    ("checkpoint write fails on rank 0", ["train.save_every=2"], "checkpoint:0", "injected failure at checkpoint on rank 0"),
-    ("eval fails on rank 0", ["train.eval_every=2"], "eval:0", "injected failure at eval on rank 0"),
-    ("bad input on rank 1 only", [], "inputs:1", "injected bad input on rank 1"),
-    ("non-finite loss", ["train.lr=1e30", "train.max_grad_norm=null", "train.save_every=0"], None, "loss became"),
-])
-def test_every_collective_path_ends_all_ranks(tmp_path: Path, case: str, extra: list[str], fail_at: str | None, expect: str) -> None:
+@pytest.mark.parametrize(
+    "case, extra, fail_at, expect",
+    [
+        (
+            "checkpoint write fails on rank 0",
+            ["train.save_every=2"],
+            "checkpoint:0",
+            "injected failure at checkpoint on rank 0",
+        ),
+        ("eval fails on rank 0", ["train.eval_every=2"], "eval:0", "injected failure at eval on rank 0"),
+        ("bad input on rank 1 only", [], "inputs:1", "injected bad input on rank 1"),
+        ("non-finite loss", ["train.lr=1e30", "train.max_grad_norm=null", "train.save_every=0"], None, "loss became"),
+    ],
+)
+def test_every_collective_path_ends_all_ranks(
+    tmp_path: Path, case: str, extra: list[str], fail_at: str | None, expect: str
+) -> None:
     run = tmp_path / "run"
-    result = _peftctl("train.nproc=2", *SCHEDULE, *extra, f"output_dir={run}", fail_at=fail_at)  # times out (fails) on a hang
+    result = _peftctl(
+        "train.nproc=2", *SCHEDULE, *extra, f"output_dir={run}", fail_at=fail_at
+    )  # times out (fails) on a hang
     assert result.returncode != 0, case
     errors = _error_lines(result)
     assert len(errors) == 1 and expect in errors[0], (case, result.stderr[-3000:])  # the failing rank's line, once
@@ -72,7 +113,14 @@ def test_every_collective_path_ends_all_ranks(tmp_path: Path, case: str, extra: 
 def test_a_stalled_rank_becomes_an_error_after_train_dist_timeout_s(tmp_path: Path) -> None:
     """Rank 0 stops inside its checkpoint write (as a stuck file system would): rank 1 gives up after
     train.dist_timeout_s with one error line, and torchrun then ends rank 0 too."""
-    result = _peftctl("train.nproc=2", *SCHEDULE, "train.save_every=2", "train.dist_timeout_s=30", f"output_dir={tmp_path / 'run'}", fail_at="checkpoint:0:stall")
+    result = _peftctl(
+        "train.nproc=2",
+        *SCHEDULE,
+        "train.save_every=2",
+        "train.dist_timeout_s=30",
+        f"output_dir={tmp_path / 'run'}",
+        fail_at="checkpoint:0:stall",
+    )
     assert result.returncode != 0
     errors = _error_lines(result)
     assert len(errors) == 1 and "timed out" in errors[0].lower(), result.stderr[-3000:]
