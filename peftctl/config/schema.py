@@ -118,6 +118,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: Any = False  # false | true (latest checkpoint in output_dir) | path to a checkpoint
+    report_to: Union[str, list] = "none"  # none | tensorboard | wandb | mlflow, or a list of them (train/trackers.py)
+    # early stopping on an eval metric (every train.eval_every steps): stop after `patience` evals without
+    # an improvement of more than min_delta; 0 turns it off
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    early_stopping_metric: Literal["eval_loss"] = "eval_loss"
+    save_best: bool = False  # adapter/ is the best eval step's adapter (the step is in summary.json)
 
     def validate(self) -> None:
         check(self.lr > 0, "train.lr", self.lr, "expected a number > 0")
@@ -138,6 +145,14 @@ class TrainConfig:
             check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "expected an integer >= 0")
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "expected an integer >= 1")
         check(isinstance(self.resume, (bool, str)), "train.resume", self.resume, "expected true, false or a checkpoint path")
+        from peftctl.train.trackers import check_report_to
+
+        check_report_to(self.report_to)
+        check(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience, "expected an integer >= 0 (0: off)")
+        check(self.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", self.early_stopping_min_delta, "expected a number >= 0")
+        if self.early_stopping_patience or self.save_best:
+            what = "train.save_best" if self.save_best else "train.early_stopping_patience"
+            check(self.eval_every > 0, "train.eval_every", self.eval_every, f"{what} needs evals during training: expected an integer >= 1")
 
 
 @dataclass

@@ -6,17 +6,19 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from peftctl.data.tokenize import Example, collate
-from peftctl.errors import TrainingError
+from peftctl.errors import ConfigError, TrainingError
 from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
 from peftctl.train.checkpoint import kill_point, load_checkpoint, rng_state, save_checkpoint
-from peftctl.train.distributed import SINGLE, DistInfo, broadcast_parameters, gather_objects, sum_gradients, sum_values
+from peftctl.train.distributed import SINGLE, DistInfo, broadcast_object, broadcast_parameters, gather_objects, sum_gradients, sum_values
 from peftctl.train.logging import MetricsLog, Progress
+from peftctl.train.early_stop import BestTracker
 from peftctl.train.optim import build_optimizer, build_scheduler
+from peftctl.train.trackers import NullTracker, eval_scalars, train_scalars
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -117,6 +119,11 @@ class Trainer:
         self.hooks = method.training_hooks(model, adapter_name, self.total_steps)
         self.state = LoopState()
         self.last_checkpoint: Path | None = None
+        self.tracker: NullTracker = NullTracker()  # train.report_to's trackers (run.py sets them on rank 0)
+        self.best = BestTracker(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
+        self.on_best: Callable[[int], None] | None = None  # called with the step of each new best eval (save_best)
+        if (cfg.train.early_stopping_patience or cfg.train.save_best) and not eval_data:
+            raise ConfigError("train.early_stopping_patience / train.save_best need held-out data; set dataset.eval_size > 0")
 
     # ------------------------------------------------------------------ pieces
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -214,6 +221,19 @@ class Trainer:
             self.last_checkpoint = save_checkpoint(self.run_dir, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, state,
                                                    self.cfg.train.keep_checkpoints, self.hooks, rank_rngs=rank_rngs)
 
+    def _evaluate(self, step: int, log: MetricsLog, final: bool = False) -> float:
+        """Eval loss on the held-out data: metrics.jsonl, the trackers, the best step so far."""
+        eval_loss = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, self.cfg.train.precision, self.task_type)
+        log.write({"step": step, "eval_loss": eval_loss})
+        self.tracker.log(eval_scalars({"eval_loss": eval_loss}), step)
+        if self.best.update(eval_loss, step) and self.on_best is not None and not final:
+            self.on_best(step)  # the final adapter is saved anyway
+        return eval_loss
+
+    def _stop_early(self) -> bool:
+        """Rank 0's early-stopping decision, on every rank."""
+        return bool(self.cfg.train.early_stopping_patience) and bool(broadcast_object(self.best.should_stop, self.dist))
+
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after_step: int | None = None) -> dict[str, Any]:
         train_cfg = self.cfg.train
@@ -225,6 +245,7 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), self.state.tokens
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        stopped_early = False
         try:
             while self.state.step < self.total_steps:
                 # the step's micro-batches, dealt round-robin to the ranks (one rank: all of them)
@@ -243,12 +264,16 @@ class Trainer:
                 log_now = train_cfg.log_every > 0 and (step % train_cfg.log_every == 0 or step == self.total_steps)
                 if log_now and log is not None:
                     log.write(record)
+                    self.tracker.log(train_scalars(record), step)
                     window_start, window_tokens = time.perf_counter(), self.state.tokens
                 progress.update(step, {"loss": loss, "lr": lr, "tok/s": round(record["tokens_per_s"])}, log_now)
-                if main and self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
-                    eval_loss = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision, self.task_type)
-                    log.write({"step": step, "eval_loss": eval_loss})
-                    progress.message(f"step {step}  eval_loss {eval_loss:.4f}")
+                if self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
+                    if main:
+                        progress.message(f"step {step}  eval_loss {self._evaluate(step, log):.4f}")
+                    if self._stop_early():
+                        progress.message(self.best.stop_message(train_cfg.early_stopping_metric, step))
+                        stopped_early = True
+                        break
                 if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
                     self._checkpoint()
                 if stop_after_step is not None and step >= stop_after_step:
@@ -256,8 +281,9 @@ class Trainer:
         finally:
             progress.close()
         self._require_finite("the final adapter")
-        result: dict[str, Any] = {"completed": True, "steps": self.state.step}
-        if main and self.eval_data:
-            result["eval_loss"] = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision, self.task_type)
-            log.write({"step": self.state.step, "eval_loss": result["eval_loss"]})
+        result: dict[str, Any] = {"completed": True, "steps": self.state.step, "stopped_early": stopped_early}
+        if main and self.eval_data and not stopped_early:
+            result["eval_loss"] = self._evaluate(self.state.step, log, final=True)
+        elif main and stopped_early:
+            result["eval_loss"] = self.best.last_value  # the eval that stopped the run, at this step
         return result

@@ -6,6 +6,7 @@ run directory is created, so bad input never leaves a partial run behind.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import sys
 import time
 from pathlib import Path
@@ -206,7 +207,7 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
 
 def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_after_step: int | None, run_dir: Path, lock: Any) -> Path:
     from peftctl.models.loader import move_to_device
-    from peftctl.train.checkpoint import clean_torn_writes, kill_point
+    from peftctl.train.checkpoint import clean_torn_writes
     from peftctl.train.distributed import barrier
     from peftctl.train.logging import plot_metrics
     from peftctl.train.loop import Trainer
@@ -252,23 +253,68 @@ def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, 
         ranks = f" x {dist.world_size} ranks" if dist.enabled else ""
         print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}{ranks}  |  {trainer.total_steps} steps"
               f"  |  fast path {fast_path}", flush=True)
+    from peftctl.train.trackers import build_trackers
+
+    trainer.tracker = build_trackers(cfg.train.report_to, run_dir, cfg.to_dict(), trainer.state.step, dist.is_main)
+    if cfg.train.save_best and dist.is_main:
+        trainer.on_best = lambda step: _save_adapter(model, tokenizer, run_dir / BEST_ADAPTER, initial_adapter)
     started = time.perf_counter()
-    result = trainer.fit(stop_after_step=stop_after_step)
+    try:
+        result = trainer.fit(stop_after_step=stop_after_step)
+    finally:
+        trainer.tracker.close()
     elapsed = time.perf_counter() - started
     if dist.is_main:
         plot_metrics(trainer_records(run_dir), run_dir / "plots" / "loss.png")
         if result["completed"]:
-            with atomic_directory(run_dir / "adapter", overwrite=True) as tmp:  # adapter + tokenizer appear together
-                model.save_pretrained(tmp, path_initial_model_for_weight_conversion=initial_adapter)
-                kill_point("final:adapter")
-                tokenizer.save_pretrained(tmp)
+            adapter_step = _save_final_adapter(cfg, trainer, model, tokenizer, run_dir, initial_adapter)
+            atomic_write_text(run_dir / "summary.json", json.dumps(run_summary(result, trainer, adapter_step), indent=2) + "\n")
     barrier(dist)
     if not result["completed"]:
         return run_dir
     if not quiet:
         extra = f"  eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
+        extra += "  (train.save_best: adapter/ is the best eval step's)" if cfg.train.save_best else ""
         print(f"done: {result['steps']} steps in {elapsed:.0f} s{extra}; adapter saved to {run_dir / 'adapter'}", flush=True)
     return run_dir
+
+
+BEST_ADAPTER = "best_adapter"  # train.save_best: the best eval step's adapter, while training runs
+
+
+def _save_adapter(model: Any, tokenizer: Any, directory: Path, initial_adapter: Path | None) -> None:
+    from peftctl.train.checkpoint import kill_point
+
+    with atomic_directory(directory, overwrite=True) as tmp:  # adapter + tokenizer appear together
+        model.save_pretrained(tmp, path_initial_model_for_weight_conversion=initial_adapter)
+        kill_point(f"final:{directory.name}")
+        tokenizer.save_pretrained(tmp)
+
+
+def _save_final_adapter(cfg: RunConfig, trainer: Any, model: Any, tokenizer: Any, run_dir: Path, initial_adapter: Path | None) -> int:
+    """adapter/: the last step's adapter, or with train.save_best the best eval step's. Returns its step."""
+    import shutil
+
+    best_step, best_dir = trainer.best.best_step, run_dir / BEST_ADAPTER
+    if cfg.train.save_best and best_step is not None and best_step != trainer.state.step and best_dir.is_dir():
+        with atomic_directory(run_dir / "adapter", overwrite=True) as tmp:
+            shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
+        shutil.rmtree(best_dir)
+        return best_step
+    _save_adapter(model, tokenizer, run_dir / "adapter", initial_adapter)
+    if best_dir.is_dir():
+        shutil.rmtree(best_dir)
+    return trainer.state.step
+
+
+def run_summary(result: dict[str, Any], trainer: Any, adapter_step: int) -> dict[str, Any]:
+    """summary.json: how the run ended and which step's adapter adapter/ holds."""
+    summary = {"steps": result["steps"], "stopped_early": result.get("stopped_early", False), "adapter_step": adapter_step}
+    if "eval_loss" in result:
+        summary["eval_loss"] = result["eval_loss"]
+    if trainer.best.best_step is not None:
+        summary["best_step"], summary["best_eval_loss"] = trainer.best.best_step, trainer.best.best_value
+    return summary
 
 
 def trainer_records(run_dir: Path) -> list[dict[str, Any]]:
