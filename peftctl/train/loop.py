@@ -270,12 +270,12 @@ class Trainer:
                 if self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
                     if main:
                         progress.message(f"step {step}  eval_loss {self._evaluate(step, log):.4f}")
-                    if self._stop_early():
-                        progress.message(self.best.stop_message(train_cfg.early_stopping_metric, step))
-                        stopped_early = True
-                        break
+                    stopped_early = self._stop_early()
                 if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
                     self._checkpoint()
+                if stopped_early:
+                    progress.message(self.best.stop_message(train_cfg.early_stopping_metric, step))
+                    break
                 if stop_after_step is not None and step >= stop_after_step:
                     return {"stopped_at": step, "completed": False}
         finally:
