@@ -1,0 +1,118 @@
+"""Deployable exports: q8_0 GGUF, Mistral / Qwen2 GGUF, Ollama Modelfile, merged shards + model card,
+and the vLLM warnings of `--format peft`.
+
+Oracles: the `gguf` package's reader (tensor types, metadata) and transformers' GGUF loader (which
+dequantizes Q8_0 and undoes llama.cpp's q/k permutation) against the merged model's logits."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from peftctl.cli import app
+
+SHORT = ["train.max_steps=4", "train.batch_size=4", "dataset.max_samples=32", "train.save_every=0", "train.eval_every=0"]
+TEXT = "The camera is great. Very happy."
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from peftctl.train.run import train
+
+    # the built-in tiny Llama at a usual init scale (its default 0.15 makes a 2-layer toy whose logits
+    # swing with any rounding: Q8_0's own round trip moves them 3.4% there)
+    return train([*SHORT, "model.arch.initializer_range=0.02", f"output_dir={tmp_path_factory.mktemp('deploy') / 'run'}"], quiet=True)
+
+
+@pytest.fixture(scope="module")
+def merged(llama_run: Path) -> tuple[Any, Any]:
+    from peftctl.export.merge import merged_model
+
+    model, tokenizer, _, _ = merged_model(llama_run, quiet=True)
+    return model.eval(), tokenizer
+
+
+def _cli(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(app, args)
+    return result.exit_code, result.output
+
+
+def _load_gguf(file: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
+
+
+def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).norm() / expected.norm())
+
+
+def test_q8_0_gguf_reads_back_quantized_and_close_to_the_merged_model(llama_run: Path, merged: tuple[Any, Any], tmp_path: Path) -> None:
+    model, tokenizer = merged
+    code, output = _cli(["export", str(llama_run), "--format", "gguf", "--outtype", "q8_0", "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0, output
+    file = tmp_path / "out" / "model-q8_0.gguf"
+    reader = gguf.GGUFReader(file)
+    matrices = [t for t in reader.tensors if len(t.shape) == 2]
+    assert matrices and {t.tensor_type for t in matrices} == {gguf.GGMLQuantizationType.Q8_0}
+    assert {t.tensor_type for t in reader.tensors if len(t.shape) == 1} == {gguf.GGMLQuantizationType.F32}
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
+    expected, got = _logits(model, ids), _logits(_load_gguf(file), ids)
+    error = _relative_error(got, expected)
+    assert error <= 2e-2, error
+    assert error > 0  # really quantized (f32 would reproduce the logits exactly)
+    # and exactly what gguf's own Q8_0 round trip of each merged matrix gives
+    assert torch.equal(got, _logits(_q8_0_round_trip(model), ids))
+
+
+def _q8_0_round_trip(model: Any) -> Any:
+    import copy
+
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in copy_.parameters():
+            if param.ndim == 2:
+                blocks = gguf.quants.quantize(param.numpy(), gguf.GGMLQuantizationType.Q8_0)
+                param.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)).reshape(param.shape))
+    return copy_
+
+
+def _tiny(model_type: str) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftctl.models.tokenizer import BYTE_VOCAB_SIZE
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type, arch, cls", [("mistral", "llama", "MistralForCausalLM"), ("qwen2", "qwen2", "Qwen2ForCausalLM")])
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_mistral_and_qwen2_export_and_read_back(tmp_path: Path, model_type: str, arch: str, cls: str, outtype: str) -> None:
+    from peftctl.export.gguf_export import write_gguf
+    from peftctl.models.tokenizer import build_byte_tokenizer
+
+    model, tokenizer = _tiny(model_type), build_byte_tokenizer()
+    assert type(model).__name__ == cls
+    file = write_gguf(model, tokenizer, tmp_path / "m.gguf", outtype)
+    reader = gguf.GGUFReader(file)
+    assert reader.fields["general.architecture"].contents() == arch
+    names = {t.name for t in reader.tensors}
+    assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.attn_q.weight", "blk.1.ffn_down.weight"} <= names
+    if model_type == "qwen2":
+        assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names  # Qwen2's q/k/v biases
+    ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
+    error = _relative_error(_logits(_load_gguf(file), ids), _logits(model, ids))
+    assert error <= (1e-5 if outtype == "f32" else 2e-2), error
