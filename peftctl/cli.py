@@ -119,9 +119,9 @@ def merge(
 @app.command()
 def export(
     path: str = typer.Argument(..., help="a run directory or an adapter directory"),
-    format: str = typer.Option("peft", "--format", help="peft (adapter in PEFT format), merged (full model) or gguf (merged, one llama.cpp file)"),
+    format: str = typer.Option("peft", "--format", help="peft (adapter in PEFT format), merged (full model), gguf (merged, one llama.cpp file) or ollama (gguf + Modelfile)"),
     out: str = typer.Option(..., "--out", help="output directory (gguf: a .gguf file or a directory)"),
-    outtype: Optional[str] = typer.Option(None, "--outtype", help="gguf only: f32, f16, bf16 or auto (the model's own precision, the default)"),
+    outtype: Optional[str] = typer.Option(None, "--outtype", help="gguf / ollama: f32, f16, bf16, q8_0 or auto (the model's own precision, the default)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty --out or .gguf file (never the source run / adapter)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),

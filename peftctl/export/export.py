@@ -8,7 +8,8 @@ from peftctl.errors import ConfigError
 from peftctl.export.target import check_output_target, source_paths
 from peftctl.utils import atomic_directory, check_output_path
 
-FORMATS = ("peft", "merged", "gguf")
+FORMATS = ("peft", "merged", "gguf", "ollama")
+GGUF_FORMATS = ("gguf", "ollama")  # the formats --outtype applies to
 
 
 def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, outtype: str | None = None, overwrite: bool = False,
@@ -20,13 +21,17 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
 
     if format not in FORMATS:
         raise ConfigError(f"--format={format!r} is not valid; expected one of {', '.join(FORMATS)}")
-    if outtype is not None and format != "gguf":
-        raise ConfigError("--outtype applies to --format gguf only")
+    if outtype is not None and format not in GGUF_FORMATS:
+        raise ConfigError("--outtype applies to --format gguf only (and ollama, which holds a GGUF file)")
     check_output_path(out, "--out", directory=format != "gguf")  # gguf: OUT may name the file
     if format == "gguf":
         from peftctl.export.gguf_export import export_gguf
 
         return export_gguf(path, out, outtype or "auto", quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    if format == "ollama":
+        from peftctl.export.ollama import export_ollama
+
+        return export_ollama(path, out, outtype or "auto", quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
     if format == "merged":
         return merge(path, out, quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
     check_output_path(out, "--out")

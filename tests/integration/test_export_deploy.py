@@ -116,3 +116,69 @@ def test_mistral_and_qwen2_export_and_read_back(tmp_path: Path, model_type: str,
     ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
     error = _relative_error(_logits(_load_gguf(file), ids), _logits(model, ids))
     assert error <= (1e-5 if outtype == "f32" else 2e-2), error
+
+
+def _parse_modelfile(text: str) -> dict[str, Any]:
+    """FROM, TEMPLATE (triple-quoted) and PARAMETER lines, as `ollama create` reads them."""
+    import re
+    import shlex
+
+    parsed: dict[str, Any] = {"PARAMETER": []}
+    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M)
+    assert template, text
+    parsed["TEMPLATE"] = template.group(1)
+    for line in text[: template.start()].splitlines() + text[template.end() :].splitlines():
+        if not line.strip():
+            continue
+        command, _, rest = line.partition(" ")
+        if command == "PARAMETER":
+            key, _, value = rest.partition(" ")
+            parsed["PARAMETER"].append((key, shlex.split(value)[0]))
+        else:
+            assert command == "FROM", line
+            parsed["FROM"] = rest
+    return parsed
+
+
+def _render(template: str, prompt: str, response: str = "") -> str:
+    """What Ollama sends the model: the template with .Prompt and .Response filled in."""
+    assert template.count("{{ .Prompt }}") == 1 and template.endswith("{{ .Response }}")
+    return template.replace("{{ .Prompt }}", prompt).replace("{{ .Response }}", response)
+
+
+def test_ollama_export_writes_a_gguf_and_a_modelfile_with_the_training_prompt(llama_run: Path, merged: tuple[Any, Any], tmp_path: Path) -> None:
+    from peftctl.eval.generate import format_prompt
+    from peftctl.runs import open_source
+
+    _, tokenizer = merged
+    code, output = _cli(["export", str(llama_run), "--format", "ollama", "--outtype", "q8_0", "--out", str(tmp_path / "ollama")])
+    assert code == 0, output
+    assert "ollama create" in output
+    modelfile = _parse_modelfile((tmp_path / "ollama" / "Modelfile").read_text())
+    assert modelfile["FROM"] == "./model-q8_0.gguf"
+    reader = gguf.GGUFReader(tmp_path / "ollama" / "model-q8_0.gguf")
+    assert {t.tensor_type for t in reader.tensors if len(t.shape) == 2} == {gguf.GGMLQuantizationType.Q8_0}
+    dataset_cfg = open_source(llama_run).config.dataset
+    assert dataset_cfg.format == "alpaca"
+    prompt = 'Rate "this" review: great camera'
+    assert _render(modelfile["TEMPLATE"], prompt) == format_prompt(prompt, dataset_cfg, tokenizer)  # the prompt the run trained on
+    stops = [value for key, value in modelfile["PARAMETER"] if key == "stop"]
+    assert stops == [tokenizer.eos_token, "### Instruction:"]
+    assert ("num_ctx", "512") in modelfile["PARAMETER"] and ("temperature", "0") in modelfile["PARAMETER"]
+    # an existing --out is refused without --overwrite, as for the other formats
+    code, output = _cli(["export", str(llama_run), "--format", "ollama", "--out", str(tmp_path / "ollama")])
+    assert code == 2 and "--overwrite" in output
+
+
+def test_ollama_template_follows_a_chat_template() -> None:
+    from types import SimpleNamespace
+
+    from peftctl.export.ollama import modelfile_text
+    from peftctl.models.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    text = modelfile_text("m.gguf", SimpleNamespace(format="chat"), tokenizer, 256)
+    parsed = _parse_modelfile(text)
+    assert _render(parsed["TEMPLATE"], "hi there") == "<|user|>hi there\n<|assistant|>"
+    assert [v for k, v in parsed["PARAMETER"] if k == "stop"] == [tokenizer.eos_token]
