@@ -41,6 +41,20 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
         for file in source.adapter_dir.iterdir():
             if file.is_file():
                 shutil.copy2(file, tmp / file.name)
+    _warn_for_vllm(Path(out))
     if not quiet:
         print(f"adapter (PEFT format) written to {out}")
     return Path(out)
+
+
+def _warn_for_vllm(adapter_dir: Path) -> None:
+    """One warning line (stderr) per feature vLLM's LoRA loader refuses."""
+    import json
+    import sys
+
+    from peftctl.export.vllm_check import vllm_warnings
+
+    config_file = adapter_dir / "adapter_config.json"
+    if config_file.is_file():
+        for line in vllm_warnings(json.loads(config_file.read_text())):
+            print(f"warning: {line}", file=sys.stderr, flush=True)

@@ -182,3 +182,29 @@ def test_ollama_template_follows_a_chat_template() -> None:
     parsed = _parse_modelfile(text)
     assert _render(parsed["TEMPLATE"], "hi there") == "<|user|>hi there\n<|assistant|>"
     assert [v for k, v in parsed["PARAMETER"] if k == "stop"] == [tokenizer.eos_token]
+
+
+def _warning_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("warning: ")]
+
+
+def test_peft_export_warns_for_what_vllm_refuses(llama_run: Path, tmp_path: Path) -> None:
+    import json
+
+    from peftctl.train.run import train
+
+    code, output = _cli(["export", str(llama_run), "--format", "peft", "--out", str(tmp_path / "plain")])
+    assert code == 0 and _warning_lines(output) == []  # a plain rank-8 LoRA: vLLM serves it as is
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["r"] <= 16
+
+    dora = train([*SHORT, "train.max_steps=1", "adapter=dora", "adapter.r=32", "adapter.modules_to_save=[lm_head]", f"output_dir={tmp_path / 'dora'}"], quiet=True)
+    code, output = _cli(["export", str(dora), "--format", "peft", "--out", str(tmp_path / "dora_out")])
+    warnings = _warning_lines(output)
+    assert code == 0 and len(warnings) == 3, output
+    assert "DoRA" in warnings[0] and "modules_to_save (lm_head)" in warnings[1] and "rank 32" in warnings[2] and "--max-lora-rank 32" in warnings[2]
+    assert all("--format merged" in line for line in warnings)
+    assert (tmp_path / "dora_out" / "adapter_model.safetensors").is_file()  # warnings, not a refusal
+
+    ia3 = train([*SHORT, "train.max_steps=1", "adapter=ia3", f"output_dir={tmp_path / 'ia3'}"], quiet=True)
+    code, output = _cli(["export", str(ia3), "--format", "peft", "--out", str(tmp_path / "ia3_out")])
+    assert code == 0 and _warning_lines(output) == ["warning: vLLM serves LoRA adapters only; this adapter is IA3: serve the merged model instead: peftctl export --format merged"]
