@@ -13,7 +13,7 @@ GGUF_FORMATS = ("gguf", "ollama")  # the formats --outtype applies to
 
 
 def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, outtype: str | None = None, overwrite: bool = False,
-           trust_remote_code: bool = False) -> Path:
+           trust_remote_code: bool = False, max_shard_size: str | None = None) -> Path:
     """Write PATH's adapter (peft), merged model (merged) or GGUF file (gguf) to OUT; an existing
     non-empty OUT (or .gguf file) is replaced only with ``overwrite``, the source never."""
     from peftctl.export.merge import merge
@@ -23,6 +23,8 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
         raise ConfigError(f"--format={format!r} is not valid; expected one of {', '.join(FORMATS)}")
     if outtype is not None and format not in GGUF_FORMATS:
         raise ConfigError("--outtype applies to --format gguf only (and ollama, which holds a GGUF file)")
+    if max_shard_size is not None and format != "merged":
+        raise ConfigError("--max-shard-size applies to --format merged only")
     check_output_path(out, "--out", directory=format != "gguf")  # gguf: OUT may name the file
     if format == "gguf":
         from peftctl.export.gguf_export import export_gguf
@@ -33,7 +35,8 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
 
         return export_ollama(path, out, outtype or "auto", quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
     if format == "merged":
-        return merge(path, out, quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
+        command = ["peftctl", "export", str(path), "--format", "merged", "--out", str(out), *(["--max-shard-size", max_shard_size] if max_shard_size else [])]
+        return merge(path, out, quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code, max_shard_size=max_shard_size, command=command)
     check_output_path(out, "--out")
     check_output_target(out, source_paths(path), overwrite)
     source = open_source(path, trust_remote_code=trust_remote_code)

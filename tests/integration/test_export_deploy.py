@@ -208,3 +208,34 @@ def test_peft_export_warns_for_what_vllm_refuses(llama_run: Path, tmp_path: Path
     ia3 = train([*SHORT, "train.max_steps=1", "adapter=ia3", f"output_dir={tmp_path / 'ia3'}"], quiet=True)
     code, output = _cli(["export", str(ia3), "--format", "peft", "--out", str(tmp_path / "ia3_out")])
     assert code == 0 and _warning_lines(output) == ["warning: vLLM serves LoRA adapters only; this adapter is IA3: serve the merged model instead: peftctl export --format merged"]
+
+
+def test_merged_export_writes_shards_a_model_card_tokenizer_and_generation_config(llama_run: Path, merged: tuple[Any, Any], tmp_path: Path) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = merged
+    out = tmp_path / "merged"
+    code, output = _cli(["export", str(llama_run), "--format", "merged", "--max-shard-size", "200KB", "--out", str(out), "--quiet"])
+    assert code == 0, output
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) >= 2 and set(index["weight_map"].values()) == {s.name for s in shards}
+    assert all(s.stat().st_size <= 200_000 + 140_000 for s in shards)  # a shard exceeds the limit only by one tensor (the embedding)
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
+    assert torch.allclose(_logits(loaded, ids), _logits(model, ids), atol=1e-6)
+    assert AutoTokenizer.from_pretrained(out)(TEXT)["input_ids"] == tokenizer(TEXT)["input_ids"]
+    assert (out / "generation_config.json").is_file()
+    card = (out / "README.md").read_text()
+    summary = json.loads((llama_run / "summary.json").read_text())
+    for fragment in ("base_model: builtin:tiny-llama", "**Method:** lora (r=", "**Recipe:** tiny_lora", "**Data:** `builtin:sentiment`",
+                     f"| steps | {summary['steps']} |", "peftctl export", "--max-shard-size 200KB"):
+        assert fragment in card, fragment
+
+
+def test_bad_shard_size_is_one_line(llama_run: Path, tmp_path: Path) -> None:
+    code, output = _cli(["export", str(llama_run), "--format", "merged", "--max-shard-size", "lots", "--out", str(tmp_path / "m")])
+    assert code == 2 and output.strip().splitlines() == ["error: --max-shard-size='lots' is not valid; expected a size such as 500MB, 2GB or 1GiB"]
+    assert not (tmp_path / "m").exists()
