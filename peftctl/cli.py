@@ -119,7 +119,7 @@ def merge(
 @app.command()
 def export(
     path: str = typer.Argument(..., help="a run directory or an adapter directory"),
-    format: str = typer.Option("peft", "--format", help="peft (adapter in PEFT format), merged (full model), gguf (merged, one llama.cpp file) or ollama (gguf + Modelfile)"),
+    format: str = typer.Option("peft", "--format", help="peft (adapter in PEFT format), merged (full model), gguf (merged, one llama.cpp file), gguf-lora (the adapter alone, llama.cpp --lora) or ollama (gguf + Modelfile)"),
     out: str = typer.Option(..., "--out", help="output directory (gguf: a .gguf file or a directory)"),
     outtype: Optional[str] = typer.Option(None, "--outtype", help="gguf / ollama: f32, f16, bf16, q8_0 or auto (the model's own precision, the default)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty --out or .gguf file (never the source run / adapter)"),

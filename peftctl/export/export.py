@@ -8,8 +8,8 @@ from peftctl.errors import ConfigError
 from peftctl.export.target import check_output_target, source_paths
 from peftctl.utils import atomic_directory, check_output_path
 
-FORMATS = ("peft", "merged", "gguf", "ollama")
-GGUF_FORMATS = ("gguf", "ollama")  # the formats --outtype applies to
+FORMATS = ("peft", "merged", "gguf", "gguf-lora", "ollama")
+GGUF_FORMATS = ("gguf", "gguf-lora", "ollama")  # the formats --outtype applies to
 
 
 def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, outtype: str | None = None, overwrite: bool = False,
@@ -22,10 +22,14 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
     if format not in FORMATS:
         raise ConfigError(f"--format={format!r} is not valid; expected one of {', '.join(FORMATS)}")
     if outtype is not None and format not in GGUF_FORMATS:
-        raise ConfigError("--outtype applies to --format gguf only (and ollama, which holds a GGUF file)")
+        raise ConfigError("--outtype applies to --format gguf only (and gguf-lora / ollama, which write GGUF files)")
     if max_shard_size is not None and format != "merged":
         raise ConfigError("--max-shard-size applies to --format merged only")
-    check_output_path(out, "--out", directory=format != "gguf")  # gguf: OUT may name the file
+    check_output_path(out, "--out", directory=format not in ("gguf", "gguf-lora"))  # gguf: OUT may name the file
+    if format == "gguf-lora":
+        from peftctl.export.gguf_lora import export_gguf_lora
+
+        return export_gguf_lora(path, out, outtype, quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
     if format == "gguf":
         from peftctl.export.gguf_export import export_gguf
 

@@ -239,3 +239,55 @@ def test_bad_shard_size_is_one_line(llama_run: Path, tmp_path: Path) -> None:
     code, output = _cli(["export", str(llama_run), "--format", "merged", "--max-shard-size", "lots", "--out", str(tmp_path / "m")])
     assert code == 2 and output.strip().splitlines() == ["error: --max-shard-size='lots' is not valid; expected a size such as 500MB, 2GB or 1GiB"]
     assert not (tmp_path / "m").exists()
+
+
+def _gguf_arrays(file: Path) -> dict[str, torch.Tensor]:
+    return {t.name: torch.from_numpy(t.data.copy()).to(torch.float32) for t in gguf.GGUFReader(file).tensors}
+
+
+def test_gguf_lora_holds_the_adapter_as_llama_cpp_applies_it(llama_run: Path, tmp_path: Path) -> None:
+    """llama.cpp adds (alpha / r) * lora_b @ lora_a to the base file's tensor: that must turn the base
+    GGUF into the merged GGUF, tensor by tensor (q/k in llama.cpp's permuted row order)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from peftctl.export.gguf_export import write_gguf
+    from peftctl.models.loader import resolve_model_path
+    from peftctl.models.tokenizer import build_byte_tokenizer
+    from peftctl.runs import open_source
+
+    code, output = _cli(["export", str(llama_run), "--format", "gguf-lora", "--out", str(tmp_path / "lora.gguf")])
+    assert code == 0 and "--lora" in output, output
+    reader = gguf.GGUFReader(tmp_path / "lora.gguf")
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    adapter_config = json.loads((llama_run / "adapter" / "adapter_config.json").read_text())
+    assert (fields["general.type"], fields["adapter.type"], fields["general.architecture"]) == ("adapter", "lora", "llama")
+    assert fields["adapter.lora.alpha"] == pytest.approx(adapter_config["lora_alpha"])
+    lora = _gguf_arrays(tmp_path / "lora.gguf")
+    assert lora and all(name.endswith((".lora_a", ".lora_b")) for name in lora)
+
+    source = open_source(llama_run)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(source.config.model), dtype=torch.float32).eval()
+    base_file = write_gguf(base, build_byte_tokenizer(), tmp_path / "base.gguf", "f32")
+    code, output = _cli(["export", str(llama_run), "--format", "gguf", "--outtype", "f32", "--out", str(tmp_path / "merged.gguf"), "--quiet"])
+    assert code == 0, output
+    base_tensors, merged_tensors = _gguf_arrays(base_file), _gguf_arrays(tmp_path / "merged.gguf")
+    scale = fields["adapter.lora.alpha"] / adapter_config["r"]
+    adapted = {name.removesuffix(".lora_a") for name in lora if name.endswith(".lora_a")}
+    assert {"blk.0.attn_q.weight", "blk.1.attn_v.weight"} <= adapted
+    for name in adapted:
+        delta = scale * lora[f"{name}.lora_b"] @ lora[f"{name}.lora_a"]
+        assert torch.allclose(base_tensors[name] + delta, merged_tensors[name], atol=1e-5), name
+    for name in set(base_tensors) - adapted:
+        assert torch.equal(base_tensors[name], merged_tensors[name]), name
+
+
+def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(tmp_path: Path) -> None:
+    from peftctl.train.run import train
+
+    dora = train([*SHORT, "train.max_steps=1", "adapter=dora", f"output_dir={tmp_path / 'dora'}"], quiet=True)
+    code, output = _cli(["export", str(dora), "--format", "gguf-lora", "--out", str(tmp_path / "d.gguf")])
+    assert code == 2 and output.strip().splitlines() == [
+        "error: --format gguf-lora: llama.cpp's LoRA adapters cannot hold DoRA (use_dora=true); use --format gguf (merged) instead"]
+    assert not (tmp_path / "d.gguf").exists()
