@@ -25,7 +25,6 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
         raise ConfigError("--outtype applies to --format gguf only (and gguf-lora / ollama, which write GGUF files)")
     if max_shard_size is not None and format != "merged":
         raise ConfigError("--max-shard-size applies to --format merged only")
-    check_output_path(out, "--out", directory=format not in ("gguf", "gguf-lora"))  # gguf: OUT may name the file
     if format == "gguf-lora":
         from peftctl.export.gguf_lora import export_gguf_lora
 
@@ -41,8 +40,8 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
     if format == "merged":
         command = ["peftctl", "export", str(path), "--format", "merged", "--out", str(out), *(["--max-shard-size", max_shard_size] if max_shard_size else [])]
         return merge(path, out, quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code, max_shard_size=max_shard_size, command=command)
-    check_output_path(out, "--out")
-    check_output_target(out, source_paths(path), overwrite)
+    check_output_path(out, "--out", directory=False)  # a name the file system takes, a writable parent
+    check_output_target(out, source_paths(path), overwrite)  # an existing file or folder only with --overwrite
     source = open_source(path, trust_remote_code=trust_remote_code)
     with atomic_directory(Path(out), overwrite=True) as tmp:  # checked above
         for file in source.adapter_dir.iterdir():

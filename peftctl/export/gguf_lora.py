@@ -124,6 +124,7 @@ def export_gguf_lora(path: str | Path, out: str | Path, outtype: str | None = No
     from peftctl.export.target import check_output_target, source_paths
     from peftctl.models.loader import resolve_model_path
     from peftctl.runs import open_source
+    from peftctl.utils import check_output_path
 
     require_gguf()
     outtype = outtype or "f32"
@@ -132,6 +133,7 @@ def export_gguf_lora(path: str | Path, out: str | Path, outtype: str | None = No
     check_source(path, trust_remote_code)
     source = open_source(path, trust_remote_code=trust_remote_code)
     check_lora_adapter(json.loads((source.adapter_dir / "adapter_config.json").read_text()))
+    check_output_path(out, "--out", directory=False)  # OUT may name the .gguf file
     out = Path(out)
     target = out if out.suffix == ".gguf" else out / f"lora-{outtype}.gguf"
     sources = source_paths(path)

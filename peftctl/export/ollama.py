@@ -58,11 +58,12 @@ def export_ollama(path: str | Path, out: str | Path, outtype: str = "auto", quie
     from peftctl.export.gguf_export import check_outtype, check_source, check_supported, require_gguf, resolve_outtype, write_gguf
     from peftctl.export.merge import merged_model
     from peftctl.export.target import check_output_target, source_paths
-    from peftctl.utils import atomic_directory, atomic_write_text
+    from peftctl.utils import atomic_directory, atomic_write_text, check_output_path
 
     require_gguf()
     check_outtype(outtype)
     check_source(path, trust_remote_code)
+    check_output_path(out, "--out", directory=False)  # a name the file system takes, a writable parent
     check_output_target(out, source_paths(path), overwrite)
     merged, tokenizer, source, note = merged_model(path, quiet=True, trust_remote_code=trust_remote_code)
     check_supported(merged)
