@@ -2,18 +2,24 @@
 
 Hydra composes the YAML; `build_run_config` then checks every key and value against these
 dataclasses and raises ConfigError with one line that names the field and what would be valid.
-The `adapter` group is checked by the chosen method's own config class (adapters/registry.py).
+The `adapter` group is checked by the chosen method's own config class (adapters/core/registry.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from peftctl.adapters.core.config import TASK_TYPE_TO_PEFT
+from peftctl.adapters.core.registry import config_from_dict
+from peftctl.data.packing import PROMPT_FAMILY
+from peftctl.data.tasks import TASK_FORMATS
 from peftctl.errors import ConfigError
 
 
@@ -30,7 +36,12 @@ class ModelConfig:
     init_seed: int = 0
 
     def validate(self) -> None:
-        check(bool(self.name_or_path.strip()), "model.name_or_path", self.name_or_path, "expected a model directory, hub name or builtin:NAME")
+        check(
+            bool(self.name_or_path.strip()),
+            "model.name_or_path",
+            self.name_or_path,
+            "expected a model directory, hub name or builtin:NAME",
+        )
         if self.num_labels is not None:
             check(self.num_labels >= 1, "model.num_labels", self.num_labels, "expected an integer >= 1 or null")
 
@@ -38,7 +49,9 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     path: str = "builtin:sentiment"
-    format: Literal["alpaca", "text", "chat", "sharegpt", "seq2seq", "classification", "token_classification"] = "alpaca"
+    format: Literal["alpaca", "text", "chat", "sharegpt", "seq2seq", "classification", "token_classification"] = (
+        "alpaca"
+    )
     name: Optional[str] = None  # hub dataset config name
     split: str = "train"
     eval_split: Optional[str] = None  # a separate split; otherwise eval_size is held out of `split`
@@ -53,7 +66,9 @@ class DatasetConfig:
     messages_column: str = "messages"  # format=chat: OpenAI-style [{role, content}]
     conversations_column: str = "conversations"  # format=sharegpt: [{from, value}]
     role_map: Optional[dict] = None  # extra / overriding role names -> system | user | assistant | tool
-    chat_template: Optional[str] = None  # a built-in name (chatml, llama3, mistral, alpaca) or a .jinja path; null: the tokenizer's
+    chat_template: Optional[str] = (
+        None  # a built-in name (chatml, llama3, mistral, alpaca) or a .jinja path; null: the tokenizer's
+    )
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # chat: which turns the loss covers
     packing: bool = False  # several examples per row of max_seq_len (causal LM), attention kept per example
     packing_split: bool = False  # true: cut examples across rows instead of first-fit-decreasing whole ones
@@ -130,7 +145,12 @@ class TrainConfig:
         check(self.lr > 0, "train.lr", self.lr, "expected a number > 0")
         check(self.batch_size >= 1, "train.batch_size", self.batch_size, "expected an integer >= 1")
         check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "expected an integer >= 1")
-        check(self.max_steps == -1 or self.max_steps >= 1, "train.max_steps", self.max_steps, "expected -1 (use epochs) or an integer >= 1")
+        check(
+            self.max_steps == -1 or self.max_steps >= 1,
+            "train.max_steps",
+            self.max_steps,
+            "expected -1 (use epochs) or an integer >= 1",
+        )
         check(self.epochs > 0, "train.epochs", self.epochs, "expected a number > 0")
         check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "expected an integer >= 0")
         check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "expected 0 <= warmup_ratio < 1")
@@ -145,8 +165,6 @@ class TrainConfig:
             check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "expected an integer >= 0")
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "expected an integer >= 1")
         check(isinstance(self.resume, (bool, str)), "train.resume", self.resume, "expected true, false or a checkpoint path")
-        from peftctl.train.trackers import check_report_to
-
         check_report_to(self.report_to)
         check(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience, "expected an integer >= 0 (0: off)")
         check(self.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", self.early_stopping_min_delta, "expected a number >= 0")
@@ -167,7 +185,12 @@ class EvalConfig:
         check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "expected an integer >= 1")
         check(self.num_generate >= 0, "eval.num_generate", self.num_generate, "expected an integer >= 0")
         if self.max_eval_samples is not None:
-            check(self.max_eval_samples > 0, "eval.max_eval_samples", self.max_eval_samples, "expected an integer > 0 or null")
+            check(
+                self.max_eval_samples > 0,
+                "eval.max_eval_samples",
+                self.max_eval_samples,
+                "expected an integer > 0 or null",
+            )
 
 
 @dataclass
@@ -188,11 +211,41 @@ class RunConfig:
             if dataclasses.is_dataclass(value):
                 out[key] = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
         if self.adapter is not None:
-            out["adapter"] = {"method": self.adapter.method, **{k: v for k, v in dataclasses.asdict(self.adapter).items()}}
+            out["adapter"] = {
+                "method": self.adapter.method,
+                **{k: v for k, v in dataclasses.asdict(self.adapter).items()},
+            }
         return out
 
 
 # ---------------------------------------------------------------------------- validation
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.report_to (train/trackers.py)
+MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # the package each tracker imports
+
+
+def report_to_list(value: Any) -> list[str]:
+    """`train.report_to` as a list of tracker names (none -> [])."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    return [name for name in names if name != "none"]
+
+
+def check_report_to(value: Any) -> None:
+    """ConfigError naming the bad entry of `train.report_to`."""
+    names = [value] if isinstance(value, str) else value
+    valid = "expected none, tensorboard, wandb, mlflow or a list of them"
+    if not isinstance(names, (list, tuple)):
+        raise ConfigError(f"train.report_to={value!r} is not valid; {valid}")
+    for name in names:
+        if name not in ("none", *TRACKERS):
+            raise ConfigError(f"train.report_to={value!r} is not valid: {name!r} is not a tracker; {valid}")
+    if "none" in names and len(names) > 1:
+        raise ConfigError(f"train.report_to={value!r} is not valid: none cannot be combined with trackers; {valid}")
+    for name in report_to_list(value):
+        module = MODULES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"train.report_to={name} needs the {module} package, which is not installed; pip install 'peftctl[track]'")
+
+
 def check(condition: bool, name: str, value: Any, valid: str) -> None:
     if not condition:
         raise ConfigError(f"{name}={value!r} is not valid; {valid}")
@@ -260,11 +313,14 @@ def build_section(cls: type, values: dict[str, Any] | None, section: str) -> Any
 
 def build_run_config(values: dict[str, Any]) -> RunConfig:
     """Check a composed config (plain dict) and return the typed RunConfig."""
-    from peftctl.adapters.config import TASK_TYPE_TO_PEFT
-    from peftctl.adapters.registry import config_from_dict
-
     values = dict(values)
-    sections = {"model": ModelConfig, "dataset": DatasetConfig, "quant": QuantConfig, "train": TrainConfig, "eval": EvalConfig}
+    sections = {
+        "model": ModelConfig,
+        "dataset": DatasetConfig,
+        "quant": QuantConfig,
+        "train": TrainConfig,
+        "eval": EvalConfig,
+    }
     reject_unknown_keys(values, [f.name for f in dataclasses.fields(RunConfig)])
     built = {name: build_section(cls, values.get(name), name) for name, cls in sections.items()}
     adapter_values = dict(values.get("adapter") or {})
@@ -282,19 +338,23 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
 
 
 def _check_packing(dataset: DatasetConfig, task_type: str, method: str) -> None:
-    from peftctl.data.packing import PROMPT_FAMILY
-
     if not dataset.packing:
         return
     if task_type != "causal_lm":
-        raise ConfigError(f"dataset.packing=true is not valid with model.task_type={task_type}; packing is for causal_lm only")
+        raise ConfigError(
+            f"dataset.packing=true is not valid with model.task_type={task_type}; packing is for causal_lm only"
+        )
     if method in PROMPT_FAMILY:
-        raise ConfigError(f"dataset.packing=true is not valid with adapter={method}: its virtual tokens assume one example per row; set dataset.packing=false")
+        raise ConfigError(
+            f"dataset.packing=true is not valid with adapter={method}: its virtual tokens assume one example per row; "
+            "set dataset.packing=false"
+        )
 
 
 def _check_format_fits_task(dataset_format: str, task_type: str) -> None:
-    from peftctl.data.tasks import TASK_FORMATS
-
     expected = TASK_FORMATS.get(dataset_format, "causal_lm")
     if expected != task_type:
-        raise ConfigError(f"dataset.format={dataset_format} is not valid with model.task_type={task_type}; it needs model.task_type={expected}")
+        raise ConfigError(
+            f"dataset.format={dataset_format} is not valid with model.task_type={task_type}; it needs "
+            f"model.task_type={expected}"
+        )

@@ -4,18 +4,46 @@ Short product reviews built from templates; the label is the review's sentiment.
 are new combinations of the phrases, so a model must learn which phrases carry the sentiment
 rather than memorise sentences. The same reviews also come as a classification task
 (``sentiment_cls``: text + label 0/1) and a seq2seq task (``sentiment_s2s``: source + target), and
-``ner`` is a tiny named-entity task (tokens + BIO tags of PER / LOC / ORG). Regenerate with `python -m peftctl.data.builtin`.
+``ner`` is a tiny named-entity task (tokens + BIO tags of PER / LOC / ORG).
+Regenerate with `python -m peftctl.data.builtin`.
 """
+
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
 
+from peftctl.errors import ConfigError
+
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 INSTRUCTION = "Is this review positive or negative?"
-PRODUCTS = ["phone", "laptop", "blender", "jacket", "headset", "kettle", "lamp", "backpack", "camera", "chair", "watch", "printer"]
-POSITIVE = ["great", "excellent", "wonderful", "reliable", "sturdy", "fantastic", "comfortable", "fast", "lovely", "superb"]
+PRODUCTS = [
+    "phone",
+    "laptop",
+    "blender",
+    "jacket",
+    "headset",
+    "kettle",
+    "lamp",
+    "backpack",
+    "camera",
+    "chair",
+    "watch",
+    "printer",
+]
+POSITIVE = [
+    "great",
+    "excellent",
+    "wonderful",
+    "reliable",
+    "sturdy",
+    "fantastic",
+    "comfortable",
+    "fast",
+    "lovely",
+    "superb",
+]
 NEGATIVE = ["terrible", "awful", "flimsy", "slow", "broken", "disappointing", "noisy", "cheap", "useless", "faulty"]
 POSITIVE_ENDINGS = ["I love it.", "Would buy again.", "Highly recommended.", "Worth every penny.", "Very happy."]
 NEGATIVE_ENDINGS = ["I regret it.", "Sent it back.", "Do not buy.", "A waste of money.", "Very annoyed."]
@@ -39,7 +67,9 @@ def generate(n_train: int = 2000, n_test: int = 200, seed: int = 1234) -> dict[s
             if review in seen:
                 continue  # the test split holds only reviews never seen in training
             seen.add(review)
-            splits[split].append({"instruction": INSTRUCTION, "input": review, "output": "positive" if positive else "negative"})
+            splits[split].append(
+                {"instruction": INSTRUCTION, "input": review, "output": "positive" if positive else "negative"}
+            )
     return splits
 
 
@@ -88,10 +118,10 @@ def generate_tasks(n_train: int = 400, n_test: int = 60, seed: int = 4321) -> di
 def builtin_files(name: str) -> dict[str, str]:
     files = {split: BUILTIN_DIR / f"{name}_{split}.jsonl" for split in ("train", "test")}
     if not all(path.is_file() for path in files.values()):
-        from peftctl.errors import ConfigError
-
         known = sorted({p.stem.rsplit("_", 1)[0] for p in BUILTIN_DIR.glob("*.jsonl")})
-        raise ConfigError(f"dataset.path=builtin:{name} is not a built-in dataset; valid: {', '.join('builtin:' + k for k in known)}")
+        raise ConfigError(
+            f"dataset.path=builtin:{name} is not a built-in dataset; valid: {', '.join('builtin:' + k for k in known)}"
+        )
     return {split: str(path) for split, path in files.items()}
 
 

@@ -1,11 +1,14 @@
 """`peftctl export`: the adapter in PEFT format, the merged model, or the merged model as GGUF."""
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 from peftctl.errors import ConfigError
+from peftctl.export.merge import merge
 from peftctl.export.target import check_output_target, source_paths
+from peftctl.runs import open_source
 from peftctl.utils import atomic_directory, check_output_path
 
 FORMATS = ("peft", "merged", "gguf", "gguf-lora", "ollama")
@@ -16,9 +19,6 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
            trust_remote_code: bool = False, max_shard_size: str | None = None) -> Path:
     """Write PATH's adapter (peft), merged model (merged) or GGUF file (gguf) to OUT; an existing
     non-empty OUT (or .gguf file) is replaced only with ``overwrite``, the source never."""
-    from peftctl.export.merge import merge
-    from peftctl.runs import open_source
-
     if format not in FORMATS:
         raise ConfigError(f"--format={format!r} is not valid; expected one of {', '.join(FORMATS)}")
     if outtype is not None and format not in GGUF_FORMATS:

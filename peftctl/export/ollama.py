@@ -55,7 +55,14 @@ def modelfile_text(gguf_name: str, dataset_cfg: Any, tokenizer: Any, context_len
 def export_ollama(path: str | Path, out: str | Path, outtype: str = "auto", quiet: bool = False, overwrite: bool = False,
                   trust_remote_code: bool = False) -> Path:
     """OUT/model-<outtype>.gguf + OUT/Modelfile, written together (atomically)."""
-    from peftctl.export.gguf_export import check_outtype, check_source, check_supported, require_gguf, resolve_outtype, write_gguf
+    from peftctl.export.gguf_export import (
+        check_outtype,
+        check_source,
+        check_supported,
+        require_gguf,
+        resolve_outtype,
+        write_gguf,
+    )
     from peftctl.export.merge import merged_model
     from peftctl.export.target import check_output_target, source_paths
     from peftctl.utils import atomic_directory, atomic_write_text, check_output_path

@@ -11,7 +11,6 @@ MLflow run id are kept in `trackers.json`.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -19,37 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peftctl.config.schema import TRACKERS, check_report_to, report_to_list  # noqa: F401 - re-exported
 from peftctl.errors import ConfigError
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
-MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # the package each tracker imports
 STATE_FILE = "trackers.json"
 PROJECT = "peftctl"  # the W&B project / MLflow experiment, unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise
 TRAIN_KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s",
               "memory_gib": "train/memory_gib", "epoch": "train/epoch"}
-
-
-def report_to_list(value: Any) -> list[str]:
-    """`train.report_to` as a list of tracker names (none -> [])."""
-    names = [value] if isinstance(value, str) else list(value or [])
-    return [name for name in names if name != "none"]
-
-
-def check_report_to(value: Any) -> None:
-    """ConfigError naming the bad entry of `train.report_to`."""
-    names = [value] if isinstance(value, str) else value
-    valid = "expected none, tensorboard, wandb, mlflow or a list of them"
-    if not isinstance(names, (list, tuple)):
-        raise ConfigError(f"train.report_to={value!r} is not valid; {valid}")
-    for name in names:
-        if name not in ("none", *TRACKERS):
-            raise ConfigError(f"train.report_to={value!r} is not valid: {name!r} is not a tracker; {valid}")
-    if "none" in names and len(names) > 1:
-        raise ConfigError(f"train.report_to={value!r} is not valid: none cannot be combined with trackers; {valid}")
-    for name in report_to_list(value):
-        module = MODULES[name]
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"train.report_to={name} needs the {module} package, which is not installed; pip install 'peftctl[track]'")
 
 
 def train_scalars(record: dict[str, Any]) -> dict[str, float]:
