@@ -164,13 +164,33 @@ class TrainConfig:
         for name in ("log_every", "eval_every", "save_every"):
             check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "expected an integer >= 0")
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "expected an integer >= 1")
-        check(isinstance(self.resume, (bool, str)), "train.resume", self.resume, "expected true, false or a checkpoint path")
+        check(
+            isinstance(self.resume, (bool, str)),
+            "train.resume",
+            self.resume,
+            "expected true, false or a checkpoint path",
+        )
         check_report_to(self.report_to)
-        check(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience, "expected an integer >= 0 (0: off)")
-        check(self.early_stopping_min_delta >= 0, "train.early_stopping_min_delta", self.early_stopping_min_delta, "expected a number >= 0")
+        check(
+            self.early_stopping_patience >= 0,
+            "train.early_stopping_patience",
+            self.early_stopping_patience,
+            "expected an integer >= 0 (0: off)",
+        )
+        check(
+            self.early_stopping_min_delta >= 0,
+            "train.early_stopping_min_delta",
+            self.early_stopping_min_delta,
+            "expected a number >= 0",
+        )
         if self.early_stopping_patience or self.save_best:
             what = "train.save_best" if self.save_best else "train.early_stopping_patience"
-            check(self.eval_every > 0, "train.eval_every", self.eval_every, f"{what} needs evals during training: expected an integer >= 1")
+            check(
+                self.eval_every > 0,
+                "train.eval_every",
+                self.eval_every,
+                f"{what} needs evals during training: expected an integer >= 1",
+            )
 
 
 @dataclass
@@ -243,7 +263,10 @@ def check_report_to(value: Any) -> None:
     for name in report_to_list(value):
         module = MODULES[name]
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"train.report_to={name} needs the {module} package, which is not installed; pip install 'peftctl[track]'")
+            raise ConfigError(
+                f"train.report_to={name} needs the {module} package, which is not installed; "
+                "pip install 'peftctl[track]'"
+            )
 
 
 def check(condition: bool, name: str, value: Any, valid: str) -> None:

@@ -15,8 +15,16 @@ FORMATS = ("peft", "merged", "gguf", "gguf-lora", "ollama")
 GGUF_FORMATS = ("gguf", "gguf-lora", "ollama")  # the formats --outtype applies to
 
 
-def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, outtype: str | None = None, overwrite: bool = False,
-           trust_remote_code: bool = False, max_shard_size: str | None = None) -> Path:
+def export(
+    path: str | Path,
+    format: str,
+    out: str | Path,
+    quiet: bool = False,
+    outtype: str | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    max_shard_size: str | None = None,
+) -> Path:
     """Write PATH's adapter (peft), merged model (merged) or GGUF file (gguf) to OUT; an existing
     non-empty OUT (or .gguf file) is replaced only with ``overwrite``, the source never."""
     if format not in FORMATS:
@@ -28,18 +36,41 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
     if format == "gguf-lora":
         from peftctl.export.gguf_lora import export_gguf_lora
 
-        return export_gguf_lora(path, out, outtype, quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
+        return export_gguf_lora(
+            path, out, outtype, quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code
+        )
     if format == "gguf":
         from peftctl.export.gguf_export import export_gguf
 
-        return export_gguf(path, out, outtype or "auto", quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
+        return export_gguf(
+            path, out, outtype or "auto", quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code
+        )
     if format == "ollama":
         from peftctl.export.ollama import export_ollama
 
-        return export_ollama(path, out, outtype or "auto", quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
+        return export_ollama(
+            path, out, outtype or "auto", quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code
+        )
     if format == "merged":
-        command = ["peftctl", "export", str(path), "--format", "merged", "--out", str(out), *(["--max-shard-size", max_shard_size] if max_shard_size else [])]
-        return merge(path, out, quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code, max_shard_size=max_shard_size, command=command)
+        command = [
+            "peftctl",
+            "export",
+            str(path),
+            "--format",
+            "merged",
+            "--out",
+            str(out),
+            *(["--max-shard-size", max_shard_size] if max_shard_size else []),
+        ]
+        return merge(
+            path,
+            out,
+            quiet=quiet,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+            max_shard_size=max_shard_size,
+            command=command,
+        )
     check_output_path(out, "--out", directory=False)  # a name the file system takes, a writable parent
     check_output_target(out, source_paths(path), overwrite)  # an existing file or folder only with --overwrite
     source = open_source(path, trust_remote_code=trust_remote_code)

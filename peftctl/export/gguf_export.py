@@ -82,7 +82,9 @@ def check_source(path: str | Path, trust_remote_code: bool = False) -> None:
         resolve_model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     ).model_type
     if model_type not in SUPPORTED_ARCHITECTURES or cfg.task_type != "causal_lm":
-        raise ConfigError(f"GGUF export supports {SUPPORTED_TEXT}; this run is model_type {model_type}, task_type {cfg.task_type}")
+        raise ConfigError(
+            f"GGUF export supports {SUPPORTED_TEXT}; this run is model_type {model_type}, task_type {cfg.task_type}"
+        )
 
 
 def resolve_outtype(outtype: str, model: Any) -> str:
@@ -226,9 +228,15 @@ def add_hparams(writer: Any, gguf: Any, model: Any, outtype: str, name: str) -> 
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(params["factor"]))
     elif rope_type not in ("default", "llama3"):
-        raise ConfigError(f"GGUF export: rope scaling {rope_type!r} is not supported; supported: default, linear, llama3")
-    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+        raise ConfigError(
+            f"GGUF export: rope scaling {rope_type!r} is not supported; supported: default, linear, llama3"
+        )
+    file_types = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
     writer.add_file_type(int(file_types[outtype]))
 
 

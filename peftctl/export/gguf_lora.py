@@ -8,6 +8,7 @@ adds (alpha / r) * lora_b @ lora_a to W. For Llama / Mistral the q/k rows are pe
 base file, which for a product B @ A means permuting B's rows. rsLoRA's alpha / sqrt(r) is written
 as alpha * sqrt(r), so that llama.cpp's alpha / r gives the same scale.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,13 +32,23 @@ def check_lora_adapter(adapter_config: dict[str, Any]) -> None:
     """ConfigError for what a llama.cpp LoRA GGUF cannot express."""
     method = str(adapter_config.get("peft_type", "")).upper()
     if method != "LORA":
-        raise ConfigError(f"--format gguf-lora writes LoRA adapters; this adapter is {method}: use --format gguf (merged) instead")
-    refused = [(adapter_config.get("use_dora"), "DoRA (use_dora=true)"), (adapter_config.get("modules_to_save"), "modules_to_save"),
-               (adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"), "per-module rank_pattern / alpha_pattern"),
-               (adapter_config.get("bias", "none") != "none", f"bias={adapter_config.get('bias')}")]
+        raise ConfigError(
+            f"--format gguf-lora writes LoRA adapters; this adapter is {method}: use --format gguf (merged) instead"
+        )
+    refused = [
+        (adapter_config.get("use_dora"), "DoRA (use_dora=true)"),
+        (adapter_config.get("modules_to_save"), "modules_to_save"),
+        (
+            adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"),
+            "per-module rank_pattern / alpha_pattern",
+        ),
+        (adapter_config.get("bias", "none") != "none", f"bias={adapter_config.get('bias')}"),
+    ]
     for present, what in refused:
         if present:
-            raise ConfigError(f"--format gguf-lora: llama.cpp's LoRA adapters cannot hold {what}; use --format gguf (merged) instead")
+            raise ConfigError(
+                f"--format gguf-lora: llama.cpp's LoRA adapters cannot hold {what}; use --format gguf (merged) instead"
+            )
 
 
 def lora_alpha_for_llama_cpp(adapter_config: dict[str, Any]) -> float:
@@ -72,7 +83,9 @@ def lora_tensors(state: dict[str, torch.Tensor], base_config: Any) -> list[tuple
     return out
 
 
-def write_gguf_lora(adapter_dir: Path, base_config: Any, target: Path, outtype: str = "f32", name: str = "peftctl-lora") -> Path:
+def write_gguf_lora(
+    adapter_dir: Path, base_config: Any, target: Path, outtype: str = "f32", name: str = "peftctl-lora"
+) -> Path:
     from safetensors.torch import load_file
 
     from peftctl.export.gguf_export import require_gguf
@@ -115,8 +128,14 @@ def gguf_arch_name(base_config: Any) -> str:
     return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, ARCHITECTURES[base_config.model_type][0])]
 
 
-def export_gguf_lora(path: str | Path, out: str | Path, outtype: str | None = None, quiet: bool = False, overwrite: bool = False,
-                     trust_remote_code: bool = False) -> Path:
+def export_gguf_lora(
+    path: str | Path,
+    out: str | Path,
+    outtype: str | None = None,
+    quiet: bool = False,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
     """`peftctl export PATH --format gguf-lora --out FILE_OR_DIR` (a directory gets lora-<outtype>.gguf)."""
     from transformers import AutoConfig
 
@@ -129,7 +148,9 @@ def export_gguf_lora(path: str | Path, out: str | Path, outtype: str | None = No
     require_gguf()
     outtype = outtype or "f32"
     if outtype not in LORA_OUTTYPES:
-        raise ConfigError(f"--outtype={outtype!r} is not valid for --format gguf-lora; expected one of {', '.join(LORA_OUTTYPES)}")
+        raise ConfigError(
+            f"--outtype={outtype!r} is not valid for --format gguf-lora; expected one of {', '.join(LORA_OUTTYPES)}"
+        )
     check_source(path, trust_remote_code)
     source = open_source(path, trust_remote_code=trust_remote_code)
     check_lora_adapter(json.loads((source.adapter_dir / "adapter_config.json").read_text()))
@@ -141,8 +162,13 @@ def export_gguf_lora(path: str | Path, out: str | Path, outtype: str | None = No
         check_output_target(out, sources, overwrite, kind="folder")
     check_output_target(target, sources, overwrite, kind="file")
     cfg = source.config.model
-    base_config = AutoConfig.from_pretrained(resolve_model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    base_config = AutoConfig.from_pretrained(
+        resolve_model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
     write_gguf_lora(source.adapter_dir, base_config, target, outtype, name=Path(path).resolve().name)
     if not quiet:
-        print(f"LoRA adapter written to {target} (llama.cpp LoRA GGUF, {outtype}); apply it with: llama-cli -m BASE.gguf --lora {target}")
+        print(
+            f"LoRA adapter written to {target} (llama.cpp LoRA GGUF, {outtype}); "
+            f"apply it with: llama-cli -m BASE.gguf --lora {target}"
+        )
     return target

@@ -57,9 +57,19 @@ def merged_model(
     return merged, tokenizer, source, note
 
 
-def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False,
-          dtype: str | None = None, requantize: str | None = None, overwrite: bool = False, trust_remote_code: bool = False,
-          max_shard_size: str | None = None, command: list[str] | None = None) -> Path:
+def merge(
+    path: str | Path,
+    out: str | Path | None = None,
+    overrides: list[str] | None = None,
+    safe: bool = False,
+    quiet: bool = False,
+    dtype: str | None = None,
+    requantize: str | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    max_shard_size: str | None = None,
+    command: list[str] | None = None,
+) -> Path:
     """Merge the adapter at PATH (run or adapter dir) into its base model; write safetensors +
     config + tokenizer to ``out`` atomically. Returns ``out``.
 
@@ -99,7 +109,7 @@ SHARD_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20
 
 
 def parse_shard_size(text: str) -> int:
-    """"2GB" / "500MB" / "1GiB" / a byte count -> bytes; ConfigError naming --max-shard-size otherwise."""
+    """ "2GB" / "500MB" / "1GiB" / a byte count -> bytes; ConfigError naming --max-shard-size otherwise."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(text), re.I)
     if not match or float(match.group(1)) <= 0:
         raise ConfigError(f"--max-shard-size={text!r} is not valid; expected a size such as 500MB, 2GB or 1GiB")

@@ -1,4 +1,5 @@
 """README.md model card of a merged export: base, method, recipe, data, metrics, command."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,21 @@ def _run_metrics(run_dir: Path) -> dict[str, Any]:
         file = run_dir / name
         if file.is_file():
             loaded = json.loads(file.read_text())
-            metrics.update({k: v for k, v in loaded.items() if isinstance(v, (int, float, str, bool))} if isinstance(loaded, dict) else {})
+            metrics.update(
+                {k: v for k, v in loaded.items() if isinstance(v, (int, float, str, bool))}
+                if isinstance(loaded, dict)
+                else {}
+            )
     return metrics
 
 
 def _adapter_summary(adapter_cfg: Any) -> str:
     fields = ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora", "modules_to_save")
-    parts = [f"{name}={getattr(adapter_cfg, name)}" for name in fields if getattr(adapter_cfg, name, None) not in (None, False)]
+    parts = [
+        f"{name}={getattr(adapter_cfg, name)}"
+        for name in fields
+        if getattr(adapter_cfg, name, None) not in (None, False)
+    ]
     return ", ".join(parts)
 
 
@@ -43,7 +52,8 @@ def model_card(source: Any, run_dir: Path, command: list[str]) -> str:
         f"- **Recipe:** {cfg.recipe}" + (f" — {cfg.description}" if cfg.description else ""),
         f"- **Data:** `{data}` (format {cfg.dataset.format})",
         f"- **Training:** lr {cfg.train.lr}, batch {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum}, "
-        + (f"{cfg.train.max_steps} steps" if cfg.train.max_steps > 0 else f"{cfg.train.epochs} epochs") + f", precision {cfg.train.precision}",
+        + (f"{cfg.train.max_steps} steps" if cfg.train.max_steps > 0 else f"{cfg.train.epochs} epochs")
+        + f", precision {cfg.train.precision}",
         "",
         "## Metrics",
         "",

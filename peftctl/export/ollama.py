@@ -5,6 +5,7 @@ template, or plain text), written as an Ollama (Go) template: the run's own prom
 applied to a marker and split around it, so the template reproduces exactly the training prompt.
 Stops: the end-of-sequence token (and alpaca's next `### Instruction:` header).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,10 +23,15 @@ def go_template(dataset_cfg: Any, tokenizer: Any) -> str:
 
     rendered = format_prompt(MARKER, dataset_cfg, tokenizer)
     if rendered.count(MARKER) != 1:
-        raise ConfigError(f"--format ollama: the run's prompt format (dataset.format={dataset_cfg.format}) does not place the prompt once")
+        raise ConfigError(
+            f"--format ollama: the run's prompt format (dataset.format={dataset_cfg.format}) "
+            "does not place the prompt once"
+        )
     before, after = rendered.split(MARKER)
     if "{{" in before + after or '"""' in before + after:
-        raise ConfigError("--format ollama: the prompt format contains '{{' or '\"\"\"', which a Modelfile template cannot hold")
+        raise ConfigError(
+            "--format ollama: the prompt format contains '{{' or '\"\"\"', which a Modelfile template cannot hold"
+        )
     return f"{before}{{{{ .Prompt }}}}{after}{{{{ .Response }}}}"
 
 
@@ -40,20 +46,30 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def modelfile_text(gguf_name: str, dataset_cfg: Any, tokenizer: Any, context_length: int, generation_config: Any = None) -> str:
+def modelfile_text(
+    gguf_name: str, dataset_cfg: Any, tokenizer: Any, context_length: int, generation_config: Any = None
+) -> str:
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template(dataset_cfg, tokenizer)}"""']
     lines += [f"PARAMETER stop {_quote(stop)}" for stop in stop_sequences(dataset_cfg, tokenizer)]
     lines.append(f"PARAMETER num_ctx {context_length}")
     # the model's own sampling defaults when it has them; greedy (as peftctl generate's default) otherwise
     do_sample = bool(getattr(generation_config, "do_sample", False))
-    lines.append(f"PARAMETER temperature {float(getattr(generation_config, 'temperature', 1.0) or 1.0) if do_sample else 0.0:g}")
+    lines.append(
+        f"PARAMETER temperature {float(getattr(generation_config, 'temperature', 1.0) or 1.0) if do_sample else 0.0:g}"
+    )
     if do_sample and getattr(generation_config, "top_p", None) is not None:
         lines.append(f"PARAMETER top_p {float(generation_config.top_p):g}")
     return "\n".join(lines) + "\n"
 
 
-def export_ollama(path: str | Path, out: str | Path, outtype: str = "auto", quiet: bool = False, overwrite: bool = False,
-                  trust_remote_code: bool = False) -> Path:
+def export_ollama(
+    path: str | Path,
+    out: str | Path,
+    outtype: str = "auto",
+    quiet: bool = False,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
     """OUT/model-<outtype>.gguf + OUT/Modelfile, written together (atomically)."""
     from peftctl.export.gguf_export import (
         check_outtype,
@@ -76,10 +92,19 @@ def export_ollama(path: str | Path, out: str | Path, outtype: str = "auto", quie
     check_supported(merged)
     resolved = resolve_outtype(outtype, merged)
     name = f"model-{resolved}.gguf"
-    text = modelfile_text(name, source.config.dataset, tokenizer, int(merged.config.max_position_embeddings), getattr(merged, "generation_config", None))
+    text = modelfile_text(
+        name,
+        source.config.dataset,
+        tokenizer,
+        int(merged.config.max_position_embeddings),
+        getattr(merged, "generation_config", None),
+    )
     with atomic_directory(Path(out), overwrite=True) as tmp:  # checked above
         write_gguf(merged, tokenizer, tmp / name, resolved, name=Path(path).resolve().name)
         atomic_write_text(tmp / "Modelfile", text)
     if not quiet:
-        print(f"Ollama model written to {out} (GGUF {resolved} + Modelfile{note}); run: ollama create NAME -f {Path(out) / 'Modelfile'}")
+        print(
+            f"Ollama model written to {out} (GGUF {resolved} + Modelfile{note}); "
+            f"run: ollama create NAME -f {Path(out) / 'Modelfile'}"
+        )
     return Path(out)

@@ -1,4 +1,5 @@
 """Early stopping and the best eval step (`train.early_stopping_*`, `train.save_best`)."""
+
 from __future__ import annotations
 
 import math
@@ -33,5 +34,8 @@ class BestTracker:
         return self.patience > 0 and self.evals_without_improvement >= self.patience
 
     def stop_message(self, metric: str, step: int) -> str:
-        return (f"early stopping at step {step}: {metric} did not improve by more than {self.min_delta:g} for {self.patience} evals "
-                f"(best {self.best_value:.4f} at step {self.best_step})")
+        return (
+            f"early stopping at step {step}: {metric} did not improve by more than {self.min_delta:g} "
+            f"for {self.patience} evals "
+            f"(best {self.best_value:.4f} at step {self.best_step})"
+        )

@@ -150,7 +150,9 @@ class Trainer:
         self.best = BestTracker(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
         self.on_best: Callable[[int], None] | None = None  # called with the step of each new best eval (save_best)
         if (cfg.train.early_stopping_patience or cfg.train.save_best) and not eval_data:
-            raise ConfigError("train.early_stopping_patience / train.save_best need held-out data; set dataset.eval_size > 0")
+            raise ConfigError(
+                "train.early_stopping_patience / train.save_best need held-out data; set dataset.eval_size > 0"
+            )
 
     # ------------------------------------------------------------------ pieces
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -293,7 +295,13 @@ class Trainer:
     def _evaluate(self, step: int, log: MetricsLog, final: bool = False) -> float:
         """Eval loss on the held-out data: metrics.jsonl, the trackers, the best step so far."""
         eval_loss = evaluate_loss(
-            self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, self.cfg.train.precision, self.task_type
+            self.model,
+            self.eval_data,
+            self.cfg.eval.batch_size,
+            self.pad_id,
+            self.device,
+            self.cfg.train.precision,
+            self.task_type,
         )
         log.write({"step": step, "eval_loss": eval_loss})
         self.tracker.log(eval_scalars({"eval_loss": eval_loss}), step)
@@ -346,7 +354,12 @@ class Trainer:
                     self.tracker.log(train_scalars(record), step)
                     window_start, window_tokens = time.perf_counter(), self.state.tokens
                 progress.update(step, {"loss": loss, "lr": lr, "tok/s": round(record["tokens_per_s"])}, log_now)
-                if self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
+                if (
+                    self.eval_data
+                    and train_cfg.eval_every
+                    and step % train_cfg.eval_every == 0
+                    and step < self.total_steps
+                ):
                     if main:
                         progress.message(f"step {step}  eval_loss {self._evaluate(step, log):.4f}")
                     stopped_early = self._stop_early()

@@ -19,9 +19,24 @@ from peftctl.errors import ConfigError
 from peftctl.train.checkpoint import MANIFEST_NAME, STATE_NAME, latest_checkpoint, verified_checkpoint
 
 # dotted keys (or sections, ending in ".") a resume may change
-CHANGEABLE_ON_RESUME = ("output_dir", "description", "train.resume", "train.lr", "train.log_every", "train.save_every", "train.keep_checkpoints",
-                        "train.eval_every", "train.device", "train.gradient_checkpointing", "train.report_to", "train.early_stopping_patience",
-                        "train.early_stopping_min_delta", "train.save_best", "eval.", "eval")
+CHANGEABLE_ON_RESUME = (
+    "output_dir",
+    "description",
+    "train.resume",
+    "train.lr",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.eval_every",
+    "train.device",
+    "train.gradient_checkpointing",
+    "train.report_to",
+    "train.early_stopping_patience",
+    "train.early_stopping_min_delta",
+    "train.save_best",
+    "eval.",
+    "eval",
+)
 SHORTHANDS = {"resume": "train.resume"}
 
 

@@ -297,7 +297,11 @@ def _save_final_adapter(
 
 def run_summary(result: dict[str, Any], trainer: Any, adapter_step: int) -> dict[str, Any]:
     """summary.json: how the run ended and which step's adapter adapter/ holds."""
-    summary = {"steps": result["steps"], "stopped_early": result.get("stopped_early", False), "adapter_step": adapter_step}
+    summary = {
+        "steps": result["steps"],
+        "stopped_early": result.get("stopped_early", False),
+        "adapter_step": adapter_step,
+    }
     if "eval_loss" in result:
         summary["eval_loss"] = result["eval_loss"]
     if trainer.best.best_step is not None:

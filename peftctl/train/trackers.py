@@ -9,6 +9,7 @@ Every tracker writes inside the run directory by default (TensorBoard event file
 store under `mlruns/`), and a resumed run continues the same tracker run: the W&B run id and the
 MLflow run id are kept in `trackers.json`.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ from peftctl.errors import ConfigError
 
 STATE_FILE = "trackers.json"
 PROJECT = "peftctl"  # the W&B project / MLflow experiment, unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise
-TRAIN_KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s",
-              "memory_gib": "train/memory_gib", "epoch": "train/epoch"}
+TRAIN_KEYS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_s": "train/tokens_per_s",
+    "memory_gib": "train/memory_gib",
+    "epoch": "train/epoch",
+}
 
 
 def train_scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -84,8 +91,16 @@ class WandbTracker(NullTracker):
         # no key configured: an offline run, synced later with `wandb sync` (WANDB_MODE, if set, decides)
         mode = "offline" if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE") else None
         state.setdefault("wandb_id", secrets.token_hex(4))
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=run_dir.name, id=state["wandb_id"], resume="allow", mode=mode,
-                              dir=str(run_dir), config=config, settings=wandb.Settings(console="off", silent=True))
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", PROJECT),
+            name=run_dir.name,
+            id=state["wandb_id"],
+            resume="allow",
+            mode=mode,
+            dir=str(run_dir),
+            config=config,
+            settings=wandb.Settings(console="off", silent=True),
+        )
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
@@ -146,7 +161,9 @@ def _load_state(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def build_trackers(report_to: Any, run_dir: Path, config: dict[str, Any], resume_step: int, is_main: bool) -> NullTracker:
+def build_trackers(
+    report_to: Any, run_dir: Path, config: dict[str, Any], resume_step: int, is_main: bool
+) -> NullTracker:
     """The trackers `train.report_to` names (the no-op tracker for none, or off rank 0)."""
     from peftctl.utils import atomic_write_text
 
@@ -164,6 +181,8 @@ def build_trackers(report_to: Any, run_dir: Path, config: dict[str, Any], resume
             else:
                 built.append(MlflowTracker(run_dir, config, state))
         except ImportError as exc:
-            raise ConfigError(f"train.report_to={name} needs the {exc.name} package; install it with pip install 'peftctl[track]'") from exc
+            raise ConfigError(
+                f"train.report_to={name} needs the {exc.name} package; install it with pip install 'peftctl[track]'"
+            ) from exc
     atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
     return Trackers(built)

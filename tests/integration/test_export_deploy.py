@@ -3,6 +3,7 @@ and the vLLM warnings of `--format peft`.
 
 Oracles: the `gguf` package's reader (tensor types, metadata) and transformers' GGUF loader (which
 dequantizes Q8_0 and undoes llama.cpp's q/k permutation) against the merged model's logits."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,13 @@ from typer.testing import CliRunner
 
 from peftctl.cli import app
 
-SHORT = ["train.max_steps=4", "train.batch_size=4", "dataset.max_samples=32", "train.save_every=0", "train.eval_every=0"]
+SHORT = [
+    "train.max_steps=4",
+    "train.batch_size=4",
+    "dataset.max_samples=32",
+    "train.save_every=0",
+    "train.eval_every=0",
+]
 TEXT = "The camera is great. Very happy."
 
 
@@ -25,7 +32,10 @@ def llama_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     # the built-in tiny Llama at a usual init scale (its default 0.15 makes a 2-layer toy whose logits
     # swing with any rounding: Q8_0's own round trip moves them 3.4% there)
-    return train([*SHORT, "model.arch.initializer_range=0.02", f"output_dir={tmp_path_factory.mktemp('deploy') / 'run'}"], quiet=True)
+    return train(
+        [*SHORT, "model.arch.initializer_range=0.02", f"output_dir={tmp_path_factory.mktemp('deploy') / 'run'}"],
+        quiet=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +66,13 @@ def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got - expected).norm() / expected.norm())
 
 
-def test_q8_0_gguf_reads_back_quantized_and_close_to_the_merged_model(llama_run: Path, merged: tuple[Any, Any], tmp_path: Path) -> None:
+def test_q8_0_gguf_reads_back_quantized_and_close_to_the_merged_model(
+    llama_run: Path, merged: tuple[Any, Any], tmp_path: Path
+) -> None:
     model, tokenizer = merged
-    code, output = _cli(["export", str(llama_run), "--format", "gguf", "--outtype", "q8_0", "--out", str(tmp_path / "out"), "--quiet"])
+    code, output = _cli(
+        ["export", str(llama_run), "--format", "gguf", "--outtype", "q8_0", "--out", str(tmp_path / "out"), "--quiet"]
+    )
     assert code == 0, output
     file = tmp_path / "out" / "model-q8_0.gguf"
     reader = gguf.GGUFReader(file)
@@ -83,7 +97,11 @@ def _q8_0_round_trip(model: Any) -> Any:
         for param in copy_.parameters():
             if param.ndim == 2:
                 blocks = gguf.quants.quantize(param.numpy(), gguf.GGMLQuantizationType.Q8_0)
-                param.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)).reshape(param.shape))
+                param.copy_(
+                    torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)).reshape(
+                        param.shape
+                    )
+                )
     return copy_
 
 
@@ -93,14 +111,27 @@ def _tiny(model_type: str) -> Any:
     from peftctl.models.tokenizer import BYTE_VOCAB_SIZE
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=BYTE_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("model_type, arch, cls", [("mistral", "llama", "MistralForCausalLM"), ("qwen2", "qwen2", "Qwen2ForCausalLM")])
+@pytest.mark.parametrize(
+    "model_type, arch, cls", [("mistral", "llama", "MistralForCausalLM"), ("qwen2", "qwen2", "Qwen2ForCausalLM")]
+)
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
-def test_mistral_and_qwen2_export_and_read_back(tmp_path: Path, model_type: str, arch: str, cls: str, outtype: str) -> None:
+def test_mistral_and_qwen2_export_and_read_back(
+    tmp_path: Path, model_type: str, arch: str, cls: str, outtype: str
+) -> None:
     from peftctl.export.gguf_export import write_gguf
     from peftctl.models.tokenizer import build_byte_tokenizer
 
@@ -110,7 +141,13 @@ def test_mistral_and_qwen2_export_and_read_back(tmp_path: Path, model_type: str,
     reader = gguf.GGUFReader(file)
     assert reader.fields["general.architecture"].contents() == arch
     names = {t.name for t in reader.tensors}
-    assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.attn_q.weight", "blk.1.ffn_down.weight"} <= names
+    assert {
+        "token_embd.weight",
+        "output.weight",
+        "output_norm.weight",
+        "blk.1.attn_q.weight",
+        "blk.1.ffn_down.weight",
+    } <= names
     if model_type == "qwen2":
         assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names  # Qwen2's q/k/v biases
     ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
@@ -146,12 +183,16 @@ def _render(template: str, prompt: str, response: str = "") -> str:
     return template.replace("{{ .Prompt }}", prompt).replace("{{ .Response }}", response)
 
 
-def test_ollama_export_writes_a_gguf_and_a_modelfile_with_the_training_prompt(llama_run: Path, merged: tuple[Any, Any], tmp_path: Path) -> None:
+def test_ollama_export_writes_a_gguf_and_a_modelfile_with_the_training_prompt(
+    llama_run: Path, merged: tuple[Any, Any], tmp_path: Path
+) -> None:
     from peftctl.eval.generate import format_prompt
     from peftctl.runs import open_source
 
     _, tokenizer = merged
-    code, output = _cli(["export", str(llama_run), "--format", "ollama", "--outtype", "q8_0", "--out", str(tmp_path / "ollama")])
+    code, output = _cli(
+        ["export", str(llama_run), "--format", "ollama", "--outtype", "q8_0", "--out", str(tmp_path / "ollama")]
+    )
     assert code == 0, output
     assert "ollama create" in output
     modelfile = _parse_modelfile((tmp_path / "ollama" / "Modelfile").read_text())
@@ -161,7 +202,9 @@ def test_ollama_export_writes_a_gguf_and_a_modelfile_with_the_training_prompt(ll
     dataset_cfg = open_source(llama_run).config.dataset
     assert dataset_cfg.format == "alpaca"
     prompt = 'Rate "this" review: great camera'
-    assert _render(modelfile["TEMPLATE"], prompt) == format_prompt(prompt, dataset_cfg, tokenizer)  # the prompt the run trained on
+    assert _render(modelfile["TEMPLATE"], prompt) == format_prompt(
+        prompt, dataset_cfg, tokenizer
+    )  # the prompt the run trained on
     stops = [value for key, value in modelfile["PARAMETER"] if key == "stop"]
     assert stops == [tokenizer.eos_token, "### Instruction:"]
     assert ("num_ctx", "512") in modelfile["PARAMETER"] and ("temperature", "0") in modelfile["PARAMETER"]
@@ -177,7 +220,10 @@ def test_ollama_template_follows_a_chat_template() -> None:
     from peftctl.models.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     text = modelfile_text("m.gguf", SimpleNamespace(format="chat"), tokenizer, 256)
     parsed = _parse_modelfile(text)
     assert _render(parsed["TEMPLATE"], "hi there") == "<|user|>hi there\n<|assistant|>"
@@ -197,32 +243,56 @@ def test_peft_export_warns_for_what_vllm_refuses(llama_run: Path, tmp_path: Path
     assert code == 0 and _warning_lines(output) == []  # a plain rank-8 LoRA: vLLM serves it as is
     assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["r"] <= 16
 
-    dora = train([*SHORT, "train.max_steps=1", "adapter=dora", "adapter.r=32", "adapter.modules_to_save=[lm_head]", f"output_dir={tmp_path / 'dora'}"], quiet=True)
+    dora = train(
+        [
+            *SHORT,
+            "train.max_steps=1",
+            "adapter=dora",
+            "adapter.r=32",
+            "adapter.modules_to_save=[lm_head]",
+            f"output_dir={tmp_path / 'dora'}",
+        ],
+        quiet=True,
+    )
     code, output = _cli(["export", str(dora), "--format", "peft", "--out", str(tmp_path / "dora_out")])
     warnings = _warning_lines(output)
     assert code == 0 and len(warnings) == 3, output
-    assert "DoRA" in warnings[0] and "modules_to_save (lm_head)" in warnings[1] and "rank 32" in warnings[2] and "--max-lora-rank 32" in warnings[2]
+    assert (
+        "DoRA" in warnings[0]
+        and "modules_to_save (lm_head)" in warnings[1]
+        and "rank 32" in warnings[2]
+        and "--max-lora-rank 32" in warnings[2]
+    )
     assert all("--format merged" in line for line in warnings)
     assert (tmp_path / "dora_out" / "adapter_model.safetensors").is_file()  # warnings, not a refusal
 
     ia3 = train([*SHORT, "train.max_steps=1", "adapter=ia3", f"output_dir={tmp_path / 'ia3'}"], quiet=True)
     code, output = _cli(["export", str(ia3), "--format", "peft", "--out", str(tmp_path / "ia3_out")])
-    assert code == 0 and _warning_lines(output) == ["warning: vLLM serves LoRA adapters only; this adapter is IA3: serve the merged model instead: peftctl export --format merged"]
+    assert code == 0 and _warning_lines(output) == [
+        "warning: vLLM serves LoRA adapters only; this adapter is IA3: "
+        "serve the merged model instead: peftctl export --format merged"
+    ]
 
 
-def test_merged_export_writes_shards_a_model_card_tokenizer_and_generation_config(llama_run: Path, merged: tuple[Any, Any], tmp_path: Path) -> None:
+def test_merged_export_writes_shards_a_model_card_tokenizer_and_generation_config(
+    llama_run: Path, merged: tuple[Any, Any], tmp_path: Path
+) -> None:
     import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tokenizer = merged
     out = tmp_path / "merged"
-    code, output = _cli(["export", str(llama_run), "--format", "merged", "--max-shard-size", "200KB", "--out", str(out), "--quiet"])
+    code, output = _cli(
+        ["export", str(llama_run), "--format", "merged", "--max-shard-size", "200KB", "--out", str(out), "--quiet"]
+    )
     assert code == 0, output
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(shards) >= 2 and set(index["weight_map"].values()) == {s.name for s in shards}
-    assert all(s.stat().st_size <= 200_000 + 140_000 for s in shards)  # a shard exceeds the limit only by one tensor (the embedding)
+    assert all(
+        s.stat().st_size <= 200_000 + 140_000 for s in shards
+    )  # a shard exceeds the limit only by one tensor (the embedding)
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
     assert torch.allclose(_logits(loaded, ids), _logits(model, ids), atol=1e-6)
@@ -230,14 +300,25 @@ def test_merged_export_writes_shards_a_model_card_tokenizer_and_generation_confi
     assert (out / "generation_config.json").is_file()
     card = (out / "README.md").read_text()
     summary = json.loads((llama_run / "summary.json").read_text())
-    for fragment in ("base_model: builtin:tiny-llama", "**Method:** lora (r=", "**Recipe:** tiny_lora", "**Data:** `builtin:sentiment`",
-                     f"| steps | {summary['steps']} |", "peftctl export", "--max-shard-size 200KB"):
+    for fragment in (
+        "base_model: builtin:tiny-llama",
+        "**Method:** lora (r=",
+        "**Recipe:** tiny_lora",
+        "**Data:** `builtin:sentiment`",
+        f"| steps | {summary['steps']} |",
+        "peftctl export",
+        "--max-shard-size 200KB",
+    ):
         assert fragment in card, fragment
 
 
 def test_bad_shard_size_is_one_line(llama_run: Path, tmp_path: Path) -> None:
-    code, output = _cli(["export", str(llama_run), "--format", "merged", "--max-shard-size", "lots", "--out", str(tmp_path / "m")])
-    assert code == 2 and output.strip().splitlines() == ["error: --max-shard-size='lots' is not valid; expected a size such as 500MB, 2GB or 1GiB"]
+    code, output = _cli(
+        ["export", str(llama_run), "--format", "merged", "--max-shard-size", "lots", "--out", str(tmp_path / "m")]
+    )
+    assert code == 2 and output.strip().splitlines() == [
+        "error: --max-shard-size='lots' is not valid; expected a size such as 500MB, 2GB or 1GiB"
+    ]
     assert not (tmp_path / "m").exists()
 
 
@@ -262,7 +343,11 @@ def test_gguf_lora_holds_the_adapter_as_llama_cpp_applies_it(llama_run: Path, tm
     reader = gguf.GGUFReader(tmp_path / "lora.gguf")
     fields = {name: field.contents() for name, field in reader.fields.items()}
     adapter_config = json.loads((llama_run / "adapter" / "adapter_config.json").read_text())
-    assert (fields["general.type"], fields["adapter.type"], fields["general.architecture"]) == ("adapter", "lora", "llama")
+    assert (fields["general.type"], fields["adapter.type"], fields["general.architecture"]) == (
+        "adapter",
+        "lora",
+        "llama",
+    )
     assert fields["adapter.lora.alpha"] == pytest.approx(adapter_config["lora_alpha"])
     lora = _gguf_arrays(tmp_path / "lora.gguf")
     assert lora and all(name.endswith((".lora_a", ".lora_b")) for name in lora)
@@ -270,7 +355,19 @@ def test_gguf_lora_holds_the_adapter_as_llama_cpp_applies_it(llama_run: Path, tm
     source = open_source(llama_run)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(source.config.model), dtype=torch.float32).eval()
     base_file = write_gguf(base, build_byte_tokenizer(), tmp_path / "base.gguf", "f32")
-    code, output = _cli(["export", str(llama_run), "--format", "gguf", "--outtype", "f32", "--out", str(tmp_path / "merged.gguf"), "--quiet"])
+    code, output = _cli(
+        [
+            "export",
+            str(llama_run),
+            "--format",
+            "gguf",
+            "--outtype",
+            "f32",
+            "--out",
+            str(tmp_path / "merged.gguf"),
+            "--quiet",
+        ]
+    )
     assert code == 0, output
     base_tensors, merged_tensors = _gguf_arrays(base_file), _gguf_arrays(tmp_path / "merged.gguf")
     scale = fields["adapter.lora.alpha"] / adapter_config["r"]
@@ -289,5 +386,7 @@ def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(tmp_path: Path) -> None:
     dora = train([*SHORT, "train.max_steps=1", "adapter=dora", f"output_dir={tmp_path / 'dora'}"], quiet=True)
     code, output = _cli(["export", str(dora), "--format", "gguf-lora", "--out", str(tmp_path / "d.gguf")])
     assert code == 2 and output.strip().splitlines() == [
-        "error: --format gguf-lora: llama.cpp's LoRA adapters cannot hold DoRA (use_dora=true); use --format gguf (merged) instead"]
+        "error: --format gguf-lora: llama.cpp's LoRA adapters cannot hold DoRA (use_dora=true); "
+        "use --format gguf (merged) instead"
+    ]
     assert not (tmp_path / "d.gguf").exists()

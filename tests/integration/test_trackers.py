@@ -2,6 +2,7 @@
 
 Each store is read back with its own library: TensorBoard's EventAccumulator, MLflow's client on
 the local file store, and W&B's own protobuf records from the offline run's .wandb file."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,14 @@ from peftctl.config.compose import compose_config
 from peftctl.errors import ConfigError
 from peftctl.train.run import train
 
-RUN = ["train.max_steps=4", "train.batch_size=4", "train.log_every=1", "train.eval_every=2", "dataset.max_samples=32", "dataset.eval_size=0.25"]
+RUN = [
+    "train.max_steps=4",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "dataset.max_samples=32",
+    "dataset.eval_size=0.25",
+]
 
 
 def _metrics(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
@@ -80,7 +88,9 @@ def _wandb_scalars(run_dir: Path, tag: str) -> tuple[list[tuple[int, float]], di
         for record in _wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "history":
-                values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                values = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+                }
                 if tag in values:
                     history.append((values["_step"], values[tag]))
             elif kind == "run":
@@ -93,7 +103,9 @@ def test_every_tracker_holds_the_logged_scalars(tmp_path: Path, monkeypatch: pyt
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run_dir = train([*RUN, "train.report_to=[tensorboard,mlflow,wandb]", f"output_dir={tmp_path / 'tracked'}"], quiet=True)
+    run_dir = train(
+        [*RUN, "train.report_to=[tensorboard,mlflow,wandb]", f"output_dir={tmp_path / 'tracked'}"], quiet=True
+    )
     train_loss, eval_loss = _metrics(run_dir)
     assert sorted(train_loss) == [1, 2, 3, 4] and sorted(eval_loss) == [2, 4]
 
@@ -136,7 +148,9 @@ def test_a_resumed_run_continues_the_same_tracker_runs(tmp_path: Path, monkeypat
 def test_report_to_is_checked() -> None:
     assert compose_config(["train.report_to=none"]).train.report_to == "none"
     assert compose_config(["train.report_to=[tensorboard,wandb]"]).train.report_to == ["tensorboard", "wandb"]
-    with pytest.raises(ConfigError, match=r"train.report_to=.*'comet' is not a tracker; expected none, tensorboard, wandb, mlflow"):
+    with pytest.raises(
+        ConfigError, match=r"train.report_to=.*'comet' is not a tracker; expected none, tensorboard, wandb, mlflow"
+    ):
         compose_config(["train.report_to=[tensorboard,comet]"])
     with pytest.raises(ConfigError, match="train.report_to"):
         compose_config(["train.report_to=3"])
