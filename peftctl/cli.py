@@ -188,14 +188,18 @@ def export(
     format: str = typer.Option(
         "peft",
         "--format",
-        help="peft (adapter in PEFT format), merged (full model) or gguf (merged, one llama.cpp file)",
+        help="peft (adapter in PEFT format), merged (full model), gguf (merged, one llama.cpp file), "
+        "gguf-lora (the adapter alone, llama.cpp --lora) or ollama (gguf + Modelfile)",
     ),
     out: str = typer.Option(..., "--out", help="output directory (gguf: a .gguf file or a directory)"),
     outtype: Optional[str] = typer.Option(
-        None, "--outtype", help="gguf only: f32, f16, bf16 or auto (the model's own precision, the default)"
+        None, "--outtype", help="gguf / ollama: f32, f16, bf16, q8_0 or auto (the model's own precision, the default)"
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace an existing non-empty --out or .gguf file (never the source run / adapter)"
+    ),
+    max_shard_size: Optional[str] = typer.Option(
+        None, "--max-shard-size", help="merged only: safetensors shards of at most this size (e.g. 2GB, 500MB)"
     ),
     trust_remote_code: bool = typer.Option(
         False,
@@ -209,7 +213,14 @@ def export(
 
     _run(
         lambda: export_run(
-            path, format, out, quiet=quiet, outtype=outtype, overwrite=overwrite, trust_remote_code=trust_remote_code
+            path,
+            format,
+            out,
+            quiet=quiet,
+            outtype=outtype,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+            max_shard_size=max_shard_size,
         )
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -136,6 +137,13 @@ class TrainConfig:
         1  # > 1: `peftctl train` validates the config, then starts torchrun with this many ranks (train/launch.py)
     )
     dist_timeout_s: int = 600  # data parallel: a collective waiting longer than this fails the run instead of hanging
+    report_to: Union[str, list] = "none"  # none | tensorboard | wandb | mlflow, or a list of them (train/trackers.py)
+    # early stopping on an eval metric (every train.eval_every steps): stop after `patience` evals without
+    # an improvement of more than min_delta; 0 turns it off
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    early_stopping_metric: Literal["eval_loss"] = "eval_loss"
+    save_best: bool = False  # adapter/ is the best eval step's adapter (the step is in summary.json)
 
     def validate(self) -> None:
         check(self.lr > 0, "train.lr", self.lr, "expected a number > 0")
@@ -170,6 +178,27 @@ class TrainConfig:
         check(
             self.dist_timeout_s >= 1, "train.dist_timeout_s", self.dist_timeout_s, "expected an integer >= 1 (seconds)"
         )
+        check_report_to(self.report_to)
+        check(
+            self.early_stopping_patience >= 0,
+            "train.early_stopping_patience",
+            self.early_stopping_patience,
+            "expected an integer >= 0 (0: off)",
+        )
+        check(
+            self.early_stopping_min_delta >= 0,
+            "train.early_stopping_min_delta",
+            self.early_stopping_min_delta,
+            "expected a number >= 0",
+        )
+        if self.early_stopping_patience or self.save_best:
+            what = "train.save_best" if self.save_best else "train.early_stopping_patience"
+            check(
+                self.eval_every > 0,
+                "train.eval_every",
+                self.eval_every,
+                f"{what} needs evals during training: expected an integer >= 1",
+            )
 
 
 @dataclass
@@ -218,6 +247,36 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------- validation
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # train.report_to (train/trackers.py)
+MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # the package each tracker imports
+
+
+def report_to_list(value: Any) -> list[str]:
+    """`train.report_to` as a list of tracker names (none -> [])."""
+    names = [value] if isinstance(value, str) else list(value or [])
+    return [name for name in names if name != "none"]
+
+
+def check_report_to(value: Any) -> None:
+    """ConfigError naming the bad entry of `train.report_to`."""
+    names = [value] if isinstance(value, str) else value
+    valid = "expected none, tensorboard, wandb, mlflow or a list of them"
+    if not isinstance(names, (list, tuple)):
+        raise ConfigError(f"train.report_to={value!r} is not valid; {valid}")
+    for name in names:
+        if name not in ("none", *TRACKERS):
+            raise ConfigError(f"train.report_to={value!r} is not valid: {name!r} is not a tracker; {valid}")
+    if "none" in names and len(names) > 1:
+        raise ConfigError(f"train.report_to={value!r} is not valid: none cannot be combined with trackers; {valid}")
+    for name in report_to_list(value):
+        module = MODULES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"train.report_to={name} needs the {module} package, which is not installed; "
+                "pip install 'peftctl[track]'"
+            )
+
+
 def check(condition: bool, name: str, value: Any, valid: str) -> None:
     if not condition:
         raise ConfigError(f"{name}={value!r} is not valid; {valid}")

@@ -1,9 +1,11 @@
 """`peftctl export --format gguf`: the merged model as one GGUF file for llama.cpp.
 
-Supported: Llama-architecture causal LMs (`LlamaForCausalLM`). The mapping follows llama.cpp's
-convert_hf_to_gguf.py for the `llama` architecture: tensor names, the rotary q/k row permutation,
-the hyper-parameter keys and the tokenizer keys. The file itself is written by ggml-org's `gguf`
-package (optional dependency: `pip install peftctl[gguf]`).
+Supported: Llama, Mistral and Qwen2 causal LMs. The mapping follows llama.cpp's convert_hf_to_gguf.py:
+Llama and Mistral go out as the `llama` architecture (q/k rows permuted for ggml's rope), Qwen2 as
+`qwen2` (NeoX-style rope: no permutation). Tensor names come from the `gguf` package's own
+TensorNameMap; hyper-parameter and tokenizer keys as llama.cpp writes them. `--outtype q8_0`
+quantizes the matrices with the package's Python quantizer (gguf.quants). The file itself is written
+by ggml-org's `gguf` package (optional dependency: `pip install peftctl[gguf]`).
 """
 
 from __future__ import annotations
@@ -25,23 +27,18 @@ from peftctl.models.loader import resolve_model_path
 from peftctl.runs import open_source
 from peftctl.utils import check_output_path, honour_umask
 
-OUTTYPES = ("auto", "f32", "f16", "bf16")
-SUPPORTED_ARCHITECTURES = ("llama",)
-SUPPORTED_CLASSES = ("LlamaForCausalLM",)
-
-# HF module path (inside model.layers.N.) -> llama.cpp tensor name (inside blk.N.)
-LAYER_TENSORS = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
+OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")
+# HF model_type -> (gguf MODEL_ARCH member, HF class, q/k rows permuted), as llama.cpp's converter:
+# MistralForCausalLM is converted by its LlamaModel, Qwen2ForCausalLM by Qwen2Model (NeoX rope)
+ARCHITECTURES = {
+    "llama": ("LLAMA", "LlamaForCausalLM", True),
+    "mistral": ("LLAMA", "MistralForCausalLM", True),
+    "qwen2": ("QWEN2", "Qwen2ForCausalLM", False),
 }
-TOP_TENSORS = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+SUPPORTED_CLASSES = tuple(cls for _, cls, _ in ARCHITECTURES.values())
+SUPPORTED_TEXT = "Llama, Mistral and Qwen2 causal LMs (" + ", ".join(SUPPORTED_CLASSES) + ")"
+Q8_BLOCK = 32  # Q8_0 quantizes rows in blocks of 32 values; other rows go out as f16, as llama.cpp does
 
 # the pre-tokenizer split regexes llama.cpp knows by name (tokenizer.ggml.pre)
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -71,11 +68,8 @@ def check_outtype(outtype: str) -> None:
 def check_supported(model: Any) -> None:
     model_type = getattr(model.config, "model_type", None)
     cls = type(model).__name__
-    if model_type not in SUPPORTED_ARCHITECTURES or cls not in SUPPORTED_CLASSES:
-        raise ConfigError(
-            f"GGUF export supports Llama-architecture causal LMs ({', '.join(SUPPORTED_CLASSES)}); this model is {cls} "
-            f"(model_type {model_type})"
-        )
+    if model_type not in ARCHITECTURES or cls != ARCHITECTURES[model_type][1]:
+        raise ConfigError(f"GGUF export supports {SUPPORTED_TEXT}; this model is {cls} (model_type {model_type})")
 
 
 def check_source(path: str | Path, trust_remote_code: bool = False) -> None:
@@ -89,8 +83,7 @@ def check_source(path: str | Path, trust_remote_code: bool = False) -> None:
     ).model_type
     if model_type not in SUPPORTED_ARCHITECTURES or cfg.task_type != "causal_lm":
         raise ConfigError(
-            f"GGUF export supports Llama-architecture causal LMs ({', '.join(SUPPORTED_CLASSES)}); this run is "
-            f"model_type {model_type}, task_type {cfg.task_type}"
+            f"GGUF export supports {SUPPORTED_TEXT}; this run is model_type {model_type}, task_type {cfg.task_type}"
         )
 
 
@@ -121,29 +114,31 @@ def permute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     )
 
 
-def llama_tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(llama.cpp name, tensor) for every weight of a LlamaForCausalLM, q/k permuted."""
+def gguf_arch(model: Any) -> Any:
+    """The gguf.MODEL_ARCH the model goes out as."""
+    gguf = require_gguf()
+    return getattr(gguf.MODEL_ARCH, ARCHITECTURES[model.config.model_type][0])
+
+
+def model_tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(llama.cpp name, tensor) for every weight, named by gguf's TensorNameMap; q/k permuted
+    where llama.cpp's converter permutes them (llama / mistral)."""
+    gguf = require_gguf()
     cfg = model.config
     n_head, n_head_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    permute = ARCHITECTURES[cfg.model_type][2]
+    names = gguf.get_tensor_name_map(gguf_arch(model), int(cfg.num_hidden_layers))
     for name, tensor in model.state_dict().items():
-        module, _, kind = name.rpartition(".")
-        match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
-        if match:
-            block, inner = match.groups()
-            if inner not in LAYER_TENSORS:
-                raise ConfigError(f"GGUF export: no llama.cpp name for tensor {name}")
-            target = f"blk.{block}.{LAYER_TENSORS[inner]}.{kind}"
-            if inner == "self_attn.q_proj":
-                tensor = permute_rotary(tensor, n_head)
-            elif inner == "self_attn.k_proj":
-                tensor = permute_rotary(tensor, n_head_kv)
-        elif module in TOP_TENSORS:
-            if module == "lm_head" and tied:
-                continue  # llama.cpp reuses token_embd when `output` is absent
-            target = f"{TOP_TENSORS[module]}.{kind}"
-        else:
+        if name == "lm_head.weight" and tied:
+            continue  # llama.cpp reuses token_embd when `output` is absent
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
             raise ConfigError(f"GGUF export: no llama.cpp name for tensor {name}")
+        if permute and re.search(r"\.self_attn\.q_proj\.", name):
+            tensor = permute_rotary(tensor, n_head)
+        elif permute and re.search(r"\.self_attn\.k_proj\.", name):
+            tensor = permute_rotary(tensor, n_head_kv)
         yield target, tensor
     rope_freqs = llama3_rope_factors(cfg)
     if rope_freqs is not None:
@@ -190,9 +185,15 @@ def llama3_rope_factors(cfg: Any) -> torch.Tensor | None:
 
 
 def add_tensor(writer: Any, gguf: Any, name: str, tensor: torch.Tensor, outtype: str) -> None:
-    """1-D tensors (norms, rope factors) stay f32 as in llama.cpp; matrices take the outtype."""
+    """1-D tensors (norms, biases, rope factors) stay f32 as in llama.cpp; matrices take the outtype
+    (q8_0: rows whose length is not a multiple of 32 fall back to f16, as llama.cpp's converter does)."""
     tensor = tensor.detach().cpu()
-    if tensor.ndim <= 1 or outtype == "f32":
+    if outtype == "q8_0" and tensor.ndim >= 2 and tensor.shape[-1] % Q8_BLOCK == 0:
+        quantized = gguf.quants.quantize(tensor.to(torch.float32).contiguous().numpy(), gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    elif outtype == "q8_0" and tensor.ndim >= 2:
+        writer.add_tensor(name, tensor.to(torch.float16).contiguous().numpy())
+    elif tensor.ndim <= 1 or outtype == "f32":
         writer.add_tensor(name, tensor.to(torch.float32).contiguous().numpy())
     elif outtype == "f16":
         writer.add_tensor(name, tensor.to(torch.float16).contiguous().numpy())
@@ -234,6 +235,7 @@ def add_hparams(writer: Any, gguf: Any, model: Any, outtype: str, name: str) -> 
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }
     writer.add_file_type(int(file_types[outtype]))
 
@@ -401,7 +403,7 @@ def _writer_class(gguf: Any) -> type:
 
 
 def write_gguf(model: Any, tokenizer: Any, target: Path, outtype: str = "auto", name: str = "peftctl-merged") -> Path:
-    """Write a LlamaForCausalLM and its tokenizer to ``target`` (one GGUF file, atomically)."""
+    """Write a supported causal LM and its tokenizer to ``target`` (one GGUF file, atomically)."""
     gguf = require_gguf()
     check_outtype(outtype)
     check_supported(model)
@@ -410,11 +412,11 @@ def write_gguf(model: Any, tokenizer: Any, target: Path, outtype: str = "auto", 
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        writer = _writer_class(gguf)(tmp, "llama")
+        writer = _writer_class(gguf)(tmp, gguf.MODEL_ARCH_NAMES[gguf_arch(model)])
         add_hparams(writer, gguf, model, outtype, name)
         add_tokenizer(writer, tokenizer, int(model.config.vocab_size))
         with torch.no_grad():
-            for tensor_name, tensor in llama_tensors(model):
+            for tensor_name, tensor in model_tensors(model):
                 add_tensor(writer, gguf, tensor_name, tensor, outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

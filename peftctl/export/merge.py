@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,12 @@ import torch
 from peftctl.adapters.core.persistence import save_adapter_dir
 from peftctl.errors import ConfigError
 from peftctl.export.blend import blend_adapters
+from peftctl.export.model_card import model_card
 from peftctl.export.target import check_output_target, source_paths
 from peftctl.models.loader import DTYPES, load_model, load_tokenizer, resolve_model_path
 from peftctl.models.quantized import dequantize_model, quantized_base_summary
 from peftctl.runs import load_adapted, open_source
-from peftctl.utils import atomic_directory, check_output_path
+from peftctl.utils import atomic_directory, atomic_write_text, check_output_path
 
 
 def default_merge_dir(path: Path) -> Path:
@@ -65,6 +67,8 @@ def merge(
     requantize: str | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    max_shard_size: str | None = None,
+    command: list[str] | None = None,
 ) -> Path:
     """Merge the adapter at PATH (run or adapter dir) into its base model; write safetensors +
     config + tokenizer to ``out`` atomically. Returns ``out``.
@@ -72,9 +76,12 @@ def merge(
     A quantized base (quant=nf4/fp4/int8) is first dequantized to ``dtype`` (default: the run's
     quant.compute_dtype), the adapter is merged in that dtype and the model is written dense;
     ``requantize`` (nf4/fp4/int8) writes it quantized again instead (lossy: a second rounding).
-    An existing non-empty ``out`` is replaced only with ``overwrite``; the source never."""
+    An existing non-empty ``out`` is replaced only with ``overwrite``; the source never.
+    ``max_shard_size`` ("2GB", "500MB"): safetensors shards of at most that size, with an index.
+    A README.md model card (base, method, recipe, data, metrics, command) goes with the weights."""
     path = Path(path)
     _check_merge_options(dtype, requantize)  # before any model loads
+    shard_bytes = parse_shard_size(max_shard_size) if max_shard_size is not None else None
     out = Path(out) if out is not None else default_merge_dir(path)
     check_output_path(out, "--out", directory=False)
     check_output_target(out, source_paths(path), overwrite)
@@ -84,13 +91,29 @@ def merge(
     if note and requantize:
         note = f"{note[:-1]}, re-quantized to {requantize})"
     with atomic_directory(out, overwrite=True) as tmp:  # checked above
-        merged.save_pretrained(tmp, safe_serialization=True)
+        if shard_bytes is not None:
+            merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_bytes)
+        else:
+            merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        command = command or ["peftctl", "merge", str(path), "--out", str(out)]
+        atomic_write_text(Path(tmp) / "README.md", model_card(source, path, command))
         if requantize:
             _requantize_dir(Path(tmp), source.config, requantize, dtype)
     if not quiet:
         print(f"merged model written to {out}{note}")
     return out
+
+
+SHARD_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_shard_size(text: str) -> int:
+    """ "2GB" / "500MB" / "1GiB" / a byte count -> bytes; ConfigError naming --max-shard-size otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(text), re.I)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"--max-shard-size={text!r} is not valid; expected a size such as 500MB, 2GB or 1GiB")
+    return int(float(match.group(1)) * SHARD_UNITS[(match.group(2) or "B").upper()])
 
 
 def _check_merge_options(dtype: str | None, requantize: str | None) -> None:

@@ -7,18 +7,19 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from peftctl.adapters.core.model import AdaptedModel
 from peftctl.config.schema import RunConfig, TrainConfig
 from peftctl.data.tokenize import Example, collate
-from peftctl.errors import TrainingError
+from peftctl.errors import ConfigError, TrainingError
 from peftctl.train.checkpoint import checkpoint_dir, kill_point, load_checkpoint, rng_state, save_checkpoint
 from peftctl.train.distributed import (
     SINGLE,
     DistInfo,
+    broadcast_object,
     broadcast_parameters,
     fail_point,
     gather_objects,
@@ -27,9 +28,11 @@ from peftctl.train.distributed import (
     sum_gradients,
     sum_values,
 )
+from peftctl.train.early_stop import BestTracker
 from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
 from peftctl.train.metrics_log import MetricsLog, Progress
 from peftctl.train.optim import build_optimizer, build_scheduler
+from peftctl.train.trackers import NullTracker, eval_scalars, train_scalars
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -146,6 +149,13 @@ class Trainer:
         self.hooks = model.method_of(adapter_name).training_hooks(model, adapter_name, self.total_steps)
         self.state = LoopState()
         self.last_checkpoint: Path | None = None
+        self.tracker: NullTracker = NullTracker()  # train.report_to's trackers (run.py sets them on rank 0)
+        self.best = BestTracker(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
+        self.on_best: Callable[[int], None] | None = None  # called with the step of each new best eval (save_best)
+        if (cfg.train.early_stopping_patience or cfg.train.save_best) and not eval_data:
+            raise ConfigError(
+                "train.early_stopping_patience / train.save_best need held-out data; set dataset.eval_size > 0"
+            )
 
     # ------------------------------------------------------------------ pieces
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -301,8 +311,9 @@ class Trainer:
             failure = exc
         settle(failure, self.dist)
 
-    def _evaluate_on_main(self, log: Any) -> float | None:
-        """Rank 0 evaluates and logs; every rank enters (and leaves, or raises) together. The loss on rank 0."""
+    def _evaluate_on_main(self, log: Any, final: bool = False) -> float | None:
+        """Rank 0 evaluates: metrics.jsonl, the trackers, the best step so far; every rank enters (and
+        leaves, or raises) together. The eval loss on rank 0."""
 
         def run() -> float:
             fail_point("eval", self.dist)
@@ -316,9 +327,16 @@ class Trainer:
                 self.task_type,
             )
             log.write({"step": self.state.step, "eval_loss": eval_loss})
+            self.tracker.log(eval_scalars({"eval_loss": eval_loss}), self.state.step)
+            if self.best.update(eval_loss, self.state.step) and self.on_best is not None and not final:
+                self.on_best(self.state.step)  # the final adapter is saved anyway
             return eval_loss
 
         return on_main(run, self.dist)
+
+    def _stop_early(self) -> bool:
+        """Rank 0's early-stopping decision, on every rank."""
+        return bool(self.cfg.train.early_stopping_patience) and bool(broadcast_object(self.best.should_stop, self.dist))
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after_step: int | None = None) -> dict[str, Any]:
@@ -331,6 +349,7 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), self.state.tokens
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        stopped_early = False
         try:
             while self.state.step < self.total_steps:
                 # the step's micro-batches, dealt round-robin to the ranks (one rank: all of them)
@@ -357,6 +376,7 @@ class Trainer:
                 log_now = train_cfg.log_every > 0 and (step % train_cfg.log_every == 0 or step == self.total_steps)
                 if log_now and log is not None:
                     log.write(record)
+                    self.tracker.log(train_scalars(record), step)
                     window_start, window_tokens = time.perf_counter(), self.state.tokens
                 progress.update(step, {"loss": loss, "lr": lr, "tok/s": round(record["tokens_per_s"])}, log_now)
                 if (
@@ -368,16 +388,22 @@ class Trainer:
                     eval_loss = self._evaluate_on_main(log)
                     if main:
                         progress.message(f"step {step}  eval_loss {eval_loss:.4f}")
+                    stopped_early = self._stop_early()
                 if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
                     self._checkpoint()
+                if stopped_early:
+                    progress.message(self.best.stop_message(train_cfg.early_stopping_metric, step))
+                    break
                 if stop_after_step is not None and step >= stop_after_step:
                     return {"stopped_at": step, "completed": False}
         finally:
             progress.close()
         self._settled(self._require_finite, "the final adapter")
-        result: dict[str, Any] = {"completed": True, "steps": self.state.step}
-        if self.eval_data:
-            eval_loss = self._evaluate_on_main(log)
+        result: dict[str, Any] = {"completed": True, "steps": self.state.step, "stopped_early": stopped_early}
+        if self.eval_data and not stopped_early:
+            eval_loss = self._evaluate_on_main(log, final=True)
             if main:
                 result["eval_loss"] = eval_loss
+        elif main and stopped_early:
+            result["eval_loss"] = self.best.last_value  # the eval that stopped the run, at this step
         return result

@@ -30,6 +30,10 @@ CHANGEABLE_ON_RESUME = (
     "train.eval_every",
     "train.device",
     "train.gradient_checkpointing",
+    "train.report_to",
+    "train.early_stopping_patience",
+    "train.early_stopping_min_delta",
+    "train.save_best",
     "eval.",
     "eval",
 )

@@ -7,7 +7,9 @@ run directory is created, so bad input never leaves a partial run behind.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import random
+import shutil
 import sys
 import time
 from functools import partial
@@ -38,6 +40,7 @@ from peftctl.train.loop import Trainer
 from peftctl.train.metrics_log import MetricsLog, plot_metrics
 from peftctl.train.resume import find_checkpoint, resume_config, resume_requested, resume_run_dir
 from peftctl.train.runlock import RunLock
+from peftctl.train.trackers import build_trackers
 from peftctl.utils import atomic_directory, atomic_write_text, check_output_path, seed_everything
 
 ADAPTER_NAME = "default"
@@ -252,28 +255,74 @@ def _train_locked(
             f"  |  fast path {fast_path}",
             flush=True,
         )
+    trainer.tracker = build_trackers(cfg.train.report_to, run_dir, cfg.to_dict(), trainer.state.step, dist.is_main)
+    if cfg.train.save_best and dist.is_main:
+        trainer.on_best = lambda step: _save_adapter(model, tokenizer, run_dir / BEST_ADAPTER, initial_adapter)
     started = time.perf_counter()
-    result = trainer.fit(stop_after_step=stop_after_step)
+    try:
+        result = trainer.fit(stop_after_step=stop_after_step)
+    finally:
+        trainer.tracker.close()
     elapsed = time.perf_counter() - started
 
     def write_run_end() -> None:
         plot_metrics(trainer_records(run_dir), run_dir / "plots" / "loss.png")
         if result["completed"]:
-            with atomic_directory(run_dir / "adapter", overwrite=True) as tmp:  # adapter + tokenizer appear together
-                model.save_pretrained(tmp, path_initial_model_for_weight_conversion=initial_adapter)
-                kill_point("final:adapter")
-                tokenizer.save_pretrained(tmp)
+            adapter_step = _save_final_adapter(cfg, trainer, model, tokenizer, run_dir, initial_adapter)
+            summary = run_summary(result, trainer, adapter_step)
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     on_main(write_run_end, dist)
     if not result["completed"]:
         return run_dir
     if not quiet:
         extra = f"  eval_loss {result['eval_loss']:.4f}" if "eval_loss" in result else ""
+        extra += "  (train.save_best: adapter/ is the best eval step's)" if cfg.train.save_best else ""
         print(
             f"done: {result['steps']} steps in {elapsed:.0f} s{extra}; adapter saved to {run_dir / 'adapter'}",
             flush=True,
         )
     return run_dir
+
+
+BEST_ADAPTER = "best_adapter"  # train.save_best: the best eval step's adapter, while training runs
+
+
+def _save_adapter(model: Any, tokenizer: Any, directory: Path, initial_adapter: Path | None) -> None:
+    with atomic_directory(directory, overwrite=True) as tmp:  # adapter + tokenizer appear together
+        model.save_pretrained(tmp, path_initial_model_for_weight_conversion=initial_adapter)
+        kill_point(f"final:{directory.name}")
+        tokenizer.save_pretrained(tmp)
+
+
+def _save_final_adapter(
+    cfg: RunConfig, trainer: Any, model: Any, tokenizer: Any, run_dir: Path, initial_adapter: Path | None
+) -> int:
+    """adapter/: the last step's adapter, or with train.save_best the best eval step's. Returns its step."""
+    best_step, best_dir = trainer.best.best_step, run_dir / BEST_ADAPTER
+    if cfg.train.save_best and best_step is not None and best_step != trainer.state.step and best_dir.is_dir():
+        with atomic_directory(run_dir / "adapter", overwrite=True) as tmp:
+            shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
+        shutil.rmtree(best_dir)
+        return best_step
+    _save_adapter(model, tokenizer, run_dir / "adapter", initial_adapter)
+    if best_dir.is_dir():
+        shutil.rmtree(best_dir)
+    return trainer.state.step
+
+
+def run_summary(result: dict[str, Any], trainer: Any, adapter_step: int) -> dict[str, Any]:
+    """summary.json: how the run ended and which step's adapter adapter/ holds."""
+    summary = {
+        "steps": result["steps"],
+        "stopped_early": result.get("stopped_early", False),
+        "adapter_step": adapter_step,
+    }
+    if "eval_loss" in result:
+        summary["eval_loss"] = result["eval_loss"]
+    if trainer.best.best_step is not None:
+        summary["best_step"], summary["best_eval_loss"] = trainer.best.best_step, trainer.best.best_value
+    return summary
 
 
 def trainer_records(run_dir: Path) -> list[dict[str, Any]]:
