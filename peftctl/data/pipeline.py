@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftctl.data.formats import check_columns, to_pair
+from peftctl.data.preference import PREFERENCE_FORMATS, prepare_preference
 from peftctl.data.sources import load_raw_splits
 from peftctl.data.tokenize import IGNORE_INDEX, Example, encode_pair
 from peftctl.data.tasks import TASK_FORMATS, encode_task_records, label_names
@@ -30,12 +31,15 @@ def _encode_all(records: Any, dataset_cfg: Any, tokenizer: Any) -> list[Example]
 
 def prepare_data(dataset_cfg: Any, tokenizer: Any) -> PreparedData:
     train_records, eval_records = load_raw_splits(dataset_cfg)
-    check_columns(train_records, dataset_cfg)
+    if dataset_cfg.format not in PREFERENCE_FORMATS:  # preference formats check their own columns
+        check_columns(train_records, dataset_cfg)
     if dataset_cfg.max_samples is not None:
         train_records = train_records.select(range(min(dataset_cfg.max_samples, len(train_records))))
     if eval_records is None and dataset_cfg.eval_size > 0:
         parts = train_records.train_test_split(test_size=dataset_cfg.eval_size, seed=dataset_cfg.seed)
         train_records, eval_records = parts["train"], parts["test"]
+    if dataset_cfg.format in PREFERENCE_FORMATS:
+        return PreparedData(*prepare_preference(train_records, eval_records, dataset_cfg, tokenizer))
     if dataset_cfg.format in TASK_FORMATS:
         return _prepare_task(train_records, eval_records, dataset_cfg, tokenizer)
     train = _encode_all(train_records, dataset_cfg, tokenizer)

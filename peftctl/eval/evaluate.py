@@ -62,18 +62,23 @@ def evaluate(path: str | Path, overrides: list[str] | None = None, quiet: bool =
     examples = data.eval or data.train
     if cfg.eval.max_eval_samples:
         examples = examples[: cfg.eval.max_eval_samples]
-    if cfg.model.task_type != "causal_lm":
+    if cfg.dataset.format in ("preference", "kto"):
+        from peftctl.eval.preference import preference_scores
+
+        scorer: Any = preference_scores
+    elif cfg.model.task_type != "causal_lm":
         from functools import partial
 
         from peftctl.eval.metrics import task_scores
 
-        scorer: Any = partial(task_scores, label_names=data.label_names)
+        scorer = partial(task_scores, label_names=data.label_names)
     else:
         scorer = score
     with model.disable_adapter():
         base = scorer(model, tokenizer, examples, cfg, device)
     adapted = scorer(model, tokenizer, examples, cfg, device)
-    generated = min(len(examples), cfg.eval.num_generate) if cfg.model.task_type in ("causal_lm", "seq2seq_lm") else 0
+    generates = cfg.model.task_type in ("causal_lm", "seq2seq_lm") and cfg.dataset.format not in ("preference", "kto")
+    generated = min(len(examples), cfg.eval.num_generate) if generates else 0
     report = {"path": str(path), "task_type": cfg.model.task_type, "examples": len(examples), "generated": generated, "base": base, "adapted": adapted}
     out_dir = Path(path) if (Path(path) / "config.yaml").is_file() else source.adapter_dir
     atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2) + "\n")

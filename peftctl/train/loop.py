@@ -16,6 +16,7 @@ from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
 from peftctl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from peftctl.train.distributed import SINGLE, DistInfo, broadcast_parameters, gather_objects, sum_gradients, sum_values
 from peftctl.train.logging import MetricsLog, Progress
+from peftctl.train.objectives import build_objective, evaluate_objective, finish_metrics
 from peftctl.train.optim import build_optimizer, build_scheduler
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,6 +118,8 @@ class Trainer:
         self.hooks = method.training_hooks(model, adapter_name, self.total_steps)
         self.state = LoopState()
         self.last_checkpoint: Path | None = None
+        self.objective = build_objective(cfg)  # sft: the task's loss; dpo / orpo / kto / reward: train/objectives.py
+        self.objective.prepare(model, train_data, device, pad_id, cfg.eval.batch_size)
 
     # ------------------------------------------------------------------ pieces
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -135,15 +138,24 @@ class Trainer:
                 value = function(*args) if name != "on_loss" else function(value, *args[1:])
         return value
 
+    def _evaluate(self) -> dict[str, float]:
+        """eval_loss (and a preference objective's eval_rewards/... metrics) on the held-out data."""
+        if self.objective.name != "sft":
+            return evaluate_objective(self.model, self.objective, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device)
+        return {"eval_loss": evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, self.cfg.train.precision, self.task_type)}
+
     def _optimizer_step(self, group: list[list[Example]], n_tokens: int) -> tuple[float, float]:
         """Forward/backward over this rank's micro-batches of the step, gradients summed across
         ranks, then one optimizer step. ``n_tokens``: label tokens of the whole (global) step.
         Returns (loss, grad norm)."""
         loss_total, tokens, bad_loss = 0.0, 0, None
+        self.step_metrics: dict[str, float] = {}
         for micro in group:
-            batch = to_device(collate(micro, self.pad_id), self.device)
+            batch = to_device(self.objective.collate(micro, self.pad_id), self.device)
             with autocast(self.device, self.cfg.train.precision):
-                loss_sum, _ = task_loss(self.task_type)(self.model, batch)
+                loss_sum, _, metrics = self.objective.loss(self.model, batch)
+            for key, value in metrics.items():
+                self.step_metrics[key] = self.step_metrics.get(key, 0.0) + float(value)
             loss = loss_sum / n_tokens  # token-weighted mean over the whole accumulated batch
             loss = self._hook("on_loss", loss, self.state.step)
             if not torch.isfinite(loss):
@@ -153,6 +165,10 @@ class Trainer:
             loss_total += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
         loss_total, tokens, n_bad = sum_values([loss_total, tokens, float(bad_loss is not None)], self.device, self.dist)
+        if self.step_metrics:  # per pair / example means over the whole (global) step
+            keys = sorted(self.step_metrics)
+            summed = sum_values([self.step_metrics[k] for k in keys], self.device, self.dist)
+            self.step_metrics = finish_metrics(dict(zip(keys, summed)), n_tokens)
         if n_bad:
             where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
             value = bad_loss if bad_loss is not None else "non-finite on another rank"
@@ -197,7 +213,7 @@ class Trainer:
             while self.state.step < self.total_steps:
                 # the step's micro-batches, dealt round-robin to the ranks (one rank: all of them)
                 step_batches = [next(batches) for _ in range(train_cfg.grad_accum * self.dist.world_size)]
-                n_tokens = max(sum(label_tokens(b, self.task_type) for b in step_batches), 1)
+                n_tokens = max(sum(self.objective.count(b) for b in step_batches), 1)
                 lr = self.scheduler.get_last_lr()[0]
                 loss, grad_norm = self._optimizer_step(step_batches[self.dist.rank :: self.dist.world_size], n_tokens)
                 self.state.step += 1
@@ -205,6 +221,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "epoch": round(self.state.epoch + self.state.position * train_cfg.batch_size / len(self.train_data), 4),
                           "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": (self.state.tokens - window_tokens) / max(elapsed, 1e-9)}
+                record.update(self.step_metrics)
                 if self.device.type == "cuda":
                     record["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 log_now = train_cfg.log_every > 0 and (step % train_cfg.log_every == 0 or step == self.total_steps)
@@ -213,9 +230,9 @@ class Trainer:
                     window_start, window_tokens = time.perf_counter(), self.state.tokens
                 progress.update(step, {"loss": loss, "lr": lr, "tok/s": round(record["tokens_per_s"])}, log_now)
                 if main and self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
-                    eval_loss = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision, self.task_type)
-                    log.write({"step": step, "eval_loss": eval_loss})
-                    progress.message(f"step {step}  eval_loss {eval_loss:.4f}")
+                    evaluation = self._evaluate()
+                    log.write({"step": step, **evaluation})
+                    progress.message(f"step {step}  eval_loss {evaluation['eval_loss']:.4f}")
                 if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
                     self._checkpoint()
                 if stop_after_step is not None and step >= stop_after_step:
@@ -224,6 +241,7 @@ class Trainer:
             progress.close()
         result: dict[str, Any] = {"completed": True, "steps": self.state.step}
         if main and self.eval_data:
-            result["eval_loss"] = evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, train_cfg.precision, self.task_type)
-            log.write({"step": self.state.step, "eval_loss": result["eval_loss"]})
+            evaluation = self._evaluate()
+            result.update(evaluation)
+            log.write({"step": self.state.step, **evaluation})
         return result
