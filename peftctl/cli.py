@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any, Callable, List, Optional
 
 import typer
@@ -15,6 +16,10 @@ from peftctl.errors import PeftctlError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning, driven by Hydra recipes.")
 OverridesArg = typer.Argument(None, help="Hydra overrides: recipe=NAME key=value group=option ...")
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    return f"warning: {message}\n"
 
 
 def _quiet_libraries() -> None:
@@ -29,6 +34,7 @@ def _quiet_libraries() -> None:
 def _run(action: Callable[[], Any]) -> Any:
     """Run a command; turn our errors into one line and an exit code."""
     _quiet_libraries()
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning  # one line, like an error
     try:
         return action()
     except PeftctlError as exc:
@@ -45,6 +51,8 @@ def _run(action: Callable[[], Any]) -> Any:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         typer.echo(f"error: {type(exc).__name__}: {message} (PEFTCTL_DEBUG=1 shows the traceback)", err=True)
         raise typer.Exit(1) from None
+    finally:
+        warnings.formatwarning = previous_format
 
 
 @app.command()
@@ -66,12 +74,13 @@ def train(
 def eval_command(
     path: str = typer.Argument(..., help="a run directory or an adapter directory"),
     overrides: Optional[List[str]] = OverridesArg,
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Base vs adapted on held-out data: loss, perplexity, exact match; writes eval.json."""
     from peftctl.eval.evaluate import evaluate
 
-    _run(lambda: evaluate(path, list(overrides or []), quiet=quiet))
+    _run(lambda: evaluate(path, list(overrides or []), quiet=quiet, trust_remote_code=trust_remote_code))
 
 
 @app.command()
@@ -87,6 +96,8 @@ def merge(
     safe: bool = typer.Option(False, "--safe", help="check merged weights for NaN / inf before writing"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="dtype of the merged model (default: a quantized base's compute dtype)"),
     requantize: Optional[str] = typer.Option(None, "--requantize", help="nf4, fp4 or int8: write the merged model quantized again"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty --out (never the source run / adapter)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Fold an adapter into its base model, or blend several adapters (add_weighted_adapter)."""
@@ -95,10 +106,12 @@ def merge(
 
     def action() -> Any:
         if len(paths) == 1 and adapters is None and weights is None and not as_adapter:
-            return merge_run(paths[0], out, safe=safe, quiet=quiet, dtype=dtype, requantize=requantize)
+            return merge_run(paths[0], out, safe=safe, quiet=quiet, dtype=dtype, requantize=requantize, overwrite=overwrite,
+                             trust_remote_code=trust_remote_code)
         if out is None:
             raise ConfigError("--out is required when blending adapters")
-        return merge_many(paths, out, adapters, weights, combination, density, svd_rank, as_adapter=as_adapter, safe=safe, quiet=quiet)
+        return merge_many(paths, out, adapters, weights, combination, density, svd_rank, as_adapter=as_adapter, safe=safe, quiet=quiet,
+                          overwrite=overwrite, trust_remote_code=trust_remote_code)
 
     _run(action)
 
@@ -109,12 +122,37 @@ def export(
     format: str = typer.Option("peft", "--format", help="peft (adapter in PEFT format), merged (full model) or gguf (merged, one llama.cpp file)"),
     out: str = typer.Option(..., "--out", help="output directory (gguf: a .gguf file or a directory)"),
     outtype: Optional[str] = typer.Option(None, "--outtype", help="gguf only: f32, f16, bf16 or auto (the model's own precision, the default)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty --out or .gguf file (never the source run / adapter)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Write the adapter (PEFT format), the merged model, or the merged model as GGUF to OUT."""
     from peftctl.export.export import export as export_run
 
-    _run(lambda: export_run(path, format, out, quiet=quiet, outtype=outtype))
+    _run(lambda: export_run(path, format, out, quiet=quiet, outtype=outtype, overwrite=overwrite, trust_remote_code=trust_remote_code))
+
+
+@app.command("generate")
+def generate_command(
+    path: str = typer.Argument(..., help="a run directory or an adapter directory"),
+    overrides: Optional[List[str]] = OverridesArg,
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="one prompt (default: interactive, a prompt per line)"),
+    file: Optional[str] = typer.Option(None, "--file", help="a text file with one prompt per line"),
+    extra_input: Optional[str] = typer.Option(None, "--input", help="alpaca-format runs: the input under the instruction"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sampled"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed"),
+    base: bool = typer.Option(False, "--base", help="the base model, adapter switched off"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON line per prompt instead of streamed text"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml"),
+) -> None:
+    """Generate from base + adapter (unmerged), the prompt wrapped as the run's training data was."""
+    from peftctl.eval.generate import Sampling, generate
+
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    _run(lambda: generate(path, list(overrides or []), prompt=prompt, file=file, sampling=sampling, base=base, as_json=as_json,
+                          extra_input=extra_input, trust_remote_code=trust_remote_code))
 
 
 @app.command()
@@ -131,6 +169,18 @@ def bench(
     from peftctl.train.bench import run_bench
 
     _run(lambda: run_bench(list(overrides or []), warmup, steps, seq_len, find_max_context, memory_gib, as_json))
+
+
+@app.command("data")
+def data_command(
+    overrides: Optional[List[str]] = OverridesArg,
+    show: int = typer.Option(3, "--show", help="how many training examples (packed: rows) to print"),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines: the counts, then input_ids / labels (-100 = masked) / position_ids"),
+) -> None:
+    """The dataset as a run sees it: counts, and examples with the trained tokens highlighted."""
+    from peftctl.data.inspect import inspect_data
+
+    _run(lambda: inspect_data(list(overrides or []), show=show, as_json=as_json))
 
 
 @app.command()

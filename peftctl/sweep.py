@@ -12,11 +12,14 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Cartesian product of the sweep overrides, each as a plain override list."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from peftctl.config.compose import quote_value_if_needed, unparsable_override_hint
+
     parser = OverridesParser.create()
+    quoted = [quote_value_if_needed(o) for o in overrides]
     try:
-        parsed = parser.parse_overrides(overrides)
+        parsed = parser.parse_overrides(quoted)
     except Exception as exc:
-        raise ConfigError(f"bad sweep override: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(unparsable_override_hint(str(exc), quoted) or f"bad sweep override: {str(exc).splitlines()[0]}") from None
     choices: list[list[str]] = []
     for override in parsed:
         key = override.get_key_element()

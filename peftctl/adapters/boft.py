@@ -7,12 +7,15 @@ transform of a skew-symmetric matrix, R = (I - S)(I + S)^{-1}, S = (A - Aᵀ)/2.
 output scale s completes it (paper §4): W' = diag(s) · W Mᵀ over the flattened input dim
 (in_features, or in·kh·kw for Conv2d). Zero A and unit s make W' = W.
 Tensor names are PEFT's: ``boft_R`` (m, blocks, b, b) and ``boft_s`` ((out, 1); (1, out) for conv).
-Note: peft on a machine without its CUDA extension silently uses m = 1; peftctl always honours m.
+Note: peft on a machine without its CUDA extension silently uses m = 1 (and still writes m in
+adapter_config.json); peftctl honours m when it builds an adapter, and loads such a file as peft
+does: tensors shaped for one factor load with m = 1, with a warning.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,11 @@ from torch import nn
 
 from peftctl.adapters.base import AdapterLayer
 from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.registry import Method
 from peftctl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peftctl.adapters.model import AdaptedModel
 
 
 @dataclass
@@ -178,10 +185,44 @@ def create_boft_layer(module: nn.Module, module_name: str, config: BOFTConfig) -
     return BOFTLayer(module, module_name) if isinstance(module, (nn.Linear, nn.Conv2d)) else None
 
 
-def _method():
-    from peftctl.adapters.registry import Method
+def _saved_with_one_factor(layer: BOFTLayer, adapter_name: str, saved: torch.Tensor | None) -> bool:
+    """True when the saved boft_R holds one butterfly factor where the config asks for more."""
+    current = layer.boft_R[adapter_name]
+    return saved is not None and current.shape[0] > 1 and tuple(saved.shape) == (1, *current.shape[1:])
 
-    return Method("boft", BOFTConfig, create_boft_layer, (BOFTLayer,))
+
+def _rebuild_with_one_factor(layer: BOFTLayer, adapter_name: str, config: BOFTConfig) -> None:
+    old_r, old_s = layer.boft_R[adapter_name], layer.boft_s[adapter_name]
+    layer.update_layer(adapter_name, config)
+    for new, old in ((layer.boft_R[adapter_name], old_r), (layer.boft_s[adapter_name], old_s)):
+        new.data = new.data.to(device=old.device, dtype=old.dtype)
+        new.requires_grad_(old.requires_grad)
 
 
-METHOD = _method()
+class BOFTMethod(Method):
+    """The BOFT method, with a loading hook for peft's one-factor fallback (see the module note)."""
+
+    def before_load(self, model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor]) -> None:
+        from peftctl.adapters.persistence import adapter_key_map
+
+        keys = adapter_key_map(model, adapter_name)
+        config = model.peft_config[adapter_name]
+        one_factor = config.replace(boft_n_butterfly_factor=1)
+        switched = 0
+        for name, layer in model.named_modules():
+            if not isinstance(layer, BOFTLayer) or adapter_name not in layer.boft_R:
+                continue
+            saved = peft_state.get(keys.get(f"{name}.boft_R.{adapter_name}", ""))
+            if _saved_with_one_factor(layer, adapter_name, saved):
+                _rebuild_with_one_factor(layer, adapter_name, one_factor)
+                switched += 1
+        if switched:
+            model.peft_config[adapter_name] = one_factor
+            warnings.warn(
+                f"BOFT adapter: adapter_config.json says boft_n_butterfly_factor={config.boft_n_butterfly_factor} but its tensors hold "
+                "1 butterfly factor (peft without its CUDA extension writes such files); loaded with 1 factor, as peft does",
+                stacklevel=2,
+            )
+
+
+METHOD = BOFTMethod("boft", BOFTConfig, create_boft_layer, (BOFTLayer,))

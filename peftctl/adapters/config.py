@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -63,6 +64,10 @@ class AdapterConfig:
         """Raise ConfigError naming the bad field. Subclasses call super().validate()."""
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ConfigError(f"adapter.task_type={self.task_type!r} is not valid; expected one of {', '.join(TASK_TYPES)}")
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"adapter.{item.name}={value!r} is not valid; expected a finite number")
 
     @staticmethod
     def _check(condition: bool, field_name: str, value: Any, valid: str) -> None:

@@ -124,9 +124,23 @@ def inject_layers(adapted: "AdaptedModel", adapter_name: str, config: AdapterCon
         layer.train(layer.training)  # sub-modules the adapter just created follow the wrapper's mode
         wrapped.append(name)
     if not wrapped:
+        _check_layers_to_transform(model, config, heads)
         sample = [n for n, m in model.named_modules() if is_linear_like(m)][:6]
         raise ConfigError(
             f"adapter.target_modules={config.target_modules!r} matched no module of the model; "
             f"linear modules are named like: {', '.join(sample)}"
         )
     return wrapped
+
+
+def _check_layers_to_transform(model: nn.Module, config: AdapterConfig, heads: set[str]) -> None:
+    """When target_modules match but layers_to_transform picks none of their layers, say so."""
+    if config.layers_to_transform is None:
+        return
+    unrestricted = config.replace(layers_to_transform=None)
+    names = [n for n, m in model.named_modules() if not isinstance(m, AdapterLayer) and is_target(n, m, model, unrestricted, heads)]
+    indices = sorted({i for i in (layer_index(n, config.layers_pattern) for n in names) if i is not None})
+    if not names:
+        return
+    valid = f"the model's layers are {indices[0]}..{indices[-1]}" if indices else "no layer index was found in the target modules' names (set adapter.layers_pattern)"
+    raise ConfigError(f"adapter.layers_to_transform={config.layers_to_transform!r} selects none of the target modules; {valid}")

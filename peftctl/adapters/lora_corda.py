@@ -199,12 +199,14 @@ def preprocess_corda(
     cache_file, covariance_file = options["cache_file"], options["covariance_file"]
     device = next(model.parameters()).device
     if cache_file and os.path.isfile(cache_file) and os.path.getsize(cache_file) > 0:
-        cache = torch.load(cache_file, map_location=device)
+        cache = load_tensor_file(cache_file, "cache_file", device)
+        _require_keys(cache, [k for name in targets for k in _cache_keys(name)], "cache_file", cache_file)
         for name, module in targets.items():
             setattr(module, EIGENS_ATTR, tuple(cache[k] for k in _cache_keys(name)))
         return
     if covariance_file and os.path.isfile(covariance_file) and os.path.getsize(covariance_file) > 0:
-        stored = torch.load(covariance_file, map_location=device)
+        stored = load_tensor_file(covariance_file, "covariance_file", device)
+        _require_keys(stored, list(targets), "covariance_file", covariance_file)
         covariances = {name: stored[name] for name in targets}
     else:
         covariances = collect_covariances(model, targets, dataloader, run_model, forward_fn, options["use_float16_for_covariance"])
@@ -269,4 +271,22 @@ def apply_corda(layer: "LoraLayer", adapter_name: str, config: "LoraConfig") -> 
 
 @functools.lru_cache(maxsize=2)
 def _read_cache(path: str, mtime: float) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu")
+    return load_tensor_file(path, "cache_file", "cpu")
+
+
+def _require_keys(stored: dict[str, Any], keys: list[str], field: str, path: str) -> None:
+    missing = [k for k in keys if k not in stored]
+    if missing:
+        raise ConfigError(f"adapter.corda_config.{field}={path!r} was built for another model or config: it has no {missing[0]!r}")
+
+
+def load_tensor_file(path: str, field: str, device: Any) -> dict[str, torch.Tensor]:
+    """A user-supplied CorDA cache / covariance file: tensors only (``weights_only``: never unpickle code)."""
+    try:
+        loaded = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # a pickle with code, a truncated or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"adapter.corda_config.{field}={path!r} cannot be loaded as a file of tensors: {first[:200]}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"adapter.corda_config.{field}={path!r} does not hold a dict of tensors (it holds a {type(loaded).__name__})")
+    return loaded

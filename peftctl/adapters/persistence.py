@@ -106,7 +106,7 @@ def save_adapter_dir(
     config = config if config is not None else model.peft_config[adapter_name]
     tensors = tensors if tensors is not None else get_adapter_state_dict(model, adapter_name)
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite=True) as tmp:  # save_pretrained replaces, as in PEFT
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config.save(tmp)
 
@@ -116,16 +116,33 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{directory} is not an adapter directory: {CONFIG_NAME} not found")
     try:
-        return json.loads(path.read_text())
+        values = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (not UTF-8)") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} does not hold an adapter config (a JSON object)")
+    return values
 
 
 def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     directory = Path(directory)
     if (directory / WEIGHTS_NAME).is_file():
-        return load_file(str(directory / WEIGHTS_NAME))
+        return _read_weights_file(directory / WEIGHTS_NAME, lambda file: load_file(str(file)))
     if (directory / LEGACY_WEIGHTS_NAME).is_file():
         # never unpickle arbitrary objects
-        return torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        return _read_weights_file(directory / LEGACY_WEIGHTS_NAME, lambda file: torch.load(file, map_location="cpu", weights_only=True))
     raise ConfigError(f"{directory} has no {WEIGHTS_NAME}")
+
+
+def _read_weights_file(file: Path, read: Any) -> dict[str, torch.Tensor]:
+    """Tensors of an adapter weights file; ConfigError naming it when it is truncated or not tensors."""
+    try:
+        tensors = read(file)
+    except Exception as exc:  # safetensors' header / buffer errors, torch's unpickling errors
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{file} is not a readable adapter weights file (truncated or corrupt?): {reason[:160]}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ConfigError(f"{file} does not hold a dict of tensors")
+    return tensors

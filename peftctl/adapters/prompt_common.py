@@ -285,11 +285,12 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int)
 @torch.no_grad()
 def decode(model: "AdaptedModel", adapter_name: str, method: PromptMethod, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
            max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, eos_token_id: int | list[int] | None = None,
-           pad_token_id: int | None = None, use_cache: bool = True, **_: Any) -> torch.Tensor:
+           pad_token_id: int | None = None, use_cache: bool = True, streamer: Any = None, **_: Any) -> torch.Tensor:
     """Greedy (or sampled) decoding for a decoder-only model; returns prompt + new tokens like HF generate.
 
     With ``use_cache`` the prompt (and the virtual tokens / prefixes) is run once and each new token
     reuses the cache; without it the whole sequence is recomputed through ``method.forward`` each step.
+    A ``streamer`` (transformers' protocol) gets the prompt, then each new token, then ``end()``.
     """
     base = model.model
     if attention_mask is None:
@@ -301,6 +302,8 @@ def decode(model: "AdaptedModel", adapter_name: str, method: PromptMethod, input
     sequence, mask = input_ids, attention_mask
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     past = None
+    if streamer is not None:
+        streamer.put(input_ids)
     for step in range(max_new_tokens):
         # real token j of a row sits at position n + j whatever the (left) padding, as in training
         positions = n + (mask.cumsum(-1) - 1).clamp(min=0)
@@ -318,10 +321,14 @@ def decode(model: "AdaptedModel", adapter_name: str, method: PromptMethod, input
         token = torch.where(finished, torch.full_like(token, pad), token)
         sequence = torch.cat([sequence, token[:, None]], dim=1)
         mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(token.cpu())
         if eos:
             finished |= torch.isin(token, torch.tensor(sorted(eos), device=token.device))
             if bool(finished.all()):
                 break
+    if streamer is not None:
+        streamer.end()
     return sequence
 
 

@@ -64,8 +64,55 @@ def _suggest_key(key: str, recipe: str) -> str:
     return f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
 
 
-def _explain_hydra_error(exc: Exception, recipe: str) -> str:
+# characters Hydra's override lexer refuses in an unquoted value (non-ASCII letters too)
+_UNQUOTED_OK = re.compile(r"[A-Za-z0-9_\-/\\+.$%*@?|: \t]*")
+
+
+def quote_value_if_needed(override: str) -> str:
+    """`output_dir=my dir/dätä (1)` -> `output_dir='my dir/dätä (1)'`: a plain path or text value that
+    Hydra's lexer would reject is quoted for the user. Values that use the grammar (quotes, lists,
+    dicts, sweeps with commas, ${interpolations}) are left as they are."""
+    key, sep, value = override.partition("=")
+    if not sep or not value or _UNQUOTED_OK.fullmatch(value) or value[0] in "'\"[{" or "," in value or "${" in value:
+        return override
+    quote = "'" if "'" not in value else '"'
+    if quote in value or value.endswith("\\"):
+        return override  # both quote kinds, or a trailing backslash that would escape the closing quote
+    return f"{key}={quote}{value}{quote}"
+
+
+def _first_unparsable(overrides: list[str]) -> str:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except Exception:
+            return override
+    return ""
+
+
+def unparsable_override_hint(text: str, overrides: list[str]) -> str | None:
+    """For Hydra's lexer / parser errors: the override it could not read and how to quote it."""
+    match = re.search(r"(?:LexerNoViableAltException|mismatched input|token recognition error|extraneous input|no viable alternative)[^\n]*", text)
+    if not match:
+        return None
+    override = _first_unparsable(overrides)
+    key, _, value = override.partition("=")
+    key = key or "key"
+    shown = f" {override!r}" if override else ""
+    if value[:1] in ("[", "{"):
+        return f"cannot parse the override{shown}: a list is written {key}=[a,b], a mapping {key}={{a: 1}}; quote any item with special characters"
+    return (f"cannot parse the override{shown}: quote a value with special characters, e.g. {key}='my dir/(1)' "
+            f"(in the shell: \"{key}='my dir/(1)'\")")
+
+
+def _explain_hydra_error(exc: Exception, recipe: str, overrides: list[str]) -> str:
     text = str(exc)
+    hint = unparsable_override_hint(text, overrides)
+    if hint:
+        return hint
     match = re.search(r"Could not override '([^']+)'", text)
     if match:
         key = match.group(1)
@@ -105,18 +152,22 @@ def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     recipe, rest = split_recipe(list(overrides or []))
+    for item in rest:
+        if "=" not in item and not item.startswith("~"):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
     if recipe not in list_recipes():
         raise ConfigError(f"recipe={recipe} is not a known recipe; valid: {', '.join(list_recipes())}")
     GlobalHydra.instance().clear()
     search_path = f"hydra.searchpath=[file://{resource_dir('configs')}]"
+    quoted = [quote_value_if_needed(o) for o in rest]
     try:
         with initialize_config_dir(config_dir=str(resource_dir("recipes")), version_base=None):
-            cfg = compose(config_name=recipe, overrides=[search_path, *map(_force_field_override, rest)])
+            cfg = compose(config_name=recipe, overrides=[search_path, *map(_force_field_override, quoted)])
         values = OmegaConf.to_container(cfg, resolve=True)
     except ConfigError:
         raise
     except Exception as exc:  # Hydra's many exception types: all mean a bad override or recipe
-        raise ConfigError(_explain_hydra_error(exc, recipe)) from None
+        raise ConfigError(_explain_hydra_error(exc, recipe, quoted)) from None
     finally:
         GlobalHydra.instance().clear()
     values.pop("hydra", None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,11 +29,16 @@ class ModelConfig:
     arch: Optional[dict] = None  # architecture of a built-in model (name_or_path: builtin:NAME)
     init_seed: int = 0
 
+    def validate(self) -> None:
+        check(bool(self.name_or_path.strip()), "model.name_or_path", self.name_or_path, "expected a model directory, hub name or builtin:NAME")
+        if self.num_labels is not None:
+            check(self.num_labels >= 1, "model.num_labels", self.num_labels, "expected an integer >= 1 or null")
+
 
 @dataclass
 class DatasetConfig:
     path: str = "builtin:sentiment"
-    format: Literal["alpaca", "text", "chat", "seq2seq", "classification", "token_classification", "preference", "kto"] = "alpaca"
+    format: Literal["alpaca", "text", "chat", "sharegpt", "seq2seq", "classification", "token_classification", "preference", "kto"] = "alpaca"
     name: Optional[str] = None  # hub dataset config name
     split: str = "train"
     eval_split: Optional[str] = None  # a separate split; otherwise eval_size is held out of `split`
@@ -44,7 +50,15 @@ class DatasetConfig:
     input_column: str = "input"
     output_column: str = "output"
     text_column: str = "text"
-    messages_column: str = "messages"
+    messages_column: str = "messages"  # format=chat: OpenAI-style [{role, content}]
+    conversations_column: str = "conversations"  # format=sharegpt: [{from, value}]
+    role_map: Optional[dict] = None  # extra / overriding role names -> system | user | assistant | tool
+    chat_template: Optional[str] = None  # a built-in name (chatml, llama3, mistral, alpaca) or a .jinja path; null: the tokenizer's
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # chat: which turns the loss covers
+    packing: bool = False  # several examples per row of max_seq_len (causal LM), attention kept per example
+    packing_split: bool = False  # true: cut examples across rows instead of first-fit-decreasing whole ones
+    num_proc: Optional[int] = None  # processes for tokenization (datasets.map)
+    cache: bool = True  # reuse tokenized data from $PEFTCTL_CACHE/data (keyed by data, tokenizer and settings)
     # task formats (data/tasks.py): seq2seq source/target, classification text [+ pair] + label,
     # token_classification tokens + tags; label_names fixes the label order (else sorted from train)
     source_column: str = "source"
@@ -66,6 +80,12 @@ class DatasetConfig:
         check(self.max_seq_len >= 8, "dataset.max_seq_len", self.max_seq_len, "expected an integer >= 8")
         if self.max_samples is not None:
             check(self.max_samples > 0, "dataset.max_samples", self.max_samples, "expected an integer > 0 or null")
+        if self.num_proc is not None:
+            check(self.num_proc >= 1, "dataset.num_proc", self.num_proc, "expected an integer >= 1 or null")
+        if self.role_map is not None:
+            roles = ("system", "user", "assistant", "tool")
+            for key, value in self.role_map.items():
+                check(value in roles, f"dataset.role_map.{key}", value, f"expected one of {', '.join(roles)}")
 
 
 @dataclass
@@ -153,6 +173,10 @@ class TrainConfig:
         check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "expected an integer >= 0")
         check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "expected 0 <= warmup_ratio < 1")
         check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "expected a number >= 0")
+        # AdamW's ranges (torch would refuse them only after the model has loaded)
+        for name in ("adam_beta1", "adam_beta2"):
+            check(0 <= getattr(self, name) < 1, f"train.{name}", getattr(self, name), "expected 0 <= beta < 1")
+        check(self.adam_eps >= 0, "train.adam_eps", self.adam_eps, "expected a number >= 0")
         if self.max_grad_norm is not None:
             check(self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm, "expected a number > 0 or null")
         for name in ("log_every", "eval_every", "save_every"):
@@ -167,6 +191,13 @@ class EvalConfig:
     max_new_tokens: int = 16
     num_generate: int = 64  # held-out examples scored by exact match of greedy generation
     max_eval_samples: Optional[int] = None
+
+    def validate(self) -> None:
+        check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "expected an integer >= 1")
+        check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "expected an integer >= 1")
+        check(self.num_generate >= 0, "eval.num_generate", self.num_generate, "expected an integer >= 0")
+        if self.max_eval_samples is not None:
+            check(self.max_eval_samples > 0, "eval.max_eval_samples", self.max_eval_samples, "expected an integer > 0 or null")
 
 
 @dataclass
@@ -223,8 +254,8 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any, str]:
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value, "a number"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, float(value) if ok else value, "a finite number"
     if annotation is str:
         return isinstance(value, str), value, "a string"
     if annotation in (dict, list):
@@ -279,11 +310,25 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
     _check_objective_fits_data(built["train"].objective, built["dataset"].format, built["model"])
     if not (built["train"].objective == "reward" and built["dataset"].format == "preference"):
         _check_format_fits_task(built["dataset"].format, built["model"].task_type)
+    _check_packing(built["dataset"], built["model"].task_type, adapter.method)
     scalars = {k: values[k] for k in ("recipe", "description", "output_dir") if k in values}
     for key, value in scalars.items():
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{key}={value!r} is not valid; expected a string")
     return RunConfig(adapter=adapter, **scalars, **built)
+
+
+def _check_packing(dataset: DatasetConfig, task_type: str, method: str) -> None:
+    from peftctl.data.packing import PROMPT_FAMILY
+
+    if not dataset.packing:
+        return
+    if dataset.format in ("preference", "kto"):
+        raise ConfigError(f"dataset.packing=true is not valid with dataset.format={dataset.format}: each pair / completion is scored as its own row; set dataset.packing=false")
+    if task_type != "causal_lm":
+        raise ConfigError(f"dataset.packing=true is not valid with model.task_type={task_type}; packing is for causal_lm only")
+    if method in PROMPT_FAMILY:
+        raise ConfigError(f"dataset.packing=true is not valid with adapter={method}: its virtual tokens assume one example per row; set dataset.packing=false")
 
 
 def _check_format_fits_task(dataset_format: str, task_type: str) -> None:

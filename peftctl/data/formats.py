@@ -1,7 +1,7 @@
 """Turn raw records into (prompt, response) text pairs, per dataset.format.
 
-Formats: `alpaca` (instruction / input / output), `chat` (messages rendered with the tokenizer's
-chat template; the response is the last assistant turn) and `text` (no prompt: loss on all tokens).
+Formats: `alpaca` (instruction / input / output) and `text` (no prompt: loss on all tokens).
+`chat` / `sharegpt` conversations are encoded by data/chat.py (every assistant turn trained).
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def required_columns(dataset_cfg: Any) -> list[str]:
         return [dataset_cfg.instruction_column, dataset_cfg.output_column]
     if dataset_cfg.format == "chat":
         return [dataset_cfg.messages_column]
+    if dataset_cfg.format == "sharegpt":
+        return [dataset_cfg.conversations_column]
     return [dataset_cfg.text_column]
 
 

@@ -15,6 +15,7 @@ class Example:
     labels: list[int]
     prompt: str
     response: str
+    truncated: bool = False  # cut at dataset.max_seq_len
 
 
 def encode_pair(prompt: str, response: str, tokenizer: Any, max_seq_len: int, train_on_prompt: bool) -> Example:
@@ -25,12 +26,17 @@ def encode_pair(prompt: str, response: str, tokenizer: Any, max_seq_len: int, tr
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = (bos + prompt_ids + response_ids)[:max_seq_len]
     labels = [IGNORE_INDEX] * len(bos) + (prompt_ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
-    return Example(input_ids, labels[:max_seq_len], prompt, response)
+    return Example(input_ids, labels[:max_seq_len], prompt, response, truncated=len(labels) > max_seq_len)
 
 
-def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding is masked in attention and loss. Labels are padded
-    to their own longest length (the input's for causal LM; decoder targets or one class id otherwise)."""
+    to their own longest length (the input's for causal LM; decoder targets or one class id otherwise).
+    Packed rows (data/packing.py) get per-example position_ids instead (see collate_packed)."""
+    if examples and getattr(examples[0], "position_ids", None) is not None:
+        from peftctl.data.packing import collate_packed
+
+        return collate_packed(examples, pad_token_id)
     width = max(len(e.input_ids) for e in examples)
     label_width = max(len(e.labels) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)

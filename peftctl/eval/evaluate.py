@@ -42,24 +42,30 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 
 def score(model: Any, tokenizer: Any, examples: list[Example], cfg: Any, device: torch.device) -> dict[str, float]:
-    loss = evaluate_loss(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device)
+    loss_items: list[Any] = examples
+    if cfg.dataset.packing:  # the same examples, several per row (the loss is the same up to rounding)
+        from peftctl.data.packing import check_packed_attention, pack_examples
+
+        check_packed_attention(model, device, len(tokenizer))
+        loss_items = pack_examples(examples, cfg.dataset.max_seq_len, cfg.dataset.packing_split)
+    loss = evaluate_loss(model, loss_items, cfg.eval.batch_size, tokenizer.pad_token_id, device)
     sample = examples[: cfg.eval.num_generate]
     predictions = greedy_responses(model, tokenizer, sample, cfg.eval.batch_size, cfg.eval.max_new_tokens, device)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "exact_match": exact_match(predictions, [e.response for e in sample])}
 
 
-def evaluate(path: str | Path, overrides: list[str] | None = None, quiet: bool = False) -> dict[str, Any]:
+def evaluate(path: str | Path, overrides: list[str] | None = None, quiet: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     """Evaluate base and adapted model on the run's held-out data; writes eval.json next to PATH's adapter."""
     from peftctl.data.pipeline import prepare_data
     from peftctl.runs import load_adapted, open_source
     from peftctl.train.run import pick_device
 
-    source = open_source(path, overrides)
+    source = open_source(path, overrides, trust_remote_code=trust_remote_code)
     cfg = source.config
     device = pick_device(cfg.train)
     model, tokenizer = load_adapted(source, device)
     data = prepare_data(cfg.dataset, tokenizer)
-    examples = data.eval or data.train
+    examples = data.eval_examples or data.train_examples  # unpacked: score() packs them for the loss
     if cfg.eval.max_eval_samples:
         examples = examples[: cfg.eval.max_eval_samples]
     if cfg.dataset.format in ("preference", "kto"):

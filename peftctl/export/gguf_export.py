@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from peftctl.errors import ConfigError
+from peftctl.utils import honour_umask
 
 OUTTYPES = ("auto", "f32", "f16", "bf16")
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -71,14 +72,14 @@ def check_supported(model: Any) -> None:
         )
 
 
-def check_source(path: str | Path) -> None:
+def check_source(path: str | Path, trust_remote_code: bool = False) -> None:
     """Refuse an unsupported base model from its config, before loading and merging the weights."""
     from transformers import AutoConfig
 
     from peftctl.models.loader import resolve_model_path
     from peftctl.runs import open_source
 
-    cfg = open_source(path).config.model
+    cfg = open_source(path, trust_remote_code=trust_remote_code).config.model
     model_type = AutoConfig.from_pretrained(resolve_model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code).model_type
     if model_type not in SUPPORTED_ARCHITECTURES or cfg.task_type != "causal_lm":
         raise ConfigError(
@@ -380,9 +381,7 @@ def write_gguf(model: Any, tokenizer: Any, target: Path, outtype: str = "auto", 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain open() would have given
+        honour_umask(tmp)  # mkstemp's 0600 -> what a plain open() would have given
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -391,16 +390,24 @@ def write_gguf(model: Any, tokenizer: Any, target: Path, outtype: str = "auto", 
     return target
 
 
-def export_gguf(path: str | Path, out: str | Path, outtype: str = "auto", quiet: bool = False) -> Path:
-    """`peftctl export PATH --format gguf --out FILE_OR_DIR`: merge the adapter, write one GGUF file."""
+def export_gguf(path: str | Path, out: str | Path, outtype: str = "auto", quiet: bool = False, overwrite: bool = False,
+                trust_remote_code: bool = False) -> Path:
+    """`peftctl export PATH --format gguf --out FILE_OR_DIR`: merge the adapter, write one GGUF file.
+    An existing file there is replaced only with ``overwrite``."""
     from peftctl.export.merge import merged_model
+    from peftctl.export.target import check_output_target, source_paths
 
     require_gguf()
     check_outtype(outtype)
-    check_source(path)
-    merged, tokenizer, _, note = merged_model(path, quiet=True)
+    check_source(path, trust_remote_code)
+    sources = source_paths(path)
+    check_output_target(out, sources, overwrite, kind="file" if Path(out).suffix == ".gguf" else "folder")
+    if outtype != "auto":
+        check_output_target(gguf_path(out, outtype), sources, overwrite, kind="file")
+    merged, tokenizer, _, note = merged_model(path, quiet=True, trust_remote_code=trust_remote_code)
     check_supported(merged)
     resolved = resolve_outtype(outtype, merged)
+    check_output_target(gguf_path(out, resolved), sources, overwrite, kind="file")  # `auto`: known only now
     target = write_gguf(merged, tokenizer, gguf_path(out, resolved), resolved, name=Path(path).resolve().name)
     if not quiet:
         print(f"merged model written to {target} (GGUF, {resolved}){note}")

@@ -6,7 +6,8 @@ from typing import Any
 
 from peftctl.adapters.persistence import save_adapter_dir
 from peftctl.errors import ConfigError
-from peftctl.utils import atomic_directory
+from peftctl.export.target import check_output_target, source_paths
+from peftctl.utils import atomic_directory, check_output_path
 
 
 def default_merge_dir(path: Path) -> Path:
@@ -14,7 +15,7 @@ def default_merge_dir(path: Path) -> Path:
 
 
 def merged_model(path: str | Path, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False,
-                 dtype: str | None = None) -> tuple[Any, Any, Any, str]:
+                 dtype: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any, Any, str]:
     """Fold the adapter at PATH (run or adapter dir) into its base model in memory.
 
     Returns (merged transformers model, tokenizer, source, note). A quantized base (quant=nf4/fp4/int8)
@@ -23,7 +24,7 @@ def merged_model(path: str | Path, overrides: list[str] | None = None, safe: boo
     from peftctl.models.loader import DTYPES
     from peftctl.runs import load_adapted, open_source
 
-    source = open_source(Path(path), overrides)
+    source = open_source(Path(path), overrides, trust_remote_code=trust_remote_code)
     # a quantized base is dequantized where it was quantized: on the GPU when there is one
     import torch
 
@@ -47,19 +48,23 @@ def merged_model(path: str | Path, overrides: list[str] | None = None, safe: boo
 
 
 def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False,
-          dtype: str | None = None, requantize: str | None = None) -> Path:
+          dtype: str | None = None, requantize: str | None = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Merge the adapter at PATH (run or adapter dir) into its base model; write safetensors +
     config + tokenizer to ``out`` atomically. Returns ``out``.
 
     A quantized base (quant=nf4/fp4/int8) is first dequantized to ``dtype`` (default: the run's
     quant.compute_dtype), the adapter is merged in that dtype and the model is written dense;
-    ``requantize`` (nf4/fp4/int8) writes it quantized again instead (lossy: a second rounding)."""
+    ``requantize`` (nf4/fp4/int8) writes it quantized again instead (lossy: a second rounding).
+    An existing non-empty ``out`` is replaced only with ``overwrite``; the source never."""
     path = Path(path)
-    merged, tokenizer, source, note = merged_model(path, overrides, safe=safe, quiet=quiet, dtype=dtype)
+    _check_merge_options(dtype, requantize)  # before any model loads
+    out = Path(out) if out is not None else default_merge_dir(path)
+    check_output_path(out, "--out")
+    check_output_target(out, source_paths(path), overwrite)
+    merged, tokenizer, source, note = merged_model(path, overrides, safe=safe, quiet=quiet, dtype=dtype, trust_remote_code=trust_remote_code)
     if note and requantize:
         note = f"{note[:-1]}, re-quantized to {requantize})"
-    out = Path(out) if out is not None else default_merge_dir(path)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite=True) as tmp:  # checked above
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if requantize:
@@ -67,6 +72,15 @@ def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] 
     if not quiet:
         print(f"merged model written to {out}{note}")
     return out
+
+
+def _check_merge_options(dtype: str | None, requantize: str | None) -> None:
+    from peftctl.models.loader import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype={dtype!r} is not valid; expected one of bfloat16, float16, float32")
+    if requantize is not None and requantize not in ("nf4", "fp4", "int8"):
+        raise ConfigError(f"--requantize={requantize!r} is not valid; expected nf4, fp4 or int8")
 
 
 def _requantize_dir(directory: Path, cfg: Any, method: str, dtype: str | None) -> None:
@@ -105,14 +119,20 @@ def merge_many(
     as_adapter: bool = False,
     safe: bool = False,
     quiet: bool = False,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Blend several adapters trained on the same base (add_weighted_adapter) and write either the
-    merged model or, with ``as_adapter``, the blended adapter in PEFT format. Returns ``out``."""
+    merged model or, with ``as_adapter``, the blended adapter in PEFT format. Returns ``out``.
+    An existing non-empty ``out`` is replaced only with ``overwrite``; a source never."""
     from peftctl.export.blend import blend_adapters
     from peftctl.models.loader import load_model, load_tokenizer, resolve_model_path
     from peftctl.runs import open_source
 
-    sources = [open_source(path) for path in paths]
+    out = Path(out)
+    check_output_path(out, "--out")
+    check_output_target(out, [p for path in paths for p in source_paths(path)], overwrite)
+    sources = [open_source(path, trust_remote_code=trust_remote_code) for path in paths]
     bases = {str(s.config.model.name_or_path) for s in sources}
     if len(bases) > 1:
         raise ConfigError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}); blend adapters of one base")
@@ -123,8 +143,7 @@ def merge_many(
     tokenizer = load_tokenizer(cfg.model, model_path)
     model = load_model(cfg.model, cfg.quant, model_path)
     blended = blend_adapters(model, [s.adapter_dir for s in sources], names=names, weights=weight_values, combination_type=combination, density=density, svd_rank=svd_rank)
-    out = Path(out)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite=True) as tmp:  # checked above
         if as_adapter:
             save_adapter_dir(blended, tmp, "blended")
         else:

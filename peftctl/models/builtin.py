@@ -27,6 +27,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("PEFTCTL_CACHE", Path.home() / ".cache" / "peftctl"))
 
 
+def _wait_for_file(path: Path, timeout_s: float = 600.0) -> None:
+    """Wait until another process has renamed a complete cache entry into place."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path.parent} is incomplete and no other process completed it; delete it and retry")
+        time.sleep(0.1)
+
+
 def builtin_model_dir(name: str, arch: dict[str, Any], seed: int = 0) -> Path:
     """Materialise a built-in model on disk (once) and return its directory."""
     import transformers
@@ -51,7 +62,14 @@ def builtin_model_dir(name: str, arch: dict[str, Any], seed: int = 0) -> Path:
     torch.random.set_rng_state(generator_state)
     from peftctl.utils import atomic_directory
 
-    with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    try:
+        # never replace an entry another process (a torchrun rank, a parallel run) may be reading
+        with atomic_directory(target, overwrite=False) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if not (tmp / "config.json").is_file():
+                # under torch.distributed transformers writes the model on rank 0 only: that rank builds the entry
+                raise FileExistsError(target)
+    except FileExistsError:
+        _wait_for_file(target / "config.json")
     return target

@@ -29,14 +29,43 @@ def resolve_model_path(model_cfg: Any) -> str:
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
     if looks_local and not (Path(name).expanduser() / "config.json").is_file():
         raise ConfigError(f"model.name_or_path={name!r}: no such model directory (config.json not found)")
+    if looks_local:
+        _check_model_config_file(name, Path(name).expanduser() / "config.json")
     return str(Path(name).expanduser()) if looks_local else name
+
+
+def _check_model_config_file(name: str, file: Path) -> None:
+    """A local model's config.json must be a JSON object (transformers' own error is an OSError)."""
+    import json
+
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" (line {exc.lineno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ConfigError(f"model.name_or_path={name!r}: {file} is not valid JSON{where}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"model.name_or_path={name!r}: {file} does not hold a model config (a JSON object)")
+
+
+def _load_error(model_cfg: Any, exc: Exception, field: str = "name_or_path") -> ConfigError:
+    """ConfigError for a base model / tokenizer that transformers cannot load, naming model.<field>."""
+    text = str(exc).strip()
+    value = getattr(model_cfg, field)
+    if "trust_remote_code" in text:
+        return ConfigError(f"model.{field}={value!r} needs its own (remote) code; "
+                           "allow it with model.trust_remote_code=true (train) or --trust-remote-code (eval / merge / export)")
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return ConfigError(f"model.{field}={value!r} could not be loaded: {first}")
 
 
 def load_tokenizer(model_cfg: Any, path: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     path = path or resolve_model_path(model_cfg)
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error(model_cfg, exc, "tokenizer" if model_cfg.tokenizer else "name_or_path") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -81,4 +110,8 @@ def load_model(model_cfg: Any, quant_cfg: Any = None, path: str | None = None, d
     try:
         return auto_cls.from_pretrained(path, **kwargs)
     except OSError as exc:
-        raise ConfigError(f"model.name_or_path={model_cfg.name_or_path!r} could not be loaded: {str(exc).splitlines()[0]}") from None
+        raise _load_error(model_cfg, exc) from None
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise _load_error(model_cfg, exc) from None

@@ -6,13 +6,19 @@ checkpoints/step-000200/
   trainer_state.json (step, epoch, position in the epoch, metrics so far)
   hooks/<i>-<HookClass>.json + .safetensors   state of the method's training hooks that have
       state_dict() / load_state_dict() (AdaLoRA's rank allocator): tensors and JSON values apart
-Written into a temporary folder and renamed, so a checkpoint folder is always complete.
+  manifest.json   every other file's relative path, size and sha256, written last
+Written into a temporary folder and renamed, so a checkpoint folder is always complete; on resume the
+manifest is verified and a broken checkpoint (missing / truncated / altered file) is skipped.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
+import signal
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,13 +29,24 @@ from safetensors.torch import load_file, save_file
 
 from peftctl.adapters.persistence import read_adapter_weights, save_adapter_dir, set_adapter_state_dict
 from peftctl.errors import ConfigError
-from peftctl.utils import atomic_directory
+from peftctl.utils import atomic_directory, remove_path, sha256_file
 
 STATE_NAME = "trainer_state.json"
 # the trainable tensors as they are in memory: the PEFT-format adapter folds some of them away
 # (P-tuning's prompt encoder, prefix projection), and resume must continue from the unfolded ones
 TRAINABLE_NAME = "trainable.safetensors"
 HOOKS_DIR = "hooks"
+MANIFEST_NAME = "manifest.json"
+REQUIRED_FILES = (STATE_NAME, "optimizer.pt", "scheduler.pt", "rng.pt")
+# Test-only fault injection (tests/integration/test_kill_anywhere.py): with PEFTCTL_TEST_KILL_AT=<point>
+# the process SIGKILLs itself where kill_point(<point>) is called, e.g. "checkpoint:8:optimizer"
+KILL_ENV = "PEFTCTL_TEST_KILL_AT"
+
+
+def kill_point(point: str) -> None:
+    """SIGKILL this process here if PEFTCTL_TEST_KILL_AT names this point (tests only; a no-op otherwise)."""
+    if os.environ.get(KILL_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -114,17 +131,61 @@ def save_checkpoint(run_dir: Path, model: Any, adapter_name: str, optimizer: Any
                     hooks: Sequence[Any] = (), rank_rngs: list[dict[str, Any]] | None = None) -> Path:
     """``rank_rngs``: every rank's RNG state in rank order (data-parallel runs); default: this process's."""
     target = checkpoint_dir(run_dir, state["step"])
-    with atomic_directory(target) as tmp:
+    stage = f"checkpoint:{state['step']}"
+    # a re-run from an earlier checkpoint replaces the abandoned later one of the same step
+    with atomic_directory(target, overwrite=True) as tmp:
         save_adapter_dir(model, tmp / "adapter", adapter_name)
+        kill_point(f"{stage}:adapter")
         save_file(trainable_state(model), str(tmp / TRAINABLE_NAME))
+        kill_point(f"{stage}:trainable")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        kill_point(f"{stage}:optimizer")
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}}, tmp / "scheduler.pt")
         for rank, state_of_rank in enumerate(rank_rngs or [rng_state()]):
             torch.save(state_of_rank, tmp / rng_file(rank))
         save_hook_states(tmp, hooks)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2))
+        kill_point(f"{stage}:state")
+        write_manifest(tmp)
+        kill_point(f"{stage}:manifest")
+    kill_point(f"{stage}:renamed")
     _prune(run_dir, keep)
     return target
+
+
+def write_manifest(directory: Path) -> None:
+    """manifest.json: every file under ``directory`` with its size and sha256 (adapters are small)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    entries = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+    (directory / MANIFEST_NAME).write_text(json.dumps({"files": entries}, indent=1, sort_keys=True))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with the checkpoint at ``path`` (a one-line reason naming the file), or None."""
+    manifest = path / MANIFEST_NAME
+    if not manifest.is_file():
+        return f"{manifest} is missing"
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+        listed = {name: (int(meta["size"]), str(meta["sha256"])) for name, meta in entries.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return f"{manifest} is not a valid manifest"
+    for name in REQUIRED_FILES:
+        if name not in listed:
+            return f"{manifest} does not list {name}"
+    for name, (size, digest) in listed.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != size:
+            return f"{file} has {file.stat().st_size} bytes, the manifest says {size} (truncated?)"
+        if sha256_file(file) != digest:
+            return f"{file} does not match its sha256 in the manifest (altered or corrupt)"
+    return None
+
+
+def warn_line(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _prune(run_dir: Path, keep: int) -> None:
@@ -133,9 +194,56 @@ def _prune(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / STATE_NAME).is_file())
-    return checkpoints[-1] if checkpoints else None
+def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint whose manifest verifies; each broken newer one is skipped with a warning."""
+    for path in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if warn:
+            warn_line(f"skipping broken checkpoint {path}: {problem}")
+    return None
+
+
+def verified_checkpoint(path: Path) -> Path:
+    """``path`` itself (an explicit train.resume=<checkpoint>), or ConfigError naming what is broken."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(f"train.resume={str(path)!r} is a broken checkpoint: {problem}; pick another checkpoint or use train.resume=true")
+    return path
+
+
+# what atomic_directory / atomic_write_text leave behind when killed: .<name>.<random>.tmp and .<name>.old
+# (nested: ..adapter.<random>.tmp.<random>.tmp), for these run-directory entries and checkpoints/step-N
+RUN_ENTRIES = ("adapter", "config.yaml", "metrics.jsonl", "initial_adapter", "loftq_base")
+
+
+def _torn_owner(entry: str, names: Sequence[str]) -> str | None:
+    """The entry a leftover temporary name belongs to ('adapter', 'step-000008', ...), or None."""
+    if not entry.startswith(".") or not entry.endswith((".tmp", ".old")):
+        return None
+    base = entry.lstrip(".")
+    return next((name for name in names if base.startswith(name + ".")), None)
+
+
+def clean_torn_writes(run_dir: Path) -> None:
+    """Remove the temporary folders / files of writes killed midway in a run directory; a checkpoint
+    (or adapter/) caught between the two renames of a replacement is moved back into place."""
+    checkpoints = run_dir / "checkpoints"
+    for folder in (run_dir, checkpoints):
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            names = RUN_ENTRIES if folder == run_dir else [m.group(0) for m in [re.match(r"\.*(step-\d+)", entry.name)] if m]
+            names = [n.lstrip(".") for n in names]
+            owner = _torn_owner(entry.name, names)
+            if owner is None:
+                continue
+            final = folder / owner
+            if entry.name == f".{owner}.old" and not final.exists():
+                os.replace(entry, final)  # the replacement never arrived: keep the previous one
+            else:
+                remove_path(entry)
 
 
 def load_checkpoint(path: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any, hooks: Sequence[Any] = (), rank: int = 0) -> dict[str, Any]:

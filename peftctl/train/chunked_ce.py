@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from peftctl.data.packing import model_inputs
+
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**26  # logits per chunk: 64M fp32 = 256 MiB
 
@@ -69,7 +71,7 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     shift_labels = labels[:, 1:]
     count = int((shift_labels != IGNORE_INDEX).sum())
     with head_as_identity(model) as head:
-        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        output = model(**model_inputs(batch)).logits  # packed rows: position_ids instead of the mask
         output = output[:, -labels.shape[1] :]  # prompt-family methods prepend virtual-token positions
         if head is not None and output.size(-1) == getattr(head, "in_features", -1):
             hidden = output[:, :-1, :].reshape(-1, output.size(-1))

@@ -7,14 +7,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a blank line or one torn by a kill mid-write."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
 class MetricsLog:
     """Appends one JSON object per logged step; on resume, drops entries after the resumed step."""
 
     def __init__(self, path: Path, resume_step: int = 0) -> None:
+        from peftctl.utils import atomic_write_text
+
         self.path = path
         if resume_step and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= resume_step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         elif path.exists() and not resume_step:
             path.unlink()
 
@@ -23,9 +34,13 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
+        return self.read(self.path)
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        if not path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in path.read_text().splitlines() if _step_of(line) is not None]
 
 
 class Progress:

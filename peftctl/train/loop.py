@@ -13,7 +13,7 @@ import torch
 from peftctl.data.tokenize import Example, collate
 from peftctl.errors import TrainingError
 from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
-from peftctl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint
+from peftctl.train.checkpoint import kill_point, load_checkpoint, rng_state, save_checkpoint
 from peftctl.train.distributed import SINGLE, DistInfo, broadcast_parameters, gather_objects, sum_gradients, sum_values
 from peftctl.train.logging import MetricsLog, Progress
 from peftctl.train.objectives import build_objective, evaluate_objective, finish_metrics
@@ -129,6 +129,37 @@ class Trainer:
         saved = load_checkpoint(checkpoint, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, self.hooks, rank=self.dist.rank)
         self.state = LoopState(step=saved["step"], epoch=saved["epoch"], position=saved["position"], tokens=saved["tokens"])
         self.last_checkpoint = checkpoint
+        self._rebase_lr(self.cfg.train.lr)
+
+    def _rebase_lr(self, lr: float) -> None:
+        """A resume with another train.lr: the restored schedule continues at the same point, scaled
+        to the new peak lr (the optimizer / scheduler state otherwise restores the old one)."""
+        if all(base == lr for base in self.scheduler.base_lrs):
+            return
+        self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
+        for group, multiplier in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * multiplier(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _first_non_finite(self) -> str | None:
+        """The name of the first trainable tensor (or optimizer state) holding NaN / inf, or None."""
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
+                return name
+        for param_state in self.optimizer.state.values():
+            for key, value in param_state.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    return f"the optimizer state ({key})"
+        return None
+
+    def _require_finite(self, what: str) -> None:
+        """TrainingError instead of saving non-finite weights: the named last good checkpoint stays finite."""
+        bad = self._first_non_finite()
+        if bad is not None:
+            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            raise TrainingError(f"{bad} became non-finite by step {self.state.step}; training stopped without saving {what} ({where}). "
+                                "Try a lower train.lr or train.precision=fp32")
 
     def _hook(self, name: str, *args: Any) -> Any:
         value = args[0] if name == "on_loss" else None
@@ -192,6 +223,7 @@ class Trainer:
         return loss_total, grad_norm
 
     def _checkpoint(self) -> None:
+        self._require_finite("a checkpoint")  # every rank holds the same weights: every rank stops
         state = {"step": self.state.step, "epoch": self.state.epoch, "position": self.state.position, "tokens": self.state.tokens, "total_steps": self.total_steps}
         rank_rngs = gather_objects(rng_state(), self.dist)  # every rank's dropout stream, for resume
         if self.dist.is_main:
@@ -218,6 +250,7 @@ class Trainer:
                 loss, grad_norm = self._optimizer_step(step_batches[self.dist.rank :: self.dist.world_size], n_tokens)
                 self.state.step += 1
                 step = self.state.step
+                kill_point(f"step:{step}")
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "epoch": round(self.state.epoch + self.state.position * train_cfg.batch_size / len(self.train_data), 4),
                           "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": (self.state.tokens - window_tokens) / max(elapsed, 1e-9)}
@@ -239,6 +272,7 @@ class Trainer:
                     return {"stopped_at": step, "completed": False}
         finally:
             progress.close()
+        self._require_finite("the final adapter")
         result: dict[str, Any] = {"completed": True, "steps": self.state.step}
         if main and self.eval_data:
             evaluation = self._evaluate()

@@ -141,9 +141,9 @@ class SFTObjective:
         return collate(examples, pad_id)
 
     def count(self, examples: list[Any]) -> int:
-        from peftctl.train.losses import label_count
+        from peftctl.train.loop import label_tokens
 
-        return sum(label_count(e.labels, self.task_type) for e in examples)
+        return label_tokens(examples, self.task_type)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, Metrics]:
         from peftctl.train.loop import task_loss  # resolved there so tests can patch it

@@ -6,16 +6,17 @@ run directory is created, so bad input never leaves a partial run behind.
 from __future__ import annotations
 
 import datetime as _dt
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from peftctl.config.compose import compose_config, config_to_yaml
 from peftctl.config.schema import RunConfig
 from peftctl.errors import ConfigError
-from peftctl.utils import atomic_write_text, seed_everything
+from peftctl.utils import atomic_directory, atomic_write_text, check_output_path, seed_everything
 
 ADAPTER_NAME = "default"
 
@@ -40,28 +41,6 @@ def apply_kernels(model: Any, cfg: RunConfig, device: torch.device) -> str:
 def default_run_dir(cfg: RunConfig) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / cfg.recipe / stamp
-
-
-def _resume_checkpoint(cfg: RunConfig) -> Path | None:
-    from peftctl.train.checkpoint import STATE_NAME, latest_checkpoint
-
-    resume = cfg.train.resume
-    if resume is False or resume in ("false", "False", ""):
-        return None
-    if resume is True or resume in ("true", "True"):
-        if cfg.output_dir is None:
-            raise ConfigError("train.resume=true needs output_dir=<the run directory to continue>; or pass train.resume=<checkpoint path>")
-        found = latest_checkpoint(Path(cfg.output_dir))
-        if found is None:
-            raise ConfigError(f"train.resume=true: no checkpoint in {cfg.output_dir}/checkpoints")
-        return found
-    path = Path(str(resume))
-    if (path / STATE_NAME).is_file():
-        return path
-    found = latest_checkpoint(path)
-    if found is None:
-        raise ConfigError(f"train.resume={str(resume)!r} is neither a checkpoint nor a run directory with checkpoints")
-    return found
 
 
 def mutates_base_weights(adapter_cfg: Any) -> bool:
@@ -118,13 +97,13 @@ def build_model_and_data(cfg: RunConfig, device: Any = None) -> tuple[Any, Any, 
     if init == "corda":
         from peftctl.adapters.lora_corda import preprocess_corda
 
-        batches = sample_batches(data.train, cfg, tokenizer.pad_token_id, CORDA_MAX_SAMPLES)
+        batches = sample_batches(data.train_examples, cfg, tokenizer.pad_token_id, CORDA_MAX_SAMPLES)
         preprocess_corda(model, adapter_config, dataloader=batches)
     adapted = get_adapted_model(model, adapter_config, ADAPTER_NAME)
     if init == "eva":
         from peftctl.adapters.lora_eva import initialize_lora_eva_weights
 
-        batches = sample_batches(data.train, cfg, tokenizer.pad_token_id)
+        batches = sample_batches(data.train_examples, cfg, tokenizer.pad_token_id)
         initialize_lora_eva_weights(adapted, batches, ADAPTER_NAME, max_batches=EVA_MAX_BATCHES)
     return adapted, tokenizer, data
 
@@ -163,46 +142,101 @@ def train(overrides: list[str] | RunConfig | None = None, quiet: bool = False, s
     """Train as `peftctl train` does and return the run directory.
 
     ``stop_after_step`` ends the run right after that step (and its checkpoint, if one is due),
-    as a killed job would; `train.resume` continues it.
+    as a killed job would; `train.resume` continues it, under the run's saved config.yaml.
     """
     from peftctl.train import distributed
+    from peftctl.train.resume import resume_config, resume_requested, resume_run_dir
 
     cfg = overrides if isinstance(overrides, RunConfig) else compose_config(overrides or [])
+    notes: list[str] = []
+    if resume_requested(cfg):  # read-only: the saved config and the overrides' check
+        override_list = None if isinstance(overrides, RunConfig) else list(overrides or [])
+        cfg, notes = resume_config(cfg, override_list, resume_run_dir(cfg))
     device = pick_device(cfg.train)
     dist = distributed.init_distributed(device.type)
     try:
+        for note in notes if dist.is_main else []:
+            print(note, file=sys.stderr, flush=True)
         return _train(cfg, device, dist, quiet or not dist.is_main, stop_after_step)
     finally:
         distributed.shutdown(dist)
 
 
-def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_after_step: int | None) -> Path:
-    from peftctl.models.loader import move_to_device
-    from peftctl.train.distributed import barrier, broadcast_object
-    from peftctl.train.logging import plot_metrics
-    from peftctl.train.loop import Trainer
+def _take_lock(lock: Any, dist: Any, create: bool, then_check: Callable[[], None] | None = None) -> None:
+    """Rank 0 takes the run directory's lock (``create``: making the directory first; otherwise only
+    if it exists) and runs ``then_check`` under it; every rank raises the same ConfigError if another
+    train holds the lock or the check fails."""
+    from peftctl.train.distributed import broadcast_object
 
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)  # torchrun: one GPU per rank
-    checkpoint = _resume_checkpoint(cfg)
-    run_dir = checkpoint.parent.parent if checkpoint else Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
-    run_dir = broadcast_object(run_dir, dist)  # the default name holds a timestamp: rank 0's
+    message = None
+    if dist.is_main and not lock.held and (create or lock.path.parent.is_dir()):
+        lock.path.parent.mkdir(parents=True, exist_ok=True)
+        message = lock.try_acquire()
+    if dist.is_main and message is None and then_check is not None:
+        try:
+            then_check()
+        except ConfigError as exc:
+            message = str(exc)
+    message = broadcast_object(message, dist)
+    if message:
+        raise ConfigError(message)
+
+
+def _check_run_dir_is_free(run_dir: Path, checkpoint: Path | None) -> None:
     if checkpoint is None and (run_dir / "adapter").exists():
         raise ConfigError(f"output_dir={str(run_dir)!r} already holds a finished run; pick another output_dir")
     if checkpoint is None and any((run_dir / "checkpoints").glob("step-*")):
         raise ConfigError(f"output_dir={str(run_dir)!r} holds checkpoints of an unfinished run; continue it with train.resume=true or pick another output_dir")
+
+
+def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_after_step: int | None) -> Path:
+    from peftctl.train.distributed import broadcast_object
+    from peftctl.train.runlock import RunLock
+
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
+    run_dir = broadcast_object(run_dir, dist)  # the default name holds a timestamp: rank 0's
+    check_output_path(run_dir, "output_dir")
+    lock = RunLock(run_dir)
+    try:
+        _take_lock(lock, dist, create=False)  # an existing run directory: before reading its state
+        return _train_locked(cfg, device, dist, quiet, stop_after_step, run_dir, lock)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_after_step: int | None, run_dir: Path, lock: Any) -> Path:
+    from peftctl.models.loader import move_to_device
+    from peftctl.train.checkpoint import clean_torn_writes, kill_point
+    from peftctl.train.distributed import barrier
+    from peftctl.train.logging import plot_metrics
+    from peftctl.train.loop import Trainer
+    from peftctl.train.resume import find_checkpoint, resume_requested
+
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)  # torchrun: one GPU per rank
+    if dist.is_main and lock.held:
+        clean_torn_writes(run_dir)  # temporary folders of writes a kill interrupted
+    barrier(dist)
+    checkpoint = find_checkpoint(cfg, run_dir) if resume_requested(cfg) else None
+    _check_run_dir_is_free(run_dir, checkpoint)
     model, tokenizer, data = build_model_and_data(cfg, device)
     move_to_device(model, device)
+    if cfg.dataset.packing:
+        from peftctl.data.packing import check_packed_attention
+
+        check_packed_attention(model, device, len(tokenizer))
     fast_path = apply_kernels(model, cfg, device)
     trainer = Trainer(model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet, dist=dist)
-    if dist.enabled:
+    if checkpoint is not None:
+        trainer.resume_from(checkpoint)  # a checkpoint that does not fit is refused before anything is written
+    elif dist.enabled:
         seed_everything(cfg.train.seed + dist.rank)  # each rank its own dropout stream (weights came from rank 0)
     barrier(dist)  # every rank has checked its inputs before rank 0 creates the run directory
+    _take_lock(lock, dist, create=True, then_check=lambda: _check_run_dir_is_free(run_dir, checkpoint))  # checked again, under the lock
     cfg.output_dir = str(run_dir)
     initial_adapter = run_dir / "initial_adapter" if mutates_base_weights(cfg.adapter) else None
     if dist.is_main:
         # every input is checked: only now does the run directory appear
-        run_dir.mkdir(parents=True, exist_ok=True)
         if uses_loftq(cfg) and checkpoint is None:
             _write_loftq_base(cfg, model, tokenizer, run_dir / "loftq_base")
         atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
@@ -211,9 +245,9 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
             # saved as a plain LoRA against the untouched base (PEFT's weight conversion)
             model.save_pretrained(initial_adapter)
     barrier(dist)
-    if checkpoint is not None:
-        trainer.resume_from(checkpoint)
     if not quiet:
+        for note in data.notes:  # data cache use, packing
+            print(note, flush=True)
         trainable, total = model.get_nb_trainable_parameters()
         ranks = f" x {dist.world_size} ranks" if dist.enabled else ""
         print(f"run dir {run_dir}  |  {cfg.adapter.method}: {trainable:,} trainable of {total:,} params  |  device {device}{ranks}  |  {trainer.total_steps} steps"
@@ -224,8 +258,10 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
     if dist.is_main:
         plot_metrics(trainer_records(run_dir), run_dir / "plots" / "loss.png")
         if result["completed"]:
-            model.save_pretrained(run_dir / "adapter", path_initial_model_for_weight_conversion=initial_adapter)
-            tokenizer.save_pretrained(run_dir / "adapter")
+            with atomic_directory(run_dir / "adapter", overwrite=True) as tmp:  # adapter + tokenizer appear together
+                model.save_pretrained(tmp, path_initial_model_for_weight_conversion=initial_adapter)
+                kill_point("final:adapter")
+                tokenizer.save_pretrained(tmp)
     barrier(dist)
     if not result["completed"]:
         return run_dir
@@ -236,9 +272,6 @@ def _train(cfg: RunConfig, device: torch.device, dist: Any, quiet: bool, stop_af
 
 
 def trainer_records(run_dir: Path) -> list[dict[str, Any]]:
-    import json
+    from peftctl.train.logging import MetricsLog
 
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return MetricsLog.read(run_dir / "metrics.jsonl")

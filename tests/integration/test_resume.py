@@ -20,7 +20,7 @@ def test_resume_gives_identical_final_adapter(tmp_path: Path) -> None:
     # LoRA has no stateful training hooks: its checkpoint keeps the layout from before hook states
     # existed, so this also shows that such (older) checkpoints resume exactly
     assert sorted(p.name for p in (interrupted / "checkpoints" / "step-000005").iterdir()) == [
-        "adapter", "optimizer.pt", "rng.pt", "scheduler.pt", "trainable.safetensors", "trainer_state.json"]
+        "adapter", "manifest.json", "optimizer.pt", "rng.pt", "scheduler.pt", "trainable.safetensors", "trainer_state.json"]
     resumed = train([*SCHEDULE, f"output_dir={interrupted}", "train.resume=true"], quiet=True)
     assert resumed == interrupted
     expected = load_file(straight / "adapter" / "adapter_model.safetensors")
@@ -88,11 +88,14 @@ def test_adalora_checkpoint_without_hook_state_resumes_with_a_warning(tmp_path: 
 
     import pytest
 
+    from peftctl.train.checkpoint import write_manifest
+
     run = tmp_path / "run"
     train([*ADALORA, f"output_dir={run}"], quiet=True, stop_after_step=5)
     checkpoint = run / "checkpoints" / "step-000005"
     assert sorted(p.name for p in (checkpoint / "hooks").iterdir()) == ["0-RankAllocator.json", "0-RankAllocator.safetensors"]
     shutil.rmtree(checkpoint / "hooks")  # as written before hook states were saved
+    write_manifest(checkpoint)  # ... and sealed, else resume would skip it as broken (test_data_safety.py)
     with pytest.warns(UserWarning, match="no state for the training hook RankAllocator"):
         train([*ADALORA, f"output_dir={run}", "train.resume=true"], quiet=True)
     pattern = json.loads((run / "adapter" / "adapter_config.json").read_text())["rank_pattern"]

@@ -88,3 +88,51 @@ def test_multi_adapter_add_set_save_load_delete(tmp_path):
 
 def test_yaml_config():
     check_yaml("boft")
+
+
+def test_loads_peft_file_with_one_factor_fallback(tmp_path, monkeypatch):
+    """peft without its CUDA extension builds (and saves) one butterfly factor while its
+    adapter_config.json still says boft_n_butterfly_factor=2: such a file loads here as in peft,
+    with one factor and a warning, and gives peft's logits."""
+    import peft.tuners.boft.layer as peft_boft
+    from peft import BOFTConfig as PeftBOFTConfig, get_peft_model
+
+    from peftctl.adapters import AdaptedModel
+    from peftctl.adapters.persistence import read_adapter_config, read_adapter_weights
+
+    monkeypatch.setattr(peft_boft, "get_fbd_cuda", lambda: None)  # the fallback on any machine, CUDA or not
+    theirs = get_peft_model(tiny_llama(), PeftBOFTConfig(**LLAMA, boft_n_butterfly_factor=2, init_weights=False)).eval()
+    theirs.save_pretrained(str(tmp_path))
+    saved = read_adapter_weights(tmp_path)
+    assert read_adapter_config(tmp_path)["boft_n_butterfly_factor"] == 2
+    assert all(t.shape[0] == 1 for k, t in saved.items() if "boft_R" in k)  # the scenario: one factor on disk
+    with pytest.warns(UserWarning, match="boft_n_butterfly_factor=2 but its tensors hold 1 butterfly factor"):
+        ours = AdaptedModel.from_pretrained(tiny_llama(), tmp_path)
+    assert ours.peft_config["default"].boft_n_butterfly_factor == 1
+    assert dict(ours.adapter_layers())["model.layers.0.mlp.down_proj"].boft_R["default"].shape == (1, 16, 4, 4)
+    x = input_ids()
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=x).logits, theirs(input_ids=x).logits, atol=1e-5)
+    ours.save_pretrained(tmp_path / "resaved")  # what we write again is consistent: config says 1
+    assert read_adapter_config(tmp_path / "resaved")["boft_n_butterfly_factor"] == 1
+
+
+def test_factor_two_tensors_still_load_and_wrong_shapes_refused(tmp_path):
+    from peftctl.adapters import AdaptedModel
+    from peftctl.adapters.persistence import read_adapter_weights, WEIGHTS_NAME
+    from safetensors.torch import save_file
+
+    adapted = get_adapted_model(tiny_llama(), BOFTConfig(**LLAMA, boft_n_butterfly_factor=2))
+    perturb(adapted)
+    adapted.save_pretrained(tmp_path)
+    again = AdaptedModel.from_pretrained(tiny_llama(), tmp_path)  # no warning path: shapes fit m = 2
+    assert again.peft_config["default"].boft_n_butterfly_factor == 2
+    x = input_ids()
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=x).logits, adapted(input_ids=x).logits, atol=1e-6)
+    tensors = read_adapter_weights(tmp_path)
+    key = next(k for k in tensors if "boft_R" in k)
+    tensors[key] = tensors[key][:, :8].contiguous()  # fits neither factor: still refused
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME))
+    with pytest.raises(ConfigError, match="boft_R"):
+        AdaptedModel.from_pretrained(tiny_llama(), tmp_path)
