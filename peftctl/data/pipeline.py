@@ -209,7 +209,8 @@ def prepare_data(dataset_cfg: Any, tokenizer: Any) -> PreparedData:
         resolve_template(dataset_cfg, tokenizer)  # a bad template name fails before any data is read
     train_records, eval_records = load_raw_splits(dataset_cfg)
     if dataset_cfg.format in PREFERENCE_FORMATS:  # data/preference.py checks its own columns and rows
-        return PreparedData(*prepare_preference(*_select_and_split(train_records, eval_records, dataset_cfg), dataset_cfg, tokenizer))
+        train, evaluation, stats = prepare_preference(*_select_and_split(train_records, eval_records, dataset_cfg), dataset_cfg, tokenizer)
+        return PreparedData(train=train, eval=evaluation, stats=stats)
     check_columns(train_records, dataset_cfg)
     if eval_records is not None:
         check_columns(eval_records, dataset_cfg)

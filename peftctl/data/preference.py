@@ -147,9 +147,33 @@ def collate_kto(examples: list[KTOExample], pad_token_id: int) -> dict[str, torc
     return batch
 
 
-def prepare_preference(train_records: Any, eval_records: Any, dataset_cfg: Any, tokenizer: Any) -> tuple[list[Any], list[Any]]:
-    train = [e for e in encode_preference_records(train_records, dataset_cfg, tokenizer) if has_completion(e)]
-    evaluation = [] if eval_records is None else [e for e in encode_preference_records(eval_records, dataset_cfg, tokenizer) if has_completion(e)]
+def as_examples(items: list[Any]) -> list[Example]:
+    """Plain examples to show (`peftctl data`): a pair's chosen then rejected; a KTO example as is."""
+    out: list[Example] = []
+    for item in items:
+        if isinstance(item, PreferencePair):
+            out += [item.chosen, item.rejected]
+        else:
+            out.append(Example(item.prompt_ids + item.completion_ids, item.labels, item.prompt, item.completion))
+    return out
+
+
+def split_stats(items: list[Any], dropped: int) -> dict[str, int]:
+    examples = as_examples(items)
+    return {"examples": len(items), "dropped": dropped, "tokens": sum(len(e.input_ids) for e in examples),
+            "trained_tokens": sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples)}
+
+
+def _encode_split(records: Any, dataset_cfg: Any, tokenizer: Any) -> tuple[list[Any], int]:
+    encoded = encode_preference_records(records, dataset_cfg, tokenizer)
+    kept = [e for e in encoded if has_completion(e)]
+    return kept, len(encoded) - len(kept)
+
+
+def prepare_preference(train_records: Any, eval_records: Any, dataset_cfg: Any, tokenizer: Any) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """(train, eval, stats): pairs / KTO examples of both splits, without those truncated to nothing."""
+    train, train_dropped = _encode_split(train_records, dataset_cfg, tokenizer)
+    evaluation, eval_dropped = ([], 0) if eval_records is None else _encode_split(eval_records, dataset_cfg, tokenizer)
     if not train:
         raise ConfigError(f"dataset {dataset_cfg.path!r}: no training example has a completion within dataset.max_seq_len={dataset_cfg.max_seq_len}")
-    return train, evaluation
+    return train, evaluation, {"train": split_stats(train, train_dropped), "eval": split_stats(evaluation, eval_dropped)}

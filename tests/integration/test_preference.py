@@ -198,3 +198,19 @@ def test_bad_objective_config_is_one_line_exit_2(overrides: list[str], fragments
     assert len(lines) == 1, result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def test_peftctl_data_shows_a_pair_as_chosen_then_rejected() -> None:
+    result = CliRunner().invoke(app, ["data", "recipe=tiny_dpo", "--json", "--show", "1"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    stats, chosen, rejected = lines[0]["stats"], lines[1], lines[2]
+    assert stats["train"]["examples"] == 2000 and stats["eval"]["examples"] == 200
+    from peftctl.models.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(compose_config(["recipe=tiny_dpo"]).model)
+    # the same prompt, masked; only the completion (+ EOS) is scored
+    trained = [tokenizer.decode([t for t, y in zip(r["input_ids"], r["labels"]) if y != -100], skip_special_tokens=True) for r in (chosen, rejected)]
+    assert sorted(trained) == ["negative", "positive"]
+    n_prompt = chosen["labels"].index(next(y for y in chosen["labels"] if y != -100))
+    assert chosen["input_ids"][:n_prompt] == rejected["input_ids"][:n_prompt]
