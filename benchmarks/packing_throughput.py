@@ -1,8 +1,8 @@
 """Sample packing vs padded batches: real-token training throughput and final eval loss (issue 13, acceptance 2).
 
 Examples of random text with lengths log-uniform between --min-len and --max-len tokens (the byte
-tokenizer: one token per byte), as instruction data is spread. The same examples are trained for one
-epoch twice through peftctl's Trainer: padded batches of --batch examples, and packed rows of
+tokenizer: one token per byte), as instruction data is spread. The same examples are trained for
+--epochs epochs twice through peftctl's Trainer: padded batches of --batch examples, and packed rows of
 --max-len tokens (--packed-batch rows per step, about as many real tokens per step as the padded
 batch). Throughput = real (non-padding) tokens / training time; the final eval loss is the padded
 eval of the same held-out examples for both runs.
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace, data: Path, packing: bool, out: Path) -> dict:
 
     overrides = [
         "dataset=text_local", f"dataset.path={data}", "dataset.eval_size=0.1", f"dataset.max_seq_len={args.max_len}", f"dataset.packing={str(packing).lower()}",
-        f"train.batch_size={args.packed_batch if packing else args.batch}", "train.epochs=1", f"train.lr={args.lr}", "train.log_every=0",
+        f"train.batch_size={args.packed_batch if packing else args.batch}", "train.max_steps=-1", f"train.epochs={args.epochs}", f"train.lr={args.lr}", "train.log_every=0",
         f"train.precision={args.precision}", f"train.device={args.device}", f"train.seed={args.seed}",
         f"model.arch.hidden_size={args.hidden}", f"model.arch.intermediate_size={2 * args.hidden}", f"model.arch.num_hidden_layers={args.layers}",
         f"model.arch.max_position_embeddings={max(512, args.max_len)}", f"output_dir={out}",
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,6 @@ from peftctl.adapters.config import AdapterConfig
 from peftctl.adapters.registry import Method
 from peftctl.errors import ConfigError
 
-if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
 
 
 @dataclass
@@ -185,44 +183,21 @@ def create_boft_layer(module: nn.Module, module_name: str, config: BOFTConfig) -
     return BOFTLayer(module, module_name) if isinstance(module, (nn.Linear, nn.Conv2d)) else None
 
 
-def _saved_with_one_factor(layer: BOFTLayer, adapter_name: str, saved: torch.Tensor | None) -> bool:
-    """True when the saved boft_R holds one butterfly factor where the config asks for more."""
-    current = layer.boft_R[adapter_name]
-    return saved is not None and current.shape[0] > 1 and tuple(saved.shape) == (1, *current.shape[1:])
-
-
-def _rebuild_with_one_factor(layer: BOFTLayer, adapter_name: str, config: BOFTConfig) -> None:
-    old_r, old_s = layer.boft_R[adapter_name], layer.boft_s[adapter_name]
-    layer.update_layer(adapter_name, config)
-    for new, old in ((layer.boft_R[adapter_name], old_r), (layer.boft_s[adapter_name], old_s)):
-        new.data = new.data.to(device=old.device, dtype=old.dtype)
-        new.requires_grad_(old.requires_grad)
-
-
 class BOFTMethod(Method):
-    """The BOFT method, with a loading hook for peft's one-factor fallback (see the module note)."""
+    """The BOFT method, with peft's reading of one-factor files (see the module note)."""
 
-    def before_load(self, model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor]) -> None:
-        from peftctl.adapters.persistence import adapter_key_map
-
-        keys = adapter_key_map(model, adapter_name)
-        config = model.peft_config[adapter_name]
-        one_factor = config.replace(boft_n_butterfly_factor=1)
-        switched = 0
-        for name, layer in model.named_modules():
-            if not isinstance(layer, BOFTLayer) or adapter_name not in layer.boft_R:
-                continue
-            saved = peft_state.get(keys.get(f"{name}.boft_R.{adapter_name}", ""))
-            if _saved_with_one_factor(layer, adapter_name, saved):
-                _rebuild_with_one_factor(layer, adapter_name, one_factor)
-                switched += 1
-        if switched:
-            model.peft_config[adapter_name] = one_factor
-            warnings.warn(
-                f"BOFT adapter: adapter_config.json says boft_n_butterfly_factor={config.boft_n_butterfly_factor} but its tensors hold "
-                "1 butterfly factor (peft without its CUDA extension writes such files); loaded with 1 factor, as peft does",
-                stacklevel=2,
-            )
+    def config_for_weights(self, config: BOFTConfig, weights: dict[str, torch.Tensor]) -> BOFTConfig:
+        """boft_R tensors shaped (1, blocks, b, b) under a config with m > 1 butterfly factors: load them
+        as m = 1, as peft does (its fallback without the CUDA extension saves exactly that)."""
+        factors = [t.shape[0] for key, t in weights.items() if key.rpartition(".")[2] == "boft_R"]
+        if config.boft_n_butterfly_factor == 1 or not factors or any(f != 1 for f in factors):
+            return config
+        warnings.warn(
+            f"BOFT adapter: adapter_config.json says boft_n_butterfly_factor={config.boft_n_butterfly_factor} but its tensors hold "
+            "1 butterfly factor (peft without its CUDA extension writes such files); loaded with 1 factor, as peft does",
+            stacklevel=3,
+        )
+        return config.replace(boft_n_butterfly_factor=1)
 
 
 METHOD = BOFTMethod("boft", BOFTConfig, create_boft_layer, (BOFTLayer,))

@@ -280,8 +280,9 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
         config = load_adapter_config(adapter_dir)
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)
-        persistence.set_adapter_state_dict(self, adapter_name, persistence.read_adapter_weights(adapter_dir), source=str(adapter_dir))
+        weights = persistence.read_adapter_weights(adapter_dir)
+        self.add_adapter(adapter_name, fit_config_to_weights(config, weights))
+        persistence.set_adapter_state_dict(self, adapter_name, weights, source=str(adapter_dir))
 
     @classmethod
     def from_pretrained(
@@ -289,9 +290,16 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
     ) -> "AdaptedModel":
         config = load_adapter_config(adapter_dir)
         config.inference_mode = not is_trainable
-        adapted = cls(model, config, adapter_name)
-        persistence.set_adapter_state_dict(adapted, adapter_name, persistence.read_adapter_weights(adapter_dir), source=str(adapter_dir))
+        weights = persistence.read_adapter_weights(adapter_dir)
+        adapted = cls(model, fit_config_to_weights(config, weights), adapter_name)
+        persistence.set_adapter_state_dict(adapted, adapter_name, weights, source=str(adapter_dir))
         return adapted
+
+
+def fit_config_to_weights(config: AdapterConfig, weights: dict[str, torch.Tensor]) -> AdapterConfig:
+    """A method may adapt a loaded config to what its saved tensors hold (BOFT: peft's one-factor files)."""
+    hook = getattr(get_method(config.method), "config_for_weights", None)
+    return hook(config, weights) if hook is not None else config
 
 
 def load_adapter_config(adapter_dir: str | os.PathLike) -> AdapterConfig:

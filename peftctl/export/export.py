@@ -22,15 +22,14 @@ def export(path: str | Path, format: str, out: str | Path, quiet: bool = False, 
         raise ConfigError(f"--format={format!r} is not valid; expected one of {', '.join(FORMATS)}")
     if outtype is not None and format != "gguf":
         raise ConfigError("--outtype applies to --format gguf only")
-    check_output_path(out, "--out", directory=format != "gguf")  # gguf: OUT may name the file
     if format == "gguf":
         from peftctl.export.gguf_export import export_gguf
 
         return export_gguf(path, out, outtype or "auto", quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
     if format == "merged":
         return merge(path, out, quiet=quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
-    check_output_path(out, "--out")
-    check_output_target(out, source_paths(path), overwrite)
+    check_output_path(out, "--out", directory=False)  # a name the file system takes, a writable parent
+    check_output_target(out, source_paths(path), overwrite)  # an existing file or folder only with --overwrite
     source = open_source(path, trust_remote_code=trust_remote_code)
     with atomic_directory(Path(out), overwrite=True) as tmp:  # checked above
         for file in source.adapter_dir.iterdir():

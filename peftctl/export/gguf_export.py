@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from peftctl.errors import ConfigError
-from peftctl.utils import honour_umask
+from peftctl.utils import check_output_path, honour_umask
 
 OUTTYPES = ("auto", "f32", "f16", "bf16")
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -401,6 +401,7 @@ def export_gguf(path: str | Path, out: str | Path, outtype: str = "auto", quiet:
     check_outtype(outtype)
     check_source(path, trust_remote_code)
     sources = source_paths(path)
+    check_output_path(out, "--out", directory=False)  # OUT may name the .gguf file
     check_output_target(out, sources, overwrite, kind="file" if Path(out).suffix == ".gguf" else "folder")
     if outtype != "auto":
         check_output_target(gguf_path(out, outtype), sources, overwrite, kind="file")

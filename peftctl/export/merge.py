@@ -59,8 +59,8 @@ def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] 
     path = Path(path)
     _check_merge_options(dtype, requantize)  # before any model loads
     out = Path(out) if out is not None else default_merge_dir(path)
-    check_output_path(out, "--out")
-    check_output_target(out, source_paths(path), overwrite)
+    check_output_path(out, "--out", directory=False)  # a name the file system takes, a writable parent
+    check_output_target(out, source_paths(path), overwrite)  # an existing file or folder only with --overwrite
     merged, tokenizer, source, note = merged_model(path, overrides, safe=safe, quiet=quiet, dtype=dtype, trust_remote_code=trust_remote_code)
     if note and requantize:
         note = f"{note[:-1]}, re-quantized to {requantize})"
@@ -130,7 +130,7 @@ def merge_many(
     from peftctl.runs import open_source
 
     out = Path(out)
-    check_output_path(out, "--out")
+    check_output_path(out, "--out", directory=False)
     check_output_target(out, [p for path in paths for p in source_paths(path)], overwrite)
     sources = [open_source(path, trust_remote_code=trust_remote_code) for path in paths]
     bases = {str(s.config.model.name_or_path) for s in sources}

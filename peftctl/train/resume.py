@@ -115,6 +115,10 @@ def resume_config(requested: RunConfig, overrides: list[str] | None, run_dir: Pa
 
     saved = load_saved_config(run_dir)
     saved_flat, wanted_flat = _flatten(saved), _flatten(requested.to_dict())
+    if saved_flat.get("model.trust_remote_code") and not wanted_flat.get("model.trust_remote_code"):
+        # remote code runs only when the command line asks for it, never because a file says so
+        raise ConfigError(f"train.resume: {run_dir / 'config.yaml'} has model.trust_remote_code=true; the model's own code runs only "
+                          "when the command says so: add model.trust_remote_code=true to the resume command")
     keys = override_keys(overrides) if overrides is not None else [k for k, v in wanted_flat.items() if not isinstance(v, dict)]
     filled = filled_in_by_run(saved, run_dir)
     changed = [k for k in dict.fromkeys(keys) if k in wanted_flat and k not in filled and wanted_flat[k] != saved_flat.get(k)

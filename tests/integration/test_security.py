@@ -70,6 +70,18 @@ def test_run_config_cannot_switch_on_remote_code(command: list[str], trained_run
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_resume_does_not_take_remote_code_from_the_run_config(trained_run: Path, tmp_path: Path) -> None:
+    """`train resume=true` of a run whose config.yaml says trust_remote_code: the command must say so too."""
+    run, marker = _run_with_remote_code_model(trained_run, tmp_path, config_says=True)
+    shutil.copytree(trained_run / "checkpoints", run / "checkpoints")
+    shutil.rmtree(run / "adapter")  # an unfinished run
+    result = CliRunner().invoke(app, ["train", "train.resume=true", f"output_dir={run}", "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "model.trust_remote_code=true" in lines[0] and "config.yaml" in lines[0], result.output
+    assert not marker.exists()
+
+
 def test_remote_code_model_without_the_flag_gets_a_hint(trained_run: Path, tmp_path: Path) -> None:
     """config.yaml says false, the model needs its code: one line pointing at --trust-remote-code."""
     run, marker = _run_with_remote_code_model(trained_run, tmp_path, config_says=False)
@@ -147,7 +159,7 @@ def test_written_files_and_directories_honour_the_umask(mask: int, umask, tmp_pa
     umask(mask)
     assert current_umask() == mask and current_umask() == mask  # reading it does not change it
     atomic_write_text(tmp_path / "a.txt", "x")
-    with atomic_directory(tmp_path / "dir") as tmp:
+    with atomic_directory(tmp_path / "dir", overwrite=False) as tmp:
         (tmp / "inside.txt").write_text("y")
         save_file({"w": torch.ones(2)}, str(tmp / "weights.safetensors"))  # safetensors writes 0600 whatever the umask
         (tmp / "sub").mkdir()

@@ -90,10 +90,12 @@ def test_yaml_config():
     check_yaml("boft")
 
 
-def test_loads_peft_file_with_one_factor_fallback(tmp_path, monkeypatch):
+@pytest.mark.parametrize("factors", [2, 6])
+def test_loads_peft_file_with_one_factor_fallback(factors, tmp_path, monkeypatch):
     """peft without its CUDA extension builds (and saves) one butterfly factor while its
-    adapter_config.json still says boft_n_butterfly_factor=2: such a file loads here as in peft,
-    with one factor and a warning, and gives peft's logits."""
+    adapter_config.json still says boft_n_butterfly_factor=m: such a file loads here as in peft,
+    with one factor and a warning, and gives peft's logits. (m = 6 does not even fit the layers'
+    dimensions with block size 4; peft's fallback never checks it, and neither does loading.)"""
     import peft.tuners.boft.layer as peft_boft
     from peft import BOFTConfig as PeftBOFTConfig, get_peft_model
 
@@ -101,12 +103,15 @@ def test_loads_peft_file_with_one_factor_fallback(tmp_path, monkeypatch):
     from peftctl.adapters.persistence import read_adapter_config, read_adapter_weights
 
     monkeypatch.setattr(peft_boft, "get_fbd_cuda", lambda: None)  # the fallback on any machine, CUDA or not
-    theirs = get_peft_model(tiny_llama(), PeftBOFTConfig(**LLAMA, boft_n_butterfly_factor=2, init_weights=False)).eval()
+    theirs = get_peft_model(tiny_llama(), PeftBOFTConfig(**LLAMA, boft_n_butterfly_factor=factors, init_weights=False)).eval()
     theirs.save_pretrained(str(tmp_path))
     saved = read_adapter_weights(tmp_path)
-    assert read_adapter_config(tmp_path)["boft_n_butterfly_factor"] == 2
+    assert read_adapter_config(tmp_path)["boft_n_butterfly_factor"] == factors
     assert all(t.shape[0] == 1 for k, t in saved.items() if "boft_R" in k)  # the scenario: one factor on disk
-    with pytest.warns(UserWarning, match="boft_n_butterfly_factor=2 but its tensors hold 1 butterfly factor"):
+    if factors == 6:
+        with pytest.raises(ConfigError, match="boft_n_butterfly_factor=6"):
+            get_adapted_model(tiny_llama(), BOFTConfig(**LLAMA, boft_n_butterfly_factor=6))
+    with pytest.warns(UserWarning, match=f"boft_n_butterfly_factor={factors} but its tensors hold 1 butterfly factor"):
         ours = AdaptedModel.from_pretrained(tiny_llama(), tmp_path)
     assert ours.peft_config["default"].boft_n_butterfly_factor == 1
     assert dict(ours.adapter_layers())["model.layers.0.mlp.down_proj"].boft_R["default"].shape == (1, 16, 4, 4)
