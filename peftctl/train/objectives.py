@@ -204,6 +204,10 @@ class DPOObjective(PairObjective):
 class ORPOObjective(PairObjective):
     name = "orpo"
 
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.beta = cfg.train.orpo.beta
+
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, Metrics]:
         chosen, rejected, chosen_len, rejected_len = self.policy_logps(model, batch)
         chosen_mean, rejected_mean = chosen / chosen_len, rejected / rejected_len
@@ -213,10 +217,6 @@ class ORPOObjective(PairObjective):
         metrics = _pair_metrics(self.beta * chosen_mean.detach(), self.beta * rejected_mean.detach(), chosen, rejected)
         metrics.update({"nll_loss": nll.detach().sum(), "log_odds_ratio": log_odds.detach().sum()})
         return losses.sum(), int(losses.numel()), metrics
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        self.beta = cfg.train.orpo.beta
 
 
 class KTOObjective(SFTObjective):
