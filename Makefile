@@ -53,5 +53,10 @@ lock: test-latest
 	grep -v -e '^torch==' -e '^#' $(LATEST_VENV)/freeze.txt >> constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
+## lint and formatting check (ruff, configured in pyproject.toml); `ruff format` fixes formatting
+lint: install
+	$(BIN)/ruff check peftctl tests benchmarks
+	$(BIN)/ruff format --check peftctl tests benchmarks
+
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) runs .pytest_cache

@@ -11,6 +11,7 @@ steps; median -> tokens/s; peak = max_memory_allocated minus what was allocated 
 
   python benchmarks/fast_path.py --layers 8 --seq 2048 --steps 10 --warmup 3 [--dora]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,15 @@ def adapt(stack: str, model: torch.nn.Module, use_dora: bool):
     if stack == "peft":
         import peft
 
-        return peft.get_peft_model(model, peft.LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", use_dora=use_dora, **ADAPTER))
+        return peft.get_peft_model(
+            model, peft.LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", use_dora=use_dora, **ADAPTER)
+        )
+    from peftctl.adapters.core.model import get_adapted_model
     from peftctl.adapters.lora import LoraConfig
-    from peftctl.adapters.model import get_adapted_model
 
-    adapted = get_adapted_model(model, LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", use_dora=use_dora, **ADAPTER))
+    adapted = get_adapted_model(
+        model, LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", use_dora=use_dora, **ADAPTER)
+    )
     if stack == "peftctl+compile":
         from peftctl.kernels import apply_fast_path
 
@@ -68,12 +73,25 @@ def run(stack: str, config, checkpointing: bool, seq: int, warmup: int, steps: i
 
     started = time.perf_counter()
     times, losses = timed_steps(loss_fn, optimizer, params, random_batches(config, seq), warmup, steps)
-    result = {"stack": stack, "method": "dora" if use_dora else "lora", "checkpointing": checkpointing, "layers": config.num_hidden_layers, "seq": seq,
-              "median_step_s": statistics.median(times), "min_step_s": min(times), "max_step_s": max(times),
-              "tokens_per_s": seq / statistics.median(times), "peak_gib": (torch.cuda.max_memory_allocated() - before) / GiB,
-              "first_loss": losses[0], "last_loss": losses[-1], "wall_s": time.perf_counter() - started,
-              "compiled_graphs_so_far": int(__import__("torch._dynamo.utils", fromlist=["counters"]).counters["stats"]["unique_graphs"])}
-    del adapted, optimizer, model, params
+    result = {
+        "stack": stack,
+        "method": "dora" if use_dora else "lora",
+        "checkpointing": checkpointing,
+        "layers": config.num_hidden_layers,
+        "seq": seq,
+        "median_step_s": statistics.median(times),
+        "min_step_s": min(times),
+        "max_step_s": max(times),
+        "tokens_per_s": seq / statistics.median(times),
+        "peak_gib": (torch.cuda.max_memory_allocated() - before) / GiB,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "wall_s": time.perf_counter() - started,
+        "compiled_graphs_so_far": int(
+            __import__("torch._dynamo.utils", fromlist=["counters"]).counters["stats"]["unique_graphs"]
+        ),
+    }
+    adapted = optimizer = model = params = None  # free the GPU memory before the next run
     gc.collect()
     torch.cuda.empty_cache()
     return result
@@ -99,15 +117,24 @@ def main() -> None:
     import peft
     import transformers
 
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
     print(json.dumps(env))
-    print(f"\n| method | checkpointing | stack | tokens/s | vs peft | step s (min-max) | peak GiB | loss first->last |")
+    print("\n| method | checkpointing | stack | tokens/s | vs peft | step s (min-max) | peak GiB | loss first->last |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         peft_row = next(p for p in results if p["stack"] == "peft" and p["checkpointing"] == r["checkpointing"])
-        print(f"| {r['method']} | {'on' if r['checkpointing'] else 'off'} | {r['stack']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / peft_row['tokens_per_s']:.2f}x | "
-              f"{r['median_step_s']:.3f} ({r['min_step_s']:.3f}-{r['max_step_s']:.3f}) | {r['peak_gib']:.2f} | {r['first_loss']:.3f}->{r['last_loss']:.3f} |")
+        print(
+            f"| {r['method']} | {'on' if r['checkpointing'] else 'off'} | {r['stack']} | {r['tokens_per_s']:.0f} | "
+            f"{r['tokens_per_s'] / peft_row['tokens_per_s']:.2f}x | "
+            f"{r['median_step_s']:.3f} ({r['min_step_s']:.3f}-{r['max_step_s']:.3f}) | {r['peak_gib']:.2f} | "
+            f"{r['first_loss']:.3f}->{r['last_loss']:.3f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "results": results}, indent=1))
 

@@ -17,6 +17,7 @@ the odd one starts with spaces, where llama.cpp always adds the space prefix and
 Metaspace does not when the text already starts with one; the Llama-3-style byte-level BPE
 (tokenizer.ggml.pre=llama-bpe, 104 merges) gives the same ids on all 6 texts, logits within 1e-7.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TEXTS = ["The camera is great. Very happy.", "héllo ünïcode 日本語!\n", "<|bos|>two  spaces<|eos|>", "Instruction: classify\n### Response: positive"]
+TEXTS = [
+    "The camera is great. Very happy.",
+    "héllo ünïcode 日本語!\n",
+    "<|bos|>two  spaces<|eos|>",
+    "Instruction: classify\n### Response: positive",
+]
 
 
 def main() -> int:
@@ -48,7 +54,9 @@ def main() -> int:
     model = model.float().eval()
     with tempfile.TemporaryDirectory() as tmp:
         file = write_gguf(model, tokenizer, Path(tmp) / "model.gguf", args.outtype)
-        llm = Llama(model_path=str(file), logits_all=True, verbose=False, n_ctx=512, n_threads=1, type_k=0, type_v=0)  # 0 = GGML_TYPE_F32
+        llm = Llama(
+            model_path=str(file), logits_all=True, verbose=False, n_ctx=512, n_threads=1, type_k=0, type_v=0
+        )  # 0 = GGML_TYPE_F32
         same = True
         for text in texts:
             ours, theirs = tokenizer(text)["input_ids"], llm.tokenize(text.encode(), add_bos=False, special=True)
@@ -59,7 +67,10 @@ def main() -> int:
         got = np.array(llm.scores[: len(ids)])
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].numpy()
-    print(f"max |logit diff| {np.abs(got - expected).max():.3g} (logits up to {np.abs(expected).max():.3g}), outtype {args.outtype}")
+    print(
+        f"max |logit diff| {np.abs(got - expected).max():.3g} (logits up to {np.abs(expected).max():.3g}), outtype "
+        f"{args.outtype}"
+    )
     return 0 if same else 1
 
 

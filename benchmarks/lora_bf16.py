@@ -9,6 +9,7 @@ before the model was built (weights included). Stacks alternate and the order fl
 
   python benchmarks/lora_bf16.py --method lora --layers 16 --seq 2048 --steps 10 --warmup 3 --rounds 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,11 +51,13 @@ def build_bf16_llama(config, seed: int) -> nn.Module:
 
 
 def setup_peftctl(model: nn.Module, use_dora: bool):
+    from peftctl.adapters.core.model import get_adapted_model
     from peftctl.adapters.lora import LoraConfig
-    from peftctl.adapters.model import get_adapted_model
     from peftctl.train.chunked_ce import causal_lm_loss_sum
 
-    adapted = get_adapted_model(model, LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", use_dora=use_dora, **ADAPTER))
+    adapted = get_adapted_model(
+        model, LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", use_dora=use_dora, **ADAPTER)
+    )
 
     def loss_fn(batch):
         loss_sum, n = causal_lm_loss_sum(adapted, batch)
@@ -66,10 +69,14 @@ def setup_peftctl(model: nn.Module, use_dora: bool):
 def setup_peft(model: nn.Module, use_dora: bool):
     import peft
 
-    adapted = peft.get_peft_model(model, peft.LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", use_dora=use_dora, **ADAPTER))
+    adapted = peft.get_peft_model(
+        model, peft.LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", use_dora=use_dora, **ADAPTER)
+    )
 
     def loss_fn(batch):
-        return adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        return adapted(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
 
     return adapted, loss_fn
 
@@ -85,10 +92,18 @@ def run(stack: str, config, use_dora: bool, seq: int, warmup: int, steps: int, s
     batches = random_batches(config, seq)
     times, losses = timed_steps(loss_fn, optimizer, params, batches, warmup, steps)
     result = {
-        "stack": stack, "method": "dora" if use_dora else "lora", "layers": config.num_hidden_layers, "seq": seq,
-        "trainable": sum(p.numel() for p in params), "median_step_s": statistics.median(times), "min_step_s": min(times),
-        "max_step_s": max(times), "tokens_per_s": seq / statistics.median(times),
-        "peak_alloc_gib": (torch.cuda.max_memory_allocated() - before) / GiB, "first_loss": losses[0], "last_loss": losses[-1],
+        "stack": stack,
+        "method": "dora" if use_dora else "lora",
+        "layers": config.num_hidden_layers,
+        "seq": seq,
+        "trainable": sum(p.numel() for p in params),
+        "median_step_s": statistics.median(times),
+        "min_step_s": min(times),
+        "max_step_s": max(times),
+        "tokens_per_s": seq / statistics.median(times),
+        "peak_alloc_gib": (torch.cuda.max_memory_allocated() - before) / GiB,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
         "finite": all(v == v and abs(v) < 1e4 for v in losses),
     }
     del adapted, optimizer, loss_fn, model, batches, params
@@ -119,14 +134,25 @@ def main() -> None:
     import peft
     import transformers
 
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "peft": peft.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
     print(json.dumps(env))
-    print(f"\n| method | stack | tokens/s (median of {args.steps}) | step s (min-max) | peak alloc GiB | loss first->last |")
+    print(
+        f"\n| method | stack | tokens/s (median of {args.steps}) | step s (min-max) | peak alloc GiB | loss "
+        "first->last |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['method']} | {r['stack']} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.3f} ({r['min_step_s']:.3f}-{r['max_step_s']:.3f}) | "
-              f"{r['peak_alloc_gib']:.2f} | {r['first_loss']:.3f}->{r['last_loss']:.3f} |")
+        print(
+            f"| {r['method']} | {r['stack']} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.3f} "
+            f"({r['min_step_s']:.3f}-{r['max_step_s']:.3f}) | "
+            f"{r['peak_alloc_gib']:.2f} | {r['first_loss']:.3f}->{r['last_loss']:.3f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "results": results}, indent=1))
 

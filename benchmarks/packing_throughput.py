@@ -10,6 +10,7 @@ eval of the same held-out examples for both runs.
     python benchmarks/packing_throughput.py                      # CPU, the tiny Llama
     python benchmarks/packing_throughput.py --device cuda --hidden 1024 --layers 8 --precision bf16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,11 +41,24 @@ def run(args: argparse.Namespace, data: Path, packing: bool, out: Path) -> dict:
     from peftctl.train.run import ADAPTER_NAME, build_model_and_data
 
     overrides = [
-        "dataset=text_local", f"dataset.path={data}", "dataset.eval_size=0.1", f"dataset.max_seq_len={args.max_len}", f"dataset.packing={str(packing).lower()}",
-        f"train.batch_size={args.packed_batch if packing else args.batch}", "train.max_steps=-1", f"train.epochs={args.epochs}", f"train.lr={args.lr}", "train.log_every=0",
-        f"train.precision={args.precision}", f"train.device={args.device}", f"train.seed={args.seed}",
-        f"model.arch.hidden_size={args.hidden}", f"model.arch.intermediate_size={2 * args.hidden}", f"model.arch.num_hidden_layers={args.layers}",
-        f"model.arch.max_position_embeddings={max(512, args.max_len)}", f"output_dir={out}",
+        "dataset=text_local",
+        f"dataset.path={data}",
+        "dataset.eval_size=0.1",
+        f"dataset.max_seq_len={args.max_len}",
+        f"dataset.packing={str(packing).lower()}",
+        f"train.batch_size={args.packed_batch if packing else args.batch}",
+        "train.max_steps=-1",
+        f"train.epochs={args.epochs}",
+        f"train.lr={args.lr}",
+        "train.log_every=0",
+        f"train.precision={args.precision}",
+        f"train.device={args.device}",
+        f"train.seed={args.seed}",
+        f"model.arch.hidden_size={args.hidden}",
+        f"model.arch.intermediate_size={2 * args.hidden}",
+        f"model.arch.num_hidden_layers={args.layers}",
+        f"model.arch.max_position_embeddings={max(512, args.max_len)}",
+        f"output_dir={out}",
     ]
     cfg = compose_config(overrides)
     device = torch.device(args.device)
@@ -59,11 +73,21 @@ def run(args: argparse.Namespace, data: Path, packing: bool, out: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    eval_loss = evaluate_loss(model, data_.eval_examples, cfg.eval.batch_size, tokenizer.pad_token_id, device, args.precision)
+    eval_loss = evaluate_loss(
+        model, data_.eval_examples, cfg.eval.batch_size, tokenizer.pad_token_id, device, args.precision
+    )
     stats = data_.stats["train"]
-    return {"packing": packing, "steps": trainer.total_steps, "real_tokens": trainer.state.tokens, "seconds": round(seconds, 2),
-            "real_tokens_per_s": round(trainer.state.tokens / seconds, 1), "eval_loss": round(eval_loss, 4),
-            "examples": stats["examples"], "rows": stats.get("rows"), "packing_efficiency": stats.get("packing_efficiency")}
+    return {
+        "packing": packing,
+        "steps": trainer.total_steps,
+        "real_tokens": trainer.state.tokens,
+        "seconds": round(seconds, 2),
+        "real_tokens_per_s": round(trainer.state.tokens / seconds, 1),
+        "eval_loss": round(eval_loss, 4),
+        "examples": stats["examples"],
+        "rows": stats.get("rows"),
+        "packing_efficiency": stats.get("packing_efficiency"),
+    }
 
 
 def main() -> None:
@@ -80,7 +104,9 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1 is fastest for tiny models on few cores)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU intra-op threads (1 is fastest for tiny models on few cores)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,8 +115,12 @@ def main() -> None:
         write_data(data, args.examples, args.min_len, args.max_len, args.seed)
         results = [run(args, data, packing, Path(tmp) / f"run-{packing}") for packing in (False, True)]
     padded, packed = results
-    summary = {"args": vars(args) | {"json": None}, "padded": padded, "packed": packed,
-               "throughput_ratio": round(packed["real_tokens_per_s"] / padded["real_tokens_per_s"], 2)}
+    summary = {
+        "args": vars(args) | {"json": None},
+        "padded": padded,
+        "packed": packed,
+        "throughput_ratio": round(packed["real_tokens_per_s"] / padded["real_tokens_per_s"], 2),
+    }
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

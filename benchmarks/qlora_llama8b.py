@@ -6,12 +6,12 @@ Both stacks get the same base (rebuilt from the same seed), the same batch (1 x 
 LoRA r=16 / alpha=32 / dropout 0.05 on all linear layers, gradient checkpointing (non-reentrant),
 bf16 autocast, paged AdamW 8-bit, grad-norm clipping 1.0. Each run: WARMUP steps, then STEPS timed
 steps (cuda synchronize around each); median step time -> tokens/s; peak = max_memory_allocated
-over the training steps (weights included) minus what was allocated before the model was built. Runs alternate (ours, peft, ours, peft, ...) so drift
-hits both,
-and the order flips every round.
+over the training steps (weights included) minus what was allocated before the model was built.
+Runs alternate (ours, peft, ours, peft, ...) so drift hits both, and the order flips every round.
 
   python benchmarks/qlora_llama8b.py --layers 32 --seq 2048 --steps 10 --warmup 3 --rounds 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +22,13 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,9 +40,19 @@ def llama3_8b_config(layers: int) -> "LlamaConfig":
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
-        rope_theta=500000.0, tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False, dtype="bfloat16",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+        use_cache=False,
+        dtype="bfloat16",
     )
 
 
@@ -88,15 +102,17 @@ def setup_peftctl_compiled(model: nn.Module):
 
 
 def setup_peftctl(model: nn.Module):
+    from peftctl.adapters.core.model import get_adapted_model
     from peftctl.adapters.lora import LoraConfig
-    from peftctl.adapters.model import get_adapted_model
     from peftctl.models.kbit import prepare_model_for_kbit_training
     from peftctl.train.chunked_ce import causal_lm_loss_sum
     from peftctl.train.optim import build_optimizer
 
     model = prepare_model_for_kbit_training(model, gradient_checkpointing=True)
     adapted = get_adapted_model(model, LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", **LORA))
-    train_cfg = SimpleNamespace(optimizer="paged_adamw_8bit", lr=2e-4, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0)
+    train_cfg = SimpleNamespace(
+        optimizer="paged_adamw_8bit", lr=2e-4, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0
+    )
     optimizer = build_optimizer(adapted.parameters(), train_cfg)
 
     def loss_fn(batch):
@@ -110,12 +126,18 @@ def setup_peft(model: nn.Module):
     import bitsandbytes as bnb
     import peft
 
-    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = peft.prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
     adapted = peft.get_peft_model(model, peft.LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", **LORA))
-    optimizer = bnb.optim.PagedAdamW8bit([p for p in adapted.parameters() if p.requires_grad], lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    optimizer = bnb.optim.PagedAdamW8bit(
+        [p for p in adapted.parameters() if p.requires_grad], lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+    )
 
     def loss_fn(batch):
-        return adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        return adapted(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
 
     return adapted, optimizer, loss_fn
 
@@ -130,7 +152,9 @@ def random_batches(config, seq: int, count: int = 4) -> list[dict[str, torch.Ten
     return batches
 
 
-def timed_steps(loss_fn, optimizer, params: list, batches: list, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+def timed_steps(
+    loss_fn, optimizer, params: list, batches: list, warmup: int, steps: int
+) -> tuple[list[float], list[float]]:
     """warmup + steps training steps (bf16 autocast, clip 1.0); (timed step seconds, every loss).
     Resets the peak-memory counter first, so max_memory_allocated covers the steps."""
     torch.cuda.synchronize()
@@ -166,12 +190,21 @@ def run(stack: str, config, seq: int, warmup: int, steps: int, seed: int = 0) ->
     times, losses = timed_steps(loss_fn, optimizer, params, batches, warmup, steps)
     grads_ok = all(p.grad is None for p in params)  # zeroed with set_to_none
     result = {
-        "stack": stack, "layers": config.num_hidden_layers, "seq": seq, "trainable": trainable,
-        "median_step_s": statistics.median(times), "min_step_s": min(times), "max_step_s": max(times),
+        "stack": stack,
+        "layers": config.num_hidden_layers,
+        "seq": seq,
+        "trainable": trainable,
+        "median_step_s": statistics.median(times),
+        "min_step_s": min(times),
+        "max_step_s": max(times),
         "tokens_per_s": seq / statistics.median(times),
-        "peak_alloc_gib": (torch.cuda.max_memory_allocated() - before) / GiB, "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
-        "left_before_gib": before / GiB, "step_s": [round(t, 4) for t in times],
-        "first_loss": losses[0], "last_loss": losses[-1], "finite": all(map(lambda v: v == v and abs(v) < 1e4, losses)) and grads_ok,
+        "peak_alloc_gib": (torch.cuda.max_memory_allocated() - before) / GiB,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+        "left_before_gib": before / GiB,
+        "step_s": [round(t, 4) for t in times],
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "finite": all(map(lambda v: v == v and abs(v) < 1e4, losses)) and grads_ok,
     }
     del adapted, optimizer, loss_fn, model, batches, params
     gc.collect()
@@ -201,14 +234,26 @@ def main() -> None:
     import peft
     import transformers
 
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
     print(json.dumps(env))
-    print(f"\n| stack | round | tokens/s (median of {args.steps}) | step s (min-max) | peak alloc GiB | peak reserved GiB | loss first->last |")
+    print(
+        f"\n| stack | round | tokens/s (median of {args.steps}) | step s (min-max) | peak alloc GiB | peak reserved "
+        "GiB | loss first->last |"
+    )
     print("|---|---|---|---|---|---|---|")
     for i, r in enumerate(results):
-        print(f"| {r['stack']} | {i // len(args.stacks.split(','))} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.3f} ({r['min_step_s']:.3f}-{r['max_step_s']:.3f}) | "
-              f"{r['peak_alloc_gib']:.2f} | {r['peak_reserved_gib']:.2f} | {r['first_loss']:.3f}->{r['last_loss']:.3f} |")
+        print(
+            f"| {r['stack']} | {i // len(args.stacks.split(','))} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.3f} "
+            f"({r['min_step_s']:.3f}-{r['max_step_s']:.3f}) | "
+            f"{r['peak_alloc_gib']:.2f} | {r['peak_reserved_gib']:.2f} | {r['first_loss']:.3f}->{r['last_loss']:.3f} |"
+        )
     for stack in args.stacks.split(","):
         tps = [r["tokens_per_s"] for r in results if r["stack"] == stack]
         print(f"{stack}: best tokens/s {max(tps):.0f}, mean {statistics.mean(tps):.0f}")

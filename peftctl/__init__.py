@@ -1,4 +1,5 @@
 """peftctl: config-driven parameter-efficient fine-tuning with its own adapter core."""
+
 from peftctl.adapters import AdaptedModel, AdapterConfig, get_adapted_model
 
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@
 Exit codes: 0 success, 2 bad input (one line on stderr), 1 failure during work.
 Set PEFTCTL_DEBUG=1 to see full tracebacks.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,20 +13,24 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from peftctl.errors import PeftctlError
+from peftctl.errors import ConfigError, PeftctlError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning, driven by Hydra recipes.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning, driven by Hydra recipes."
+)
 OverridesArg = typer.Argument(None, help="Hydra overrides: recipe=NAME key=value group=option ...")
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+def _one_line_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
     return f"warning: {message}\n"
 
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import transformers
+    import transformers  # lazy: only after the environment above is set
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -64,17 +69,26 @@ def train(
     """Train an adapter: `peftctl train recipe=tiny_lora train.lr=1e-3`.
 
     Several GPUs: `torchrun --nproc_per_node=N -m peftctl train ...` (data parallel)."""
+    # commands import their stack lazily: `peftctl --help` and bad-input errors stay fast (CLI start-up)
     from peftctl.sweep import run_sweep
     from peftctl.train.run import train as train_run
 
-    _run(lambda: run_sweep(list(overrides or []), quiet=quiet) if multirun else train_run(list(overrides or []), quiet=quiet))
+    _run(
+        lambda: (
+            run_sweep(list(overrides or []), quiet=quiet) if multirun else train_run(list(overrides or []), quiet=quiet)
+        )
+    )
 
 
 @app.command("eval")
 def eval_command(
     path: str = typer.Argument(..., help="a run directory or an adapter directory"),
     overrides: Optional[List[str]] = OverridesArg,
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml"),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Base vs adapted on held-out data: loss, perplexity, exact match; writes eval.json."""
@@ -89,29 +103,66 @@ def merge(
     out: Optional[str] = typer.Option(None, "--out", help="output directory (default: RUN/merged for one run)"),
     adapters: Optional[str] = typer.Option(None, "--adapters", help="names for the blended adapters, comma-separated"),
     weights: Optional[str] = typer.Option(None, "--weights", help="blend weights, comma-separated (default: equal)"),
-    combination: str = typer.Option("svd", "--combination", help="svd, linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd"),
+    combination: str = typer.Option(
+        "svd",
+        "--combination",
+        help="svd, linear, cat, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, "
+        "magnitude_prune, magnitude_prune_svd",
+    ),
     density: Optional[float] = typer.Option(None, "--density", help="fraction kept by ties / dare / magnitude_prune"),
     svd_rank: Optional[int] = typer.Option(None, "--svd-rank", help="rank of the *_svd blends"),
-    as_adapter: bool = typer.Option(False, "--as-adapter", help="write the blended adapter (PEFT format) instead of a merged model"),
+    as_adapter: bool = typer.Option(
+        False, "--as-adapter", help="write the blended adapter (PEFT format) instead of a merged model"
+    ),
     safe: bool = typer.Option(False, "--safe", help="check merged weights for NaN / inf before writing"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="dtype of the merged model (default: a quantized base's compute dtype)"),
-    requantize: Optional[str] = typer.Option(None, "--requantize", help="nf4, fp4 or int8: write the merged model quantized again"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty --out (never the source run / adapter)"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml"),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="dtype of the merged model (default: a quantized base's compute dtype)"
+    ),
+    requantize: Optional[str] = typer.Option(
+        None, "--requantize", help="nf4, fp4 or int8: write the merged model quantized again"
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an existing non-empty --out (never the source run / adapter)"
+    ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Fold an adapter into its base model, or blend several adapters (add_weighted_adapter)."""
-    from peftctl.errors import ConfigError
-    from peftctl.export.merge import merge as merge_run, merge_many
+    from peftctl.export.merge import merge as merge_run
+    from peftctl.export.merge import merge_many
 
     def action() -> Any:
         if len(paths) == 1 and adapters is None and weights is None and not as_adapter:
-            return merge_run(paths[0], out, safe=safe, quiet=quiet, dtype=dtype, requantize=requantize, overwrite=overwrite,
-                             trust_remote_code=trust_remote_code)
+            return merge_run(
+                paths[0],
+                out,
+                safe=safe,
+                quiet=quiet,
+                dtype=dtype,
+                requantize=requantize,
+                overwrite=overwrite,
+                trust_remote_code=trust_remote_code,
+            )
         if out is None:
             raise ConfigError("--out is required when blending adapters")
-        return merge_many(paths, out, adapters, weights, combination, density, svd_rank, as_adapter=as_adapter, safe=safe, quiet=quiet,
-                          overwrite=overwrite, trust_remote_code=trust_remote_code)
+        return merge_many(
+            paths,
+            out,
+            adapters,
+            weights,
+            combination,
+            density,
+            svd_rank,
+            as_adapter=as_adapter,
+            safe=safe,
+            quiet=quiet,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+        )
 
     _run(action)
 
@@ -119,17 +170,33 @@ def merge(
 @app.command()
 def export(
     path: str = typer.Argument(..., help="a run directory or an adapter directory"),
-    format: str = typer.Option("peft", "--format", help="peft (adapter in PEFT format), merged (full model) or gguf (merged, one llama.cpp file)"),
+    format: str = typer.Option(
+        "peft",
+        "--format",
+        help="peft (adapter in PEFT format), merged (full model) or gguf (merged, one llama.cpp file)",
+    ),
     out: str = typer.Option(..., "--out", help="output directory (gguf: a .gguf file or a directory)"),
-    outtype: Optional[str] = typer.Option(None, "--outtype", help="gguf only: f32, f16, bf16 or auto (the model's own precision, the default)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty --out or .gguf file (never the source run / adapter)"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml"),
+    outtype: Optional[str] = typer.Option(
+        None, "--outtype", help="gguf only: f32, f16, bf16 or auto (the model's own precision, the default)"
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an existing non-empty --out or .gguf file (never the source run / adapter)"
+    ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Write the adapter (PEFT format), the merged model, or the merged model as GGUF to OUT."""
     from peftctl.export.export import export as export_run
 
-    _run(lambda: export_run(path, format, out, quiet=quiet, outtype=outtype, overwrite=overwrite, trust_remote_code=trust_remote_code))
+    _run(
+        lambda: export_run(
+            path, format, out, quiet=quiet, outtype=outtype, overwrite=overwrite, trust_remote_code=trust_remote_code
+        )
+    )
 
 
 @app.command("generate")
@@ -138,21 +205,38 @@ def generate_command(
     overrides: Optional[List[str]] = OverridesArg,
     prompt: Optional[str] = typer.Option(None, "--prompt", help="one prompt (default: interactive, a prompt per line)"),
     file: Optional[str] = typer.Option(None, "--file", help="a text file with one prompt per line"),
-    extra_input: Optional[str] = typer.Option(None, "--input", help="alpaca-format runs: the input under the instruction"),
+    extra_input: Optional[str] = typer.Option(
+        None, "--input", help="alpaca-format runs: the input under the instruction"
+    ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sampled"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed", help="sampling seed"),
     base: bool = typer.Option(False, "--base", help="the base model, adapter switched off"),
     as_json: bool = typer.Option(False, "--json", help="one JSON line per prompt instead of streamed text"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml"),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml",
+    ),
 ) -> None:
     """Generate from base + adapter (unmerged), the prompt wrapped as the run's training data was."""
     from peftctl.eval.generate import Sampling, generate
 
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    _run(lambda: generate(path, list(overrides or []), prompt=prompt, file=file, sampling=sampling, base=base, as_json=as_json,
-                          extra_input=extra_input, trust_remote_code=trust_remote_code))
+    _run(
+        lambda: generate(
+            path,
+            list(overrides or []),
+            prompt=prompt,
+            file=file,
+            sampling=sampling,
+            base=base,
+            as_json=as_json,
+            extra_input=extra_input,
+            trust_remote_code=trust_remote_code,
+        )
+    )
 
 
 @app.command()
@@ -161,8 +245,12 @@ def bench(
     warmup: int = typer.Option(3, "--warmup", help="untimed steps first (compilation happens there)"),
     steps: int = typer.Option(10, "--steps", help="timed steps"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per sequence (default: dataset.max_seq_len)"),
-    find_max_context: bool = typer.Option(False, "--max-context", help="search the longest sequence whose step fits in memory"),
-    memory_gib: Optional[float] = typer.Option(None, "--memory-gib", help="cap this process's GPU memory (e.g. 80 for an 80 GB card)"),
+    find_max_context: bool = typer.Option(
+        False, "--max-context", help="search the longest sequence whose step fits in memory"
+    ),
+    memory_gib: Optional[float] = typer.Option(
+        None, "--memory-gib", help="cap this process's GPU memory (e.g. 80 for an 80 GB card)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="one JSON object instead of text"),
 ) -> None:
     """Time the training step of a recipe on synthetic batches: tokens/s, step time, peak memory, MFU."""
@@ -175,7 +263,9 @@ def bench(
 def data_command(
     overrides: Optional[List[str]] = OverridesArg,
     show: int = typer.Option(3, "--show", help="how many training examples (packed: rows) to print"),
-    as_json: bool = typer.Option(False, "--json", help="JSON lines: the counts, then input_ids / labels (-100 = masked) / position_ids"),
+    as_json: bool = typer.Option(
+        False, "--json", help="JSON lines: the counts, then input_ids / labels (-100 = masked) / position_ids"
+    ),
 ) -> None:
     """The dataset as a run sees it: counts, and examples with the trained tokens highlighted."""
     from peftctl.data.inspect import inspect_data

@@ -1,4 +1,5 @@
 """Errors that the CLI turns into one clear line and an exit code."""
+
 from __future__ import annotations
 
 

@@ -1,12 +1,19 @@
 """Open what a run or adapter directory holds: its config, base model, tokenizer and adapter."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+from omegaconf import OmegaConf
+
+from peftctl.adapters.core.model import AdaptedModel, load_adapter_config
+from peftctl.config.compose import compose_dict
 from peftctl.config.schema import RunConfig, build_run_config
 from peftctl.errors import ConfigError
+from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
 
 
 @dataclass
@@ -18,8 +25,6 @@ class Source:
 
 
 def _apply_dotlist(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -37,8 +42,6 @@ def open_source(path: str | Path, overrides: list[str] | None = None, trust_remo
 
     A model's remote code runs only when the caller passes ``trust_remote_code`` (the command line's
     `--trust-remote-code`), never because a file says so: a run directory can come from anyone."""
-    from peftctl.adapters.model import load_adapter_config
-    from peftctl.config.compose import compose_dict
 
     path = Path(path)
     overrides = list(overrides or [])
@@ -49,27 +52,35 @@ def open_source(path: str | Path, overrides: list[str] | None = None, trust_remo
         adapter_dir = path
         adapter_cfg = load_adapter_config(path)
         values = compose_dict([o for o in overrides if o.startswith("recipe=")])
-        values["adapter"] = {"method": adapter_cfg.method, **{k: v for k, v in adapter_cfg.to_dict().items() if k != "peft_type"}}
+        values["adapter"] = {
+            "method": adapter_cfg.method,
+            **{k: v for k, v in adapter_cfg.to_dict().items() if k != "peft_type"},
+        }
         if adapter_cfg.base_model_name_or_path:
             values["model"]["name_or_path"] = adapter_cfg.base_model_name_or_path
         overrides = [o for o in overrides if not o.startswith("recipe=")]
     elif (path / "config.yaml").is_file():
-        raise ConfigError(f"{path} is a run directory without a finished adapter (adapter/ is missing); resume the run or pick a checkpoint's adapter/ folder")
+        raise ConfigError(
+            f"{path} is a run directory without a finished adapter (adapter/ is missing); resume the run or pick a "
+            "checkpoint's adapter/ folder"
+        )
     else:
-        raise ConfigError(f"{path} is neither a run directory (config.yaml + adapter/) nor an adapter directory (adapter_config.json)")
+        raise ConfigError(
+            f"{path} is neither a run directory (config.yaml + adapter/) nor an adapter directory (adapter_config.json)"
+        )
     if adapter_dir != path:
         _check_saved_config(values, path / "config.yaml", trust_remote_code)
     config = build_run_config(_apply_dotlist(values, overrides))
     if config.model.trust_remote_code and not trust_remote_code:
-        raise ConfigError("model.trust_remote_code=true is not an override of eval / merge / export; pass --trust-remote-code")
+        raise ConfigError(
+            "model.trust_remote_code=true is not an override of eval / merge / export; pass --trust-remote-code"
+        )
     config.model.trust_remote_code = trust_remote_code  # the command line decides, never a file
     return Source(adapter_dir=adapter_dir, config=config)
 
 
 def read_run_config(file: Path) -> dict[str, Any]:
     """A run's config.yaml as a dict; ConfigError naming the file when it is not a YAML mapping."""
-    import yaml
-
     try:
         values = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -97,9 +108,6 @@ def _check_saved_config(values: dict[str, Any], file: Path, trust_remote_code: b
 
 def load_adapted(source: Source, device: Any = "cpu") -> tuple[Any, Any]:
     """(AdaptedModel with the saved adapter, tokenizer)."""
-    from peftctl.adapters.model import AdaptedModel
-    from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
-
     cfg = source.config
     model_path = resolve_model_path(cfg.model)
     tokenizer_path = source.adapter_dir if (source.adapter_dir / "tokenizer_config.json").is_file() else model_path

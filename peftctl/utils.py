@@ -1,4 +1,5 @@
 """Small helpers shared across the package: atomic writes, seeding."""
+
 from __future__ import annotations
 
 import hashlib
@@ -107,6 +108,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
 def check_output_path(path: str | os.PathLike, field: str, directory: bool = True) -> None:
     """ConfigError (naming ``field``) unless ``path`` can be created or written as a directory (or a
     file): no existing file in the way, a name the file system accepts, a writable parent. Creates
@@ -114,10 +117,15 @@ def check_output_path(path: str | os.PathLike, field: str, directory: bool = Tru
     path = Path(path).expanduser().absolute()
     name_max, path_max = _name_limits(path)
     if len(os.fsencode(str(path))) >= path_max:
-        raise ConfigError(f"{field}={str(path)!r} is too long ({len(str(path))} characters; the limit here is {path_max - 1})")
+        raise ConfigError(
+            f"{field}={str(path)!r} is too long ({len(str(path))} characters; the limit here is {path_max - 1})"
+        )
     for part in path.parts:
         if len(os.fsencode(part)) > name_max:
-            raise ConfigError(f"{field}: the path component {part[:40]!r}... is {len(part)} characters long; the limit here is {name_max}")
+            raise ConfigError(
+                f"{field}: the path component {part[:40]!r}... is {len(part)} characters long; the limit here is "
+                f"{name_max}"
+            )
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

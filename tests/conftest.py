@@ -1,4 +1,5 @@
 """Shared fixtures: an isolated cache for built-in models, no network, one small trained run."""
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(1)
 
 # a short schedule on the offline default: enough to learn the task, fast on 2 cores
-QUICK = ["train.max_steps=40", "train.save_every=20", "train.eval_every=0", "train.log_every=10", "eval.num_generate=24"]
+QUICK = [
+    "train.max_steps=40",
+    "train.save_every=20",
+    "train.eval_every=0",
+    "train.log_every=10",
+    "eval.num_generate=24",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,6 +12,7 @@ The allocator runs through ``Method.training_hooks``. The kept pattern is saved 
 ``rank_pattern`` ({"<module>.lora_E": [bool, ...]}) and the saved tensors hold only the kept rows,
 so the adapter reloads with pruned ranks (ranknum stays init_r, as PEFT).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,14 +21,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.layer_utils import is_gpt2_conv1d, linear_in_out
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.layer_utils import is_gpt2_conv1d, linear_in_out
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.adapters.lora import LoraConfig
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 
 @dataclass
@@ -49,8 +51,12 @@ class AdaLoraConfig(LoraConfig):
     def validate(self) -> None:
         AdapterConfig.validate(self)  # LoraConfig's rank_pattern check does not apply (lists of bools here)
         self._check(isinstance(self.init_r, int) and self.init_r > 0, "init_r", self.init_r, "expected an integer > 0")
-        self._check(isinstance(self.target_r, int) and 0 < self.target_r <= self.init_r, "target_r", self.target_r,
-                    f"expected an integer in 1..init_r ({self.init_r})")
+        self._check(
+            isinstance(self.target_r, int) and 0 < self.target_r <= self.init_r,
+            "target_r",
+            self.target_r,
+            f"expected an integer in 1..init_r ({self.init_r})",
+        )
         self._check(0 < self.beta1 < 1, "beta1", self.beta1, "expected 0 < beta1 < 1")
         self._check(0 < self.beta2 < 1, "beta2", self.beta2, "expected 0 < beta2 < 1")
         self._check(self.orth_reg_weight >= 0, "orth_reg_weight", self.orth_reg_weight, "expected a number >= 0")
@@ -128,7 +134,9 @@ class RankAllocator:
             self.config.total_step = total_steps
         self.config.check_schedule(self.config.total_step)
         self.last_step = total_steps - 1
-        self.layers = [(n, l) for n, l in model.adapter_layers() if isinstance(l, AdaLoraLinear) and adapter_name in l.lora_E]
+        self.layers = [
+            (n, l) for n, l in model.adapter_layers() if isinstance(l, AdaLoraLinear) and adapter_name in l.lora_E
+        ]
         self.init_bgt = sum(l.lora_E[adapter_name].shape[0] for _, l in self.layers)
         self.target_bgt = self.config.target_r * len(self.layers)
         self.reset_ipt()
@@ -139,7 +147,11 @@ class RankAllocator:
         self.exp_avg_unc: dict[str, torch.Tensor] = {}
 
     def _named_params(self) -> list[tuple[str, nn.Parameter]]:
-        return [(f"{n}.{attr}", getattr(l, attr)[self.name]) for n, l in self.layers for attr in ("lora_A", "lora_B", "lora_E")]
+        return [
+            (f"{n}.{attr}", getattr(l, attr)[self.name])
+            for n, l in self.layers
+            for attr in ("lora_A", "lora_B", "lora_E")
+        ]
 
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
@@ -158,7 +170,10 @@ class RankAllocator:
             if kind not in ("exp_avg_ipt", "exp_avg_unc"):
                 continue
             if name not in params or params[name].shape != value.shape:
-                raise ConfigError(f"AdaLoRA state in the checkpoint does not fit this run: {name} is not an AdaLoRA tensor of shape {tuple(value.shape)}")
+                raise ConfigError(
+                    f"AdaLoRA state in the checkpoint does not fit this run: {name} is not an AdaLoRA tensor of shape "
+                    f"{tuple(value.shape)}"
+                )
             getattr(self, kind)[name] = value.to(params[name].device, params[name].dtype)
         # the weights come back from the checkpoint as they were (masked where the last allocation
         # pruned; with deltaT > 1 pruned values may have moved since), so the pattern is not re-applied
@@ -231,8 +246,11 @@ class RankAllocator:
         scores = []
         for n, layer in self.layers:
             a, b, e = layer.lora_A[self.name], layer.lora_B[self.name], layer.lora_E[self.name]
-            scores.append(self._score(f"{n}.lora_E", e).view(-1) + self._score(f"{n}.lora_A", a).mean(dim=1)
-                          + self._score(f"{n}.lora_B", b).mean(dim=0))
+            scores.append(
+                self._score(f"{n}.lora_E", e).view(-1)
+                + self._score(f"{n}.lora_A", a).mean(dim=1)
+                + self._score(f"{n}.lora_B", b).mean(dim=0)
+            )
         return scores
 
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
@@ -263,33 +281,37 @@ def create_adalora_layer(module: nn.Module, module_name: str, config: AdaLoraCon
     return AdaLoraLinear(module, module_name) if isinstance(module, nn.Linear) or is_gpt2_conv1d(module) else None
 
 
-def _method():
-    from peftctl.adapters.registry import Method
+class AdaLoraMethod(AdapterMethod):
+    name = "adalora"
+    config_cls = AdaLoraConfig
+    layer_types = (AdaLoraLinear,)
 
-    class AdaLoraMethod(Method):
-        def training_hooks(self, model: "AdaptedModel", adapter_name: str, total_steps: int) -> list[Any]:
-            return [RankAllocator(model, adapter_name, total_steps)]
+    def create_layer(self, module: nn.Module, module_name: str, config: AdaLoraConfig) -> AdapterLayer | None:
+        return create_adalora_layer(module, module_name, config)
 
-        def state_dict_for_save(self, model: "AdaptedModel", adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            """Keep only the rows rank_pattern keeps (PEFT's resize_state_dict_by_rank_pattern)."""
-            pattern = model.peft_config[adapter_name].rank_pattern
-            if not pattern:
-                return tensors
-            out = dict(tensors)
-            for key, keep_list in pattern.items():
-                module = key[: -len(".lora_E")]
-                keep = torch.tensor(keep_list, dtype=torch.bool)
-                for attr in ("lora_E", "lora_A", "lora_B"):
-                    name = f"base_model.model.{module}.{attr}"
-                    if name not in out:
-                        continue
-                    t = out[name]
-                    dim = 1 if attr == "lora_B" else 0
-                    if t.shape[dim] == keep.numel() and int(keep.sum()) != keep.numel():
-                        out[name] = (t[:, keep] if dim == 1 else t[keep]).contiguous()
-            return out
+    def training_hooks(self, model: "AdaptedModel", adapter_name: str, total_steps: int) -> list[Any]:
+        return [RankAllocator(model, adapter_name, total_steps)]
 
-    return AdaLoraMethod("adalora", AdaLoraConfig, create_adalora_layer, (AdaLoraLinear,))
+    def state_dict_for_save(
+        self, model: "AdaptedModel", adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Keep only the rows rank_pattern keeps (PEFT's resize_state_dict_by_rank_pattern)."""
+        pattern = model.peft_config[adapter_name].rank_pattern
+        if not pattern:
+            return tensors
+        out = dict(tensors)
+        for key, keep_list in pattern.items():
+            module = key[: -len(".lora_E")]
+            keep = torch.tensor(keep_list, dtype=torch.bool)
+            for attr in ("lora_E", "lora_A", "lora_B"):
+                name = f"base_model.model.{module}.{attr}"
+                if name not in out:
+                    continue
+                t = out[name]
+                dim = 1 if attr == "lora_B" else 0
+                if t.shape[dim] == keep.numel() and int(keep.sum()) != keep.numel():
+                    out[name] = (t[:, keep] if dim == 1 else t[keep]).contiguous()
+        return out
 
 
-METHOD = _method()
+METHOD = AdaLoraMethod()

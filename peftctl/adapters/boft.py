@@ -11,6 +11,7 @@ Note: peft on a machine without its CUDA extension silently uses m = 1 (and stil
 adapter_config.json); peftctl honours m when it builds an adapter, and loads such a file as peft
 does: tensors shaped for one factor load with m = 1, with a warning.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -21,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.registry import Method
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.errors import ConfigError
-
 
 
 @dataclass
@@ -48,7 +48,12 @@ class BOFTConfig(AdapterConfig):
                 f"adapter.boft_block_size={self.boft_block_size} and adapter.boft_block_num={self.boft_block_num} "
                 "are not valid together; set exactly one of them (the other to 0)"
             )
-        self._check(self.boft_n_butterfly_factor >= 1, "boft_n_butterfly_factor", self.boft_n_butterfly_factor, "expected an integer >= 1")
+        self._check(
+            self.boft_n_butterfly_factor >= 1,
+            "boft_n_butterfly_factor",
+            self.boft_n_butterfly_factor,
+            "expected an integer >= 1",
+        )
         self._check(0.0 <= self.boft_dropout < 1.0, "boft_dropout", self.boft_dropout, "expected 0 <= p < 1")
 
 
@@ -62,10 +67,10 @@ def butterfly_perm(n: int, blocks: int, half: int, levels: int) -> torch.Tensor:
     order = torch.empty(size, dtype=torch.long)
     positions = torch.cat((torch.arange(0, size / half, 2), torch.arange(1, size / half, 2)))
     for i, pos in enumerate(positions):
-        order[int(i * half): int(i * half + half)] = torch.arange(size)[int(pos * half): int(pos * half + half)]
+        order[int(i * half) : int(i * half + half)] = torch.arange(size)[int(pos * half) : int(pos * half + half)]
     indices = torch.arange(n)
     for start in range(0, n, size):
-        indices[start:start + size] = indices[start:start + size][order]
+        indices[start : start + size] = indices[start : start + size][order]
     return indices
 
 
@@ -76,18 +81,23 @@ def block_sizes(dim: int, config: BOFTConfig) -> tuple[int, int]:
         num = config.boft_block_num
         if dim % num:
             raise ConfigError(f"adapter.boft_block_num={num} does not divide the layer's input dimension {dim}")
-        if extra and (num % (2 ** extra) or extra > num.bit_length() - 1):
-            raise ConfigError(f"adapter.boft_block_num={num} must be a multiple of 2^(boft_n_butterfly_factor-1)={2 ** extra}")
+        if extra and (num % (2**extra) or extra > num.bit_length() - 1):
+            raise ConfigError(
+                f"adapter.boft_block_num={num} must be a multiple of 2^(boft_n_butterfly_factor-1)={2**extra}"
+            )
         size = dim // num
     else:
         size = config.boft_block_size
-        if dim % size or (extra and dim % (size * 2 ** extra)):
+        if dim % size or (extra and dim % (size * 2**extra)):
             raise ConfigError(
-                f"adapter.boft_block_size={size} with boft_n_butterfly_factor={extra + 1} does not fit the layer's input dimension {dim}"
+                f"adapter.boft_block_size={size} with boft_n_butterfly_factor={extra + 1} does not fit the layer's "
+                f"input dimension {dim}"
             )
         num = dim // size
     if extra and (num % 2 or size % 2):
-        raise ConfigError(f"adapter.boft_block_size={size} / boft_block_num={num} must be even with butterfly factors > 1")
+        raise ConfigError(
+            f"adapter.boft_block_size={size} / boft_block_num={num} must be even with butterfly factors > 1"
+        )
     return size, num
 
 
@@ -171,7 +181,15 @@ class BOFTLayer(AdapterLayer):
             weight = self.adapted_weight(weight, name)
         base, x = self.base_layer, x.to(weight.dtype)
         if self.is_conv:
-            return F.conv2d(x, weight, base.bias, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
+            return F.conv2d(
+                x,
+                weight,
+                base.bias,
+                stride=base.stride,
+                padding=base.padding,
+                dilation=base.dilation,
+                groups=base.groups,
+            )
         return F.linear(x, weight, base.bias)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -183,8 +201,15 @@ def create_boft_layer(module: nn.Module, module_name: str, config: BOFTConfig) -
     return BOFTLayer(module, module_name) if isinstance(module, (nn.Linear, nn.Conv2d)) else None
 
 
-class BOFTMethod(Method):
+class BOFTMethod(AdapterMethod):
     """The BOFT method, with peft's reading of one-factor files (see the module note)."""
+
+    name = "boft"
+    config_cls = BOFTConfig
+    layer_types = (BOFTLayer,)
+
+    def create_layer(self, module: nn.Module, module_name: str, config: BOFTConfig) -> AdapterLayer | None:
+        return create_boft_layer(module, module_name, config)
 
     def config_for_weights(self, config: BOFTConfig, weights: dict[str, torch.Tensor]) -> BOFTConfig:
         """boft_R tensors shaped (1, blocks, b, b) under a config with m > 1 butterfly factors: load them
@@ -193,11 +218,12 @@ class BOFTMethod(Method):
         if config.boft_n_butterfly_factor == 1 or not factors or any(f != 1 for f in factors):
             return config
         warnings.warn(
-            f"BOFT adapter: adapter_config.json says boft_n_butterfly_factor={config.boft_n_butterfly_factor} but its tensors hold "
-            "1 butterfly factor (peft without its CUDA extension writes such files); loaded with 1 factor, as peft does",
+            f"BOFT adapter: adapter_config.json says boft_n_butterfly_factor={config.boft_n_butterfly_factor} "
+            "but its tensors hold 1 butterfly factor (peft without its CUDA extension writes such files); "
+            "loaded with 1 factor, as peft does",
             stacklevel=3,
         )
         return config.replace(boft_n_butterfly_factor=1)
 
 
-METHOD = BOFTMethod("boft", BOFTConfig, create_boft_layer, (BOFTLayer,))
+METHOD = BOFTMethod()

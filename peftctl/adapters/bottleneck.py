@@ -10,6 +10,7 @@ PEFT has no bottleneck type. peftctl saves it in the PEFT layout with its own
 ``peft_type: "BOTTLENECK"``; tensors are ``<sub-layer>.bottleneck_down.{weight,bias}`` and
 ``<sub-layer>.bottleneck_up.{weight,bias}``. peft itself cannot load these directories.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,18 +19,23 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.errors import AdapterError, ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 # model_type -> sub-layers that get an adapter when target_modules is not given
 DEFAULT_SUBLAYERS = {
-    "llama": ["self_attn", "mlp"], "mistral": ["self_attn", "mlp"], "qwen2": ["self_attn", "mlp"],
-    "gemma": ["self_attn", "mlp"], "gpt2": ["attn", "mlp"], "opt": ["self_attn", "fc2"],
+    "llama": ["self_attn", "mlp"],
+    "mistral": ["self_attn", "mlp"],
+    "qwen2": ["self_attn", "mlp"],
+    "gemma": ["self_attn", "mlp"],
+    "gpt2": ["attn", "mlp"],
+    "opt": ["self_attn", "fc2"],
 }
 
 
@@ -46,19 +52,31 @@ class BottleneckConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(isinstance(self.bottleneck_size, int) and self.bottleneck_size > 0, "bottleneck_size",
-                    self.bottleneck_size, "expected an integer > 0")
-        self._check(self.non_linearity in ACTIVATIONS, "non_linearity", self.non_linearity,
-                    f"expected one of {', '.join(ACTIVATIONS)}")
+        self._check(
+            isinstance(self.bottleneck_size, int) and self.bottleneck_size > 0,
+            "bottleneck_size",
+            self.bottleneck_size,
+            "expected an integer > 0",
+        )
+        self._check(
+            self.non_linearity in ACTIVATIONS,
+            "non_linearity",
+            self.non_linearity,
+            f"expected one of {', '.join(ACTIVATIONS)}",
+        )
         self._check(0.0 <= self.adapter_dropout < 1.0, "adapter_dropout", self.adapter_dropout, "expected 0 <= p < 1")
 
 
 def output_dim(module: nn.Module) -> int:
     """Width of a sub-layer's output: its own (or its last) Linear / GPT-2 Conv1D's out features."""
-    candidates = [m for m in module.modules() if isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))]
+    candidates = [
+        m for m in module.modules() if isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
+    ]
     if not candidates:
-        raise ConfigError(f"adapter.target_modules matches a {type(module).__name__} with no linear projection; "
-                          "the bottleneck method needs the attention / feed-forward sub-layer")
+        raise ConfigError(
+            f"adapter.target_modules matches a {type(module).__name__} with no linear projection; "
+            "the bottleneck method needs the attention / feed-forward sub-layer"
+        )
     last = candidates[-1]
     return last.out_features if isinstance(last, nn.Linear) else last.nf
 
@@ -87,7 +105,9 @@ class BottleneckLayer(AdapterLayer):
             nn.init.zeros_(self.bottleneck_up[adapter_name].weight)
             nn.init.zeros_(self.bottleneck_up[adapter_name].bias)
         self.bottleneck_act[adapter_name] = ACTIVATIONS[config.non_linearity]()
-        self.bottleneck_dropout[adapter_name] = nn.Dropout(config.adapter_dropout) if config.adapter_dropout else nn.Identity()
+        self.bottleneck_dropout[adapter_name] = (
+            nn.Dropout(config.adapter_dropout) if config.adapter_dropout else nn.Identity()
+        )
         self.scaling[adapter_name] = config.scaling
         self.adapter_configs[adapter_name] = config
 
@@ -130,18 +150,20 @@ def create_bottleneck_layer(module: nn.Module, module_name: str, config: Bottlen
     return BottleneckLayer(module, module_name)
 
 
-def _method():
-    from peftctl.adapters.registry import Method
+class BottleneckMethod(AdapterMethod):
+    name = "bottleneck"
+    config_cls = BottleneckConfig
+    layer_types = (BottleneckLayer,)
 
-    class BottleneckMethod(Method):
-        def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
-            if config.target_modules is None:
-                model_type = getattr(model.config, "model_type", None)
-                if model_type in DEFAULT_SUBLAYERS:
-                    config.target_modules = list(DEFAULT_SUBLAYERS[model_type])
-            super().inject(model, adapter_name, config)
+    def create_layer(self, module: nn.Module, module_name: str, config: BottleneckConfig) -> AdapterLayer | None:
+        return create_bottleneck_layer(module, module_name, config)
 
-    return BottleneckMethod("bottleneck", BottleneckConfig, create_bottleneck_layer, (BottleneckLayer,))
+    def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
+        if config.target_modules is None:
+            model_type = getattr(model.config, "model_type", None)
+            if model_type in DEFAULT_SUBLAYERS:
+                config.target_modules = list(DEFAULT_SUBLAYERS[model_type])
+        super().inject(model, adapter_name, config)
 
 
-METHOD = _method()
+METHOD = BottleneckMethod()

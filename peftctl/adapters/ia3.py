@@ -7,6 +7,7 @@ Feed-forward modules:   y = W (l ⊙ x) + b      -> merged: W' = W diag(l)
 Vectors start at ones, so a fresh adapter is the identity.
 Saved as PEFT's ``ia3_l`` (shape (out, 1) for attention modules, (1, in) for feed-forward ones).
 """
+
 from __future__ import annotations
 
 import re
@@ -16,13 +17,14 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.layer_utils import is_gpt2_conv1d, linear_in_out
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.layer_utils import is_gpt2_conv1d, linear_in_out
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 # model_type -> (target_modules, feedforward_modules): PEFT's IA3 defaults
 IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
@@ -52,7 +54,12 @@ class IA3Config(AdapterConfig):
         ff, targets = self.feedforward_modules, self.target_modules
         if isinstance(ff, list) and isinstance(targets, list):
             extra = [m for m in ff if m not in targets]
-            self._check(not extra, "feedforward_modules", ff, f"every entry must also be in adapter.target_modules (not: {extra})")
+            self._check(
+                not extra,
+                "feedforward_modules",
+                ff,
+                f"every entry must also be in adapter.target_modules (not: {extra})",
+            )
 
     def to_peft_dict(self) -> dict:
         out = super().to_peft_dict()
@@ -82,8 +89,10 @@ class IA3Linear(AdapterLayer):
         self.is_conv = isinstance(base_layer, nn.Conv2d)
         if self.is_conv:
             if is_feedforward and base_layer.groups != 1:
-                raise ConfigError(f"adapter.feedforward_modules matches {module_name}, a grouped Conv2d; (IA)³ scales "
-                                  "the input of ungrouped convolutions only")
+                raise ConfigError(
+                    f"adapter.feedforward_modules matches {module_name}, a grouped Conv2d; (IA)³ scales "
+                    "the input of ungrouped convolutions only"
+                )
             self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         else:
             self.in_features, self.out_features = linear_in_out(base_layer)
@@ -96,7 +105,11 @@ class IA3Linear(AdapterLayer):
             shape = (1, self.in_features if self.is_feedforward else self.out_features, 1, 1)
         else:
             shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
-        vector = torch.ones(shape, device=self.weight.device) if config.init_ia3_weights else torch.randn(shape, device=self.weight.device)
+        vector = (
+            torch.ones(shape, device=self.weight.device)
+            if config.init_ia3_weights
+            else torch.randn(shape, device=self.weight.device)
+        )
         self.ia3_l[adapter_name] = nn.Parameter(vector)
         self.adapter_configs[adapter_name] = config
 
@@ -151,22 +164,24 @@ def create_ia3_layer(module: nn.Module, module_name: str, config: IA3Config) -> 
     return None
 
 
-def _method():
-    from peftctl.adapters.registry import Method
+class IA3Method(AdapterMethod):
+    name = "ia3"
+    config_cls = IA3Config
+    layer_types = (IA3Linear,)
 
-    class IA3Method(Method):
-        def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
-            # PEFT's per-architecture defaults when the user names no modules
-            if config.target_modules is None:
-                model_type = getattr(model.config, "model_type", None)
-                if model_type in IA3_DEFAULTS:
-                    targets, feedforward = IA3_DEFAULTS[model_type]
-                    config.target_modules = list(targets)
-                    if config.feedforward_modules is None:
-                        config.feedforward_modules = list(feedforward)
-            super().inject(model, adapter_name, config)
+    def create_layer(self, module: nn.Module, module_name: str, config: IA3Config) -> AdapterLayer | None:
+        return create_ia3_layer(module, module_name, config)
 
-    return IA3Method("ia3", IA3Config, create_ia3_layer, (IA3Linear,))
+    def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
+        # PEFT's per-architecture defaults when the user names no modules
+        if config.target_modules is None:
+            model_type = getattr(model.config, "model_type", None)
+            if model_type in IA3_DEFAULTS:
+                targets, feedforward = IA3_DEFAULTS[model_type]
+                config.target_modules = list(targets)
+                if config.feedforward_modules is None:
+                    config.feedforward_modules = list(feedforward)
+        super().inject(model, adapter_name, config)
 
 
-METHOD = _method()
+METHOD = IA3Method()

@@ -7,6 +7,7 @@ to the attention output, with the gate g initialised to zero ("zero-init attenti
 adapted model starts out identical to the base model. Llama-family attention (q/k/v/o_proj, rotary
 position embeddings passed as ``position_embeddings``, grouped-query attention) in transformers 5.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.registry import Method
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.errors import AdapterError, ConfigError
+from peftctl.models.modules import set_submodule
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 
 @dataclass
@@ -36,9 +38,24 @@ class AdaptionPromptConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(isinstance(self.adapter_len, int) and self.adapter_len > 0, "adapter_len", self.adapter_len, "expected an integer > 0")
-        self._check(isinstance(self.adapter_layers, int) and self.adapter_layers > 0, "adapter_layers", self.adapter_layers, "expected an integer > 0")
-        self._check(isinstance(self.target_modules, str), "target_modules", self.target_modules, "expected the attention module's name, e.g. self_attn")
+        self._check(
+            isinstance(self.adapter_len, int) and self.adapter_len > 0,
+            "adapter_len",
+            self.adapter_len,
+            "expected an integer > 0",
+        )
+        self._check(
+            isinstance(self.adapter_layers, int) and self.adapter_layers > 0,
+            "adapter_layers",
+            self.adapter_layers,
+            "expected an integer > 0",
+        )
+        self._check(
+            isinstance(self.target_modules, str),
+            "target_modules",
+            self.target_modules,
+            "expected the attention module's name, e.g. self_attn",
+        )
 
     def to_peft_dict(self) -> dict[str, Any]:
         out = self.to_dict()
@@ -62,7 +79,10 @@ class AdaptedAttention(AdapterLayer):
         super().__init__(base_layer, module_name)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             if not hasattr(base_layer, name):
-                raise AdapterError(f"{module_name} ({type(base_layer).__name__}) has no {name}; llama_adapter needs Llama-family attention")
+                raise AdapterError(
+                    f"{module_name} ({type(base_layer).__name__}) has no {name}; llama_adapter needs Llama-family "
+                    "attention"
+                )
         self.adaption_prompt = nn.ParameterDict()
         self.adaption_gate = nn.ParameterDict()
 
@@ -76,7 +96,9 @@ class AdaptedAttention(AdapterLayer):
         # standard-normal prompts (the official repo's nn.Embedding init) and a zero gate, kept in
         # fp32 whatever the base dtype: in bf16, Adam's steps (~lr) on O(1) prompt values are below
         # the spacing (2^-7) and would be rounded away; they are cast to the activations' dtype at use
-        self.adaption_prompt[adapter_name] = nn.Parameter(torch.empty(1, config.adapter_len, hidden, device=device, dtype=torch.float32).normal_())
+        self.adaption_prompt[adapter_name] = nn.Parameter(
+            torch.empty(1, config.adapter_len, hidden, device=device, dtype=torch.float32).normal_()
+        )
         self.adaption_gate[adapter_name] = nn.Parameter(torch.zeros(1, device=device, dtype=torch.float32))
         self.adapter_configs[adapter_name] = config
 
@@ -96,7 +118,9 @@ class AdaptedAttention(AdapterLayer):
             cos, sin = position_embeddings
             query = query * cos.unsqueeze(1) + _rotate_half(query) * sin.unsqueeze(1)
         scores = query @ keys.transpose(2, 3).to(query.dtype) / math.sqrt(head_dim)
-        scores = (self.adaption_gate[adapter_name].float() * torch.softmax(scores, dim=-1, dtype=torch.float32)).to(query.dtype)
+        scores = (self.adaption_gate[adapter_name].float() * torch.softmax(scores, dim=-1, dtype=torch.float32)).to(
+            query.dtype
+        )
         out = (scores @ values.to(query.dtype)).transpose(1, 2).reshape(batch, length, -1)
         return attn.o_proj(out)
 
@@ -107,7 +131,9 @@ class AdaptedAttention(AdapterLayer):
         output, *rest = outputs
         for name in self.active_adapters:
             if name in self.adaption_prompt:
-                output = output + self._adapter_delta(hidden_states, kwargs.get("position_embeddings"), name).to(output.dtype)
+                output = output + self._adapter_delta(hidden_states, kwargs.get("position_embeddings"), name).to(
+                    output.dtype
+                )
         return (output, *rest)
 
 
@@ -116,28 +142,37 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) > 0:
             return name, module
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    raise ConfigError(f"adapter.method=llama_adapter needs a Llama-family model (a `layers` list of decoder layers); {model_type} has none")
+    raise ConfigError(
+        f"adapter.method=llama_adapter needs a Llama-family model (a `layers` list of decoder layers); {model_type} "
+        "has none"
+    )
 
 
-class LlamaAdapterMethod(Method):
+class LlamaAdapterMethod(AdapterMethod):
+    name = "llama_adapter"
+    config_cls = AdaptionPromptConfig
+    layer_types = (AdaptedAttention,)
     mergeable = False  # the prompts are attended to, not folded into a weight
-    def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
-        from peftctl.adapters.inject import _set_submodule
 
+    def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
         assert isinstance(config, AdaptionPromptConfig)
         prefix, layers = _decoder_layers(model.model)
         if config.adapter_layers > len(layers):
-            raise ConfigError(f"adapter.adapter_layers={config.adapter_layers} is not valid; the model has {len(layers)} layers")
+            raise ConfigError(
+                f"adapter.adapter_layers={config.adapter_layers} is not valid; the model has {len(layers)} layers"
+            )
         for index in range(len(layers) - config.adapter_layers, len(layers)):
             name = f"{prefix}.{index}.{config.target_modules}"
             try:
                 module = model.model.get_submodule(name)
             except AttributeError:
-                raise ConfigError(f"adapter.target_modules={config.target_modules!r}: {name} does not exist in this model") from None
+                raise ConfigError(
+                    f"adapter.target_modules={config.target_modules!r}: {name} does not exist in this model"
+                ) from None
             if not isinstance(module, AdaptedAttention):
                 module = AdaptedAttention(module, name)
-                _set_submodule(model.model, name, module)
+                set_submodule(model.model, name, module)
             module.update_layer(adapter_name, config)
 
 
-METHOD = LlamaAdapterMethod("llama_adapter", AdaptionPromptConfig, layer_types=(AdaptedAttention,))
+METHOD = LlamaAdapterMethod()

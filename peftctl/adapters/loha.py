@@ -8,6 +8,7 @@ Prop. 3): ΔW[p,r,k,l] = Σ_ij t[i,j,k,l] W_b[j,r] W_a[i,p] for each factor (a C
 handled as (k, 1), PEFT's layout). Kernels of size 1 never use the CP form (as PEFT). Tensor
 names are PEFT's (``hada_w1_a`` ...).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
 
 
 def pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -51,7 +53,9 @@ class LycorisCommon(AdapterConfig):
         self._check(0.0 <= self.module_dropout < 1.0, "module_dropout", self.module_dropout, "expected 0 <= p < 1")
 
     def rank_and_alpha_for(self, module_name: str) -> tuple[int, float]:
-        return pattern_value(self.rank_pattern, module_name, self.r), pattern_value(self.alpha_pattern, module_name, self.alpha)
+        return pattern_value(self.rank_pattern, module_name, self.r), pattern_value(
+            self.alpha_pattern, module_name, self.alpha
+        )
 
 
 @dataclass
@@ -128,7 +132,11 @@ def cp_kernel(kernel: tuple[int, ...]) -> tuple[int, int]:
 
 def uses_cp(base: nn.Module, config: "LycorisCommon") -> bool:
     """use_effective_conv2d applies to convolutions with a kernel larger than 1 (as PEFT)."""
-    return isinstance(base, (nn.Conv1d, nn.Conv2d)) and config.use_effective_conv2d and any(k != 1 for k in base.kernel_size)
+    return (
+        isinstance(base, (nn.Conv1d, nn.Conv2d))
+        and config.use_effective_conv2d
+        and any(k != 1 for k in base.kernel_size)
+    )
 
 
 def cp_weight(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -193,10 +201,13 @@ def create_loha_layer(module: nn.Module, module_name: str, config: LoHaConfig) -
     return None
 
 
-def _method():
-    from peftctl.adapters.registry import Method
+class LoHaMethod(AdapterMethod):
+    name = "loha"
+    config_cls = LoHaConfig
+    layer_types = (LoHaLayer,)
 
-    return Method("loha", LoHaConfig, create_loha_layer, (LoHaLayer,))
+    def create_layer(self, module: nn.Module, module_name: str, config: LoHaConfig) -> AdapterLayer | None:
+        return create_loha_layer(module, module_name, config)
 
 
-METHOD = _method()
+METHOD = LoHaMethod()

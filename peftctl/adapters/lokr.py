@@ -10,6 +10,7 @@ root, or ``decompose_factor``). W2 is low-rank unless r ≥ max(b, d)/2; W1 is l
 A full 3-D W2 of a Conv1d is combined as PEFT 0.21 does: torch.kron(W1, W2) of the 2-D W1 and
 3-D W2, reshaped to (out, in, k). Tensor names are PEFT's (``lokr_w1`` ...).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.adapters.loha import LycorisCommon, LycorisLayer, conv_shape, cp_kernel, cp_weight, kaiming_, uses_cp
 
 
@@ -34,8 +36,18 @@ class LoKrConfig(LycorisCommon):
 
     def validate(self) -> None:
         super().validate()
-        self._check(self.init_weights in (True, False, "lycoris"), "init_weights", self.init_weights, "expected true, false or 'lycoris'")
-        self._check(self.decompose_factor == -1 or self.decompose_factor > 0, "decompose_factor", self.decompose_factor, "expected -1 or an integer > 0")
+        self._check(
+            self.init_weights in (True, False, "lycoris"),
+            "init_weights",
+            self.init_weights,
+            "expected true, false or 'lycoris'",
+        )
+        self._check(
+            self.decompose_factor == -1 or self.decompose_factor > 0,
+            "decompose_factor",
+            self.decompose_factor,
+            "expected -1 or an integer > 0",
+        )
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -141,10 +153,13 @@ def create_lokr_layer(module: nn.Module, module_name: str, config: LoKrConfig) -
     return None
 
 
-def _method():
-    from peftctl.adapters.registry import Method
+class LoKrMethod(AdapterMethod):
+    name = "lokr"
+    config_cls = LoKrConfig
+    layer_types = (LoKrLayer,)
 
-    return Method("lokr", LoKrConfig, create_lokr_layer, (LoKrLayer,))
+    def create_layer(self, module: nn.Module, module_name: str, config: LoKrConfig) -> AdapterLayer | None:
+        return create_lokr_layer(module, module_name, config)
 
 
-METHOD = _method()
+METHOD = LoKrMethod()

@@ -15,6 +15,7 @@ peft 0.21.2's *unmerged* Conv2d forward instead folds rotated unfold patches bac
 which sums overlaps: for kernels > 1×1 it is not the identity at init and differs from its own
 merged model. peftctl computes what PEFT merges; the two agree exactly on 1×1 kernels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,9 +24,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.layer_utils import is_gpt2_conv1d, linear_in_out
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.layer_utils import is_gpt2_conv1d, linear_in_out
+from peftctl.adapters.core.method import AdapterMethod
 from peftctl.errors import ConfigError
 
 
@@ -211,7 +213,10 @@ class OFTConv2d(OFTLayer):
     def __init__(self, base_layer: nn.Conv2d, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
         if base_layer.groups != 1:
-            raise ConfigError(f"OFT on grouped convolutions is not supported ({module_name}: groups={base_layer.groups}); exclude it with adapter.exclude_modules")
+            raise ConfigError(
+                f"OFT on grouped convolutions is not supported ({module_name}: groups={base_layer.groups}); exclude it "
+                "with adapter.exclude_modules"
+            )
         kh, kw = base_layer.kernel_size
         self.in_features = base_layer.in_channels * kh * kw
 
@@ -245,10 +250,13 @@ def create_oft_layer(module: nn.Module, module_name: str, config: OFTConfig) -> 
     return None
 
 
-def _method():
-    from peftctl.adapters.registry import Method
+class OFTMethod(AdapterMethod):
+    name = "oft"
+    config_cls = OFTConfig
+    layer_types = (OFTLinear, OFTConv2d)
 
-    return Method("oft", OFTConfig, create_oft_layer, (OFTLinear, OFTConv2d))
+    def create_layer(self, module: nn.Module, module_name: str, config: OFTConfig) -> AdapterLayer | None:
+        return create_oft_layer(module, module_name, config)
 
 
-METHOD = _method()
+METHOD = OFTMethod()

@@ -12,6 +12,7 @@ Saved as peft_type "XLORA": the classifier's tensors (``base_model.internal_xlor
 and the config with the experts' directories. ``latest_scalings(model)`` returns the last
 (batch, seq, n_layers, n_experts) scalings for inspection.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,13 +22,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core import persistence
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
+from peftctl.adapters.core.model import load_adapter_config
+from peftctl.adapters.lora import METHOD as LORA
 from peftctl.adapters.lora import LoraLinear
 from peftctl.errors import ConfigError
 from peftctl.models.compat import cache_from_kwargs, replace_cache_in_kwargs
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 CLASSIFIER = "internal_xlora_classifier"
 
@@ -53,13 +58,25 @@ class XLoraConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(bool(self.adapters), "adapters", self.adapters, "expected a mapping expert name -> LoRA adapter directory")
+        self._check(
+            bool(self.adapters), "adapters", self.adapters, "expected a mapping expert name -> LoRA adapter directory"
+        )
         self._check(self.xlora_depth >= 1, "xlora_depth", self.xlora_depth, "expected an integer >= 1")
-        self._check(self.softmax_temperature > 0, "softmax_temperature", self.softmax_temperature, "expected a number > 0")
-        self._check(self.top_k_lora is None or 1 <= self.top_k_lora <= len(self.adapters), "top_k_lora", self.top_k_lora,
-                    f"expected null or 1..{len(self.adapters)} (the number of experts)")
-        self._check(not self.use_trainable_adapters, "use_trainable_adapters", self.use_trainable_adapters,
-                    "trainable experts are not supported; only the classifier trains")
+        self._check(
+            self.softmax_temperature > 0, "softmax_temperature", self.softmax_temperature, "expected a number > 0"
+        )
+        self._check(
+            self.top_k_lora is None or 1 <= self.top_k_lora <= len(self.adapters),
+            "top_k_lora",
+            self.top_k_lora,
+            f"expected null or 1..{len(self.adapters)} (the number of experts)",
+        )
+        self._check(
+            not self.use_trainable_adapters,
+            "use_trainable_adapters",
+            self.use_trainable_adapters,
+            "trainable experts are not supported; only the classifier trains",
+        )
 
 
 class XLoraClassifier(nn.Module):
@@ -104,13 +121,11 @@ def layer_scalings(scalings: torch.Tensor, index: int, config: XLoraConfig) -> t
 
 
 def _load_expert(model: "AdaptedModel", name: str, directory: str) -> None:
-    from peftctl.adapters import persistence
-    from peftctl.adapters.lora import METHOD as LORA
-    from peftctl.adapters.model import load_adapter_config
-
     config = load_adapter_config(directory)
     if config.method != "lora":
-        raise ConfigError(f"adapter.adapters[{name!r}]={directory} is a {config.method} adapter; X-LoRA experts must be LoRA")
+        raise ConfigError(
+            f"adapter.adapters[{name!r}]={directory} is a {config.method} adapter; X-LoRA experts must be LoRA"
+        )
     LORA.inject(model, name, config)
     tensors = persistence.read_adapter_weights(directory)
     with torch.no_grad():
@@ -133,98 +148,105 @@ def latest_scalings(model: "AdaptedModel") -> torch.Tensor | None:
     return _classifier(model).latest
 
 
-def _method():
-    from peftctl.adapters.registry import Method
+class XLoraMethod(AdapterMethod):
+    name = "xlora"
+    config_cls = XLoraConfig
+    mergeable = False  # per-token scalings have no weight form
 
-    class XLoraMethod(Method):
-        mergeable = False  # per-token scalings have no weight form
+    def inject(self, model: "AdaptedModel", adapter_name: str, config: XLoraConfig) -> None:
+        if hasattr(model.base_model, CLASSIFIER):
+            raise ConfigError("this model already holds an X-LoRA adapter; only one is supported")
+        experts = list(config.adapters)
+        for name in experts:
+            _load_expert(model, name, config.adapters[name])
+        layers = [
+            layer
+            for _, layer in model.adapter_layers()
+            if isinstance(layer, LoraLinear) and any(e in layer.lora_A for e in experts)
+        ]
+        hidden = config.hidden_size or getattr(model.config, "hidden_size", None)
+        if hidden is None:
+            raise ConfigError("adapter.hidden_size is required: the model config has no hidden_size")
+        config.hidden_size = hidden
+        device = next(model.model.parameters()).device
+        classifier = XLoraClassifier(config, hidden, len(layers), len(experts)).to(device)
+        classifier.train(model.model.training)
+        setattr(model.base_model, CLASSIFIER, classifier)
+        for index, layer in enumerate(layers):
+            layer.register_forward_hook(self._hook(classifier, index, experts, config))
 
-        def inject(self, model: "AdaptedModel", adapter_name: str, config: XLoraConfig) -> None:
-            if hasattr(model.base_model, CLASSIFIER):
-                raise ConfigError("this model already holds an X-LoRA adapter; only one is supported")
-            experts = list(config.adapters)
-            for name in experts:
-                _load_expert(model, name, config.adapters[name])
-            layers = [layer for _, layer in model.adapter_layers() if isinstance(layer, LoraLinear)
-                      and any(e in layer.lora_A for e in experts)]
-            hidden = config.hidden_size or getattr(model.config, "hidden_size", None)
-            if hidden is None:
-                raise ConfigError("adapter.hidden_size is required: the model config has no hidden_size")
-            config.hidden_size = hidden
-            device = next(model.model.parameters()).device
-            classifier = XLoraClassifier(config, hidden, len(layers), len(experts)).to(device)
-            classifier.train(model.model.training)
-            setattr(model.base_model, CLASSIFIER, classifier)
-            for index, layer in enumerate(layers):
-                layer.register_forward_hook(self._hook(classifier, index, experts, config))
-
-        @staticmethod
-        def _hook(classifier: XLoraClassifier, index: int, experts: list[str], config: XLoraConfig):
-            def add_experts(layer: LoraLinear, args: tuple, output: torch.Tensor) -> torch.Tensor:
-                if layer.disable_adapters or layer.merged:
-                    return output
-                x = args[0]
-                if classifier.scalings is None:
-                    if config.scaling_pass_value == 0:
-                        return output
-                    weights = torch.full((*x.shape[:-1], len(experts)), config.scaling_pass_value, device=x.device, dtype=output.dtype)
-                else:
-                    weights = layer_scalings(classifier.scalings, index, config)
-                zeros = torch.zeros_like(output)
-                for e, name in enumerate(experts):
-                    if name in layer.lora_A:
-                        contribution = layer.adapter_output(x, zeros, name)
-                        output = output + contribution * weights[..., e:e + 1].to(output.dtype) * config.global_scaling_weight
+    @staticmethod
+    def _hook(classifier: XLoraClassifier, index: int, experts: list[str], config: XLoraConfig):
+        def add_experts(layer: LoraLinear, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if layer.disable_adapters or layer.merged:
                 return output
+            x = args[0]
+            if classifier.scalings is None:
+                if config.scaling_pass_value == 0:
+                    return output
+                weights = torch.full(
+                    (*x.shape[:-1], len(experts)), config.scaling_pass_value, device=x.device, dtype=output.dtype
+                )
+            else:
+                weights = layer_scalings(classifier.scalings, index, config)
+            zeros = torch.zeros_like(output)
+            for e, name in enumerate(experts):
+                if name in layer.lora_A:
+                    contribution = layer.adapter_output(x, zeros, name)
+                    output = (
+                        output + contribution * weights[..., e : e + 1].to(output.dtype) * config.global_scaling_weight
+                    )
+            return output
 
-            return add_experts
+        return add_experts
 
-        def wraps_forward(self) -> bool:
-            return True
+    def wraps_forward(self) -> bool:
+        return True
 
-        def forward(self, model: "AdaptedModel", adapter_name: str, *args: Any, **kwargs: Any) -> Any:
-            return self._dual_pass(model, model.model.forward, *args, **kwargs)
+    def forward(self, model: "AdaptedModel", adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._dual_pass(model, model.model.forward, *args, **kwargs)
 
-        @staticmethod
-        def _dual_pass(model: "AdaptedModel", forward: Any, *args: Any, **kwargs: Any) -> Any:
-            classifier = _classifier(model)
-            scan_kwargs = {k: v for k, v in kwargs.items() if k not in ("labels", "output_hidden_states", "return_dict")}
-            cache = cache_from_kwargs(scan_kwargs)
-            if cache is not None:
-                # the scaling pass must not grow the KV cache the real pass uses
-                scan_kwargs = replace_cache_in_kwargs(scan_kwargs, copy.deepcopy(cache))
+    @staticmethod
+    def _dual_pass(model: "AdaptedModel", forward: Any, *args: Any, **kwargs: Any) -> Any:
+        classifier = _classifier(model)
+        scan_kwargs = {k: v for k, v in kwargs.items() if k not in ("labels", "output_hidden_states", "return_dict")}
+        cache = cache_from_kwargs(scan_kwargs)
+        if cache is not None:
+            # the scaling pass must not grow the KV cache the real pass uses
+            scan_kwargs = replace_cache_in_kwargs(scan_kwargs, copy.deepcopy(cache))
+        classifier.scalings = None
+        with torch.no_grad():  # scaling pass
+            hidden = forward(*args, output_hidden_states=True, **scan_kwargs).hidden_states[-1]
+        scalings = classifier(hidden)
+        classifier.latest = scalings.detach()
+        classifier.scalings = scalings
+        try:
+            return forward(*args, **kwargs)
+        finally:
             classifier.scalings = None
-            with torch.no_grad():  # scaling pass
-                hidden = forward(*args, output_hidden_states=True, **scan_kwargs).hidden_states[-1]
-            scalings = classifier(hidden)
-            classifier.latest = scalings.detach()
-            classifier.scalings = scalings
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                classifier.scalings = None
 
-        def generate(self, model: "AdaptedModel", adapter_name: str, *args: Any, **kwargs: Any) -> Any:
-            """transformers' generate, with every decoding step run as the X-LoRA dual pass."""
-            inner = model.model
-            original = inner.forward
-            inner.forward = lambda *a, **k: self._dual_pass(model, original, *a, **k)
-            try:
-                return inner.generate(*args, **kwargs)
-            finally:
-                del inner.forward  # back to the class's forward
+    def generate(self, model: "AdaptedModel", adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        """transformers' generate, with every decoding step run as the X-LoRA dual pass."""
+        inner = model.model
+        original = inner.forward
+        inner.forward = lambda *a, **k: self._dual_pass(model, original, *a, **k)
+        try:
+            return inner.generate(*args, **kwargs)
+        finally:
+            del inner.forward  # back to the class's forward
 
-        def extra_parameters(self, model: "AdaptedModel", adapter_name: str) -> list[nn.Parameter]:
-            return list(_classifier(model).parameters())
+    def extra_parameters(self, model: "AdaptedModel", adapter_name: str) -> list[nn.Parameter]:
+        return list(_classifier(model).parameters())
 
-        def extra_adapter_keys(self, model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
-            return {f"base_model.{CLASSIFIER}.{n}": f"base_model.{CLASSIFIER}.{n}" for n, _ in _classifier(model).named_parameters()}
+    def extra_adapter_keys(self, model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
+        return {
+            f"base_model.{CLASSIFIER}.{n}": f"base_model.{CLASSIFIER}.{n}"
+            for n, _ in _classifier(model).named_parameters()
+        }
 
-        def on_unload(self, model: "AdaptedModel") -> None:
-            if hasattr(model.base_model, CLASSIFIER):
-                delattr(model.base_model, CLASSIFIER)
-
-    return XLoraMethod("xlora", XLoraConfig, None, ())
+    def on_unload(self, model: "AdaptedModel") -> None:
+        if hasattr(model.base_model, CLASSIFIER):
+            delattr(model.base_model, CLASSIFIER)
 
 
-METHOD = _method()
+METHOD = XLoraMethod()

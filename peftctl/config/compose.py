@@ -1,10 +1,19 @@
 """Find recipes and config groups, and compose a recipe with Hydra overrides into a RunConfig."""
+
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from peftctl.adapters.core.registry import available_methods, get_method
 from peftctl.config.schema import RunConfig, build_run_config
 from peftctl.errors import ConfigError
 
@@ -42,8 +51,6 @@ def split_recipe(overrides: list[str]) -> tuple[str, list[str]]:
 
 def _suggest_key(key: str, recipe: str) -> str:
     """', did you mean X?' for a misspelt dotted key, from the recipe's keys (and the adapter's fields)."""
-    import difflib
-
     try:
         values = compose_dict([f"recipe={recipe}"])
     except ConfigError:
@@ -54,8 +61,6 @@ def _suggest_key(key: str, recipe: str) -> str:
         node = node.get(part) if isinstance(node, dict) else None
     candidates = list(node) if isinstance(node, dict) else []
     if parent == "adapter" and isinstance(node, dict):
-        from peftctl.adapters.registry import get_method
-
         try:
             candidates += get_method(node.get("method", "lora")).config_cls.field_names()
         except ConfigError:
@@ -82,8 +87,6 @@ def quote_value_if_needed(override: str) -> str:
 
 
 def _first_unparsable(overrides: list[str]) -> str:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parser = OverridesParser.create()
     for override in overrides:
         try:
@@ -95,7 +98,11 @@ def _first_unparsable(overrides: list[str]) -> str:
 
 def unparsable_override_hint(text: str, overrides: list[str]) -> str | None:
     """For Hydra's lexer / parser errors: the override it could not read and how to quote it."""
-    match = re.search(r"(?:LexerNoViableAltException|mismatched input|token recognition error|extraneous input|no viable alternative)[^\n]*", text)
+    match = re.search(
+        r"(?:LexerNoViableAltException|mismatched input|token recognition error|extraneous input"
+        r"|no viable alternative)[^\n]*",
+        text,
+    )
     if not match:
         return None
     override = _first_unparsable(overrides)
@@ -103,9 +110,14 @@ def unparsable_override_hint(text: str, overrides: list[str]) -> str | None:
     key = key or "key"
     shown = f" {override!r}" if override else ""
     if value[:1] in ("[", "{"):
-        return f"cannot parse the override{shown}: a list is written {key}=[a,b], a mapping {key}={{a: 1}}; quote any item with special characters"
-    return (f"cannot parse the override{shown}: quote a value with special characters, e.g. {key}='my dir/(1)' "
-            f"(in the shell: \"{key}='my dir/(1)'\")")
+        return (
+            f"cannot parse the override{shown}: a list is written {key}=[a,b], a mapping {key}={{a: 1}}; "
+            "quote any item with special characters"
+        )
+    return (
+        f"cannot parse the override{shown}: quote a value with special characters, e.g. {key}='my dir/(1)' "
+        f"(in the shell: \"{key}='my dir/(1)'\")"
+    )
 
 
 def _explain_hydra_error(exc: Exception, recipe: str, overrides: list[str]) -> str:
@@ -118,7 +130,9 @@ def _explain_hydra_error(exc: Exception, recipe: str, overrides: list[str]) -> s
         key = match.group(1)
         hint = _suggest_key(key, recipe) or f" (`peftctl show recipe={recipe}` lists every key)"
         return f"{key} is not a known config key{hint}"
-    match = re.search(r"Could not find '([^/']+)/([^']+)'.*?Available options in '[^']+':\s*(.*?)(?:\n\S|\Z)", text, flags=re.DOTALL)
+    match = re.search(
+        r"Could not find '([^/']+)/([^']+)'.*?Available options in '[^']+':\s*(.*?)(?:\n\S|\Z)", text, flags=re.DOTALL
+    )
     if match:
         group, choice, options = match.group(1), match.group(2), ", ".join(match.group(3).split())
         return f"{group}={choice} is not a known {group} config; valid: {options}"
@@ -147,10 +161,6 @@ def _force_field_override(override: str) -> str:
 
 def compose_dict(overrides: list[str] | None = None) -> dict[str, Any]:
     """Compose `recipe=NAME` + Hydra overrides into a plain dict (no validation yet)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
     recipe, rest = split_recipe(list(overrides or []))
     for item in rest:
         if "=" not in item and not item.startswith("~"):
@@ -187,9 +197,6 @@ def drop_recipe_fields_of_other_method(values: dict[str, Any], recipe: str, over
     config does not have (e.g. prompt_tuning_init for LoRA) belong to R's method and are dropped.
     Fields the user sets are kept, so a misspelt override still fails; with R's own method nothing
     is dropped, so a misspelt recipe field fails too."""
-    import yaml
-
-    from peftctl.adapters.registry import available_methods, get_method
 
     recipe_yaml = yaml.safe_load((resource_dir("recipes") / f"{recipe}.yaml").read_text()) or {}
     own = recipe_yaml.get("adapter") or {}
@@ -211,6 +218,4 @@ def compose_config(overrides: list[str] | None = None) -> RunConfig:
 
 
 def config_to_yaml(config: RunConfig) -> str:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_yaml(OmegaConf.create(config.to_dict()))

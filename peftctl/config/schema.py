@@ -2,8 +2,9 @@
 
 Hydra composes the YAML; `build_run_config` then checks every key and value against these
 dataclasses and raises ConfigError with one line that names the field and what would be valid.
-The `adapter` group is checked by the chosen method's own config class (adapters/registry.py).
+The `adapter` group is checked by the chosen method's own config class (adapters/core/registry.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +15,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from peftctl.adapters.core.config import TASK_TYPE_TO_PEFT
+from peftctl.adapters.core.registry import config_from_dict
+from peftctl.data.packing import PROMPT_FAMILY
+from peftctl.data.tasks import TASK_FORMATS
 from peftctl.errors import ConfigError
 
 
@@ -30,7 +35,12 @@ class ModelConfig:
     init_seed: int = 0
 
     def validate(self) -> None:
-        check(bool(self.name_or_path.strip()), "model.name_or_path", self.name_or_path, "expected a model directory, hub name or builtin:NAME")
+        check(
+            bool(self.name_or_path.strip()),
+            "model.name_or_path",
+            self.name_or_path,
+            "expected a model directory, hub name or builtin:NAME",
+        )
         if self.num_labels is not None:
             check(self.num_labels >= 1, "model.num_labels", self.num_labels, "expected an integer >= 1 or null")
 
@@ -38,7 +48,9 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     path: str = "builtin:sentiment"
-    format: Literal["alpaca", "text", "chat", "sharegpt", "seq2seq", "classification", "token_classification", "preference", "kto"] = "alpaca"
+    format: Literal[
+        "alpaca", "text", "chat", "sharegpt", "seq2seq", "classification", "token_classification", "preference", "kto"
+    ] = "alpaca"
     name: Optional[str] = None  # hub dataset config name
     split: str = "train"
     eval_split: Optional[str] = None  # a separate split; otherwise eval_size is held out of `split`
@@ -53,7 +65,9 @@ class DatasetConfig:
     messages_column: str = "messages"  # format=chat: OpenAI-style [{role, content}]
     conversations_column: str = "conversations"  # format=sharegpt: [{from, value}]
     role_map: Optional[dict] = None  # extra / overriding role names -> system | user | assistant | tool
-    chat_template: Optional[str] = None  # a built-in name (chatml, llama3, mistral, alpaca) or a .jinja path; null: the tokenizer's
+    chat_template: Optional[str] = (
+        None  # a built-in name (chatml, llama3, mistral, alpaca) or a .jinja path; null: the tokenizer's
+    )
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # chat: which turns the loss covers
     packing: bool = False  # several examples per row of max_seq_len (causal LM), attention kept per example
     packing_split: bool = False  # true: cut examples across rows instead of first-fit-decreasing whole ones
@@ -108,7 +122,12 @@ class DPOConfig:
 
     def validate(self) -> None:
         check(self.beta > 0, "train.dpo.beta", self.beta, "expected a number > 0")
-        check(0 <= self.label_smoothing < 0.5, "train.dpo.label_smoothing", self.label_smoothing, "expected 0 <= label_smoothing < 0.5")
+        check(
+            0 <= self.label_smoothing < 0.5,
+            "train.dpo.label_smoothing",
+            self.label_smoothing,
+            "expected 0 <= label_smoothing < 0.5",
+        )
 
 
 @dataclass
@@ -168,7 +187,12 @@ class TrainConfig:
         check(self.lr > 0, "train.lr", self.lr, "expected a number > 0")
         check(self.batch_size >= 1, "train.batch_size", self.batch_size, "expected an integer >= 1")
         check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "expected an integer >= 1")
-        check(self.max_steps == -1 or self.max_steps >= 1, "train.max_steps", self.max_steps, "expected -1 (use epochs) or an integer >= 1")
+        check(
+            self.max_steps == -1 or self.max_steps >= 1,
+            "train.max_steps",
+            self.max_steps,
+            "expected -1 (use epochs) or an integer >= 1",
+        )
         check(self.epochs > 0, "train.epochs", self.epochs, "expected a number > 0")
         check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "expected an integer >= 0")
         check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "expected 0 <= warmup_ratio < 1")
@@ -182,7 +206,12 @@ class TrainConfig:
         for name in ("log_every", "eval_every", "save_every"):
             check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "expected an integer >= 0")
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "expected an integer >= 1")
-        check(isinstance(self.resume, (bool, str)), "train.resume", self.resume, "expected true, false or a checkpoint path")
+        check(
+            isinstance(self.resume, (bool, str)),
+            "train.resume",
+            self.resume,
+            "expected true, false or a checkpoint path",
+        )
 
 
 @dataclass
@@ -197,7 +226,12 @@ class EvalConfig:
         check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "expected an integer >= 1")
         check(self.num_generate >= 0, "eval.num_generate", self.num_generate, "expected an integer >= 0")
         if self.max_eval_samples is not None:
-            check(self.max_eval_samples > 0, "eval.max_eval_samples", self.max_eval_samples, "expected an integer > 0 or null")
+            check(
+                self.max_eval_samples > 0,
+                "eval.max_eval_samples",
+                self.max_eval_samples,
+                "expected an integer > 0 or null",
+            )
 
 
 @dataclass
@@ -218,7 +252,10 @@ class RunConfig:
             if dataclasses.is_dataclass(value):
                 out[key] = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
         if self.adapter is not None:
-            out["adapter"] = {"method": self.adapter.method, **{k: v for k, v in dataclasses.asdict(self.adapter).items()}}
+            out["adapter"] = {
+                "method": self.adapter.method,
+                **{k: v for k, v in dataclasses.asdict(self.adapter).items()},
+            }
         return out
 
 
@@ -280,7 +317,9 @@ def build_section(cls: type, values: dict[str, Any] | None, section: str) -> Any
     for key, value in values.items():
         if dataclasses.is_dataclass(hints[key]):  # a nested section, e.g. train.dpo
             if not isinstance(value, (dict, type(None))):
-                raise ConfigError(f"{section}.{key}={value!r} is not valid; expected a mapping of {section}.{key}.* keys")
+                raise ConfigError(
+                    f"{section}.{key}={value!r} is not valid; expected a mapping of {section}.{key}.* keys"
+                )
             coerced[key] = build_section(hints[key], value, f"{section}.{key}")
             continue
         ok, new_value, description = _type_ok(value, hints[key])
@@ -295,11 +334,14 @@ def build_section(cls: type, values: dict[str, Any] | None, section: str) -> Any
 
 def build_run_config(values: dict[str, Any]) -> RunConfig:
     """Check a composed config (plain dict) and return the typed RunConfig."""
-    from peftctl.adapters.config import TASK_TYPE_TO_PEFT
-    from peftctl.adapters.registry import config_from_dict
-
     values = dict(values)
-    sections = {"model": ModelConfig, "dataset": DatasetConfig, "quant": QuantConfig, "train": TrainConfig, "eval": EvalConfig}
+    sections = {
+        "model": ModelConfig,
+        "dataset": DatasetConfig,
+        "quant": QuantConfig,
+        "train": TrainConfig,
+        "eval": EvalConfig,
+    }
     reject_unknown_keys(values, [f.name for f in dataclasses.fields(RunConfig)])
     built = {name: build_section(cls, values.get(name), name) for name, cls in sections.items()}
     adapter_values = dict(values.get("adapter") or {})
@@ -319,24 +361,30 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
 
 
 def _check_packing(dataset: DatasetConfig, task_type: str, method: str) -> None:
-    from peftctl.data.packing import PROMPT_FAMILY
-
     if not dataset.packing:
         return
     if dataset.format in ("preference", "kto"):
-        raise ConfigError(f"dataset.packing=true is not valid with dataset.format={dataset.format}: each pair / completion is scored as its own row; set dataset.packing=false")
+        raise ConfigError(
+            f"dataset.packing=true is not valid with dataset.format={dataset.format}: each pair / completion is scored as its own row; set dataset.packing=false"
+        )
     if task_type != "causal_lm":
-        raise ConfigError(f"dataset.packing=true is not valid with model.task_type={task_type}; packing is for causal_lm only")
+        raise ConfigError(
+            f"dataset.packing=true is not valid with model.task_type={task_type}; packing is for causal_lm only"
+        )
     if method in PROMPT_FAMILY:
-        raise ConfigError(f"dataset.packing=true is not valid with adapter={method}: its virtual tokens assume one example per row; set dataset.packing=false")
+        raise ConfigError(
+            f"dataset.packing=true is not valid with adapter={method}: its virtual tokens assume one example per row; "
+            "set dataset.packing=false"
+        )
 
 
 def _check_format_fits_task(dataset_format: str, task_type: str) -> None:
-    from peftctl.data.tasks import TASK_FORMATS
-
     expected = TASK_FORMATS.get(dataset_format, "causal_lm")
     if expected != task_type:
-        raise ConfigError(f"dataset.format={dataset_format} is not valid with model.task_type={task_type}; it needs model.task_type={expected}")
+        raise ConfigError(
+            f"dataset.format={dataset_format} is not valid with model.task_type={task_type}; it needs "
+            f"model.task_type={expected}"
+        )
 
 
 OBJECTIVE_FORMATS = {"dpo": "preference", "orpo": "preference", "reward": "preference", "kto": "kto"}
@@ -346,10 +394,22 @@ def _check_objective_fits_data(objective: str, dataset_format: str, model: Model
     """Preference objectives need their data format; a reward model a one-output classification head."""
     needed = OBJECTIVE_FORMATS.get(objective)
     if needed is None and dataset_format in OBJECTIVE_FORMATS.values():
-        raise ConfigError(f"dataset.format={dataset_format} is not valid with train.objective={objective}; use train.objective=dpo, orpo or reward (preference) or kto (kto)")
+        raise ConfigError(
+            f"dataset.format={dataset_format} is not valid with train.objective={objective}; use train.objective=dpo, orpo or reward (preference) or kto (kto)"
+        )
     if needed is not None and dataset_format != needed:
         raise ConfigError(f"train.objective={objective} needs dataset.format={needed}, not {dataset_format}")
     if objective == "reward":
-        check(model.task_type == "seq_cls", "model.task_type", model.task_type, "train.objective=reward needs model.task_type=seq_cls (a scalar reward head)")
-        check(model.num_labels in (None, 1), "model.num_labels", model.num_labels, "train.objective=reward needs one output: model.num_labels=1")
+        check(
+            model.task_type == "seq_cls",
+            "model.task_type",
+            model.task_type,
+            "train.objective=reward needs model.task_type=seq_cls (a scalar reward head)",
+        )
+        check(
+            model.num_labels in (None, 1),
+            "model.num_labels",
+            model.num_labels,
+            "train.objective=reward needs one output: model.num_labels=1",
+        )
         model.num_labels = 1

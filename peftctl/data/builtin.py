@@ -7,16 +7,44 @@ rather than memorise sentences. The same reviews also come as a classification t
 ``ner`` is a tiny named-entity task (tokens + BIO tags of PER / LOC / ORG). ``sentiment_pref`` /
 ``sentiment_kto`` are the reviews as preference data (the right label chosen, the wrong one rejected). Regenerate with `python -m peftctl.data.builtin`.
 """
+
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
 
+from peftctl.data.formats import ALPACA_PROMPT
+from peftctl.errors import ConfigError
+
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 INSTRUCTION = "Is this review positive or negative?"
-PRODUCTS = ["phone", "laptop", "blender", "jacket", "headset", "kettle", "lamp", "backpack", "camera", "chair", "watch", "printer"]
-POSITIVE = ["great", "excellent", "wonderful", "reliable", "sturdy", "fantastic", "comfortable", "fast", "lovely", "superb"]
+PRODUCTS = [
+    "phone",
+    "laptop",
+    "blender",
+    "jacket",
+    "headset",
+    "kettle",
+    "lamp",
+    "backpack",
+    "camera",
+    "chair",
+    "watch",
+    "printer",
+]
+POSITIVE = [
+    "great",
+    "excellent",
+    "wonderful",
+    "reliable",
+    "sturdy",
+    "fantastic",
+    "comfortable",
+    "fast",
+    "lovely",
+    "superb",
+]
 NEGATIVE = ["terrible", "awful", "flimsy", "slow", "broken", "disappointing", "noisy", "cheap", "useless", "faulty"]
 POSITIVE_ENDINGS = ["I love it.", "Would buy again.", "Highly recommended.", "Worth every penny.", "Very happy."]
 NEGATIVE_ENDINGS = ["I regret it.", "Sent it back.", "Do not buy.", "A waste of money.", "Very annoyed."]
@@ -40,7 +68,9 @@ def generate(n_train: int = 2000, n_test: int = 200, seed: int = 1234) -> dict[s
             if review in seen:
                 continue  # the test split holds only reviews never seen in training
             seen.add(review)
-            splits[split].append({"instruction": INSTRUCTION, "input": review, "output": "positive" if positive else "negative"})
+            splits[split].append(
+                {"instruction": INSTRUCTION, "input": review, "output": "positive" if positive else "negative"}
+            )
     return splits
 
 
@@ -90,26 +120,29 @@ def generate_preference(seed: int = 2468) -> dict[str, dict[str, list[dict]]]:
     """The review task as preference data: ``sentiment_pref`` (prompt, chosen = the right label,
     rejected = the wrong one) and ``sentiment_kto`` (prompt, completion, label: each review once,
     with the right label (desirable) or the wrong one (undesirable), at random)."""
-    from peftctl.data.formats import ALPACA_PROMPT
-
     rng = random.Random(seed)
     out: dict[str, dict[str, list[dict]]] = {"sentiment_pref": {}, "sentiment_kto": {}}
     for split, rows in generate().items():
         prompts = [ALPACA_PROMPT.format(instruction=r["instruction"], input=r["input"]) for r in rows]
         wrong = [{"positive": "negative", "negative": "positive"}[r["output"]] for r in rows]
-        out["sentiment_pref"][split] = [{"prompt": p, "chosen": r["output"], "rejected": w} for p, r, w in zip(prompts, rows, wrong)]
+        out["sentiment_pref"][split] = [
+            {"prompt": p, "chosen": r["output"], "rejected": w} for p, r, w in zip(prompts, rows, wrong)
+        ]
         desirable = [rng.random() < 0.5 for _ in rows]
-        out["sentiment_kto"][split] = [{"prompt": p, "completion": r["output"] if d else w, "label": d} for p, r, w, d in zip(prompts, rows, wrong, desirable)]
+        out["sentiment_kto"][split] = [
+            {"prompt": p, "completion": r["output"] if d else w, "label": d}
+            for p, r, w, d in zip(prompts, rows, wrong, desirable)
+        ]
     return out
 
 
 def builtin_files(name: str) -> dict[str, str]:
     files = {split: BUILTIN_DIR / f"{name}_{split}.jsonl" for split in ("train", "test")}
     if not all(path.is_file() for path in files.values()):
-        from peftctl.errors import ConfigError
-
         known = sorted({p.stem.rsplit("_", 1)[0] for p in BUILTIN_DIR.glob("*.jsonl")})
-        raise ConfigError(f"dataset.path=builtin:{name} is not a built-in dataset; valid: {', '.join('builtin:' + k for k in known)}")
+        raise ConfigError(
+            f"dataset.path=builtin:{name} is not a built-in dataset; valid: {', '.join('builtin:' + k for k in known)}"
+        )
     return {split: str(path) for split, path in files.items()}
 
 

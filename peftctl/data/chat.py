@@ -12,6 +12,7 @@ system prompt). A token is trained when its character span overlaps a trained sp
 content plus the template's end-of-turn text after it (``<|im_end|>``, ``<|eot_id|>``, ``</s>``...,
 found once per template by rendering a probe conversation).
 """
+
 from __future__ import annotations
 
 import re
@@ -24,8 +25,16 @@ from peftctl.data.tokenize import IGNORE_INDEX, Example
 from peftctl.errors import ConfigError
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "tool": "tool", "observation": "tool", "function_response": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "observation": "tool",
+    "function_response": "tool",
+}
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 MARKER = "\ue000{}\ue001"  # private-use characters: never in real data, kept verbatim by templates
 MARKER_RE = re.compile("\ue000(\\d+)\ue001")
@@ -41,8 +50,10 @@ def resolve_template(dataset_cfg: Any, tokenizer: Any) -> str:
     if choice is None:
         template = getattr(tokenizer, "chat_template", None)
         if not template:
-            raise ConfigError(f"dataset.format={dataset_cfg.format} needs a chat template and this tokenizer has none; "
-                              f"set dataset.chat_template to one of {', '.join(builtin_templates())} or a path to a .jinja file")
+            raise ConfigError(
+                f"dataset.format={dataset_cfg.format} needs a chat template and this tokenizer has none; "
+                f"set dataset.chat_template to one of {', '.join(builtin_templates())} or a path to a .jinja file"
+            )
         if isinstance(template, dict):  # several named templates: the default one
             template = template.get("default") or next(iter(template.values()))
         return str(template)
@@ -52,7 +63,10 @@ def resolve_template(dataset_cfg: Any, tokenizer: Any) -> str:
     path = Path(choice).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    raise ConfigError(f"dataset.chat_template={choice!r} is neither a built-in template ({', '.join(builtin_templates())}) nor an existing Jinja file")
+    raise ConfigError(
+        f"dataset.chat_template={choice!r} is neither a built-in template ({', '.join(builtin_templates())}) nor an "
+        "existing Jinja file"
+    )
 
 
 # ---------------------------------------------------------------------------- reading records
@@ -72,24 +86,33 @@ def record_messages(record: dict[str, Any], dataset_cfg: Any, row: int | None = 
     messages = []
     for turn in turns:
         if not isinstance(turn, dict) or role_key not in turn:
-            raise ConfigError(f"{_where(dataset_cfg, row)}: every turn of {column!r} needs a {role_key!r} key (format={dataset_cfg.format})")
+            raise ConfigError(
+                f"{_where(dataset_cfg, row)}: every turn of {column!r} needs a {role_key!r} key "
+                f"(format={dataset_cfg.format})"
+            )
         raw_role = turn[role_key]
         role = role_map.get(raw_role, raw_role)
         if role not in ROLES:
             known = sorted(role_map) if sharegpt else list(ROLES)
-            raise ConfigError(f"{_where(dataset_cfg, row)}: unknown role {raw_role!r}; valid: {', '.join(map(str, known))} "
-                              f"(map others with dataset.role_map.{raw_role}=<{'|'.join(ROLES)}>)")
+            raise ConfigError(
+                f"{_where(dataset_cfg, row)}: unknown role {raw_role!r}; valid: {', '.join(map(str, known))} "
+                f"(map others with dataset.role_map.{raw_role}=<{'|'.join(ROLES)}>)"
+            )
         content = turn.get(content_key)
         messages.append({"role": role, "content": "" if content is None else str(content)})
     if not any(m["role"] == "assistant" for m in messages):
-        raise ConfigError(f"{_where(dataset_cfg, row)}: the conversation has no assistant turn, so nothing would be trained")
+        raise ConfigError(
+            f"{_where(dataset_cfg, row)}: the conversation has no assistant turn, so nothing would be trained"
+        )
     return messages
 
 
 # ---------------------------------------------------------------------------- rendering
 def render(tokenizer: Any, template: str, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except ConfigError:
         raise
     except Exception as exc:  # a template error (raise_exception in the template, bad syntax)
@@ -98,9 +121,14 @@ def render(tokenizer: Any, template: str, messages: list[dict[str, str]], add_ge
 
 @lru_cache(maxsize=32)
 def _end_of_turn_cached(tokenizer: Any, template: str) -> str:
-    for probe in ([{"role": "user", "content": "Hi"}], [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]):
+    for probe in (
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}],
+    ):
         try:
-            skeleton = tokenizer.apply_chat_template([*probe, {"role": "assistant", "content": MARKER.format(0)}], chat_template=template, tokenize=False)
+            skeleton = tokenizer.apply_chat_template(
+                [*probe, {"role": "assistant", "content": MARKER.format(0)}], chat_template=template, tokenize=False
+            )
         except Exception:
             continue
         after = skeleton.split(MARKER.format(0), 1)[-1] if MARKER.format(0) in skeleton else ""
@@ -138,8 +166,11 @@ def render_with_spans(tokenizer: Any, template: str, messages: list[dict[str, st
         rebuilt += content + literal
         spans.append((start, end + len(eot) if eot and rebuilt.startswith(eot, end) else end))
     if rebuilt != text:
-        raise ConfigError("the chat template renders an assistant turn differently depending on its content, so its tokens cannot be located; "
-                          f"choose another with dataset.chat_template ({', '.join(builtin_templates())} or a .jinja file)")
+        raise ConfigError(
+            "the chat template renders an assistant turn differently depending on its content, so its tokens cannot be "
+            "located; "
+            f"choose another with dataset.chat_template ({', '.join(builtin_templates())} or a .jinja file)"
+        )
     return RenderedChat(text, spans)
 
 
@@ -150,12 +181,17 @@ def _trained_spans(chat: RenderedChat, train_on: str) -> list[tuple[int, int]]:
     return chat.assistant_spans[-1:] if train_on == "last_assistant" else chat.assistant_spans
 
 
-def encode_conversation(messages: list[dict[str, str]], tokenizer: Any, template: str, max_seq_len: int, train_on: str) -> Example:
+def encode_conversation(
+    messages: list[dict[str, str]], tokenizer: Any, template: str, max_seq_len: int, train_on: str
+) -> Example:
     """BOS (unless the template wrote it) + rendered conversation + EOS (unless it ends with one);
     labels: the tokens overlapping a trained span, -100 elsewhere; EOS trained when the conversation
     ends with a trained assistant turn (or train_on=all)."""
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(f"dataset.format=chat/sharegpt needs a fast tokenizer (character offsets); {type(tokenizer).__name__} is not")
+        raise ConfigError(
+            f"dataset.format=chat/sharegpt needs a fast tokenizer (character offsets); {type(tokenizer).__name__} is "
+            "not"
+        )
     chat = render_with_spans(tokenizer, template, messages)
     encoded = tokenizer(chat.text, add_special_tokens=False, return_offsets_mapping=True)
     spans = _trained_spans(chat, train_on)
@@ -172,9 +208,19 @@ def encode_conversation(messages: list[dict[str, str]], tokenizer: Any, template
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id if ends_trained else IGNORE_INDEX)
     last_start = chat.assistant_spans[-1][0]
-    return Example(input_ids[:max_seq_len], labels[:max_seq_len], chat.text[:last_start], chat.text[last_start:], truncated=len(input_ids) > max_seq_len)
+    return Example(
+        input_ids[:max_seq_len],
+        labels[:max_seq_len],
+        chat.text[:last_start],
+        chat.text[last_start:],
+        truncated=len(input_ids) > max_seq_len,
+    )
 
 
-def encode_chat_record(record: dict[str, Any], dataset_cfg: Any, tokenizer: Any, template: str, row: int | None = None) -> Example:
+def encode_chat_record(
+    record: dict[str, Any], dataset_cfg: Any, tokenizer: Any, template: str, row: int | None = None
+) -> Example:
     train_on = "all" if dataset_cfg.train_on_prompt else dataset_cfg.train_on
-    return encode_conversation(record_messages(record, dataset_cfg, row), tokenizer, template, dataset_cfg.max_seq_len, train_on)
+    return encode_conversation(
+        record_messages(record, dataset_cfg, row), tokenizer, template, dataset_cfg.max_seq_len, train_on
+    )

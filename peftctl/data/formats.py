@@ -3,10 +3,12 @@
 Formats: `alpaca` (instruction / input / output) and `text` (no prompt: loss on all tokens).
 `chat` / `sharegpt` conversations are encoded by data/chat.py (every assistant turn trained).
 """
+
 from __future__ import annotations
 
 from typing import Any
 
+from peftctl.data.tasks import TASK_FORMATS, task_columns
 from peftctl.errors import ConfigError
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -14,8 +16,6 @@ ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 def required_columns(dataset_cfg: Any) -> list[str]:
-    from peftctl.data.tasks import TASK_FORMATS, task_columns
-
     if dataset_cfg.format in TASK_FORMATS:
         return task_columns(dataset_cfg)
     if dataset_cfg.format == "alpaca":
@@ -50,14 +50,16 @@ def alpaca_pair(record: dict[str, Any], dataset_cfg: Any) -> tuple[str, str]:
 def chat_pair(record: dict[str, Any], dataset_cfg: Any, tokenizer: Any) -> tuple[str, str]:
     messages = record[dataset_cfg.messages_column]
     if not messages or messages[-1].get("role") != "assistant":
-        raise ConfigError(f"dataset {dataset_cfg.path!r}: every {dataset_cfg.messages_column!r} list must end with an assistant turn")
+        raise ConfigError(
+            f"dataset {dataset_cfg.path!r}: every {dataset_cfg.messages_column!r} list must end with an assistant turn"
+        )
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError("dataset.format=chat needs a tokenizer with a chat template; this model's tokenizer has none")
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
         raise ConfigError("the tokenizer's chat template renders the conversation prefix differently from the prompt")
-    return prompt, full[len(prompt):]
+    return prompt, full[len(prompt) :]
 
 
 def to_pair(record: dict[str, Any], dataset_cfg: Any, tokenizer: Any) -> tuple[str, str]:

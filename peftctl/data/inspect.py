@@ -1,21 +1,43 @@
 """`peftctl data`: the composed dataset as a run would see it — counts, and examples with their
 trained tokens highlighted (or as JSON lines), so masks can be checked before training."""
+
 from __future__ import annotations
 
 import json
 import sys
 from typing import Any
 
-from peftctl.data.tokenize import IGNORE_INDEX
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
 
-STAT_LABELS = {"examples": "examples", "tokens": "tokens", "trained_tokens": "trained tokens", "dropped": "dropped (nothing to train)",
-               "truncated": "truncated at max_seq_len", "rows": "packed rows", "packing_efficiency": "packing efficiency (real tokens / row slots)"}
+from peftctl.config.compose import compose_config
+from peftctl.data.pipeline import prepare_data
+from peftctl.data.preference import PREFERENCE_FORMATS, as_examples
+from peftctl.data.tokenize import IGNORE_INDEX
+from peftctl.models.loader import load_tokenizer
+
+STAT_LABELS = {
+    "examples": "examples",
+    "tokens": "tokens",
+    "trained_tokens": "trained tokens",
+    "dropped": "dropped (nothing to train)",
+    "truncated": "truncated at max_seq_len",
+    "rows": "packed rows",
+    "packing_efficiency": "packing efficiency (real tokens / row slots)",
+}
 
 
 def item_record(item: Any, index: int) -> dict[str, Any]:
     """One example or packed row as JSON: input_ids, labels (-100 where masked), position_ids."""
     positions = getattr(item, "position_ids", None) or list(range(len(item.input_ids)))
-    record: dict[str, Any] = {"index": index, "input_ids": list(item.input_ids), "labels": list(item.labels), "position_ids": list(positions)}
+    record: dict[str, Any] = {
+        "index": index,
+        "input_ids": list(item.input_ids),
+        "labels": list(item.labels),
+        "position_ids": list(positions),
+    }
     if getattr(item, "lengths", None):
         record["lengths"] = list(item.lengths)
     return record
@@ -34,8 +56,6 @@ def trained_segments(input_ids: list[int], labels: list[int]) -> list[tuple[bool
 
 
 def _render_item(item: Any, tokenizer: Any) -> Any:
-    from rich.text import Text
-
     text = Text()
     lengths = getattr(item, "lengths", None) or [len(item.input_ids)]
     start = 0
@@ -50,8 +70,6 @@ def _render_item(item: Any, tokenizer: Any) -> Any:
 
 
 def _stats_table(stats: dict[str, dict[str, Any]]) -> Any:
-    from rich.table import Table
-
     table = Table(title="dataset (trained tokens: highlighted below)")
     table.add_column("")
     splits = [name for name in ("train", "eval") if name in stats]
@@ -60,17 +78,18 @@ def _stats_table(stats: dict[str, dict[str, Any]]) -> Any:
     for key, label in STAT_LABELS.items():
         if any(key in stats[name] for name in splits):
             cells = [stats[name].get(key, "") for name in splits]
-            table.add_row(label, *[f"{c:.1%}" if key == "packing_efficiency" else f"{c:,}" if isinstance(c, int) else str(c) for c in cells])
+            table.add_row(
+                label,
+                *[
+                    f"{c:.1%}" if key == "packing_efficiency" else f"{c:,}" if isinstance(c, int) else str(c)
+                    for c in cells
+                ],
+            )
     return table
 
 
 def inspect_data(overrides: list[str], show: int = 3, as_json: bool = False) -> dict[str, Any]:
     """Print the counts and the first ``show`` training items (examples, or rows when packing)."""
-    from peftctl.config.compose import compose_config
-    from peftctl.data.pipeline import prepare_data
-    from peftctl.data.preference import PREFERENCE_FORMATS, as_examples
-    from peftctl.models.loader import load_tokenizer
-
     cfg = compose_config(overrides)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.dataset, tokenizer)
@@ -84,9 +103,6 @@ def inspect_data(overrides: list[str], show: int = 3, as_json: bool = False) -> 
         for index, item in enumerate(items):
             print(json.dumps(item_record(item, index)), flush=True)
         return data.stats
-    from rich.console import Console
-    from rich.rule import Rule
-
     console = Console()
     console.print(_stats_table(data.stats))
     for index, item in enumerate(items):

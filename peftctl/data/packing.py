@@ -11,6 +11,7 @@ Labels: each example's first label is -100, so no token is trained to predict th
 The padding that ends a batch's shorter rows gets positions restarting at 0 as well (a separate
 "sequence" that nothing real attends to) and labels -100.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ from typing import Any
 
 import torch
 
-from peftctl.data.tokenize import IGNORE_INDEX, Example
+from peftctl.data.tokenize import IGNORE_INDEX, Example, collate_packed
+from peftctl.errors import ConfigError
 
 # prepend virtual tokens (or attend to a learned prompt) in a way that assumes one sequence per row
 PROMPT_FAMILY = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "llama_adapter")
@@ -80,13 +82,27 @@ def pack_examples(examples: list[Example], max_seq_len: int, split: bool = False
     in two continues its positions in the next row)."""
     if not split:
         bins = first_fit_decreasing([len(e.input_ids) for e in examples], max_seq_len)
-        return [_row([(list(examples[i].input_ids), _first_label_masked(examples[i]), list(range(len(examples[i].input_ids)))) for i in b]) for b in bins]
+        return [
+            _row(
+                [
+                    (
+                        list(examples[i].input_ids),
+                        _first_label_masked(examples[i]),
+                        list(range(len(examples[i].input_ids))),
+                    )
+                    for i in b
+                ]
+            )
+            for b in bins
+        ]
     rows, pieces, used = [], [], 0
     for example in examples:
         ids, labels, offset = list(example.input_ids), _first_label_masked(example), 0
         while offset < len(ids):
             take = min(max_seq_len - used, len(ids) - offset)
-            pieces.append((ids[offset : offset + take], labels[offset : offset + take], list(range(offset, offset + take))))
+            pieces.append(
+                (ids[offset : offset + take], labels[offset : offset + take], list(range(offset, offset + take)))
+            )
             used, offset = used + take, offset + take
             if used == max_seq_len:
                 rows.append(_row(pieces))
@@ -94,24 +110,6 @@ def pack_examples(examples: list[Example], max_seq_len: int, split: bool = False
     if pieces:
         rows.append(_row(pieces))
     return rows
-
-
-def collate_packed(rows: list[PackedRow], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """input_ids / labels / position_ids right-padded to the longest row; attention_mask marks the
-    real tokens (for counting them; the loss passes position_ids, not the mask, to the model)."""
-    width = max(len(r.input_ids) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.arange(width).repeat(len(rows), 1)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        n = len(row.input_ids)
-        input_ids[index, :n] = torch.tensor(row.input_ids)
-        labels[index, :n] = torch.tensor(row.labels)
-        position_ids[index, :n] = torch.tensor(row.position_ids)
-        position_ids[index, n:] = torch.arange(width - n)  # padding: a separate sequence of its own
-        attention[index, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "position_ids": position_ids}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -133,8 +131,6 @@ def check_packed_attention(model: Any, device: Any, vocab_size: int) -> None:
     sequences packed into one row must equal their logits alone. (Models whose attention ignores
     position restarts, e.g. remote code that builds its own mask, would silently attend across
     examples.)"""
-    from peftctl.errors import ConfigError
-
     generator = torch.Generator().manual_seed(0)
     first, second = (torch.randint(3, max(vocab_size, 4), (n,), generator=generator) for n in (5, 7))
     row = PackedRow(torch.cat([first, second]).tolist(), [IGNORE_INDEX] * 12, list(range(5)) + list(range(7)), [5, 7])
@@ -148,5 +144,8 @@ def check_packed_attention(model: Any, device: Any, vocab_size: int) -> None:
     packed_second = packed[0, -7:]
     error = float((packed_second - alone[0, -7:]).abs().max()) / max(float(alone.abs().max()), 1e-6)
     if not error < 1e-2:
-        raise ConfigError(f"dataset.packing=true: this model's attention does not keep packed examples apart (relative logit error {error:.2g}); "
-                          "set dataset.packing=false")
+        raise ConfigError(
+            "dataset.packing=true: this model's attention does not keep packed examples apart (relative logit error "
+            f"{error:.2g}); "
+            "set dataset.packing=false"
+        )

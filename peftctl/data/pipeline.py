@@ -6,6 +6,7 @@ records' fingerprint (datasets derives it from the data files and the select / s
 the tokenizer, the dataset settings that change tokens, and the chat template. A later run with the
 same key loads the tokens and tokenizes nothing. Packing (data/packing.py) runs after the cache.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from peftctl.data.chat import encode_chat_record, resolve_template
 from peftctl.data.formats import check_columns, to_pair
+from peftctl.data.packing import pack_examples, packing_efficiency
 from peftctl.data.preference import PREFERENCE_FORMATS, prepare_preference
 from peftctl.data.sources import load_raw_splits
-from peftctl.data.tokenize import IGNORE_INDEX, Example, encode_pair
 from peftctl.data.tasks import TASK_FORMATS, encode_task, label_names
+from peftctl.data.tokenize import IGNORE_INDEX, Example, encode_pair
 from peftctl.errors import ConfigError
 
 CACHE_VERSION = 1  # bump when the encoding of a record changes, so old caches are not reused
@@ -54,8 +57,6 @@ def record_encoder(dataset_cfg: Any, tokenizer: Any, names: list[str] | None) ->
     if dataset_cfg.format in TASK_FORMATS:
         return lambda record: encode_task(record, dataset_cfg, tokenizer, names)
     if dataset_cfg.format in CHAT_FORMATS:
-        from peftctl.data.chat import encode_chat_record, resolve_template
-
         template = resolve_template(dataset_cfg, tokenizer)
         return lambda record: encode_chat_record(record, dataset_cfg, tokenizer, template, record.get(ROW_COLUMN))
 
@@ -86,7 +87,9 @@ class _BatchEncoder:
         size = len(next(iter(batch.values())))
         for index in range(size):
             example = encode_record(self.encode, {key: values[index] for key, values in batch.items()})
-            if any(label != IGNORE_INDEX for label in example.labels):  # a prompt longer than max_seq_len leaves nothing to learn
+            if any(
+                label != IGNORE_INDEX for label in example.labels
+            ):  # a prompt longer than max_seq_len leaves nothing to learn
                 for name in EXAMPLE_COLUMNS:
                     out[name].append(getattr(example, name))
         return out
@@ -102,15 +105,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     digest.update(vocabulary.encode())
-    digest.update(repr((type(tokenizer).__name__, sorted(tokenizer.special_tokens_map.items()), getattr(tokenizer, "chat_template", None))).encode())
+    digest.update(
+        repr(
+            (
+                type(tokenizer).__name__,
+                sorted(tokenizer.special_tokens_map.items()),
+                getattr(tokenizer, "chat_template", None),
+            )
+        ).encode()
+    )
     return digest.hexdigest()
 
 
 def cache_key(records: Any, dataset_cfg: Any, tokenizer: Any, names: list[str] | None) -> str:
     settings = {k: v for k, v in dataclasses.asdict(dataset_cfg).items() if k not in NOT_IN_KEY}
     if dataset_cfg.format in CHAT_FORMATS:
-        from peftctl.data.chat import resolve_template
-
         settings["chat_template_source"] = resolve_template(dataset_cfg, tokenizer)
     parts = [CACHE_VERSION, records._fingerprint, tokenizer_fingerprint(tokenizer), settings, names]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -121,30 +130,49 @@ def _examples_from(columns: dict[str, list[Any]]) -> list[Example]:
 
 
 def _example_features() -> Any:
-    import datasets
+    import datasets  # lazy: a heavy import, only when data is loaded (CLI start-up)
 
     sequence = getattr(datasets, "List", datasets.Sequence)
-    return datasets.Features({"input_ids": sequence(datasets.Value("int64")), "labels": sequence(datasets.Value("int64")),
-                              "prompt": datasets.Value("string"), "response": datasets.Value("string"), "truncated": datasets.Value("bool")})
+    return datasets.Features(
+        {
+            "input_ids": sequence(datasets.Value("int64")),
+            "labels": sequence(datasets.Value("int64")),
+            "prompt": datasets.Value("string"),
+            "response": datasets.Value("string"),
+            "truncated": datasets.Value("bool"),
+        }
+    )
 
 
 def _tokenize(records: Any, dataset_cfg: Any, encode: Callable[[dict[str, Any]], Example], fingerprint: str) -> Any:
-    import datasets
+    import datasets  # lazy: a heavy import, only when data is loaded (CLI start-up)
 
     show_progress = len(records) >= PROGRESS_MIN_RECORDS
     if show_progress:
         datasets.enable_progress_bars()
     try:
-        return records.map(_BatchEncoder(encode), batched=True, batch_size=256, num_proc=dataset_cfg.num_proc, remove_columns=list(records.column_names),
-                           features=_example_features(), keep_in_memory=True, load_from_cache_file=False, new_fingerprint=fingerprint, desc="tokenize")
+        return records.map(
+            _BatchEncoder(encode),
+            batched=True,
+            batch_size=256,
+            num_proc=dataset_cfg.num_proc,
+            remove_columns=list(records.column_names),
+            features=_example_features(),
+            keep_in_memory=True,
+            load_from_cache_file=False,
+            new_fingerprint=fingerprint,
+            desc="tokenize",
+        )
     finally:
         datasets.disable_progress_bars()
 
 
-def encode_records(records: Any, dataset_cfg: Any, tokenizer: Any, names: list[str] | None, notes: list[str], what: str) -> tuple[list[Example], int]:
+def encode_records(
+    records: Any, dataset_cfg: Any, tokenizer: Any, names: list[str] | None, notes: list[str], what: str
+) -> tuple[list[Example], int]:
     """(examples, how many records were dropped for having no trained token); from the cache when
     dataset.cache and the same data, tokenizer and settings were tokenized before."""
-    import datasets
+    import datasets  # lazy: a heavy import, only when data is loaded (CLI start-up)
 
     key = cache_key(records, dataset_cfg, tokenizer, names) if dataset_cfg.cache else None
     folder = cache_root() / "data" / key if key else None
@@ -180,9 +208,16 @@ def _save_to_cache(encoded: Any, dropped: int, folder: Path) -> None:
 
 # ---------------------------------------------------------------------------- the pipeline
 def split_stats(examples: list[Example], dropped: int, task_type_causal: bool = True) -> dict[str, int]:
-    trained = sum(sum(1 for label in e.labels[1 if task_type_causal else 0 :] if label != IGNORE_INDEX) for e in examples)
-    return {"examples": len(examples), "dropped": dropped, "truncated": sum(bool(e.truncated) for e in examples),
-            "tokens": sum(len(e.input_ids) for e in examples), "trained_tokens": trained}
+    trained = sum(
+        sum(1 for label in e.labels[1 if task_type_causal else 0 :] if label != IGNORE_INDEX) for e in examples
+    )
+    return {
+        "examples": len(examples),
+        "dropped": dropped,
+        "truncated": sum(bool(e.truncated) for e in examples),
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "trained_tokens": trained,
+    }
 
 
 def _select_and_split(train_records: Any, eval_records: Any, dataset_cfg: Any) -> tuple[Any, Any]:
@@ -196,20 +231,23 @@ def _select_and_split(train_records: Any, eval_records: Any, dataset_cfg: Any) -
         try:
             parts = train_records.train_test_split(test_size=dataset_cfg.eval_size, seed=dataset_cfg.seed)
         except ValueError:  # too few records to hold any out
-            raise ConfigError(f"dataset.eval_size={dataset_cfg.eval_size} leaves no training or no eval example of {len(train_records)} records; "
-                              "set dataset.eval_size=0 or a dataset.eval_split") from None
+            raise ConfigError(
+                f"dataset.eval_size={dataset_cfg.eval_size} leaves no training or no eval example of "
+                f"{len(train_records)} records; "
+                "set dataset.eval_size=0 or a dataset.eval_split"
+            ) from None
         train_records, eval_records = parts["train"], parts["test"]
     return train_records, eval_records
 
 
 def prepare_data(dataset_cfg: Any, tokenizer: Any) -> PreparedData:
     if dataset_cfg.format in CHAT_FORMATS:
-        from peftctl.data.chat import resolve_template
-
         resolve_template(dataset_cfg, tokenizer)  # a bad template name fails before any data is read
     train_records, eval_records = load_raw_splits(dataset_cfg)
     if dataset_cfg.format in PREFERENCE_FORMATS:  # data/preference.py checks its own columns and rows
-        train, evaluation, stats = prepare_preference(*_select_and_split(train_records, eval_records, dataset_cfg), dataset_cfg, tokenizer)
+        train, evaluation, stats = prepare_preference(
+            *_select_and_split(train_records, eval_records, dataset_cfg), dataset_cfg, tokenizer
+        )
         return PreparedData(train=train, eval=evaluation, stats=stats)
     check_columns(train_records, dataset_cfg)
     if eval_records is not None:
@@ -219,10 +257,15 @@ def prepare_data(dataset_cfg: Any, tokenizer: Any) -> PreparedData:
     names = label_names(train_records, dataset_cfg) if task else None
     notes: list[str] = []
     train, train_dropped = encode_records(train_records, dataset_cfg, tokenizer, names, notes, "train")
-    evaluation, eval_dropped = ([], 0) if eval_records is None else encode_records(eval_records, dataset_cfg, tokenizer, names, notes, "eval")
+    evaluation, eval_dropped = (
+        ([], 0) if eval_records is None else encode_records(eval_records, dataset_cfg, tokenizer, names, notes, "eval")
+    )
     if not train:
         what = "label" if task else "response"
-        raise ConfigError(f"dataset {dataset_cfg.path!r}: no training example has a {what} within dataset.max_seq_len={dataset_cfg.max_seq_len}")
+        raise ConfigError(
+            f"dataset {dataset_cfg.path!r}: no training example has a {what} within "
+            f"dataset.max_seq_len={dataset_cfg.max_seq_len}"
+        )
     causal = dataset_cfg.format not in TASK_FORMATS
     stats = {"train": split_stats(train, train_dropped, causal), "eval": split_stats(evaluation, eval_dropped, causal)}
     data = PreparedData(train=train, eval=evaluation, label_names=names, stats=stats, notes=notes)
@@ -231,13 +274,19 @@ def prepare_data(dataset_cfg: Any, tokenizer: Any) -> PreparedData:
 
 def pack(data: PreparedData, dataset_cfg: Any) -> PreparedData:
     """The same data with train / eval packed into rows (the unpacked lists stay in *_examples)."""
-    from peftctl.data.packing import pack_examples, packing_efficiency
-
     rows = {}
     for name, examples in (("train", data.train_examples), ("eval", data.eval_examples)):
         rows[name] = pack_examples(examples, dataset_cfg.max_seq_len, dataset_cfg.packing_split) if examples else []
-        data.stats[name].update({"rows": len(rows[name]), "packing_efficiency": round(packing_efficiency(rows[name], dataset_cfg.max_seq_len), 4)})
+        data.stats[name].update(
+            {
+                "rows": len(rows[name]),
+                "packing_efficiency": round(packing_efficiency(rows[name], dataset_cfg.max_seq_len), 4),
+            }
+        )
     train = data.stats["train"]
-    data.notes.append(f"data: packed {train['examples']} train examples into {train['rows']} rows of {dataset_cfg.max_seq_len} tokens "
-                      f"({train['packing_efficiency']:.0%} real tokens)")
+    data.notes.append(
+        f"data: packed {train['examples']} train examples into {train['rows']} rows of {dataset_cfg.max_seq_len} "
+        "tokens "
+        f"({train['packing_efficiency']:.0%} real tokens)"
+    )
     return dataclasses.replace(data, train=rows["train"], eval=rows["eval"])

@@ -7,6 +7,7 @@ completion is encoded as BOS + prompt + completion + EOS with the prompt masked 
 labels, exactly like an SFT example, so log π(completion | prompt) is the sum over its label tokens.
 `collate_pairs` stacks all chosen rows and then all rejected rows into one batch (one forward pass).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,14 +53,16 @@ def _render(prompt: Any, completion: Any, tokenizer: Any, dataset_cfg: Any) -> t
     if not isinstance(prompt, list) and not isinstance(completion, list):
         return str(prompt or ""), str(completion or "")
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ConfigError(f"dataset {dataset_cfg.path!r}: message lists need a tokenizer with a chat template; this model's tokenizer has none")
+        raise ConfigError(
+            f"dataset {dataset_cfg.path!r}: message lists need a tokenizer with a chat template; this model's tokenizer has none"
+        )
     messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
     reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": str(completion)}]
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages + reply, tokenize=False)
     if not full.startswith(prompt_text):
         raise ConfigError("the tokenizer's chat template renders the conversation prefix differently from the prompt")
-    return prompt_text, full[len(prompt_text):]
+    return prompt_text, full[len(prompt_text) :]
 
 
 def _is_empty(value: Any) -> bool:
@@ -76,15 +79,19 @@ def _desirable(value: Any, row: int, dataset_cfg: Any) -> bool:
         return True
     if text in ("false", "0", "no"):
         return False
-    raise ConfigError(f"dataset {dataset_cfg.path!r} row {row}: {dataset_cfg.label_column}={value!r} is not valid for format=kto; expected true or false")
+    raise ConfigError(
+        f"dataset {dataset_cfg.path!r} row {row}: {dataset_cfg.label_column}={value!r} is not valid for format=kto; expected true or false"
+    )
 
 
 def check_preference_columns(records: Any, dataset_cfg: Any) -> None:
     columns = list(records.column_names)
     for column in preference_columns(dataset_cfg):
         if column not in columns:
-            raise ConfigError(f"dataset {dataset_cfg.path!r} has no column {column!r} needed by format={dataset_cfg.format}; "
-                              f"its columns: {', '.join(columns)} (set dataset.<role>_column to map one)")
+            raise ConfigError(
+                f"dataset {dataset_cfg.path!r} has no column {column!r} needed by format={dataset_cfg.format}; "
+                f"its columns: {', '.join(columns)} (set dataset.<role>_column to map one)"
+            )
 
 
 def encode_preference_records(records: Any, dataset_cfg: Any, tokenizer: Any) -> list[Any]:
@@ -98,11 +105,19 @@ def encode_preference_records(records: Any, dataset_cfg: Any, tokenizer: Any) ->
         prompt, chosen, rejected = (record[c] for c in preference_columns(dataset_cfg))
         for column, value in ((dataset_cfg.chosen_column, chosen), (dataset_cfg.rejected_column, rejected)):
             if _is_empty(value):
-                raise ConfigError(f"dataset {dataset_cfg.path!r} row {row}: {column!r} is empty; every pair needs a non-empty chosen and rejected completion")
+                raise ConfigError(
+                    f"dataset {dataset_cfg.path!r} row {row}: {column!r} is empty; every pair needs a non-empty chosen and rejected completion"
+                )
         identical += chosen == rejected
-        pairs.append(PreferencePair(_encode(prompt, chosen, tokenizer, dataset_cfg), _encode(prompt, rejected, tokenizer, dataset_cfg)))
+        pairs.append(
+            PreferencePair(
+                _encode(prompt, chosen, tokenizer, dataset_cfg), _encode(prompt, rejected, tokenizer, dataset_cfg)
+            )
+        )
     if pairs and identical == len(pairs):
-        raise ConfigError(f"dataset {dataset_cfg.path!r}: {dataset_cfg.chosen_column!r} equals {dataset_cfg.rejected_column!r} in every row; a preference pair needs two different completions")
+        raise ConfigError(
+            f"dataset {dataset_cfg.path!r}: {dataset_cfg.chosen_column!r} equals {dataset_cfg.rejected_column!r} in every row; a preference pair needs two different completions"
+        )
     return pairs
 
 
@@ -114,10 +129,18 @@ def _encode(prompt: Any, completion: Any, tokenizer: Any, dataset_cfg: Any) -> E
 def _encode_kto(record: dict[str, Any], row: int, dataset_cfg: Any, tokenizer: Any) -> KTOExample:
     prompt, completion, label = (record[c] for c in preference_columns(dataset_cfg))
     if _is_empty(completion):
-        raise ConfigError(f"dataset {dataset_cfg.path!r} row {row}: {dataset_cfg.completion_column!r} is empty; every example needs a non-empty completion")
+        raise ConfigError(
+            f"dataset {dataset_cfg.path!r} row {row}: {dataset_cfg.completion_column!r} is empty; every example needs a non-empty completion"
+        )
     example = _encode(prompt, completion, tokenizer, dataset_cfg)
     n_prompt = next((i for i, label_id in enumerate(example.labels) if label_id != IGNORE_INDEX), len(example.labels))
-    return KTOExample(example.input_ids[:n_prompt], example.input_ids[n_prompt:], _desirable(label, row, dataset_cfg), example.prompt, example.response)
+    return KTOExample(
+        example.input_ids[:n_prompt],
+        example.input_ids[n_prompt:],
+        _desirable(label, row, dataset_cfg),
+        example.prompt,
+        example.response,
+    )
 
 
 def has_completion(example: Any) -> bool:
@@ -131,7 +154,9 @@ def collate_pairs(pairs: list[PreferencePair], pad_token_id: int) -> dict[str, t
     """All chosen rows, then all rejected rows, padded to one width; ``ref_logps`` when precomputed."""
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id)
     if all(p.ref_chosen is not None for p in pairs):
-        batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float32)
+        batch["ref_logps"] = torch.tensor(
+            [p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float32
+        )
     return batch
 
 
@@ -141,7 +166,14 @@ def collate_kto(examples: list[KTOExample], pad_token_id: int) -> dict[str, torc
     rows = [Example(e.prompt_ids + e.completion_ids, e.labels, e.prompt, e.completion) for e in examples]
     for i, e in enumerate(examples):
         other = examples[(i + 1) % n]
-        rows.append(Example(e.prompt_ids + other.completion_ids, [IGNORE_INDEX] * len(e.prompt_ids) + other.completion_ids, e.prompt, other.completion))
+        rows.append(
+            Example(
+                e.prompt_ids + other.completion_ids,
+                [IGNORE_INDEX] * len(e.prompt_ids) + other.completion_ids,
+                e.prompt,
+                other.completion,
+            )
+        )
     batch = collate(rows, pad_token_id)
     batch["desirable"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
     return batch
@@ -160,8 +192,12 @@ def as_examples(items: list[Any]) -> list[Example]:
 
 def split_stats(items: list[Any], dropped: int) -> dict[str, int]:
     examples = as_examples(items)
-    return {"examples": len(items), "dropped": dropped, "tokens": sum(len(e.input_ids) for e in examples),
-            "trained_tokens": sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples)}
+    return {
+        "examples": len(items),
+        "dropped": dropped,
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "trained_tokens": sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples),
+    }
 
 
 def _encode_split(records: Any, dataset_cfg: Any, tokenizer: Any) -> tuple[list[Any], int]:
@@ -170,10 +206,18 @@ def _encode_split(records: Any, dataset_cfg: Any, tokenizer: Any) -> tuple[list[
     return kept, len(encoded) - len(kept)
 
 
-def prepare_preference(train_records: Any, eval_records: Any, dataset_cfg: Any, tokenizer: Any) -> tuple[list[Any], list[Any], dict[str, Any]]:
+def prepare_preference(
+    train_records: Any, eval_records: Any, dataset_cfg: Any, tokenizer: Any
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """(train, eval, stats): pairs / KTO examples of both splits, without those truncated to nothing."""
     train, train_dropped = _encode_split(train_records, dataset_cfg, tokenizer)
     evaluation, eval_dropped = ([], 0) if eval_records is None else _encode_split(eval_records, dataset_cfg, tokenizer)
     if not train:
-        raise ConfigError(f"dataset {dataset_cfg.path!r}: no training example has a completion within dataset.max_seq_len={dataset_cfg.max_seq_len}")
-    return train, evaluation, {"train": split_stats(train, train_dropped), "eval": split_stats(evaluation, eval_dropped)}
+        raise ConfigError(
+            f"dataset {dataset_cfg.path!r}: no training example has a completion within dataset.max_seq_len={dataset_cfg.max_seq_len}"
+        )
+    return (
+        train,
+        evaluation,
+        {"train": split_stats(train, train_dropped), "eval": split_stats(evaluation, eval_dropped)},
+    )

@@ -1,10 +1,12 @@
 """Load raw records: built-in data, local JSON / JSONL / CSV / Parquet files or folders, hub datasets."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
+from peftctl.data.builtin import builtin_files
 from peftctl.errors import ConfigError
 
 BUILTIN_PREFIX = "builtin:"
@@ -18,7 +20,9 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_has_content(file: str) -> None:
     path = Path(file)
-    if path.stat().st_size == 0 or (path.suffix.lower() in (".json", ".jsonl", ".csv") and not path.read_bytes().strip()):
+    if path.stat().st_size == 0 or (
+        path.suffix.lower() in (".json", ".jsonl", ".csv") and not path.read_bytes().strip()
+    ):
         raise ConfigError(f"dataset.path={file!r} is empty; expected records ({path.suffix or 'json'} rows)")
 
 
@@ -42,7 +46,7 @@ def _json_error_location(file: str) -> str | None:
 
 
 def _load_files(files: dict[str, str], builder: str) -> Any:
-    import datasets
+    import datasets  # lazy: a heavy import, only when data is loaded (CLI start-up)
 
     datasets.disable_progress_bars()
     for file in files.values():
@@ -57,25 +61,28 @@ def _load_files(files: dict[str, str], builder: str) -> Any:
             location = _json_error_location(file) if builder == "json" else None
             if location:
                 raise ConfigError(f"dataset.path: {file} {location}") from None
-        raise ConfigError(f"dataset.path: cannot read {', '.join(files.values())} as {builder}: {_first_line(exc)}") from None
+        raise ConfigError(
+            f"dataset.path: cannot read {', '.join(files.values())} as {builder}: {_first_line(exc)}"
+        ) from None
     finally:
         log.set_verbosity(verbosity)
 
 
 def load_raw_splits(dataset_cfg: Any) -> tuple[Any, Any | None]:
     """(train records, eval records or None), as `datasets.Dataset` objects."""
-    import datasets
+    import datasets  # lazy: see above
 
     path = str(dataset_cfg.path)
     if path.startswith(BUILTIN_PREFIX):
-        from peftctl.data.builtin import builtin_files
-
-        loaded = _load_files(builtin_files(path[len(BUILTIN_PREFIX):]), "json")
+        loaded = _load_files(builtin_files(path[len(BUILTIN_PREFIX) :]), "json")
     elif Path(path).expanduser().is_file():
         file = Path(path).expanduser()
         builder = FILE_TYPES.get(file.suffix.lower())
         if builder is None:
-            raise ConfigError(f"dataset.path={path!r}: unsupported file type {file.suffix!r}; expected .json, .jsonl, .csv or .parquet")
+            raise ConfigError(
+                f"dataset.path={path!r}: unsupported file type {file.suffix!r}; expected .json, .jsonl, .csv or "
+                ".parquet"
+            )
         loaded = _load_files({dataset_cfg.split: str(file)}, builder)
     elif Path(path).expanduser().is_dir() or path.startswith((".", "/", "~")):
         folder = Path(path).expanduser()
@@ -84,19 +91,25 @@ def load_raw_splits(dataset_cfg: Any) -> tuple[Any, Any | None]:
         try:
             loaded = datasets.load_dataset(str(folder), name=dataset_cfg.name)
         except Exception as exc:
-            raise ConfigError(f"dataset.path={path!r}: cannot load the folder as a dataset: {_first_line(exc)}") from None
+            raise ConfigError(
+                f"dataset.path={path!r}: cannot load the folder as a dataset: {_first_line(exc)}"
+            ) from None
     else:
         try:
             loaded = datasets.load_dataset(path, name=dataset_cfg.name)
         except Exception as exc:
-            raise ConfigError(f"dataset.path={path!r}: not a local file and could not be loaded from the hub: {_first_line(exc)}") from None
+            raise ConfigError(
+                f"dataset.path={path!r}: not a local file and could not be loaded from the hub: {_first_line(exc)}"
+            ) from None
     if dataset_cfg.split not in loaded:
         raise ConfigError(f"dataset.split={dataset_cfg.split!r} is not in {path}; splits: {', '.join(loaded)}")
     train = loaded[dataset_cfg.split]
     evaluation = None
     if dataset_cfg.eval_split is not None:
         if dataset_cfg.eval_split not in loaded:
-            raise ConfigError(f"dataset.eval_split={dataset_cfg.eval_split!r} is not in {path}; splits: {', '.join(loaded)}")
+            raise ConfigError(
+                f"dataset.eval_split={dataset_cfg.eval_split!r} is not in {path}; splits: {', '.join(loaded)}"
+            )
         evaluation = loaded[dataset_cfg.eval_split]
     if len(train) == 0:
         raise ConfigError(f"dataset.path={path!r}: split {dataset_cfg.split!r} is empty")

@@ -10,6 +10,7 @@
 Labels may be strings or integers; ``label_names`` (dataset config, else sorted from the training
 split) fixes the id of each.
 """
+
 from __future__ import annotations
 
 from typing import Any

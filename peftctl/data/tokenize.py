@@ -1,4 +1,5 @@
 """Tokenize (prompt, response) pairs with the prompt masked out of the loss, and collate batches."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ def encode_pair(prompt: str, response: str, tokenizer: Any, max_seq_len: int, tr
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = (bos + prompt_ids + response_ids)[:max_seq_len]
-    labels = [IGNORE_INDEX] * len(bos) + (prompt_ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
+    labels = (
+        [IGNORE_INDEX] * len(bos) + (prompt_ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
+    )
     return Example(input_ids, labels[:max_seq_len], prompt, response, truncated=len(labels) > max_seq_len)
 
 
@@ -34,8 +37,6 @@ def collate(examples: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
     to their own longest length (the input's for causal LM; decoder targets or one class id otherwise).
     Packed rows (data/packing.py) get per-example position_ids instead (see collate_packed)."""
     if examples and getattr(examples[0], "position_ids", None) is not None:
-        from peftctl.data.packing import collate_packed
-
         return collate_packed(examples, pad_token_id)
     width = max(len(e.input_ids) for e in examples)
     label_width = max(len(e.labels) for e in examples)
@@ -48,3 +49,22 @@ def collate(examples: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
         labels[row, : len(example.labels)] = torch.tensor(example.labels)
         attention[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def collate_packed(rows: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows (data/packing.py's PackedRow): input_ids / labels / position_ids right-padded to the
+    longest row; attention_mask marks the real tokens (for counting them; the loss passes
+    position_ids, not the mask, to the model)."""
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(rows), 1)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        n = len(row.input_ids)
+        input_ids[index, :n] = torch.tensor(row.input_ids)
+        labels[index, :n] = torch.tensor(row.labels)
+        position_ids[index, :n] = torch.tensor(row.position_ids)
+        position_ids[index, n:] = torch.arange(width - n)  # padding: a separate sequence of its own
+        attention[index, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "position_ids": position_ids}

@@ -1,20 +1,33 @@
 """`peftctl eval`: base vs adapted on held-out data — loss, perplexity, exact match of generation."""
+
 from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
+from peftctl.config.schema import RunConfig
+from peftctl.data.packing import check_packed_attention, pack_examples
+from peftctl.data.pipeline import prepare_data
 from peftctl.data.tokenize import Example
+from peftctl.devices import pick_device
+from peftctl.eval.metrics import exact_match, task_scores
+from peftctl.eval.preference import preference_scores
+from peftctl.runs import load_adapted, open_source
 from peftctl.train.loop import evaluate_loss
 from peftctl.utils import atomic_write_text
 
 
 @torch.no_grad()
-def greedy_responses(model: Any, tokenizer: Any, examples: list[Example], batch_size: int, max_new_tokens: int, device: torch.device) -> list[str]:
+def greedy_responses(
+    model: Any, tokenizer: Any, examples: list[Example], batch_size: int, max_new_tokens: int, device: torch.device
+) -> list[str]:
     """Greedy generation from each example's prompt (left-padded batches), cut at EOS."""
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -25,7 +38,11 @@ def greedy_responses(model: Any, tokenizer: Any, examples: list[Example], batch_
             prompts = [(tokenizer.bos_token or "") + e.prompt for e in chunk]
             encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             generated = model.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
             )
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             outputs.extend(tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens)
@@ -34,49 +51,38 @@ def greedy_responses(model: Any, tokenizer: Any, examples: list[Example], batch_
     return outputs
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Fraction of predictions equal to the reference after stripping surrounding whitespace."""
-    if not references:
-        return float("nan")
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
-
-
-def score(model: Any, tokenizer: Any, examples: list[Example], cfg: Any, device: torch.device) -> dict[str, float]:
+def score(
+    model: Any, tokenizer: Any, examples: list[Example], cfg: RunConfig, device: torch.device
+) -> dict[str, float]:
     loss_items: list[Any] = examples
     if cfg.dataset.packing:  # the same examples, several per row (the loss is the same up to rounding)
-        from peftctl.data.packing import check_packed_attention, pack_examples
-
         check_packed_attention(model, device, len(tokenizer))
         loss_items = pack_examples(examples, cfg.dataset.max_seq_len, cfg.dataset.packing_split)
     loss = evaluate_loss(model, loss_items, cfg.eval.batch_size, tokenizer.pad_token_id, device)
     sample = examples[: cfg.eval.num_generate]
     predictions = greedy_responses(model, tokenizer, sample, cfg.eval.batch_size, cfg.eval.max_new_tokens, device)
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "exact_match": exact_match(predictions, [e.response for e in sample])}
+    return {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "exact_match": exact_match(predictions, [e.response for e in sample]),
+    }
 
 
-def evaluate(path: str | Path, overrides: list[str] | None = None, quiet: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
+def evaluate(
+    path: str | Path, overrides: list[str] | None = None, quiet: bool = False, trust_remote_code: bool = False
+) -> dict[str, Any]:
     """Evaluate base and adapted model on the run's held-out data; writes eval.json next to PATH's adapter."""
-    from peftctl.data.pipeline import prepare_data
-    from peftctl.runs import load_adapted, open_source
-    from peftctl.train.run import pick_device
-
     source = open_source(path, overrides, trust_remote_code=trust_remote_code)
     cfg = source.config
-    device = pick_device(cfg.train)
+    device = pick_device(cfg.train.device)
     model, tokenizer = load_adapted(source, device)
     data = prepare_data(cfg.dataset, tokenizer)
     examples = data.eval_examples or data.train_examples  # unpacked: score() packs them for the loss
     if cfg.eval.max_eval_samples:
         examples = examples[: cfg.eval.max_eval_samples]
     if cfg.dataset.format in ("preference", "kto"):
-        from peftctl.eval.preference import preference_scores
-
         scorer: Any = preference_scores
     elif cfg.model.task_type != "causal_lm":
-        from functools import partial
-
-        from peftctl.eval.metrics import task_scores
-
         scorer = partial(task_scores, label_names=data.label_names)
     else:
         scorer = score
@@ -85,7 +91,14 @@ def evaluate(path: str | Path, overrides: list[str] | None = None, quiet: bool =
     adapted = scorer(model, tokenizer, examples, cfg, device)
     generates = cfg.model.task_type in ("causal_lm", "seq2seq_lm") and cfg.dataset.format not in ("preference", "kto")
     generated = min(len(examples), cfg.eval.num_generate) if generates else 0
-    report = {"path": str(path), "task_type": cfg.model.task_type, "examples": len(examples), "generated": generated, "base": base, "adapted": adapted}
+    report = {
+        "path": str(path),
+        "task_type": cfg.model.task_type,
+        "examples": len(examples),
+        "generated": generated,
+        "base": base,
+        "adapted": adapted,
+    }
     out_dir = Path(path) if (Path(path) / "config.yaml").is_file() else source.adapter_dir
     atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     if not quiet:
@@ -94,9 +107,6 @@ def evaluate(path: str | Path, overrides: list[str] | None = None, quiet: bool =
 
 
 def print_report(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"eval on {report['examples']} held-out examples ({report['generated']} generated)")
     table.add_column("metric")
     table.add_column("base", justify="right")

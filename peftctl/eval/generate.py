@@ -6,6 +6,7 @@ training data was (`dataset.format`: the alpaca template, the tokenizer's chat t
 and new tokens stream to the terminal as they are decoded. Greedy by default; ``temperature > 0``
 samples (with ``top_p``).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ from typing import Any, TextIO
 import torch
 
 from peftctl.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+from peftctl.devices import pick_device
 from peftctl.errors import ConfigError
+from peftctl.runs import load_adapted, open_source
 
 
 @dataclass(frozen=True)
@@ -40,14 +43,21 @@ class Sampling:
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature == 0:
             return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
 
 
 def format_prompt(text: str, dataset_cfg: Any, tokenizer: Any, extra_input: str | None = None) -> str:
     """``text`` as the run's training prompts looked (the response is what the model writes next);
     ``extra_input`` fills the alpaca template's input field."""
     if extra_input is not None and dataset_cfg.format != "alpaca":
-        raise ConfigError(f"--input fills the alpaca template's input; this run's dataset.format is {dataset_cfg.format}")
+        raise ConfigError(
+            f"--input fills the alpaca template's input; this run's dataset.format is {dataset_cfg.format}"
+        )
     if dataset_cfg.format == "alpaca":
         if extra_input:
             return ALPACA_PROMPT.format(instruction=text, input=extra_input)
@@ -55,7 +65,9 @@ def format_prompt(text: str, dataset_cfg: Any, tokenizer: Any, extra_input: str 
     if dataset_cfg.format == "chat":
         if getattr(tokenizer, "chat_template", None) is None:
             raise ConfigError("the run was trained with dataset.format=chat but its tokenizer has no chat template")
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
     return text
 
 
@@ -75,7 +87,7 @@ class _Printer:
         self.tokens.extend(ids)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            self.out.write(text[len(self.printed):])
+            self.out.write(text[len(self.printed) :])
             self.out.flush()
             self.printed = text
 
@@ -84,14 +96,21 @@ class _Printer:
         self.out.flush()
 
 
-def generate_text(model: Any, tokenizer: Any, prompt: str, sampling: Sampling, device: torch.device, streamer: Any = None) -> str:
+def generate_text(
+    model: Any, tokenizer: Any, prompt: str, sampling: Sampling, device: torch.device, streamer: Any = None
+) -> str:
     """The model's continuation of ``prompt`` (already formatted), cut at EOS."""
     encoded = tokenizer((tokenizer.bos_token or "") + prompt, return_tensors="pt", add_special_tokens=False).to(device)
     torch.manual_seed(sampling.seed)
     with torch.no_grad():
-        output = model.generate(**encoded, **sampling.generate_kwargs(), pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id, streamer=streamer)
-    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        output = model.generate(
+            **encoded,
+            **sampling.generate_kwargs(),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            streamer=streamer,
+        )
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def read_prompts(prompt: str | None, file: str | None) -> list[str] | None:
@@ -128,12 +147,20 @@ def interactive_prompts(stdin: TextIO, out: TextIO) -> Iterator[str]:
             yield line.strip()
 
 
-def generate(path: str, overrides: list[str] | None = None, prompt: str | None = None, file: str | None = None, sampling: Sampling = Sampling(),
-             base: bool = False, as_json: bool = False, extra_input: str | None = None, trust_remote_code: bool = False,
-             stdin: TextIO | None = None, out: TextIO | None = None) -> list[dict[str, str]]:
+def generate(
+    path: str,
+    overrides: list[str] | None = None,
+    prompt: str | None = None,
+    file: str | None = None,
+    sampling: Sampling = Sampling(),
+    base: bool = False,
+    as_json: bool = False,
+    extra_input: str | None = None,
+    trust_remote_code: bool = False,
+    stdin: TextIO | None = None,
+    out: TextIO | None = None,
+) -> list[dict[str, str]]:
     """Generate from the run (or adapter dir) at PATH; returns [{prompt, response}]."""
-    from peftctl.runs import load_adapted, open_source
-    from peftctl.train.run import pick_device
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
     sampling.validate()
@@ -142,7 +169,7 @@ def generate(path: str, overrides: list[str] | None = None, prompt: str | None =
     cfg = source.config
     if cfg.model.task_type != "causal_lm":
         raise ConfigError(f"peftctl generate needs a causal-LM run; {path} is model.task_type={cfg.model.task_type}")
-    device = pick_device(cfg.train)
+    device = pick_device(cfg.train.device)
     model, tokenizer = load_adapted(source, device)
     results = []
     with model.disable_adapter() if base else nullcontext():

@@ -1,5 +1,6 @@
 """Task metrics for `peftctl eval`: accuracy, macro-F1, seqeval-style entity F1, token accuracy,
 and the scoring of each non-causal task type (the causal LM's is in evaluate.py)."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,16 @@ from typing import Any
 
 import torch
 
+from peftctl.config.schema import RunConfig
 from peftctl.data.tokenize import IGNORE_INDEX, Example, collate
+from peftctl.train.loop import evaluate_loss
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Fraction of predictions equal to the reference after stripping surrounding whitespace."""
+    if not references:
+        return float("nan")
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
 
 
 def accuracy(predictions: list[int], references: list[int]) -> float:
@@ -18,7 +28,11 @@ def accuracy(predictions: list[int], references: list[int]) -> float:
 
 def macro_f1(predictions: list[int], references: list[int], n_labels: int | None = None) -> float:
     """Unweighted mean over classes of F1 = 2PR / (P + R); classes absent from both lists are skipped."""
-    classes = sorted(set(references) | set(predictions)) if n_labels is None else [c for c in range(n_labels) if c in set(references) | set(predictions)]
+    classes = (
+        sorted(set(references) | set(predictions))
+        if n_labels is None
+        else [c for c in range(n_labels) if c in set(references) | set(predictions)]
+    )
     scores = []
     for label in classes:
         tp = sum(p == label and r == label for p, r in zip(predictions, references))
@@ -61,7 +75,9 @@ def _batches(examples: list[Example], batch_size: int, pad_id: int, device: torc
 
 
 @torch.no_grad()
-def classification_scores(model: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device) -> dict[str, float]:
+def classification_scores(
+    model: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device
+) -> dict[str, float]:
     predictions: list[int] = []
     references: list[int] = []
     for batch in _batches(examples, batch_size, pad_id, device):
@@ -72,12 +88,16 @@ def classification_scores(model: Any, examples: list[Example], batch_size: int, 
 
 
 @torch.no_grad()
-def token_classification_scores(model: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device, label_names: list[str]) -> dict[str, float]:
+def token_classification_scores(
+    model: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device, label_names: list[str]
+) -> dict[str, float]:
     predicted: list[list[str]] = []
     reference: list[list[str]] = []
     for batch in _batches(examples, batch_size, pad_id, device):
         labels = batch["labels"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -labels.shape[1]:]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+            :, -labels.shape[1] :
+        ]
         for row_pred, row_ref in zip(logits.argmax(-1).tolist(), labels.tolist()):
             keep = [i for i, r in enumerate(row_ref) if r != IGNORE_INDEX]
             predicted.append([label_names[row_pred[i]] for i in keep])
@@ -90,20 +110,32 @@ def token_classification_scores(model: Any, examples: list[Example], batch_size:
 
 
 @torch.no_grad()
-def seq2seq_predictions(model: Any, tokenizer: Any, examples: list[Example], batch_size: int, max_new_tokens: int, device: torch.device) -> list[str]:
+def seq2seq_predictions(
+    model: Any, tokenizer: Any, examples: list[Example], batch_size: int, max_new_tokens: int, device: torch.device
+) -> list[str]:
     outputs: list[str] = []
     for batch in _batches(examples, batch_size, tokenizer.pad_token_id, device):
-        generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        generated = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         outputs += [tokenizer.decode(row, skip_special_tokens=True) for row in generated]
     return outputs
 
 
-def task_scores(model: Any, tokenizer: Any, examples: list[Example], cfg: Any, device: torch.device, label_names: list[str] | None) -> dict[str, float]:
+def task_scores(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    cfg: RunConfig,
+    device: torch.device,
+    label_names: list[str] | None,
+) -> dict[str, float]:
     """Loss plus the task's metric for seq2seq / classification / token classification."""
-    from peftctl.eval.evaluate import exact_match
-    from peftctl.train.loop import evaluate_loss
-
     task, batch_size, pad_id = cfg.model.task_type, cfg.eval.batch_size, tokenizer.pad_token_id
     loss = evaluate_loss(model, examples, batch_size, pad_id, device, task_type=task)
     scores = {"eval_loss": loss}
@@ -114,5 +146,10 @@ def task_scores(model: Any, tokenizer: Any, examples: list[Example], cfg: Any, d
     elif task == "seq2seq_lm":
         sample = examples[: cfg.eval.num_generate]
         predictions = seq2seq_predictions(model, tokenizer, sample, batch_size, cfg.eval.max_new_tokens, device)
-        scores.update({"perplexity": math.exp(min(loss, 50.0)), "exact_match": exact_match(predictions, [e.response for e in sample])})
+        scores.update(
+            {
+                "perplexity": math.exp(min(loss, 50.0)),
+                "exact_match": exact_match(predictions, [e.response for e in sample]),
+            }
+        )
     return scores

@@ -5,6 +5,7 @@ pairs where log π(chosen | prompt) > log π(rejected | prompt) (a reward model:
 ``margin`` the mean of that difference. Run once with the adapter off (base) and once on (adapted).
 KTO data is unpaired: its report is the KTO objective's own held-out loss and reward metrics.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,7 +17,9 @@ from peftctl.train.objectives import build_objective, evaluate_objective, sequen
 
 
 @torch.no_grad()
-def pair_scores(model: Any, examples: list[Any], batch_size: int, pad_id: int, device: torch.device, reward_model: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(
+    model: Any, examples: list[Any], batch_size: int, pad_id: int, device: torch.device, reward_model: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) scores of every pair: summed log-probs, or a reward model's scalar."""
     chosen, rejected = [], []
     for start in range(0, len(examples), batch_size):
@@ -31,9 +34,18 @@ def pair_scores(model: Any, examples: list[Any], batch_size: int, pad_id: int, d
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def preference_scores(model: Any, tokenizer: Any, examples: list[Any], cfg: Any, device: torch.device) -> dict[str, float]:
+def preference_scores(
+    model: Any, tokenizer: Any, examples: list[Any], cfg: Any, device: torch.device
+) -> dict[str, float]:
     model.eval()
     if cfg.dataset.format == "kto":
-        return evaluate_objective(model, build_objective(cfg), examples, cfg.eval.batch_size, tokenizer.pad_token_id, device)
-    chosen, rejected = pair_scores(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device, cfg.train.objective == "reward")
-    return {"preference_accuracy": float((chosen > rejected).float().mean()), "margin": float((chosen - rejected).mean())}
+        return evaluate_objective(
+            model, build_objective(cfg), examples, cfg.eval.batch_size, tokenizer.pad_token_id, device
+        )
+    chosen, rejected = pair_scores(
+        model, examples, cfg.eval.batch_size, tokenizer.pad_token_id, device, cfg.train.objective == "reward"
+    )
+    return {
+        "preference_accuracy": float((chosen > rejected).float().mean()),
+        "margin": float((chosen - rejected).mean()),
+    }

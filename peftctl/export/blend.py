@@ -4,6 +4,7 @@
 weighted combination (``AdaptedModel.add_weighted_adapter``); ``save_blend`` writes the result as
 a PEFT adapter directory or as a merged transformers model.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,8 @@ from typing import Sequence
 
 from torch import nn
 
-from peftctl.adapters import persistence
-from peftctl.adapters.model import AdaptedModel
+from peftctl.adapters.core import persistence
+from peftctl.adapters.core.model import AdaptedModel
 from peftctl.errors import ConfigError
 
 
@@ -34,9 +35,15 @@ def _check_lists(adapter_dirs: Sequence, names: Sequence[str], weights: Sequence
     if not adapter_dirs:
         raise ConfigError("merge needs at least one adapter directory")
     if len(names) != len(adapter_dirs):
-        raise ConfigError(f"--adapters gives {len(names)} names for {len(adapter_dirs)} adapter directories; give one name per directory")
+        raise ConfigError(
+            f"--adapters gives {len(names)} names for {len(adapter_dirs)} adapter directories; give one name per "
+            "directory"
+        )
     if len(weights) != len(adapter_dirs):
-        raise ConfigError(f"--weights gives {len(weights)} weights for {len(adapter_dirs)} adapter directories; give one weight per directory")
+        raise ConfigError(
+            f"--weights gives {len(weights)} weights for {len(adapter_dirs)} adapter directories; give one weight per "
+            "directory"
+        )
     if len(set(names)) != len(names):
         raise ConfigError(f"--adapters names {list(names)} repeat a name; give each adapter its own name")
     for name in names:

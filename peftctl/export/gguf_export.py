@@ -5,6 +5,7 @@ convert_hf_to_gguf.py for the `llama` architecture: tensor names, the rotary q/k
 the hyper-parameter keys and the tokenizer keys. The file itself is written by ggml-org's `gguf`
 package (optional dependency: `pip install peftctl[gguf]`).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from peftctl.errors import ConfigError
+from peftctl.export.merge import merged_model
+from peftctl.export.target import check_output_target, source_paths
+from peftctl.models.loader import resolve_model_path
+from peftctl.runs import open_source
 from peftctl.utils import check_output_path, honour_umask
 
 OUTTYPES = ("auto", "f32", "f16", "bf16")
@@ -42,7 +46,8 @@ TOP_TENSORS = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", 
 # the pre-tokenizer split regexes llama.cpp knows by name (tokenizer.ggml.pre)
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 PRE_TOKENIZERS = {_LLAMA3_SPLIT: "llama-bpe", _GPT2_SPLIT: "gpt-2"}
 
@@ -52,7 +57,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 def require_gguf() -> Any:
     try:
-        import gguf
+        import gguf  # optional dependency
     except ImportError:
         raise ConfigError("--format gguf needs the gguf package: pip install peftctl[gguf]") from None
     return gguf
@@ -68,22 +73,24 @@ def check_supported(model: Any) -> None:
     cls = type(model).__name__
     if model_type not in SUPPORTED_ARCHITECTURES or cls not in SUPPORTED_CLASSES:
         raise ConfigError(
-            f"GGUF export supports Llama-architecture causal LMs ({', '.join(SUPPORTED_CLASSES)}); this model is {cls} (model_type {model_type})"
+            f"GGUF export supports Llama-architecture causal LMs ({', '.join(SUPPORTED_CLASSES)}); this model is {cls} "
+            f"(model_type {model_type})"
         )
 
 
 def check_source(path: str | Path, trust_remote_code: bool = False) -> None:
     """Refuse an unsupported base model from its config, before loading and merging the weights."""
+    # lazy: transformers loads on first use, after the CLI has set its environment
     from transformers import AutoConfig
 
-    from peftctl.models.loader import resolve_model_path
-    from peftctl.runs import open_source
-
     cfg = open_source(path, trust_remote_code=trust_remote_code).config.model
-    model_type = AutoConfig.from_pretrained(resolve_model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code).model_type
+    model_type = AutoConfig.from_pretrained(
+        resolve_model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    ).model_type
     if model_type not in SUPPORTED_ARCHITECTURES or cfg.task_type != "causal_lm":
         raise ConfigError(
-            f"GGUF export supports Llama-architecture causal LMs ({', '.join(SUPPORTED_CLASSES)}); this run is model_type {model_type}, task_type {cfg.task_type}"
+            f"GGUF export supports Llama-architecture causal LMs ({', '.join(SUPPORTED_CLASSES)}); this run is "
+            f"model_type {model_type}, task_type {cfg.task_type}"
         )
 
 
@@ -107,7 +114,11 @@ def permute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's `permute(weights, n_head, n_head_kv)`: HF stores each head's rotary halves as
     [x_0..x_{d/2-1} | x_{d/2}..x_{d-1}] (rotate_half); ggml's rope pairs adjacent rows (x_0,x_1), ...
     so each head's rows are interleaved. k uses n_head_kv heads."""
-    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def llama_tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -216,8 +227,14 @@ def add_hparams(writer: Any, gguf: Any, model: Any, outtype: str, name: str) -> 
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(params["factor"]))
     elif rope_type not in ("default", "llama3"):
-        raise ConfigError(f"GGUF export: rope scaling {rope_type!r} is not supported; supported: default, linear, llama3")
-    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16}
+        raise ConfigError(
+            f"GGUF export: rope scaling {rope_type!r} is not supported; supported: default, linear, llama3"
+        )
+    file_types = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    }
     writer.add_file_type(int(file_types[outtype]))
 
 
@@ -234,7 +251,11 @@ def _has(component: dict | None, kind: str) -> bool:
 def _split_regexes(component: dict | None) -> list[str]:
     if not component:
         return []
-    found = [component["pattern"]["Regex"]] if component.get("type") == "Split" and "Regex" in component.get("pattern", {}) else []
+    found = (
+        [component["pattern"]["Regex"]]
+        if component.get("type") == "Split" and "Regex" in component.get("pattern", {})
+        else []
+    )
     for child in component.get("pretokenizers") or []:
         found += _split_regexes(child)
     if component.get("type") == "ByteLevel" and component.get("use_regex", True):
@@ -251,9 +272,14 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
     model = spec["model"]
     vocab = tokenizer.get_vocab()
     if model.get("type") != "BPE":
-        raise ConfigError(f"GGUF export supports BPE tokenizers (byte-level or sentencepiece-style); this tokenizer is {model.get('type')}")
+        raise ConfigError(
+            "GGUF export supports BPE tokenizers (byte-level or sentencepiece-style); this tokenizer is "
+            f"{model.get('type')}"
+        )
     if len(vocab) > vocab_size:
-        raise ConfigError(f"GGUF export: the tokenizer has {len(vocab)} tokens but the model's vocab_size is {vocab_size}")
+        raise ConfigError(
+            f"GGUF export: the tokenizer has {len(vocab)} tokens but the model's vocab_size is {vocab_size}"
+        )
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [UNUSED] * vocab_size
     for token, index in vocab.items():
@@ -271,7 +297,10 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         writer.add_token_types(types)
         _add_merges(writer, merges)
     else:
-        raise ConfigError("GGUF export supports byte-level BPE and sentencepiece-style (byte_fallback) BPE tokenizers; this BPE tokenizer is neither")
+        raise ConfigError(
+            "GGUF export supports byte-level BPE and sentencepiece-style (byte_fallback) BPE tokenizers; this BPE "
+            "tokenizer is neither"
+        )
     _add_special_ids(writer, tokenizer)
 
 
@@ -292,10 +321,14 @@ def _pre_tokenizer_name(spec: dict, merges: list[str]) -> str:
         return known[0]
     if not merges:
         return "default"  # no merges: every byte is its own token whatever the split
-    raise ConfigError("GGUF export: this byte-level tokenizer's pre-tokenizer is not one llama.cpp knows by name (gpt-2, llama-bpe)")
+    raise ConfigError(
+        "GGUF export: this byte-level tokenizer's pre-tokenizer is not one llama.cpp knows by name (gpt-2, llama-bpe)"
+    )
 
 
-def _add_sentencepiece_vocab(writer: Any, spec: dict, tokens: list[str], types: list[int], merges: list[str], tokenizer: Any) -> None:
+def _add_sentencepiece_vocab(
+    writer: Any, spec: dict, tokens: list[str], types: list[int], merges: list[str], tokenizer: Any
+) -> None:
     """llama.cpp's SPM tokenizer merges the adjacent pair whose *result* has the highest score, as
     sentencepiece does; scores = -rank of the merge that first produces the token reproduce the order
     of the tokenizer.json merges. Byte-fallback tokens <0xXX> are BYTE, the unknown token UNKNOWN."""
@@ -317,7 +350,8 @@ def _add_sentencepiece_vocab(writer: Any, spec: dict, tokens: list[str], types: 
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     prefix = _has(spec.get("normalizer"), "Prepend") or any(
-        c.get("type") == "Metaspace" and c.get("prepend_scheme", "always") != "never" for c in _components(spec.get("pre_tokenizer"))
+        c.get("type") == "Metaspace" and c.get("prepend_scheme", "always") != "never"
+        for c in _components(spec.get("pre_tokenizer"))
     )
     writer.add_add_space_prefix(bool(prefix))
 
@@ -329,7 +363,12 @@ def _components(component: dict | None) -> list[dict]:
 
 
 def _add_special_ids(writer: Any, tokenizer: Any) -> None:
-    for role, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id), ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+    for role, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
         token_id = getattr(tokenizer, f"{role}_token_id", None)
         if token_id is not None:
             add(int(token_id))
@@ -390,13 +429,16 @@ def write_gguf(model: Any, tokenizer: Any, target: Path, outtype: str = "auto", 
     return target
 
 
-def export_gguf(path: str | Path, out: str | Path, outtype: str = "auto", quiet: bool = False, overwrite: bool = False,
-                trust_remote_code: bool = False) -> Path:
+def export_gguf(
+    path: str | Path,
+    out: str | Path,
+    outtype: str = "auto",
+    quiet: bool = False,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
     """`peftctl export PATH --format gguf --out FILE_OR_DIR`: merge the adapter, write one GGUF file.
     An existing file there is replaced only with ``overwrite``."""
-    from peftctl.export.merge import merged_model
-    from peftctl.export.target import check_output_target, source_paths
-
     require_gguf()
     check_outtype(outtype)
     check_source(path, trust_remote_code)

@@ -1,12 +1,20 @@
 """`peftctl merge`: fold an adapter into the base weights and write a plain transformers model."""
+
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from peftctl.adapters.persistence import save_adapter_dir
+import torch
+
+from peftctl.adapters.core.persistence import save_adapter_dir
 from peftctl.errors import ConfigError
+from peftctl.export.blend import blend_adapters
 from peftctl.export.target import check_output_target, source_paths
+from peftctl.models.loader import DTYPES, load_model, load_tokenizer, resolve_model_path
+from peftctl.models.quantized import dequantize_model, quantized_base_summary
+from peftctl.runs import load_adapted, open_source
 from peftctl.utils import atomic_directory, check_output_path
 
 
@@ -14,20 +22,20 @@ def default_merge_dir(path: Path) -> Path:
     return path / "merged" if (path / "config.yaml").is_file() else path.parent / f"{path.name}-merged"
 
 
-def merged_model(path: str | Path, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False,
-                 dtype: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any, Any, str]:
+def merged_model(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    safe: bool = False,
+    quiet: bool = False,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any, Any, str]:
     """Fold the adapter at PATH (run or adapter dir) into its base model in memory.
 
     Returns (merged transformers model, tokenizer, source, note). A quantized base (quant=nf4/fp4/int8)
     is first dequantized to ``dtype`` (default: the run's quant.compute_dtype) and merged in that dtype."""
-    from peftctl.adapters.quantized import dequantize_model, quantized_base_summary
-    from peftctl.models.loader import DTYPES
-    from peftctl.runs import load_adapted, open_source
-
     source = open_source(Path(path), overrides, trust_remote_code=trust_remote_code)
     # a quantized base is dequantized where it was quantized: on the GPU when there is one
-    import torch
-
     on_gpu = source.config.quant.method != "none" and torch.cuda.is_available()
     model, tokenizer = load_adapted(source, "cuda" if on_gpu else "cpu")
     quantized = quantized_base_summary(model)
@@ -47,8 +55,17 @@ def merged_model(path: str | Path, overrides: list[str] | None = None, safe: boo
     return merged, tokenizer, source, note
 
 
-def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None, safe: bool = False, quiet: bool = False,
-          dtype: str | None = None, requantize: str | None = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+def merge(
+    path: str | Path,
+    out: str | Path | None = None,
+    overrides: list[str] | None = None,
+    safe: bool = False,
+    quiet: bool = False,
+    dtype: str | None = None,
+    requantize: str | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
     """Merge the adapter at PATH (run or adapter dir) into its base model; write safetensors +
     config + tokenizer to ``out`` atomically. Returns ``out``.
 
@@ -59,9 +76,11 @@ def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] 
     path = Path(path)
     _check_merge_options(dtype, requantize)  # before any model loads
     out = Path(out) if out is not None else default_merge_dir(path)
-    check_output_path(out, "--out", directory=False)  # a name the file system takes, a writable parent
-    check_output_target(out, source_paths(path), overwrite)  # an existing file or folder only with --overwrite
-    merged, tokenizer, source, note = merged_model(path, overrides, safe=safe, quiet=quiet, dtype=dtype, trust_remote_code=trust_remote_code)
+    check_output_path(out, "--out", directory=False)
+    check_output_target(out, source_paths(path), overwrite)
+    merged, tokenizer, source, note = merged_model(
+        path, overrides, safe=safe, quiet=quiet, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     if note and requantize:
         note = f"{note[:-1]}, re-quantized to {requantize})"
     with atomic_directory(out, overwrite=True) as tmp:  # checked above
@@ -75,8 +94,6 @@ def merge(path: str | Path, out: str | Path | None = None, overrides: list[str] 
 
 
 def _check_merge_options(dtype: str | None, requantize: str | None) -> None:
-    from peftctl.models.loader import DTYPES
-
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype={dtype!r} is not valid; expected one of bfloat16, float16, float32")
     if requantize is not None and requantize not in ("nf4", "fp4", "int8"):
@@ -85,14 +102,13 @@ def _check_merge_options(dtype: str | None, requantize: str | None) -> None:
 
 def _requantize_dir(directory: Path, cfg: Any, method: str, dtype: str | None) -> None:
     """Reload the dense merged model through transformers' bitsandbytes path and save it quantized."""
-    import dataclasses
-
-    from peftctl.models.loader import load_model
 
     if method not in ("nf4", "fp4", "int8"):
         raise ConfigError(f"--requantize={method!r} is not valid; expected nf4, fp4 or int8")
     quant = dataclasses.replace(cfg.quant, method=method, compute_dtype=dtype or cfg.quant.compute_dtype)
-    model_cfg = dataclasses.replace(cfg.model, name_or_path=str(directory), arch=None, dtype=dtype or cfg.quant.compute_dtype)
+    model_cfg = dataclasses.replace(
+        cfg.model, name_or_path=str(directory), arch=None, dtype=dtype or cfg.quant.compute_dtype
+    )
     model = load_model(model_cfg, quant, str(directory))
     for item in directory.glob("model*.safetensors*"):
         item.unlink()
@@ -105,7 +121,9 @@ def _parse_list(text: str | None, field: str, cast: type) -> list | None:
     try:
         return [cast(item.strip()) for item in text.split(",") if item.strip()]
     except ValueError:
-        raise ConfigError(f"{field}={text!r} is not valid; expected a comma-separated list of {cast.__name__} values") from None
+        raise ConfigError(
+            f"{field}={text!r} is not valid; expected a comma-separated list of {cast.__name__} values"
+        ) from None
 
 
 def merge_many(
@@ -125,24 +143,31 @@ def merge_many(
     """Blend several adapters trained on the same base (add_weighted_adapter) and write either the
     merged model or, with ``as_adapter``, the blended adapter in PEFT format. Returns ``out``.
     An existing non-empty ``out`` is replaced only with ``overwrite``; a source never."""
-    from peftctl.export.blend import blend_adapters
-    from peftctl.models.loader import load_model, load_tokenizer, resolve_model_path
-    from peftctl.runs import open_source
-
     out = Path(out)
     check_output_path(out, "--out", directory=False)
     check_output_target(out, [p for path in paths for p in source_paths(path)], overwrite)
     sources = [open_source(path, trust_remote_code=trust_remote_code) for path in paths]
     bases = {str(s.config.model.name_or_path) for s in sources}
     if len(bases) > 1:
-        raise ConfigError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}); blend adapters of one base")
+        raise ConfigError(
+            f"the adapters were trained on different base models ({', '.join(sorted(bases))}); blend adapters of one "
+            "base"
+        )
     names = _parse_list(adapters, "--adapters", str)
     weight_values = _parse_list(weights, "--weights", float)
     cfg = sources[0].config
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.model, model_path)
     model = load_model(cfg.model, cfg.quant, model_path)
-    blended = blend_adapters(model, [s.adapter_dir for s in sources], names=names, weights=weight_values, combination_type=combination, density=density, svd_rank=svd_rank)
+    blended = blend_adapters(
+        model,
+        [s.adapter_dir for s in sources],
+        names=names,
+        weights=weight_values,
+        combination_type=combination,
+        density=density,
+        svd_rank=svd_rank,
+    )
     with atomic_directory(out, overwrite=True) as tmp:  # checked above
         if as_adapter:
             save_adapter_dir(blended, tmp, "blended")

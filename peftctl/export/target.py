@@ -2,19 +2,19 @@
 
 Checked before any model is loaded, so a refused command has written nothing.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterable
 
 from peftctl.errors import ConfigError
+from peftctl.runs import open_source
 
 
 def source_paths(path: str | Path) -> list[Path]:
     """What a merge / export of PATH reads: the run or adapter directory, its adapter/ folder and a
     local base model directory (a target there would destroy the input)."""
-    from peftctl.runs import open_source
-
     path = Path(path)
     paths = [path]
     try:
@@ -32,7 +32,9 @@ def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_output_target(out: str | Path, sources: Iterable[str | Path], overwrite: bool, kind: str = "directory", flag: str = "--out") -> None:
+def check_output_target(
+    out: str | Path, sources: Iterable[str | Path], overwrite: bool, kind: str = "directory", flag: str = "--out"
+) -> None:
     """ConfigError unless ``out`` may be written.
 
     ``kind``: "directory" (replaced as a whole), "file", or "folder" (a directory that receives a
@@ -42,12 +44,17 @@ def check_output_target(out: str | Path, sources: Iterable[str | Path], overwrit
     target = Path(out).resolve()
     if kind == "folder":
         if target.exists() and not target.is_dir():
-            raise ConfigError(f"{flag}={str(out)!r} is an existing file that is not a .gguf file; name a .gguf file or a directory")
+            raise ConfigError(
+                f"{flag}={str(out)!r} is an existing file that is not a .gguf file; name a .gguf file or a directory"
+            )
         return
     for source in map(Path, sources):
         if _contains(target, source.resolve()):
             what = "is" if target == source.resolve() else "holds"
-            raise ConfigError(f"{flag}={str(out)!r} {what} the source {str(source)!r}; write to another path (--overwrite never replaces the source)")
+            raise ConfigError(
+                f"{flag}={str(out)!r} {what} the source {str(source)!r}; write to another path (--overwrite never "
+                "replaces the source)"
+            )
     if not (target.exists() or target.is_symlink()):
         return
     if kind == "file" and target.is_dir():

@@ -12,6 +12,7 @@ It applies only where it was measured (benchmarks/fast_path.py): CUDA, a support
 and LoRA (also QLoRA's LoRA on bitsandbytes layers). Other methods run eager; so does DoRA, whose
 compiled layers gave another first-step loss than its eager ones on the GPU (to be found and fixed).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -63,7 +64,7 @@ def allow_one_graph_per_layer(n_layers: int) -> None:
     The layers share one code object, and guards specialise on per-layer constants (the attention's
     ``layer_idx``), so each layer may need its own graph, times a few variants (training / no-grad
     eval, a second sequence length). Past the limit dynamo silently runs the layer eager."""
-    import torch._dynamo.config as dynamo_config
+    import torch._dynamo.config as dynamo_config  # lazy: only when the fast path compiles
 
     needed = 4 * n_layers + 8
     for name in ("recompile_limit", "cache_size_limit"):

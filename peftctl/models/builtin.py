@@ -5,17 +5,20 @@ builds a seeded random model and the byte-level tokenizer, saves both with `save
 cache folder keyed by the architecture's hash, and returns that folder: the caller then loads it with
 `from_pretrained` exactly as it would a downloaded model.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftctl.models.tokenizer import BYTE_VOCAB_SIZE, SPECIAL_TOKENS, build_byte_tokenizer
+from peftctl.utils import atomic_directory
 
 BUILTIN_PREFIX = "builtin:"
 # model_type -> the class saved for it (others: a causal LM). An encoder-only BERT is saved without a
@@ -29,8 +32,6 @@ def cache_root() -> Path:
 
 def _wait_for_file(path: Path, timeout_s: float = 600.0) -> None:
     """Wait until another process has renamed a complete cache entry into place."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     while not path.is_file():
         if time.monotonic() > deadline:
@@ -40,12 +41,15 @@ def _wait_for_file(path: Path, timeout_s: float = 600.0) -> None:
 
 def builtin_model_dir(name: str, arch: dict[str, Any], seed: int = 0) -> Path:
     """Materialise a built-in model on disk (once) and return its directory."""
+    # lazy: transformers loads on first use, after the CLI has set its environment
     import transformers
     from transformers import AutoConfig
 
     arch = dict(arch)
     model_type = arch.pop("model_type", "llama")
-    key = hashlib.sha256(json.dumps({"type": model_type, "arch": arch, "seed": seed}, sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps({"type": model_type, "arch": arch, "seed": seed}, sort_keys=True).encode()
+    ).hexdigest()[:12]
     target = cache_root() / "builtin" / f"{name}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -60,8 +64,6 @@ def builtin_model_dir(name: str, arch: dict[str, Any], seed: int = 0) -> Path:
     auto_cls = getattr(transformers, SAVED_CLASSES.get(model_type, "AutoModelForCausalLM"))
     model = auto_cls.from_config(config)
     torch.random.set_rng_state(generator_state)
-    from peftctl.utils import atomic_directory
-
     try:
         # never replace an entry another process (a torchrun rank, a parallel run) may be reading
         with atomic_directory(target, overwrite=False) as tmp:

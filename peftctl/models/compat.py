@@ -5,6 +5,7 @@ its outputs) from ``past_key_values`` to ``cache``; the old name is still accept
 warning and is to be removed in a later release. Code that hands a cache to a model or reads one back
 goes through these helpers, so it works on both sides of the rename.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -22,6 +23,7 @@ def _forward_parameters(model_class: type) -> frozenset[str]:
 @lru_cache(maxsize=None)
 def release_cache_name() -> str:
     """The installed transformers release's name for the cache (its model outputs carry that field)."""
+    # lazy: transformers loads on first use, after the CLI has set its environment
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"

@@ -9,22 +9,25 @@
   (whose own parameters are all frozen apart from the adapters) still get a backward;
 * ``cast_adapters`` (after the adapters exist) puts adapter weights in a given dtype.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from peftctl.models.quantized import compute_dtype, is_quantized
+
 
 def _compute_dtype(model: nn.Module) -> torch.dtype | None:
-    from peftctl.adapters.quantized import compute_dtype, is_quantized
-
     for module in model.modules():
         if is_quantized(module):
             return compute_dtype(module)
     return None
 
 
-def prepare_model_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True, upcast_norms: bool | None = None) -> nn.Module:
+def prepare_model_for_kbit_training(
+    model: nn.Module, gradient_checkpointing: bool = True, upcast_norms: bool | None = None
+) -> nn.Module:
     """Freeze the base, upcast norms where needed (default: when computing in fp16), enable input
     grads and non-reentrant gradient checkpointing."""
     for param in model.parameters():

@@ -1,6 +1,8 @@
 """Load a base model and tokenizer from a local path, a hub name or a built-in tiny model."""
+
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +11,16 @@ from torch import nn
 
 from peftctl.errors import ConfigError
 from peftctl.models.builtin import BUILTIN_PREFIX, builtin_model_dir
+from peftctl.models.quantization import bnb_config
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 AUTO_CLASSES = {
     "causal_lm": "AutoModelForCausalLM",
     "seq2seq_lm": "AutoModelForSeq2SeqLM",
@@ -25,7 +35,7 @@ def resolve_model_path(model_cfg: Any) -> str:
     if name.startswith(BUILTIN_PREFIX):
         if not model_cfg.arch:
             raise ConfigError(f"model.arch is required for the built-in model {name!r}")
-        return str(builtin_model_dir(name[len(BUILTIN_PREFIX):], dict(model_cfg.arch), seed=int(model_cfg.init_seed)))
+        return str(builtin_model_dir(name[len(BUILTIN_PREFIX) :], dict(model_cfg.arch), seed=int(model_cfg.init_seed)))
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
     if looks_local and not (Path(name).expanduser() / "config.json").is_file():
         raise ConfigError(f"model.name_or_path={name!r}: no such model directory (config.json not found)")
@@ -36,8 +46,6 @@ def resolve_model_path(model_cfg: Any) -> str:
 
 def _check_model_config_file(name: str, file: Path) -> None:
     """A local model's config.json must be a JSON object (transformers' own error is an OSError)."""
-    import json
-
     try:
         values = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -52,18 +60,23 @@ def _load_error(model_cfg: Any, exc: Exception, field: str = "name_or_path") -> 
     text = str(exc).strip()
     value = getattr(model_cfg, field)
     if "trust_remote_code" in text:
-        return ConfigError(f"model.{field}={value!r} needs its own (remote) code; "
-                           "allow it with model.trust_remote_code=true (train) or --trust-remote-code (eval / merge / export)")
+        return ConfigError(
+            f"model.{field}={value!r} needs its own (remote) code; "
+            "allow it with model.trust_remote_code=true (train) or --trust-remote-code (eval / merge / export)"
+        )
     first = text.splitlines()[0] if text else type(exc).__name__
     return ConfigError(f"model.{field}={value!r} could not be loaded: {first}")
 
 
 def load_tokenizer(model_cfg: Any, path: str | None = None) -> Any:
+    # lazy: transformers loads on first use, after the CLI has set its environment
     from transformers import AutoTokenizer
 
     path = path or resolve_model_path(model_cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_cfg.tokenizer or path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
     except (OSError, ValueError) as exc:
         raise _load_error(model_cfg, exc, "tokenizer" if model_cfg.tokenizer else "name_or_path") from None
     if tokenizer.pad_token is None:
@@ -86,12 +99,14 @@ def move_to_device(model: nn.Module, device: Any) -> nn.Module:
     return model if quantized else model.to(device)
 
 
-def load_model(model_cfg: Any, quant_cfg: Any = None, path: str | None = None, device: Any = None, **extra: Any) -> nn.Module:
+def load_model(
+    model_cfg: Any, quant_cfg: Any = None, path: str | None = None, device: Any = None, **extra: Any
+) -> nn.Module:
     """`from_pretrained` with the right Auto class for model.task_type; quantized when quant != none.
 
     A quantized model is placed on ``device`` while it loads (bitsandbytes quantizes on the way onto
     the GPU, and such a model cannot be moved afterwards); default: the current GPU if there is one."""
-    import transformers
+    import transformers  # lazy: see load_tokenizer
 
     path = path or resolve_model_path(model_cfg)
     auto_cls = getattr(transformers, AUTO_CLASSES[model_cfg.task_type])
@@ -101,8 +116,6 @@ def load_model(model_cfg: Any, quant_cfg: Any = None, path: str | None = None, d
     if model_cfg.dtype != "auto":
         kwargs["dtype"] = DTYPES[model_cfg.dtype]
     if quant_cfg is not None and quant_cfg.method != "none":
-        from peftctl.models.quantization import bnb_config
-
         kwargs["quantization_config"] = bnb_config(quant_cfg)
         placement = _quantized_placement(device)
         if placement is not None:

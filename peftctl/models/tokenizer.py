@@ -3,6 +3,7 @@
 It is a regular `PreTrainedTokenizerFast`, saved with `save_pretrained` and loaded back with
 `AutoTokenizer.from_pretrained`, so the built-in models go through the same loading path as hub models.
 """
+
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
@@ -19,7 +20,9 @@ CHAT_TEMPLATE = (
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-character table (what the ByteLevel pre-tokenizer emits)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -31,7 +34,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # lazy: only to build the built-in model
 
     table = _bytes_to_unicode()
     vocab = {table[byte]: byte for byte in range(256)}

@@ -12,8 +12,10 @@ Model FLOPs per token (a frozen base; the usual 6N rule less the weight gradient
     attention scores and values: 2·2·L·s·d forward, twice that backward, halved by the causal mask.
 Recomputation under gradient checkpointing is not counted (it is overhead, not model work).
 """
+
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import tempfile
@@ -24,7 +26,13 @@ from typing import Any
 
 import torch
 
+from peftctl.config.compose import compose_config
+from peftctl.data.tokenize import Example
+from peftctl.devices import pick_device
 from peftctl.errors import ConfigError
+from peftctl.models.loader import move_to_device
+from peftctl.train.loop import Trainer, label_tokens
+from peftctl.train.run import ADAPTER_NAME, apply_kernels, build_model_and_data
 
 # dense bf16 peaks (TFLOP/s) of the datacenter GPUs people train on, by device-name substring
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
@@ -61,10 +69,21 @@ class BenchResult:
         return self.tflops / peak if peak else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"seq_len": self.seq_len, "batch_size": self.batch_size, "steps": self.steps, "tokens_per_s": self.tokens_per_s,
-                "median_step_s": self.median_step_s, "min_step_s": min(self.step_s), "max_step_s": max(self.step_s),
-                "peak_memory_gib": self.peak_memory_gib, "model_tflops": self.tflops, "mfu": self.mfu, "gpu": self.gpu,
-                "fast_path": self.fast_path, "losses": self.losses}
+        return {
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+            "tokens_per_s": self.tokens_per_s,
+            "median_step_s": self.median_step_s,
+            "min_step_s": min(self.step_s),
+            "max_step_s": max(self.step_s),
+            "peak_memory_gib": self.peak_memory_gib,
+            "model_tflops": self.tflops,
+            "mfu": self.mfu,
+            "gpu": self.gpu,
+            "fast_path": self.fast_path,
+            "losses": self.losses,
+        }
 
 
 def weight_count(param: torch.Tensor) -> int:
@@ -84,14 +103,14 @@ def model_flops_per_token(model: Any, seq_len: int) -> float:
     config = model.model.config
     heads = getattr(config, "num_attention_heads", 0) or 0
     head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // max(heads, 1)
-    attention = 3 * 2 * 2 * getattr(config, "num_hidden_layers", 0) * seq_len * heads * head_dim / 2  # (fwd + 2 bwd) x (QK^T, AV) x causal half
+    attention = (
+        3 * 2 * 2 * getattr(config, "num_hidden_layers", 0) * seq_len * heads * head_dim / 2
+    )  # (fwd + 2 bwd) x (QK^T, AV) x causal half
     return 4 * frozen + 6 * trainable + attention
 
 
 def synthetic_examples(count: int, seq_len: int, vocab_size: int, seed: int) -> list[Any]:
     """``count`` examples of ``seq_len`` random token ids, every position a label."""
-    from peftctl.data.tokenize import Example
-
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, vocab_size, (count, seq_len), generator=generator).tolist()
     return [Example(input_ids=row, labels=list(row), prompt="", response="") for row in rows]
@@ -104,10 +123,10 @@ def _synchronize(device: torch.device) -> None:
 
 def time_steps(trainer: Any, examples: list[Any], warmup: int, steps: int) -> tuple[list[float], list[float]]:
     """(seconds of each timed step, every step's loss) through the loop's own optimizer step."""
-    from peftctl.train.loop import label_tokens
-
     per_step = trainer.cfg.train.grad_accum
-    micro = [examples[i : i + trainer.cfg.train.batch_size] for i in range(0, len(examples), trainer.cfg.train.batch_size)]
+    micro = [
+        examples[i : i + trainer.cfg.train.batch_size] for i in range(0, len(examples), trainer.cfg.train.batch_size)
+    ]
     group = micro[:per_step]
     n_tokens = max(sum(label_tokens(b, trainer.task_type) for b in group), 1)
     times, losses = [], []
@@ -122,19 +141,16 @@ def time_steps(trainer: Any, examples: list[Any], warmup: int, steps: int) -> tu
     return times, losses
 
 
-def bench(overrides: list[str], warmup: int = 3, steps: int = 10, seq_len: int | None = None, memory_gib: float | None = None) -> BenchResult:
+def bench(
+    overrides: list[str], warmup: int = 3, steps: int = 10, seq_len: int | None = None, memory_gib: float | None = None
+) -> BenchResult:
     """Build the run as `peftctl train` would, then time ``steps`` optimizer steps after ``warmup``."""
-    from peftctl.config.compose import compose_config
-    from peftctl.models.loader import move_to_device
-    from peftctl.train.loop import Trainer
-    from peftctl.train.run import ADAPTER_NAME, apply_kernels, build_model_and_data, pick_device
-
     if warmup < 0 or steps < 1:
         raise ConfigError(f"--warmup={warmup} / --steps={steps}: expected warmup >= 0 and steps >= 1")
     cfg = compose_config(overrides)
     if cfg.model.task_type != "causal_lm":
         raise ConfigError(f"model.task_type={cfg.model.task_type}: peftctl bench times causal-LM training only")
-    device = pick_device(cfg.train)
+    device = pick_device(cfg.train.device)
     cap_memory(device, memory_gib)
     seq = seq_len or cfg.dataset.max_seq_len
     model, tokenizer, _ = build_model_and_data(cfg, device)
@@ -143,12 +159,22 @@ def bench(overrides: list[str], warmup: int = 3, steps: int = 10, seq_len: int |
     vocab = model.model.get_input_embeddings().weight.shape[0]
     examples = synthetic_examples(cfg.train.batch_size * cfg.train.grad_accum, seq, vocab, cfg.train.seed)
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = Trainer(model, ADAPTER_NAME, examples, [], cfg, Path(scratch), device, tokenizer.pad_token_id, quiet=True)
+        trainer = Trainer(
+            model, ADAPTER_NAME, examples, [], cfg, Path(scratch), device, tokenizer.pad_token_id, quiet=True
+        )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times, losses = time_steps(trainer, examples, warmup, steps)
-    result = BenchResult(seq_len=seq, batch_size=cfg.train.batch_size * cfg.train.grad_accum, steps=steps, step_s=times,
-                         tokens_per_step=len(examples) * seq, flops_per_token=model_flops_per_token(model, seq), fast_path=fast_path, losses=losses)
+    result = BenchResult(
+        seq_len=seq,
+        batch_size=cfg.train.batch_size * cfg.train.grad_accum,
+        steps=steps,
+        step_s=times,
+        tokens_per_step=len(examples) * seq,
+        flops_per_token=model_flops_per_token(model, seq),
+        fast_path=fast_path,
+        losses=losses,
+    )
     if device.type == "cuda":
         result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
         result.gpu = torch.cuda.get_device_name(device)
@@ -167,7 +193,9 @@ def cap_memory(device: torch.device, memory_gib: float | None) -> None:
     torch.cuda.set_per_process_memory_fraction(memory_gib / total, device)
 
 
-def max_context(overrides: list[str], memory_gib: float | None, start: int = 4096, limit: int = 1 << 20, granularity: int = 1024) -> tuple[int, list[dict[str, Any]]]:
+def max_context(
+    overrides: list[str], memory_gib: float | None, start: int = 4096, limit: int = 1 << 20, granularity: int = 1024
+) -> tuple[int, list[dict[str, Any]]]:
     """The longest sequence (a multiple of ``granularity``) whose training step fits: doubling from
     ``start`` until a step runs out of memory, then bisection. Each trial is a fresh build and one step."""
     trials: list[dict[str, Any]] = []
@@ -181,8 +209,6 @@ def max_context(overrides: list[str], memory_gib: float | None, start: int = 409
             trials.append({"seq_len": seq, "fits": False})
             return False
         finally:
-            import gc
-
             gc.collect()
             torch.cuda.empty_cache()
 
@@ -196,21 +222,36 @@ def max_context(overrides: list[str], memory_gib: float | None, start: int = 409
 
 
 def format_result(result: BenchResult) -> str:
-    lines = [f"fast path {result.fast_path}",
-             f"batch {result.batch_size} x {result.seq_len} tokens, {result.steps} timed steps",
-             f"tokens/s {result.tokens_per_s:,.0f}  |  step {result.median_step_s:.3f} s (min {min(result.step_s):.3f}, max {max(result.step_s):.3f})"]
+    lines = [
+        f"fast path {result.fast_path}",
+        f"batch {result.batch_size} x {result.seq_len} tokens, {result.steps} timed steps",
+        f"tokens/s {result.tokens_per_s:,.0f}  |  step {result.median_step_s:.3f} s (min {min(result.step_s):.3f}, max "
+        f"{max(result.step_s):.3f})",
+    ]
     memory = f"peak memory {result.peak_memory_gib:.2f} GiB  |  " if result.peak_memory_gib is not None else ""
     mfu = f"  |  MFU {result.mfu:.1%} of {result.gpu}'s bf16 peak" if result.mfu is not None else ""
     lines.append(f"{memory}model {result.tflops:.3g} TFLOP/s{mfu}")
     return "\n".join(lines)
 
 
-def run_bench(overrides: list[str], warmup: int, steps: int, seq_len: int | None, find_max_context: bool, memory_gib: float | None, as_json: bool) -> dict[str, Any]:
+def run_bench(
+    overrides: list[str],
+    warmup: int,
+    steps: int,
+    seq_len: int | None,
+    find_max_context: bool,
+    memory_gib: float | None,
+    as_json: bool,
+) -> dict[str, Any]:
     """What the CLI's `peftctl bench` prints (text, or one JSON object with --json)."""
     if find_max_context:
         longest, trials = max_context(overrides, memory_gib)
         report = {"max_context": longest, "memory_gib": memory_gib, "trials": trials}
-        print(json.dumps(report) if as_json else f"longest sequence that trains within {memory_gib or 'all'} GiB: {longest:,} tokens")
+        print(
+            json.dumps(report)
+            if as_json
+            else f"longest sequence that trains within {memory_gib or 'all'} GiB: {longest:,} tokens"
+        )
         return report
     result = bench(overrides, warmup, steps, seq_len, memory_gib)
     print(json.dumps(result.as_dict()) if as_json else format_result(result))

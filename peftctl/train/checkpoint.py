@@ -10,6 +10,7 @@ checkpoints/step-000200/
 Written into a temporary folder and renamed, so a checkpoint folder is always complete; on resume the
 manifest is verified and a broken checkpoint (missing / truncated / altered file) is skipped.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftctl.adapters.persistence import read_adapter_weights, save_adapter_dir, set_adapter_state_dict
+from peftctl.adapters.core.persistence import read_adapter_weights, save_adapter_dir, set_adapter_state_dict
 from peftctl.errors import ConfigError
 from peftctl.utils import atomic_directory, remove_path, sha256_file
 
@@ -81,11 +82,15 @@ def restore_trainable_state(model: Any, tensors: dict[str, torch.Tensor], path: 
     params = dict(model.named_parameters())
     missing = sorted(set(trainable_state(model)) - set(tensors))
     if missing:
-        raise ConfigError(f"checkpoint {path} does not fit this run: it lacks {missing[0]} (was the adapter config changed?)")
+        raise ConfigError(
+            f"checkpoint {path} does not fit this run: it lacks {missing[0]} (was the adapter config changed?)"
+        )
     with torch.no_grad():
         for name, tensor in tensors.items():
             if name not in params or params[name].shape != tensor.shape:
-                raise ConfigError(f"checkpoint {path} does not fit this run: {name} is not a trainable tensor of this shape")
+                raise ConfigError(
+                    f"checkpoint {path} does not fit this run: {name} is not a trainable tensor of this shape"
+                )
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
 
@@ -100,7 +105,9 @@ def save_hook_states(directory: Path, hooks: Sequence[Any]) -> None:
         if not callable(getattr(hook, "state_dict", None)):
             continue
         state = hook.state_dict()
-        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        tensors = {
+            k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)
+        }
         values = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
         stem = _hook_stem(directory, index, hook)
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -115,8 +122,11 @@ def load_hook_states(path: Path, hooks: Sequence[Any]) -> None:
             continue
         stem = _hook_stem(path, index, hook)
         if not stem.with_suffix(".json").is_file():  # a checkpoint from before hook states were saved
-            warnings.warn(f"checkpoint {path} holds no state for the training hook {type(hook).__name__}; "
-                          "it restarts from its initial state, so the resumed run is not exact", stacklevel=2)
+            warnings.warn(
+                f"checkpoint {path} holds no state for the training hook {type(hook).__name__}; "
+                "it restarts from its initial state, so the resumed run is not exact",
+                stacklevel=2,
+            )
             continue
         state = json.loads(stem.with_suffix(".json").read_text())["state"]
         state.update(load_file(str(stem.with_suffix(".safetensors"))))
@@ -127,8 +137,18 @@ def rng_file(rank: int) -> str:
     return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
 
 
-def save_checkpoint(run_dir: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any], keep: int,
-                    hooks: Sequence[Any] = (), rank_rngs: list[dict[str, Any]] | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    model: Any,
+    adapter_name: str,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    state: dict[str, Any],
+    keep: int,
+    hooks: Sequence[Any] = (),
+    rank_rngs: list[dict[str, Any]] | None = None,
+) -> Path:
     """``rank_rngs``: every rank's RNG state in rank order (data-parallel runs); default: this process's."""
     target = checkpoint_dir(run_dir, state["step"])
     stage = f"checkpoint:{state['step']}"
@@ -140,7 +160,10 @@ def save_checkpoint(run_dir: Path, model: Any, adapter_name: str, optimizer: Any
         kill_point(f"{stage}:trainable")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         kill_point(f"{stage}:optimizer")
-        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}}, tmp / "scheduler.pt")
+        torch.save(
+            {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}},
+            tmp / "scheduler.pt",
+        )
         for rank, state_of_rank in enumerate(rank_rngs or [rng_state()]):
             torch.save(state_of_rank, tmp / rng_file(rank))
         save_hook_states(tmp, hooks)
@@ -209,7 +232,10 @@ def verified_checkpoint(path: Path) -> Path:
     """``path`` itself (an explicit train.resume=<checkpoint>), or ConfigError naming what is broken."""
     problem = checkpoint_problem(path)
     if problem is not None:
-        raise ConfigError(f"train.resume={str(path)!r} is a broken checkpoint: {problem}; pick another checkpoint or use train.resume=true")
+        raise ConfigError(
+            f"train.resume={str(path)!r} is a broken checkpoint: {problem}; pick another checkpoint or use "
+            "train.resume=true"
+        )
     return path
 
 
@@ -234,7 +260,11 @@ def clean_torn_writes(run_dir: Path) -> None:
         if not folder.is_dir():
             continue
         for entry in sorted(folder.iterdir()):
-            names = RUN_ENTRIES if folder == run_dir else [m.group(0) for m in [re.match(r"\.*(step-\d+)", entry.name)] if m]
+            names = (
+                RUN_ENTRIES
+                if folder == run_dir
+                else [m.group(0) for m in [re.match(r"\.*(step-\d+)", entry.name)] if m]
+            )
             names = [n.lstrip(".") for n in names]
             owner = _torn_owner(entry.name, names)
             if owner is None:
@@ -246,13 +276,24 @@ def clean_torn_writes(run_dir: Path) -> None:
                 remove_path(entry)
 
 
-def load_checkpoint(path: Path, model: Any, adapter_name: str, optimizer: Any, scheduler: Any, scaler: Any, hooks: Sequence[Any] = (), rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path,
+    model: Any,
+    adapter_name: str,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    hooks: Sequence[Any] = (),
+    rank: int = 0,
+) -> dict[str, Any]:
     if not (path / STATE_NAME).is_file():
         raise ConfigError(f"train.resume={str(path)!r} is not a checkpoint folder ({STATE_NAME} not found)")
     if (path / TRAINABLE_NAME).is_file():
         restore_trainable_state(model, load_file(str(path / TRAINABLE_NAME)), path)
     else:  # a checkpoint from before trainable.safetensors existed
-        set_adapter_state_dict(model, adapter_name, read_adapter_weights(path / "adapter"), source=str(path / "adapter"))
+        set_adapter_state_dict(
+            model, adapter_name, read_adapter_weights(path / "adapter"), source=str(path / "adapter")
+        )
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     saved = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(saved["scheduler"])
@@ -260,7 +301,9 @@ def load_checkpoint(path: Path, model: Any, adapter_name: str, optimizer: Any, s
         scaler.load_state_dict(saved["scaler"])
     rng_path = path / rng_file(rank)
     if not rng_path.is_file():  # resumed with more ranks than the run had
-        warnings.warn(f"checkpoint {path} holds no RNG state for rank {rank}; it continues rank 0's stream", stacklevel=2)
+        warnings.warn(
+            f"checkpoint {path} holds no RNG state for rank {rank}; it continues rank 0's stream", stacklevel=2
+        )
         rng_path = path / rng_file(0)
     restore_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
     load_hook_states(path, hooks)

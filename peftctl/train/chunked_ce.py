@@ -6,10 +6,11 @@ states; the head and the cross-entropy then run over chunks of tokens, each chun
 backward pass (activation checkpointing), so at most one chunk of logits is alive at a time.
 The sum is the same as ``cross_entropy(logits.float(), labels, reduction="sum")``.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,24 +18,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from peftctl.data.packing import model_inputs
+from peftctl.models.modules import find_hf_model
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**26  # logits per chunk: 64M fp32 = 256 MiB
 
 
-def _hf_model(model: nn.Module) -> Any:
-    from transformers import PreTrainedModel
-
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            return module
-    return None
-
-
 @contextmanager
 def head_as_identity(model: nn.Module) -> Iterator[nn.Module | None]:
     """Temporarily replace the output head by an identity; yields the head (None: not possible)."""
-    hf = _hf_model(model)
+    hf = find_hf_model(model)
     head = hf.get_output_embeddings() if hf is not None and hasattr(hf, "get_output_embeddings") else None
     name = next((n for n, m in hf.named_children() if m is head), None) if head is not None else None
     if name is None or getattr(hf.config, "final_logit_softcapping", None) or getattr(hf.config, "logit_scale", None):
@@ -78,5 +71,10 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
             return chunked_lm_loss_sum(hidden, shift_labels.reshape(-1), head, head.out_features), count
     logits = output if head is None else head(output)
     shift_logits = logits[:, :-1, :].float()
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
     return loss, count

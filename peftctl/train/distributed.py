@@ -12,6 +12,7 @@ grad_accum=N·k`` (tests/integration/test_distributed.py checks this).
 Rank 0 alone writes the run directory (config, metrics, checkpoints, adapter, plots); the other
 ranks' RNG states are gathered into each checkpoint so a resumed run continues every rank's stream.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,13 @@ def launched_world_size() -> int:
 
 def init_distributed(device_kind: str) -> DistInfo:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); SINGLE when not launched so."""
-    import torch.distributed as dist
-
     if launched_world_size() <= 1:
         return SINGLE
-    info = DistInfo(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
     if not dist.is_initialized():
         if device_kind == "cuda":
             torch.cuda.set_device(info.local_rank)
@@ -59,8 +63,6 @@ def init_distributed(device_kind: str) -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
-    import torch.distributed as dist
-
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 

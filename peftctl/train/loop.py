@@ -1,4 +1,5 @@
 """The one training loop: accumulate, clip, step, schedule, log, eval, checkpoint, resume."""
+
 from __future__ import annotations
 
 import math
@@ -10,12 +11,14 @@ from typing import Any, Iterator
 
 import torch
 
+from peftctl.adapters.core.model import AdaptedModel
+from peftctl.config.schema import RunConfig, TrainConfig
 from peftctl.data.tokenize import Example, collate
 from peftctl.errors import TrainingError
-from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
 from peftctl.train.checkpoint import kill_point, load_checkpoint, rng_state, save_checkpoint
 from peftctl.train.distributed import SINGLE, DistInfo, broadcast_parameters, gather_objects, sum_gradients, sum_values
-from peftctl.train.logging import MetricsLog, Progress
+from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
+from peftctl.train.metrics_log import MetricsLog, Progress
 from peftctl.train.objectives import build_objective, evaluate_objective, finish_metrics
 from peftctl.train.optim import build_optimizer, build_scheduler
 
@@ -50,7 +53,7 @@ def micro_batches(examples: list[Example], batch_size: int, seed: int, state: Lo
         state.position = 0
 
 
-def total_optimizer_steps(n_examples: int, train_cfg: Any, world_size: int = 1) -> int:
+def total_optimizer_steps(n_examples: int, train_cfg: TrainConfig, world_size: int = 1) -> int:
     """train.max_steps, or the steps of train.epochs epochs (each step takes grad_accum micro-batches per rank)."""
     if train_cfg.max_steps > 0:
         return train_cfg.max_steps
@@ -72,7 +75,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, examples: list[Example], batch_size: int, pad_id: int, device: torch.device, precision: str = "fp32", task_type: str = "causal_lm") -> float:
+def evaluate_loss(
+    model: Any,
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    precision: str = "fp32",
+    task_type: str = "causal_lm",
+) -> float:
     """Token- (classification: example-) weighted mean loss over the labels of ``examples``."""
     was_training = model.training
     model.eval()
@@ -99,10 +110,19 @@ class Trainer:
     dealt round-robin to the ranks and the adapter's gradients summed across them; rank 0 alone
     logs, evaluates and writes checkpoints."""
 
-    def __init__(self, model: Any, adapter_name: str, train_data: list[Example], eval_data: list[Example], cfg: Any, run_dir: Path, device: torch.device, pad_id: int,
-                 quiet: bool = False, dist: DistInfo = SINGLE) -> None:
-        from peftctl.adapters.registry import get_method
-
+    def __init__(
+        self,
+        model: AdaptedModel,
+        adapter_name: str,
+        train_data: list[Example],
+        eval_data: list[Example],
+        cfg: RunConfig,
+        run_dir: Path,
+        device: torch.device,
+        pad_id: int,
+        quiet: bool = False,
+        dist: DistInfo = SINGLE,
+    ) -> None:
         self.dist = dist
         self.model, self.adapter_name, self.cfg = model, adapter_name, cfg
         self.train_data, self.eval_data = train_data, eval_data
@@ -112,13 +132,14 @@ class Trainer:
         self.optimizer = build_optimizer(model.parameters(), cfg.train)
         broadcast_parameters(self._trainable(), dist)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)
-        fp16 = cfg.train.precision == "fp16"
-        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16) if fp16 else None
-        method = get_method(model.peft_config[adapter_name].method)
-        self.hooks = method.training_hooks(model, adapter_name, self.total_steps)
+        # fp16 needs loss scaling; otherwise the scaler is switched off (every call passes through)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        self.hooks = model.method_of(adapter_name).training_hooks(model, adapter_name, self.total_steps)
         self.state = LoopState()
         self.last_checkpoint: Path | None = None
-        self.objective = build_objective(cfg)  # sft: the task's loss; dpo / orpo / kto / reward: train/objectives.py
+        self.objective = build_objective(
+            cfg, task_loss
+        )  # sft: the task's loss; dpo / orpo / kto / reward: train/objectives.py
         self.objective.prepare(model, train_data, device, pad_id, cfg.eval.batch_size)
 
     # ------------------------------------------------------------------ pieces
@@ -126,8 +147,19 @@ class Trainer:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def resume_from(self, checkpoint: Path) -> None:
-        saved = load_checkpoint(checkpoint, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, self.hooks, rank=self.dist.rank)
-        self.state = LoopState(step=saved["step"], epoch=saved["epoch"], position=saved["position"], tokens=saved["tokens"])
+        saved = load_checkpoint(
+            checkpoint,
+            self.model,
+            self.adapter_name,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.hooks,
+            rank=self.dist.rank,
+        )
+        self.state = LoopState(
+            step=saved["step"], epoch=saved["epoch"], position=saved["position"], tokens=saved["tokens"]
+        )
         self.last_checkpoint = checkpoint
         self._rebase_lr(self.cfg.train.lr)
 
@@ -149,7 +181,11 @@ class Trainer:
                 return name
         for param_state in self.optimizer.state.values():
             for key, value in param_state.items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.is_floating_point()
+                    and not bool(torch.isfinite(value).all())
+                ):
                     return f"the optimizer state ({key})"
         return None
 
@@ -157,9 +193,15 @@ class Trainer:
         """TrainingError instead of saving non-finite weights: the named last good checkpoint stays finite."""
         bad = self._first_non_finite()
         if bad is not None:
-            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
-            raise TrainingError(f"{bad} became non-finite by step {self.state.step}; training stopped without saving {what} ({where}). "
-                                "Try a lower train.lr or train.precision=fp32")
+            where = (
+                f"the last good checkpoint is {self.last_checkpoint}"
+                if self.last_checkpoint
+                else "no checkpoint was written yet"
+            )
+            raise TrainingError(
+                f"{bad} became non-finite by step {self.state.step}; training stopped without saving {what} ({where}). "
+                "Try a lower train.lr or train.precision=fp32"
+            )
 
     def _hook(self, name: str, *args: Any) -> Any:
         value = args[0] if name == "on_loss" else None
@@ -172,8 +214,20 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         """eval_loss (and a preference objective's eval_rewards/... metrics) on the held-out data."""
         if self.objective.name != "sft":
-            return evaluate_objective(self.model, self.objective, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device)
-        return {"eval_loss": evaluate_loss(self.model, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device, self.cfg.train.precision, self.task_type)}
+            return evaluate_objective(
+                self.model, self.objective, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device
+            )
+        return {
+            "eval_loss": evaluate_loss(
+                self.model,
+                self.eval_data,
+                self.cfg.eval.batch_size,
+                self.pad_id,
+                self.device,
+                self.cfg.train.precision,
+                self.task_type,
+            )
+        }
 
     def _optimizer_step(self, group: list[list[Example]], n_tokens: int) -> tuple[float, float]:
         """Forward/backward over this rank's micro-batches of the step, gradients summed across
@@ -192,31 +246,36 @@ class Trainer:
             if not torch.isfinite(loss):
                 bad_loss = float(loss.detach())
                 continue  # no backward of a non-finite loss; every rank stops below
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self.scaler.scale(loss).backward()
             loss_total += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
-        loss_total, tokens, n_bad = sum_values([loss_total, tokens, float(bad_loss is not None)], self.device, self.dist)
+        loss_total, tokens, n_bad = sum_values(
+            [loss_total, tokens, float(bad_loss is not None)], self.device, self.dist
+        )
         if self.step_metrics:  # per pair / example means over the whole (global) step
             keys = sorted(self.step_metrics)
             summed = sum_values([self.step_metrics[k] for k in keys], self.device, self.dist)
             self.step_metrics = finish_metrics(dict(zip(keys, summed)), n_tokens)
         if n_bad:
-            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            where = (
+                f"the last good checkpoint is {self.last_checkpoint}"
+                if self.last_checkpoint
+                else "no checkpoint was written yet"
+            )
             value = bad_loss if bad_loss is not None else "non-finite on another rank"
-            raise TrainingError(f"loss became {value} at step {self.state.step + 1}; training stopped ({where}). Try a lower train.lr or train.precision=fp32")
+            raise TrainingError(
+                f"loss became {value} at step {self.state.step + 1}; training stopped ({where}). Try a lower train.lr "
+                "or train.precision=fp32"
+            )
         self.state.tokens += int(tokens)
         params = self._trainable()
         sum_gradients(params, self.dist)
         self._hook("after_backward", self.state.step)
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+        self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.scaler.step(self.optimizer)  # a disabled scaler just calls optimizer.step()
+        self.scaler.update()
         self.scheduler.step()
         self._hook("after_step", self.state.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -224,11 +283,27 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         self._require_finite("a checkpoint")  # every rank holds the same weights: every rank stops
-        state = {"step": self.state.step, "epoch": self.state.epoch, "position": self.state.position, "tokens": self.state.tokens, "total_steps": self.total_steps}
+        state = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "position": self.state.position,
+            "tokens": self.state.tokens,
+            "total_steps": self.total_steps,
+        }
         rank_rngs = gather_objects(rng_state(), self.dist)  # every rank's dropout stream, for resume
         if self.dist.is_main:
-            self.last_checkpoint = save_checkpoint(self.run_dir, self.model, self.adapter_name, self.optimizer, self.scheduler, self.scaler, state,
-                                                   self.cfg.train.keep_checkpoints, self.hooks, rank_rngs=rank_rngs)
+            self.last_checkpoint = save_checkpoint(
+                self.run_dir,
+                self.model,
+                self.adapter_name,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                state,
+                self.cfg.train.keep_checkpoints,
+                self.hooks,
+                rank_rngs=rank_rngs,
+            )
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after_step: int | None = None) -> dict[str, Any]:
@@ -252,8 +327,16 @@ class Trainer:
                 step = self.state.step
                 kill_point(f"step:{step}")
                 elapsed = time.perf_counter() - window_start
-                record = {"step": step, "epoch": round(self.state.epoch + self.state.position * train_cfg.batch_size / len(self.train_data), 4),
-                          "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": (self.state.tokens - window_tokens) / max(elapsed, 1e-9)}
+                record = {
+                    "step": step,
+                    "epoch": round(
+                        self.state.epoch + self.state.position * train_cfg.batch_size / len(self.train_data), 4
+                    ),
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": (self.state.tokens - window_tokens) / max(elapsed, 1e-9),
+                }
                 record.update(self.step_metrics)
                 if self.device.type == "cuda":
                     record["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -262,7 +345,13 @@ class Trainer:
                     log.write(record)
                     window_start, window_tokens = time.perf_counter(), self.state.tokens
                 progress.update(step, {"loss": loss, "lr": lr, "tok/s": round(record["tokens_per_s"])}, log_now)
-                if main and self.eval_data and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < self.total_steps:
+                if (
+                    main
+                    and self.eval_data
+                    and train_cfg.eval_every
+                    and step % train_cfg.eval_every == 0
+                    and step < self.total_steps
+                ):
                     evaluation = self._evaluate()
                     log.write({"step": step, **evaluation})
                     progress.message(f"step {step}  eval_loss {evaluation['eval_loss']:.4f}")

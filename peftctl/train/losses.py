@@ -4,6 +4,7 @@ Returning a sum and a count lets the loop take a token- (or example-) weighted m
 accumulated batch. Prompt-family methods return logits for their virtual tokens too; those extra
 leading positions are dropped so that logits line up with the labels.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -26,7 +27,9 @@ def seq2seq_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.
     """Cross-entropy of the decoder's predictions of the target tokens (teacher forcing from labels)."""
     labels = batch["labels"]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits.float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, int((labels != IGNORE_INDEX).sum())
 
 
@@ -40,8 +43,12 @@ def seq_cls_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.
 def token_cls_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Cross-entropy of the tag logits on labelled sub-words (first sub-word of each word)."""
     labels = batch["labels"]
-    logits = _last(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels.shape[1]).float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    logits = _last(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels.shape[1]
+    ).float()
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, int((labels != IGNORE_INDEX).sum())
 
 

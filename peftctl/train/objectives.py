@@ -23,6 +23,7 @@ Preference losses (pure functions below, on per-sequence log-probabilities):
   batch estimate of KL(π‖π_ref), as TRL computes it.
 * Reward model: Bradley-Terry, -log σ(r(x, y_w) - r(x, y_l)) on a one-output sequence-classification head.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,7 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from peftctl.data.tokenize import IGNORE_INDEX
+from peftctl.data.preference import collate_kto, collate_pairs
+from peftctl.data.tokenize import IGNORE_INDEX, collate
+from peftctl.train.losses import label_count
 
 Metrics = dict[str, torch.Tensor]
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
@@ -38,9 +41,18 @@ REFERENCE_FREE = ("simpo",)
 
 
 # ---------------------------------------------------------------------------- losses (per pair / example)
-def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
-               beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0, gamma: float = 0.0,
-               chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(losses, chosen rewards, rejected rewards), one per pair. Inputs: summed log-probs per sequence
     (SimPO: lengths in tokens too; no reference)."""
     if loss_type == "simpo":
@@ -55,7 +67,9 @@ def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_c
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "robust":
-        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) / (1 - 2 * label_smoothing)
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) / (
+            1 - 2 * label_smoothing
+        )
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
@@ -70,15 +84,24 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def orpo_losses(chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def orpo_losses(
+    chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(λ · odds-ratio loss, log odds ratio) per pair, from mean token log-probs (ORPO eq. 6-7; the
     NLL term is added by the objective)."""
     log_odds = (chosen_mean_logp - rejected_mean_logp) - (log1mexp(chosen_mean_logp) - log1mexp(rejected_mean_logp))
     return -beta * F.logsigmoid(log_odds), log_odds
 
 
-def kto_losses(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
-               beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def kto_losses(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(losses, rewards) per example (KTO eq. 8); ``kl``: the detached reference point z₀."""
     ratio = policy_logps - ref_logps
     desirable_loss = desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl)))
@@ -96,24 +119,38 @@ def bradley_terry_losses(chosen_scores: torch.Tensor, rejected_scores: torch.Ten
 
 
 # ---------------------------------------------------------------------------- model log-probs
-def sequence_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ log p(token) over each row's label tokens, their count), next-token shifted, in fp32."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logits = logits[:, -labels.shape[1]:]  # prompt-family methods prepend virtual-token positions
+    logits = logits[:, -labels.shape[1] :]  # prompt-family methods prepend virtual-token positions
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    token_nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    token_nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
     mask = shift_labels != IGNORE_INDEX
     return -(token_nll.view_as(shift_labels) * mask).sum(-1), mask.sum(-1)
 
 
 @torch.no_grad()
-def reference_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def reference_logps(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """Log-probs of the base model: the same model with its adapter switched off (no second copy)."""
     with model.disable_adapter():
         return sequence_logps(model, input_ids, attention_mask, labels)[0]
 
 
-def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> Metrics:
+def _pair_metrics(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+) -> Metrics:
     """Sums over the pairs (the loop divides by the step's pair count)."""
     return {
         "rewards/chosen": chosen_rewards.sum(),
@@ -132,23 +169,18 @@ class SFTObjective:
     name = "sft"
     needs_reference = False
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, task_loss: Any = None) -> None:
         self.task_type = cfg.model.task_type
+        self.task_loss = task_loss  # task type -> loss-sum function (the loop's task_loss, patchable in tests)
 
     def collate(self, examples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
-        from peftctl.data.tokenize import collate
-
         return collate(examples, pad_id)
 
     def count(self, examples: list[Any]) -> int:
-        from peftctl.train.loop import label_tokens
-
-        return label_tokens(examples, self.task_type)
+        return sum(label_count(e.labels, self.task_type) for e in examples)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, Metrics]:
-        from peftctl.train.loop import task_loss  # resolved there so tests can patch it
-
-        loss_sum, count = task_loss(self.task_type)(model, batch)
+        loss_sum, count = self.task_loss(self.task_type)(model, batch)
         return loss_sum, count, {}
 
     def prepare(self, model: Any, examples: list[Any], device: torch.device, pad_id: int, batch_size: int) -> None:
@@ -159,14 +191,14 @@ class PairObjective(SFTObjective):
     """Chosen and rejected of each pair run through the model in one concatenated batch."""
 
     def collate(self, examples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
-        from peftctl.data.preference import collate_pairs
-
         return collate_pairs(examples, pad_id)
 
     def count(self, examples: list[Any]) -> int:
         return len(examples)
 
-    def policy_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def policy_logps(
+        self, model: Any, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(chosen, rejected) summed log-probs and their token counts."""
         logps, lengths = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         n = logps.shape[0] // 2
@@ -176,8 +208,8 @@ class PairObjective(SFTObjective):
 class DPOObjective(PairObjective):
     name = "dpo"
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: Any, task_loss: Any = None) -> None:
+        super().__init__(cfg, task_loss)
         self.options = cfg.train.dpo
         self.needs_reference = self.options.loss_type not in REFERENCE_FREE
 
@@ -193,7 +225,18 @@ class DPOObjective(PairObjective):
         ref_chosen, ref_rejected = self.reference(model, batch) if self.needs_reference else (None, None)
         chosen, rejected, chosen_len, rejected_len = self.policy_logps(model, batch)
         o = self.options
-        losses, chosen_rewards, rejected_rewards = dpo_losses(chosen, rejected, ref_chosen, ref_rejected, o.beta, o.loss_type, o.label_smoothing, o.gamma, chosen_len, rejected_len)
+        losses, chosen_rewards, rejected_rewards = dpo_losses(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            o.beta,
+            o.loss_type,
+            o.label_smoothing,
+            o.gamma,
+            chosen_len,
+            rejected_len,
+        )
         return losses.sum(), int(losses.numel()), _pair_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
 
     def prepare(self, model: Any, examples: list[Any], device: torch.device, pad_id: int, batch_size: int) -> None:
@@ -204,8 +247,8 @@ class DPOObjective(PairObjective):
 class ORPOObjective(PairObjective):
     name = "orpo"
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: Any, task_loss: Any = None) -> None:
+        super().__init__(cfg, task_loss)
         self.beta = cfg.train.orpo.beta
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, Metrics]:
@@ -223,13 +266,11 @@ class KTOObjective(SFTObjective):
     name = "kto"
     needs_reference = True
 
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: Any, task_loss: Any = None) -> None:
+        super().__init__(cfg, task_loss)
         self.options = cfg.train.kto
 
     def collate(self, examples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
-        from peftctl.data.preference import collate_kto
-
         return collate_kto(examples, pad_id)
 
     def count(self, examples: list[Any]) -> int:
@@ -242,11 +283,19 @@ class KTOObjective(SFTObjective):
         with torch.no_grad():  # z₀ is detached: no gradient through the mismatched pairs
             kl = kto_reference_point(logps[n:], ref[n:])
         o = self.options
-        losses, rewards = kto_losses(logps[:n], ref[:n], batch["desirable"], kl, o.beta, o.desirable_weight, o.undesirable_weight)
+        losses, rewards = kto_losses(
+            logps[:n], ref[:n], batch["desirable"], kl, o.beta, o.desirable_weight, o.undesirable_weight
+        )
         desirable = batch["desirable"]
-        metrics = {"kl": kl * n, "rewards/chosen_sum": rewards[desirable].sum(), "rewards/rejected_sum": rewards[~desirable].sum(),
-                   "count/chosen": desirable.float().sum(), "count/rejected": (~desirable).float().sum(),
-                   "logps/chosen_sum": logps[:n][desirable].detach().sum(), "logps/rejected_sum": logps[:n][~desirable].detach().sum()}
+        metrics = {
+            "kl": kl * n,
+            "rewards/chosen_sum": rewards[desirable].sum(),
+            "rewards/rejected_sum": rewards[~desirable].sum(),
+            "count/chosen": desirable.float().sum(),
+            "count/rejected": (~desirable).float().sum(),
+            "logps/chosen_sum": logps[:n][desirable].detach().sum(),
+            "logps/rejected_sum": logps[:n][~desirable].detach().sum(),
+        }
         return losses.sum(), n, metrics
 
 
@@ -260,16 +309,27 @@ class RewardObjective(PairObjective):
         n = scores.shape[0] // 2
         chosen, rejected = scores[:n], scores[n:]
         losses = bradley_terry_losses(chosen, rejected)
-        metrics = {"rewards/chosen": chosen.detach().sum(), "rewards/rejected": rejected.detach().sum(), "rewards/margins": (chosen - rejected).detach().sum(),
-                   "rewards/accuracies": (chosen > rejected).float().sum()}
+        metrics = {
+            "rewards/chosen": chosen.detach().sum(),
+            "rewards/rejected": rejected.detach().sum(),
+            "rewards/margins": (chosen - rejected).detach().sum(),
+            "rewards/accuracies": (chosen > rejected).float().sum(),
+        }
         return losses.sum(), n, metrics
 
 
-OBJECTIVES = {"sft": SFTObjective, "dpo": DPOObjective, "orpo": ORPOObjective, "kto": KTOObjective, "reward": RewardObjective}
+OBJECTIVES = {
+    "sft": SFTObjective,
+    "dpo": DPOObjective,
+    "orpo": ORPOObjective,
+    "kto": KTOObjective,
+    "reward": RewardObjective,
+}
 
 
-def build_objective(cfg: Any) -> SFTObjective:
-    return OBJECTIVES[getattr(cfg.train, "objective", "sft")](cfg)
+def build_objective(cfg: Any, task_loss: Any = None) -> SFTObjective:
+    """The run's objective; ``task_loss`` (task type -> loss-sum function) serves train.objective=sft."""
+    return OBJECTIVES[cfg.train.objective](cfg, task_loss)
 
 
 def finish_metrics(sums: dict[str, float], count: float) -> dict[str, float]:
@@ -288,8 +348,6 @@ def finish_metrics(sums: dict[str, float], count: float) -> dict[str, float]:
 @torch.no_grad()
 def precompute_reference(model: Any, examples: list[Any], device: torch.device, pad_id: int, batch_size: int) -> None:
     """Store the base model's log-probs of chosen and rejected on each pair (one pass, adapter off)."""
-    from peftctl.data.preference import collate_pairs
-
     was_training = model.training
     model.eval()
     for start in range(0, len(examples), batch_size):
@@ -302,7 +360,9 @@ def precompute_reference(model: Any, examples: list[Any], device: torch.device, 
 
 
 @torch.no_grad()
-def evaluate_objective(model: Any, objective: SFTObjective, examples: list[Any], batch_size: int, pad_id: int, device: torch.device) -> dict[str, float]:
+def evaluate_objective(
+    model: Any, objective: SFTObjective, examples: list[Any], batch_size: int, pad_id: int, device: torch.device
+) -> dict[str, float]:
     """The objective's mean loss (``eval_loss``) and metrics (``eval_rewards/...``) over ``examples``."""
     was_training = model.training
     model.eval()

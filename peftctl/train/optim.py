@@ -1,30 +1,45 @@
 """Optimizers and learning-rate schedules."""
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
+from peftctl.config.schema import TrainConfig
 from peftctl.errors import ConfigError
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: Any) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if not params:
-        raise ConfigError("the adapter has no trainable parameters; check adapter.target_modules and adapter.inference_mode")
-    kwargs = dict(lr=train_cfg.lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay)
+        raise ConfigError(
+            "the adapter has no trainable parameters; check adapter.target_modules and adapter.inference_mode"
+        )
+    kwargs = dict(
+        lr=train_cfg.lr,
+        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+        eps=train_cfg.adam_eps,
+        weight_decay=train_cfg.weight_decay,
+    )
     if train_cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, **kwargs)
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional dependency
     except ImportError:
-        raise ConfigError(f"train.optimizer={train_cfg.optimizer} needs bitsandbytes: pip install 'peftctl[quant]'") from None
-    classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+        raise ConfigError(
+            f"train.optimizer={train_cfg.optimizer} needs bitsandbytes: pip install 'peftctl[quant]'"
+        ) from None
+    classes = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }
     return classes[train_cfg.optimizer](params, **kwargs)
 
 
-def warmup_steps(train_cfg: Any, total_steps: int) -> int:
+def warmup_steps(train_cfg: TrainConfig, total_steps: int) -> int:
     return train_cfg.warmup_steps or int(math.ceil(train_cfg.warmup_ratio * total_steps))
 
 
@@ -41,6 +56,10 @@ def lr_multiplier(step: int, total_steps: int, warmup: int, kind: str) -> float:
     return 1.0 - progress
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Any, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = warmup_steps(train_cfg, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, warmup, train_cfg.scheduler))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup, train_cfg.scheduler)
+    )

@@ -3,6 +3,7 @@
 The lock is an flock(2) on RUN_DIR/train.lock (held by rank 0 of a torchrun job); the kernel drops
 it when the process ends, however it ends, so a killed run never leaves a stale lock behind.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -33,7 +34,10 @@ class RunLock:
             handle.seek(0)
             pid = handle.read().strip() or "unknown"
             handle.close()
-            return f"output_dir={str(self.path.parent)!r} is in use by another peftctl train (pid {pid}); wait for it to end or pick another output_dir"
+            return (
+                f"output_dir={str(self.path.parent)!r} is in use by another peftctl train (pid {pid}); "
+                "wait for it to end or pick another output_dir"
+            )
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")

@@ -3,6 +3,7 @@
 A method whose bf16 path loses precision where it matters (as DoRA's m/‖W+ΔW‖ once did: ≈ 1, cast
 to bf16, its updates rounded away) or breaks on CUDA shows up as a bf16 run that ends far from the
 fp32 run of the same seed and data. Run with `pytest -m gpu tests/gpu`."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,19 @@ from peftctl.train.run import train
 pytestmark = pytest.mark.gpu  # CI deselects these with -m "not gpu"
 
 NEEDS_EXPERTS = {"xlora"}  # mixes experts trained beforehand; covered on CPU
-CHOICES = sorted(p.stem for p in resource_dir("configs").joinpath("adapter").glob("*.yaml") if p.stem not in NEEDS_EXPERTS)
-SCHEDULE = ["train.max_steps=60", "train.batch_size=8", "train.log_every=10", "train.save_every=0", "train.eval_every=0",
-            "train.device=cuda", "dataset.max_samples=480", "train.lr=3e-3"]
+CHOICES = sorted(
+    p.stem for p in resource_dir("configs").joinpath("adapter").glob("*.yaml") if p.stem not in NEEDS_EXPERTS
+)
+SCHEDULE = [
+    "train.max_steps=60",
+    "train.batch_size=8",
+    "train.log_every=10",
+    "train.save_every=0",
+    "train.eval_every=0",
+    "train.device=cuda",
+    "dataset.max_samples=480",
+    "train.lr=3e-3",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -33,8 +44,21 @@ def _losses(run: Path) -> list[float]:
 
 @pytest.mark.parametrize("choice", CHOICES)
 def test_bf16_training_tracks_fp32(choice: str, tmp_path: Path) -> None:
-    fp32 = _losses(train([f"adapter={choice}", *SCHEDULE, "train.precision=fp32", f"output_dir={tmp_path / 'fp32'}"], quiet=True))
-    bf16 = _losses(train([f"adapter={choice}", *SCHEDULE, "model.dtype=bfloat16", "train.precision=bf16", f"output_dir={tmp_path / 'bf16'}"], quiet=True))
+    fp32 = _losses(
+        train([f"adapter={choice}", *SCHEDULE, "train.precision=fp32", f"output_dir={tmp_path / 'fp32'}"], quiet=True)
+    )
+    bf16 = _losses(
+        train(
+            [
+                f"adapter={choice}",
+                *SCHEDULE,
+                "model.dtype=bfloat16",
+                "train.precision=bf16",
+                f"output_dir={tmp_path / 'bf16'}",
+            ],
+            quiet=True,
+        )
+    )
     print(f"{choice}: fp32 {fp32[0]:.3f} -> {fp32[-1]:.3f}   bf16 {bf16[0]:.3f} -> {bf16[-1]:.3f}")
     assert all(map(lambda v: v == v and abs(v) < 1e4, fp32 + bf16))
     assert fp32[-1] < fp32[0] and bf16[-1] < bf16[0]

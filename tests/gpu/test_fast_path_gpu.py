@@ -5,6 +5,7 @@ the eager bf16 path is (within 1.5x, plus 1e-3), for one step's adapter gradient
 `peftctl train` (LoRA and QLoRA nf4); the raw fast-vs-eager difference is printed. DoRA stays eager.
 Dropout is 0 here: compiled dropout draws its masks from another generator than eager dropout.
 Run with `pytest -m "gpu and not multigpu" tests/gpu`."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from peftctl.adapters.core.model import get_adapted_model
 from peftctl.adapters.lora import LoraConfig
-from peftctl.adapters.model import get_adapted_model
 from peftctl.kernels import apply_fast_path, decoder_layers
 from peftctl.train.chunked_ce import causal_lm_loss_sum
 from peftctl.train.run import train
@@ -23,12 +24,29 @@ from peftctl.train.run import train
 pytestmark = pytest.mark.gpu  # CI deselects these with -m "not gpu"
 
 # a Llama wide enough for bf16 rounding to be realistic, small enough to compile fast
-ARCH = ["model.arch.hidden_size=512", "model.arch.intermediate_size=1536", "model.arch.num_hidden_layers=4",
-        "model.arch.num_attention_heads=8", "model.arch.num_key_value_heads=4"]
-SCHEDULE = ["train.max_steps=50", "train.batch_size=8", "train.log_every=1", "train.save_every=0", "train.eval_every=0",
-            "train.device=cuda", "dataset.max_samples=400", "train.lr=2e-4", "adapter.lora_dropout=0", "train.precision=bf16"]
-CASES = {"lora": ["recipe=tiny_lora", "model.dtype=bfloat16"],
-         "qlora": ["recipe=qlora_tiny_cpu", "quant.compute_dtype=bfloat16", "train.optimizer=adamw"]}
+ARCH = [
+    "model.arch.hidden_size=512",
+    "model.arch.intermediate_size=1536",
+    "model.arch.num_hidden_layers=4",
+    "model.arch.num_attention_heads=8",
+    "model.arch.num_key_value_heads=4",
+]
+SCHEDULE = [
+    "train.max_steps=50",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.save_every=0",
+    "train.eval_every=0",
+    "train.device=cuda",
+    "dataset.max_samples=400",
+    "train.lr=2e-4",
+    "adapter.lora_dropout=0",
+    "train.precision=bf16",
+]
+CASES = {
+    "lora": ["recipe=tiny_lora", "model.dtype=bfloat16"],
+    "qlora": ["recipe=qlora_tiny_cpu", "quant.compute_dtype=bfloat16", "train.optimizer=adamw"],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -53,11 +71,17 @@ def _relative_deviation(curve: torch.Tensor, reference: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fast_path_follows_the_eager_loss_curve(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    fp32 = ["model.dtype=float32", "train.precision=fp32", "train.kernels=off"] + (["quant.compute_dtype=float32"] if case == "qlora" else [])
-    runs = {"fp32": _losses(train([*CASES[case], *ARCH, *SCHEDULE, *fp32, f"output_dir={tmp_path / 'fp32'}"], quiet=True))}
+    fp32 = ["model.dtype=float32", "train.precision=fp32", "train.kernels=off"] + (
+        ["quant.compute_dtype=float32"] if case == "qlora" else []
+    )
+    runs = {
+        "fp32": _losses(train([*CASES[case], *ARCH, *SCHEDULE, *fp32, f"output_dir={tmp_path / 'fp32'}"], quiet=True))
+    }
     for kernels in ("off", "auto"):
         graphs_before = counters["stats"]["unique_graphs"]
-        runs[kernels] = _losses(train([*CASES[case], *ARCH, *SCHEDULE, f"train.kernels={kernels}", f"output_dir={tmp_path / kernels}"]))
+        runs[kernels] = _losses(
+            train([*CASES[case], *ARCH, *SCHEDULE, f"train.kernels={kernels}", f"output_dir={tmp_path / kernels}"])
+        )
         compiled = counters["stats"]["unique_graphs"] - graphs_before
         assert (compiled > 0) == (kernels == "auto"), (kernels, compiled)  # torch.compile really ran, and only for auto
     printed = capsys.readouterr().out
@@ -65,15 +89,28 @@ def test_fast_path_follows_the_eager_loss_curve(case: str, tmp_path: Path, capsy
     reference, eager, fast = (torch.tensor(runs[k]) for k in ("fp32", "off", "auto"))
     assert len(eager) == len(fast) == 50 and torch.isfinite(fast).all()
     eager_error, fast_error = _relative_deviation(eager, reference), _relative_deviation(fast, reference)
-    print(f"{case}: loss {reference[0]:.4f} -> {reference[-1]:.4f} fp32, {eager[0]:.4f} -> {eager[-1]:.4f} eager bf16, "
-          f"{fast[0]:.4f} -> {fast[-1]:.4f} fast bf16; worst step rel diff from fp32: eager {eager_error:.2e}, fast {fast_error:.2e}; "
-          f"fast vs eager {_relative_deviation(fast, eager):.2e}")
+    print(
+        f"{case}: loss {reference[0]:.4f} -> {reference[-1]:.4f} fp32, {eager[0]:.4f} -> {eager[-1]:.4f} eager bf16, "
+        f"{fast[0]:.4f} -> {fast[-1]:.4f} fast bf16; worst step rel diff from fp32: eager {eager_error:.2e}, fast "
+        f"{fast_error:.2e}; "
+        f"fast vs eager {_relative_deviation(fast, eager):.2e}"
+    )
     assert fast_error <= 1.5 * eager_error + 1e-3
     assert fast[-1] < fast[0]
 
 
 def test_dora_stays_eager(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    train(["recipe=tiny_lora", "model.dtype=bfloat16", "adapter.use_dora=true", *ARCH, *SCHEDULE, "train.max_steps=2", f"output_dir={tmp_path}"])
+    train(
+        [
+            "recipe=tiny_lora",
+            "model.dtype=bfloat16",
+            "adapter.use_dora=true",
+            *ARCH,
+            *SCHEDULE,
+            "train.max_steps=2",
+            f"output_dir={tmp_path}",
+        ]
+    )
     assert "fast path off (DoRA runs eager)" in capsys.readouterr().out
 
 
@@ -81,14 +118,23 @@ def _llama(dtype: torch.dtype) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=4, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(config).to("cuda", dtype)
 
 
 def _adapter_grads(dtype: torch.dtype, compiled: bool, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
-    model = get_adapted_model(_llama(dtype), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    model = get_adapted_model(
+        _llama(dtype), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    )
     if compiled:
         assert apply_fast_path(model, torch.device("cuda"), model.peft_config["default"]).startswith("on")
         assert len(decoder_layers(model)) == 4
@@ -112,6 +158,9 @@ def test_one_step_adapter_gradients_are_as_close_to_fp32_as_eager_bf16() -> None
     assert counters["stats"]["unique_graphs"] > graphs_before  # the compiled layers really ran
     assert eager.keys() == fast.keys() == reference.keys()
     eager_error, fast_error = _worst_error(eager, reference), _worst_error(fast, reference)
-    print(f"one step, {len(eager)} adapter tensors, worst ||g - g_fp32|| / ||g_fp32||: eager bf16 {eager_error:.2e}, fast bf16 {fast_error:.2e}; "
-          f"fast vs eager {_worst_error(fast, eager):.2e}")
+    print(
+        f"one step, {len(eager)} adapter tensors, worst ||g - g_fp32|| / ||g_fp32||: eager bf16 {eager_error:.2e}, "
+        f"fast bf16 {fast_error:.2e}; "
+        f"fast vs eager {_worst_error(fast, eager):.2e}"
+    )
     assert fast_error <= 1.5 * eager_error + 1e-3

@@ -2,6 +2,7 @@
 on the run it made. The recipe is used as shipped (nf4 + double quant, all-linear LoRA r=64, paged AdamW
 8-bit, gradient checkpointing, bf16); only the base model is a local Llama-architecture directory instead
 of the hub name (no hub here) and the run is shortened. Run with `pytest -m gpu tests/gpu`."""
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,17 @@ def _needs_cuda() -> None:
 
 
 def _peftctl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "peftctl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"peftctl {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "HF_HUB_OFFLINE": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "peftctl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, (
+        f"peftctl {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -39,9 +48,18 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     target = tmp_path_factory.mktemp("llama-local")
     tokenizer = build_byte_tokenizer()
-    config = LlamaConfig(vocab_size=BYTE_VOCAB_SIZE, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=BYTE_VOCAB_SIZE,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -51,9 +69,21 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def qlora_run(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "qlora"
-    _peftctl("train", "recipe=qlora_llama", f"model.name_or_path={llama_dir}", f"output_dir={run_dir}",
-             "train.max_steps=120", "train.batch_size=8", "train.grad_accum=1", "train.lr=1e-3", "train.scheduler=cosine",
-             "train.save_every=60", "train.log_every=20", "dataset.max_seq_len=256", cwd=llama_dir.parent)
+    _peftctl(
+        "train",
+        "recipe=qlora_llama",
+        f"model.name_or_path={llama_dir}",
+        f"output_dir={run_dir}",
+        "train.max_steps=120",
+        "train.batch_size=8",
+        "train.grad_accum=1",
+        "train.lr=1e-3",
+        "train.scheduler=cosine",
+        "train.save_every=60",
+        "train.log_every=20",
+        "dataset.max_seq_len=256",
+        cwd=llama_dir.parent,
+    )
     return run_dir
 
 
@@ -65,7 +95,9 @@ def test_cli_qlora_recipe_trains_on_gpu(qlora_run: Path) -> None:
 
     with safe_open(str(qlora_run / "adapter" / "adapter_model.safetensors"), "pt") as tensors:
         wrapped = {key.split(".")[-3] for key in tensors.keys() if key.endswith("lora_A.weight")}
-        assert sum(key.endswith("lora_A.weight") for key in tensors.keys()) == 4 * 7  # every linear of 4 layers, not lm_head
+        assert (
+            sum(key.endswith("lora_A.weight") for key in tensors.keys()) == 4 * 7
+        )  # every linear of 4 layers, not lm_head
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     records = [json.loads(line) for line in (qlora_run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]

@@ -1,14 +1,14 @@
 """QLoRA on CUDA: the 4-bit LoRA forward vs its dequantized reference, a short training run of an
 8B-wide Llama slice, and merge of a quantized run. Run on a GPU with `pytest -m gpu tests/gpu`."""
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import bitsandbytes  # noqa: F401  (the GPU tests need it installed)
 import pytest
 import torch
-
-import bitsandbytes  # noqa: F401  (the GPU tests need it installed)
 
 pytestmark = pytest.mark.gpu  # CI deselects these with -m "not gpu"
 
@@ -16,6 +16,7 @@ pytestmark = pytest.mark.gpu  # CI deselects these with -m "not gpu"
 @pytest.fixture(autouse=True)
 def _needs_cuda() -> None:
     assert torch.cuda.is_available(), "the gpu-marked tests need a CUDA GPU; elsewhere run pytest -m 'not gpu'"
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -25,10 +26,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_lora_on_nf4_matches_dequantized_reference_on_cuda() -> None:
+    from peftctl.adapters.core.model import get_adapted_model
     from peftctl.adapters.lora import LoraConfig
-    from peftctl.adapters.model import get_adapted_model
-    from peftctl.adapters.quantized import dequantize
     from peftctl.models.quantization import quantize_linear
+    from peftctl.models.quantized import dequantize
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4096, 1024, bias=False, device="cuda", dtype=torch.bfloat16))
@@ -49,7 +50,7 @@ def test_llama8b_wide_slice_trains_and_merges() -> None:
     adapters get grads, and the merged bf16 model reproduces the adapted 4-bit model's logits."""
     import qlora_llama8b as bench
 
-    from peftctl.adapters.quantized import dequantize_model
+    from peftctl.models.quantized import dequantize_model
 
     config = bench.llama3_8b_config(2)
     model = bench.build_quantized_llama(config, seed=0)
@@ -98,11 +99,10 @@ def test_qlora_llama_recipe_through_the_product_loop(tmp_path: Path) -> None:
     all-linear LoRA, paged AdamW 8-bit, gradient checkpointing, bf16) with model.name_or_path
     pointing at a saved random Llama of 8B width (2 layers), trained by the product's Trainer on
     token examples (no `datasets` on the GPU image), saved and reloaded."""
+    import qlora_llama8b as bench
     from transformers import LlamaForCausalLM
 
-    import qlora_llama8b as bench
-
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
     from peftctl.config.compose import compose_config
     from peftctl.data.tokenize import Example
     from peftctl.models.tokenizer import build_byte_tokenizer
@@ -117,14 +117,28 @@ def test_qlora_llama_recipe_through_the_product_loop(tmp_path: Path) -> None:
     del dense
     torch.cuda.empty_cache()
 
-    cfg = compose_config(["recipe=qlora_llama", f"model.name_or_path={base_dir}", "train.max_steps=8", "train.grad_accum=2",
-                          "train.log_every=4", "train.lr=1e-3", f"output_dir={tmp_path / 'run'}"])
-    assert (cfg.quant.method, cfg.quant.double_quant, cfg.train.optimizer, cfg.train.precision, cfg.train.gradient_checkpointing) == (
-        "nf4", True, "paged_adamw_8bit", "bf16", True)
-    from peftctl.adapters.model import get_adapted_model
-    from peftctl.adapters.quantized import is_4bit
+    cfg = compose_config(
+        [
+            "recipe=qlora_llama",
+            f"model.name_or_path={base_dir}",
+            "train.max_steps=8",
+            "train.grad_accum=2",
+            "train.log_every=4",
+            "train.lr=1e-3",
+            f"output_dir={tmp_path / 'run'}",
+        ]
+    )
+    assert (
+        cfg.quant.method,
+        cfg.quant.double_quant,
+        cfg.train.optimizer,
+        cfg.train.precision,
+        cfg.train.gradient_checkpointing,
+    ) == ("nf4", True, "paged_adamw_8bit", "bf16", True)
+    from peftctl.adapters.core.model import get_adapted_model
     from peftctl.models.kbit import prepare_model_for_kbit_training
     from peftctl.models.loader import load_model
+    from peftctl.models.quantized import is_4bit
 
     model = prepare_model_for_kbit_training(load_model(cfg.model, cfg.quant, str(base_dir)), True)
     adapted = get_adapted_model(model, cfg.adapter.replace(base_model_name_or_path=str(base_dir)))
@@ -136,15 +150,28 @@ def test_qlora_llama_recipe_through_the_product_loop(tmp_path: Path) -> None:
         ids = torch.randint(3, 255, (512,), generator=g).tolist()
         examples.append(Example(input_ids=ids, labels=ids, prompt="", response=""))
     (tmp_path / "run").mkdir()
-    trainer = Trainer(adapted, "default", examples * 8, examples, cfg, tmp_path / "run", torch.device("cuda"), pad_id=0, quiet=True)
+    trainer = Trainer(
+        adapted, "default", examples * 8, examples, cfg, tmp_path / "run", torch.device("cuda"), pad_id=0, quiet=True
+    )
     torch.cuda.reset_peak_memory_stats()
     result = trainer.fit()
     records = [__import__("json").loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    print("recipe loop losses", losses, "eval", result.get("eval_loss"), "peak GiB", torch.cuda.max_memory_allocated() / 2**30)
+    print(
+        "recipe loop losses",
+        losses,
+        "eval",
+        result.get("eval_loss"),
+        "peak GiB",
+        torch.cuda.max_memory_allocated() / 2**30,
+    )
     assert result["completed"] and len(losses) == 2 and losses[-1] < losses[0]
     adapted.save_pretrained(tmp_path / "adapter")
-    reloaded = AdaptedModel.from_pretrained(load_model(cfg.model, cfg.quant, str(base_dir)), tmp_path / "adapter").to("cuda").eval()
+    reloaded = (
+        AdaptedModel.from_pretrained(load_model(cfg.model, cfg.quant, str(base_dir)), tmp_path / "adapter")
+        .to("cuda")
+        .eval()
+    )
     ids = torch.tensor([examples[0].input_ids[:128]], device="cuda")
     adapted.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

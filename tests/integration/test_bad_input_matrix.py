@@ -6,6 +6,7 @@ Most cases fail before a model loads (config validation, paths, data files); a f
 trained run (eval / merge / export of a damaged copy). A handful go through `python -m peftctl` to
 show the real stderr, not only Typer's test runner.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -122,7 +123,11 @@ CASES = [
     Case("unknown quant method", [*TRAIN, "quant.method=int3"], ["quant.method", "nf4"]),
     Case("unknown adapter group option", [*TRAIN, "adapter=loraa"], ["adapter=loraa", "lora"]),
     Case("unknown adapter method", [*TRAIN, "adapter.method=nosuch"], ["adapter.method='nosuch'", "lora"]),
-    Case("format does not fit task", [*TRAIN, "model.task_type=seq_cls"], ["dataset.format=alpaca", "model.task_type=seq_cls"]),
+    Case(
+        "format does not fit task",
+        [*TRAIN, "model.task_type=seq_cls"],
+        ["dataset.format=alpaca", "model.task_type=seq_cls"],
+    ),
     # ---- ranges of every group, checked before the model loads
     Case("adapter rank 0", [*TRAIN, "adapter.r=0"], ["adapter.r=0", "> 0"]),
     Case("adapter dropout 1.5", [*TRAIN, "adapter.lora_dropout=1.5"], ["adapter.lora_dropout=1.5"]),
@@ -146,67 +151,256 @@ CASES = [
     Case("float for an integer", [*TRAIN, "train.max_steps=1.5"], ["train.max_steps=1.5", "integer"]),
     Case("override without =", [*TRAIN, "lr"], ["'lr'", "key=value"]),
     Case("unknown interpolation", [*TRAIN, "train.lr=${{nope}}"], ["nope"]),
-    Case("unknown builtin dataset", [*TRAIN, "dataset.path=builtin:nosuch"], ["dataset.path=builtin:nosuch", "builtin:sentiment"]),
-    Case("boft block size does not divide", [*TRAIN, "adapter=boft", "adapter.boft_block_size=5"], ["adapter.boft_block_size=5"]),
+    Case(
+        "unknown builtin dataset",
+        [*TRAIN, "dataset.path=builtin:nosuch"],
+        ["dataset.path=builtin:nosuch", "builtin:sentiment"],
+    ),
+    Case(
+        "boft block size does not divide",
+        [*TRAIN, "adapter=boft", "adapter.boft_block_size=5"],
+        ["adapter.boft_block_size=5"],
+    ),
     # ---- overrides Hydra's lexer cannot read: a hint to quote
     Case("unclosed list", [*TRAIN, "adapter.target_modules=[q_proj"], ["adapter.target_modules=[q_proj", "[a,b]"]),
-    Case("unparsable override", [*TRAIN, "dataset.path=/data/a(1),b"], ["dataset.path=/data/a(1),b", "quote", "dataset.path='"]),
-    Case("unparsable override (real stderr)", [*TRAIN, "output_dir={tmp}/it's \"q\""], ["output_dir=", "quote"], subprocess=True),
+    Case(
+        "unparsable override",
+        [*TRAIN, "dataset.path=/data/a(1),b"],
+        ["dataset.path=/data/a(1),b", "quote", "dataset.path='"],
+    ),
+    Case(
+        "unparsable override (real stderr)",
+        [*TRAIN, 'output_dir={tmp}/it\'s "q"'],
+        ["output_dir=", "quote"],
+        subprocess=True,
+    ),
     # ---- dataset files
-    Case("missing dataset file", [*TRAIN, *ALPACA, "dataset.path={tmp}/missing.jsonl"], ["dataset.path", "missing.jsonl"]),
-    Case("missing column", [*TRAIN, *ALPACA, "dataset.path={tmp}/cols.jsonl"], ["'instruction'", "cols.jsonl", "prompt"],
-         [write("cols.jsonl", "".join(json.dumps({"prompt": f"q{i}", "output": "a"}) + "\n" for i in range(10)))]),
-    Case("empty jsonl", [*TRAIN, *ALPACA, "dataset.path={tmp}/empty.jsonl"], ["dataset.path", "empty.jsonl", "empty"], [write("empty.jsonl", "")]),
-    Case("blank json", [*TRAIN, *ALPACA, "dataset.path={tmp}/blank.json"], ["blank.json", "empty"], [write("blank.json", "\n  \n")]),
-    Case("header-only csv", [*TRAIN, *ALPACA, "dataset.path={tmp}/empty.csv"], ["empty"], [write("empty.csv", "instruction,input,output\n")]),
-    Case("malformed jsonl line", [*TRAIN, *ALPACA, "dataset.path={tmp}/bad.jsonl"], ["bad.jsonl", "line 5", "not valid JSON"],
-         [write("bad.jsonl", alpaca_lines(4) + '{"instruction": "x", "output": \n' + alpaca_lines(3))]),
-    Case("malformed jsonl line (real stderr)", [*TRAIN, *ALPACA, "dataset.path={tmp}/bad.jsonl"], ["bad.jsonl", "line 2"],
-         [write("bad.jsonl", alpaca_lines(1) + "not json\n")], subprocess=True),
-    Case("malformed json document", [*TRAIN, *ALPACA, "dataset.path={tmp}/doc.json"], ["doc.json", "line 3"],
-         [write("doc.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]\n')]),
-    Case("unsupported file type", [*TRAIN, *ALPACA, "dataset.path={tmp}/data.txt"], ["data.txt", ".jsonl"], [write("data.txt", "hello\n")]),
-    Case("eval split not in file", [*TRAIN, *ALPACA, "dataset.path={tmp}/ok.jsonl", "dataset.eval_split=test"], ["dataset.eval_split='test'"],
-         [write("ok.jsonl", alpaca_lines())]),
+    Case(
+        "missing dataset file", [*TRAIN, *ALPACA, "dataset.path={tmp}/missing.jsonl"], ["dataset.path", "missing.jsonl"]
+    ),
+    Case(
+        "missing column",
+        [*TRAIN, *ALPACA, "dataset.path={tmp}/cols.jsonl"],
+        ["'instruction'", "cols.jsonl", "prompt"],
+        [write("cols.jsonl", "".join(json.dumps({"prompt": f"q{i}", "output": "a"}) + "\n" for i in range(10)))],
+    ),
+    Case(
+        "empty jsonl",
+        [*TRAIN, *ALPACA, "dataset.path={tmp}/empty.jsonl"],
+        ["dataset.path", "empty.jsonl", "empty"],
+        [write("empty.jsonl", "")],
+    ),
+    Case(
+        "blank json",
+        [*TRAIN, *ALPACA, "dataset.path={tmp}/blank.json"],
+        ["blank.json", "empty"],
+        [write("blank.json", "\n  \n")],
+    ),
+    Case(
+        "header-only csv",
+        [*TRAIN, *ALPACA, "dataset.path={tmp}/empty.csv"],
+        ["empty"],
+        [write("empty.csv", "instruction,input,output\n")],
+    ),
+    Case(
+        "malformed jsonl line",
+        [*TRAIN, *ALPACA, "dataset.path={tmp}/bad.jsonl"],
+        ["bad.jsonl", "line 5", "not valid JSON"],
+        [write("bad.jsonl", alpaca_lines(4) + '{"instruction": "x", "output": \n' + alpaca_lines(3))],
+    ),
+    Case(
+        "malformed jsonl line (real stderr)",
+        [*TRAIN, *ALPACA, "dataset.path={tmp}/bad.jsonl"],
+        ["bad.jsonl", "line 2"],
+        [write("bad.jsonl", alpaca_lines(1) + "not json\n")],
+        subprocess=True,
+    ),
+    Case(
+        "malformed json document",
+        [*TRAIN, *ALPACA, "dataset.path={tmp}/doc.json"],
+        ["doc.json", "line 3"],
+        [write("doc.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]\n')],
+    ),
+    Case(
+        "unsupported file type",
+        [*TRAIN, *ALPACA, "dataset.path={tmp}/data.txt"],
+        ["data.txt", ".jsonl"],
+        [write("data.txt", "hello\n")],
+    ),
+    Case(
+        "eval split not in file",
+        [*TRAIN, *ALPACA, "dataset.path={tmp}/ok.jsonl", "dataset.eval_split=test"],
+        ["dataset.eval_split='test'"],
+        [write("ok.jsonl", alpaca_lines())],
+    ),
     # ---- the model
     Case("missing model dir", [*TRAIN, "model.name_or_path={tmp}/nomodel"], ["model.name_or_path", "nomodel"]),
     Case("missing tokenizer dir", [*TRAIN, "model.tokenizer={tmp}/notok"], ["model.tokenizer=", "notok"]),
-    Case("corrupt model config.json", [*TRAIN, "model.name_or_path={tmp}/model"], ["model.name_or_path", "config.json", "not valid JSON"], [corrupt_model_dir]),
-    Case("layers_to_transform beyond the model", [*TRAIN, "adapter.layers_to_transform=[7]"], ["adapter.layers_to_transform=[7]", "layers are 0..1"]),
-    Case("target_modules match nothing", [*TRAIN, "adapter.target_modules=[nosuch_proj]"], ["adapter.target_modules", "nosuch_proj"]),
+    Case(
+        "corrupt model config.json",
+        [*TRAIN, "model.name_or_path={tmp}/model"],
+        ["model.name_or_path", "config.json", "not valid JSON"],
+        [corrupt_model_dir],
+    ),
+    Case(
+        "layers_to_transform beyond the model",
+        [*TRAIN, "adapter.layers_to_transform=[7]"],
+        ["adapter.layers_to_transform=[7]", "layers are 0..1"],
+    ),
+    Case(
+        "target_modules match nothing",
+        [*TRAIN, "adapter.target_modules=[nosuch_proj]"],
+        ["adapter.target_modules", "nosuch_proj"],
+    ),
     # ---- output_dir
-    Case("output_dir is a file", ["train", "output_dir={tmp}/afile", "--quiet"], ["output_dir=", "afile", "existing file"], [write("afile", "keep me")]),
-    Case("output_dir under a file", ["train", "output_dir={tmp}/afile/run", "--quiet"], ["output_dir=", "afile is a file"], [write("afile", "keep me")]),
-    Case("output_dir unwritable", ["train", "output_dir=/proc/self/peftctl-run", "--quiet"], ["output_dir=", "not writable"]),
+    Case(
+        "output_dir is a file",
+        ["train", "output_dir={tmp}/afile", "--quiet"],
+        ["output_dir=", "afile", "existing file"],
+        [write("afile", "keep me")],
+    ),
+    Case(
+        "output_dir under a file",
+        ["train", "output_dir={tmp}/afile/run", "--quiet"],
+        ["output_dir=", "afile is a file"],
+        [write("afile", "keep me")],
+    ),
+    Case(
+        "output_dir unwritable",
+        ["train", "output_dir=/proc/self/peftctl-run", "--quiet"],
+        ["output_dir=", "not writable"],
+    ),
     Case("output_dir name too long", ["train", "output_dir={tmp}/{long}", "--quiet"], ["output_dir", "300 characters"]),
     # ---- eval / merge / export of damaged or foreign directories
     Case("eval of a non-run dir", ["eval", "{tmp}"], ["neither a run directory"]),
-    Case("merge of a non-run dir", ["merge", "{tmp}/empty", "--out", "{tmp}/merged"], ["neither a run directory"], [write("empty/readme.txt", "x")]),
-    Case("eval of a run without adapter", ["eval", "{tmp}/unfinished"], ["without a finished adapter"], [write("unfinished/config.yaml", "recipe: tiny_lora\n")]),
-    Case("invalid config.yaml at eval", ["eval", "{tmp}/run"], ["run/config.yaml", "not valid YAML"], [damage("config.yaml", lambda b: b + b"model: [unclosed\n")]),
-    Case("config.yaml with a bad value", ["eval", "{tmp}/run"], ["run/config.yaml", "train.lr=-1"], [run_config_edit(lambda v: v["train"].update(lr=-1))]),
-    Case("config.yaml not a mapping", ["merge", "{tmp}/run", "--out", "{tmp}/m"], ["run/config.yaml", "mapping"], [damage("config.yaml", lambda b: b"- a list\n")]),
-    Case("config.yaml asks for remote code", ["eval", "{tmp}/run"], ["run/config.yaml", "--trust-remote-code"],
-         [run_config_edit(lambda v: v["model"].update(trust_remote_code=True))]),
-    Case("remote code as an eval override", ["eval", "{tmp}/run", "model.trust_remote_code=true"], ["model.trust_remote_code", "--trust-remote-code"], [copy_run]),
-    Case("misspelt eval override", ["eval", "{tmp}/run", "eval.batch_sise=2"], ["eval.batch_sise", "eval.batch_size"], [copy_run]),
-    Case("garbage adapter safetensors at merge", ["merge", "{tmp}/run", "--out", "{tmp}/m"], ["adapter_model.safetensors", "corrupt"],
-         [damage("adapter/adapter_model.safetensors", lambda b: b"\x00garbage" * 8)]),
-    Case("truncated adapter safetensors at eval", ["eval", "{tmp}/run"], ["run/adapter/adapter_model.safetensors", "truncated"],
-         [damage("adapter/adapter_model.safetensors", lambda b: b[: len(b) // 2])]),
-    Case("truncated adapter safetensors at merge (real stderr)", ["merge", "{tmp}/run", "--out", "{tmp}/m"], ["adapter_model.safetensors"],
-         [damage("adapter/adapter_model.safetensors", lambda b: b[:200])], subprocess=True),
-    Case("invalid adapter_config.json", ["eval", "{tmp}/run"], ["adapter_config.json", "not valid JSON"], [damage("adapter/adapter_config.json", lambda b: b[:-5])]),
-    Case("unknown peft_type", ["export", "{tmp}/adapter", "--out", "{tmp}/exported"], ["peft_type='NOPE'", "LORA"], [bare_adapter("NOPE")]),
-    Case("bad --format", ["export", "{tmp}/run", "--format", "onnx", "--out", "{tmp}/x"], ["--format='onnx'", "gguf"], [copy_run]),
-    Case("bad --outtype", ["export", "{tmp}/run", "--format", "gguf", "--outtype", "q4", "--out", "{tmp}/x.gguf"], ["--outtype='q4'", "bf16"], [copy_run]),
-    Case("--outtype without gguf", ["export", "{tmp}/run", "--outtype", "f16", "--out", "{tmp}/x"], ["--outtype", "gguf only"], [copy_run]),
-    Case("export --out is a file", ["export", "{tmp}/run", "--out", "{tmp}/afile"], ["--out=", "existing file"], [copy_run, write("afile", "keep me")]),
-    Case("merge --out name too long", ["merge", "{tmp}/run", "--out", "{tmp}/{long}"], ["--out", "300 characters"], [copy_run]),
-    Case("bad merge --dtype", ["merge", "{tmp}/run", "--out", "{tmp}/m", "--dtype", "float8"], ["--dtype='float8'", "bfloat16"], [copy_run]),
-    Case("bad merge --requantize", ["merge", "{tmp}/run", "--out", "{tmp}/m", "--requantize", "q3"], ["--requantize='q3'", "nf4"], [copy_run]),
+    Case(
+        "merge of a non-run dir",
+        ["merge", "{tmp}/empty", "--out", "{tmp}/merged"],
+        ["neither a run directory"],
+        [write("empty/readme.txt", "x")],
+    ),
+    Case(
+        "eval of a run without adapter",
+        ["eval", "{tmp}/unfinished"],
+        ["without a finished adapter"],
+        [write("unfinished/config.yaml", "recipe: tiny_lora\n")],
+    ),
+    Case(
+        "invalid config.yaml at eval",
+        ["eval", "{tmp}/run"],
+        ["run/config.yaml", "not valid YAML"],
+        [damage("config.yaml", lambda b: b + b"model: [unclosed\n")],
+    ),
+    Case(
+        "config.yaml with a bad value",
+        ["eval", "{tmp}/run"],
+        ["run/config.yaml", "train.lr=-1"],
+        [run_config_edit(lambda v: v["train"].update(lr=-1))],
+    ),
+    Case(
+        "config.yaml not a mapping",
+        ["merge", "{tmp}/run", "--out", "{tmp}/m"],
+        ["run/config.yaml", "mapping"],
+        [damage("config.yaml", lambda b: b"- a list\n")],
+    ),
+    Case(
+        "config.yaml asks for remote code",
+        ["eval", "{tmp}/run"],
+        ["run/config.yaml", "--trust-remote-code"],
+        [run_config_edit(lambda v: v["model"].update(trust_remote_code=True))],
+    ),
+    Case(
+        "remote code as an eval override",
+        ["eval", "{tmp}/run", "model.trust_remote_code=true"],
+        ["model.trust_remote_code", "--trust-remote-code"],
+        [copy_run],
+    ),
+    Case(
+        "misspelt eval override",
+        ["eval", "{tmp}/run", "eval.batch_sise=2"],
+        ["eval.batch_sise", "eval.batch_size"],
+        [copy_run],
+    ),
+    Case(
+        "garbage adapter safetensors at merge",
+        ["merge", "{tmp}/run", "--out", "{tmp}/m"],
+        ["adapter_model.safetensors", "corrupt"],
+        [damage("adapter/adapter_model.safetensors", lambda b: b"\x00garbage" * 8)],
+    ),
+    Case(
+        "truncated adapter safetensors at eval",
+        ["eval", "{tmp}/run"],
+        ["run/adapter/adapter_model.safetensors", "truncated"],
+        [damage("adapter/adapter_model.safetensors", lambda b: b[: len(b) // 2])],
+    ),
+    Case(
+        "truncated adapter safetensors at merge (real stderr)",
+        ["merge", "{tmp}/run", "--out", "{tmp}/m"],
+        ["adapter_model.safetensors"],
+        [damage("adapter/adapter_model.safetensors", lambda b: b[:200])],
+        subprocess=True,
+    ),
+    Case(
+        "invalid adapter_config.json",
+        ["eval", "{tmp}/run"],
+        ["adapter_config.json", "not valid JSON"],
+        [damage("adapter/adapter_config.json", lambda b: b[:-5])],
+    ),
+    Case(
+        "unknown peft_type",
+        ["export", "{tmp}/adapter", "--out", "{tmp}/exported"],
+        ["peft_type='NOPE'", "LORA"],
+        [bare_adapter("NOPE")],
+    ),
+    Case(
+        "bad --format",
+        ["export", "{tmp}/run", "--format", "onnx", "--out", "{tmp}/x"],
+        ["--format='onnx'", "gguf"],
+        [copy_run],
+    ),
+    Case(
+        "bad --outtype",
+        ["export", "{tmp}/run", "--format", "gguf", "--outtype", "q4", "--out", "{tmp}/x.gguf"],
+        ["--outtype='q4'", "bf16"],
+        [copy_run],
+    ),
+    Case(
+        "--outtype without gguf",
+        ["export", "{tmp}/run", "--outtype", "f16", "--out", "{tmp}/x"],
+        ["--outtype", "gguf only"],
+        [copy_run],
+    ),
+    Case(
+        "export --out is a file",
+        ["export", "{tmp}/run", "--out", "{tmp}/afile"],
+        ["--out=", "existing file"],
+        [copy_run, write("afile", "keep me")],
+    ),
+    Case(
+        "merge --out name too long",
+        ["merge", "{tmp}/run", "--out", "{tmp}/{long}"],
+        ["--out", "300 characters"],
+        [copy_run],
+    ),
+    Case(
+        "bad merge --dtype",
+        ["merge", "{tmp}/run", "--out", "{tmp}/m", "--dtype", "float8"],
+        ["--dtype='float8'", "bfloat16"],
+        [copy_run],
+    ),
+    Case(
+        "bad merge --requantize",
+        ["merge", "{tmp}/run", "--out", "{tmp}/m", "--requantize", "q3"],
+        ["--requantize='q3'", "nf4"],
+        [copy_run],
+    ),
     Case("blend without --out", ["merge", "{tmp}/run", "{tmp}/run"], ["--out is required"], [copy_run]),
-    Case("bad blend weights", ["merge", "{tmp}/run", "{tmp}/run", "--out", "{tmp}/b", "--weights", "a,b"], ["--weights='a,b'"], [copy_run]),
+    Case(
+        "bad blend weights",
+        ["merge", "{tmp}/run", "{tmp}/run", "--out", "{tmp}/b", "--weights", "a,b"],
+        ["--weights='a,b'"],
+        [copy_run],
+    ),
     Case("show with a bad value", ["show", "train.max_steps=0"], ["train.max_steps=0"]),
 ]
 
@@ -229,7 +423,9 @@ def invoke(case: Case, args: list[str], tmp: Path) -> tuple[int, str, str]:
     """(exit code, stdout, stderr)."""
     if case.subprocess:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, "-m", "peftctl", *args], capture_output=True, text=True, env=env, timeout=300, cwd=tmp)
+        proc = subprocess.run(
+            [sys.executable, "-m", "peftctl", *args], capture_output=True, text=True, env=env, timeout=300, cwd=tmp
+        )
         return proc.returncode, proc.stdout, proc.stderr
     result = CliRunner().invoke(app, args)
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
@@ -260,7 +456,9 @@ def test_matrix_is_broad() -> None:
     assert sum(c.subprocess for c in CASES) >= 3
 
 
-@pytest.mark.parametrize("value", ["{tmp}/my dir/run", "{tmp}/dätä/ünïcode (1)/run", "{tmp}/a&b #2/~run", "{tmp}/it's/run"])
+@pytest.mark.parametrize(
+    "value", ["{tmp}/my dir/run", "{tmp}/dätä/ünïcode (1)/run", "{tmp}/a&b #2/~run", "{tmp}/it's/run"]
+)
 def test_paths_with_spaces_and_non_ascii_just_work(value: str, tmp_path: Path) -> None:
     """Common path values need no quoting: peftctl quotes what Hydra's lexer would refuse."""
     from peftctl.config.compose import compose_config

@@ -1,6 +1,7 @@
 """`peftctl bench` on the CPU: the loop's own step on synthetic batches, figures that add up, the model
 FLOPs formula against PyTorch's FLOP counter, and `train.kernels=auto` falling back to the exact eager
 path off CUDA (the GPU side is tests/gpu/test_fast_path_gpu.py)."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
+from peftctl.adapters.core.model import get_adapted_model
 from peftctl.adapters.lora import LoraConfig
-from peftctl.adapters.model import get_adapted_model
 from peftctl.cli import app
 from peftctl.kernels import apply_fast_path, decoder_layers
 from peftctl.train.bench import model_flops_per_token
@@ -25,7 +26,9 @@ SMALL = ["train.batch_size=2", "train.grad_accum=2"]
 
 
 def test_bench_reports_the_loop_step_on_synthetic_batches() -> None:
-    result = CliRunner().invoke(app, ["bench", "recipe=tiny_lora", *SMALL, "--steps", "2", "--warmup", "1", "--seq-len", "24", "--json"])
+    result = CliRunner().invoke(
+        app, ["bench", "recipe=tiny_lora", *SMALL, "--steps", "2", "--warmup", "1", "--seq-len", "24", "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["seq_len"] == 24 and report["batch_size"] == 4 and report["steps"] == 2
@@ -37,7 +40,9 @@ def test_bench_reports_the_loop_step_on_synthetic_batches() -> None:
 
 
 def test_bench_text_output_and_bad_input() -> None:
-    result = CliRunner().invoke(app, ["bench", "recipe=tiny_lora", *SMALL, "--steps", "1", "--warmup", "0", "--seq-len", "16"])
+    result = CliRunner().invoke(
+        app, ["bench", "recipe=tiny_lora", *SMALL, "--steps", "1", "--warmup", "0", "--seq-len", "16"]
+    )
     assert result.exit_code == 0 and "tokens/s" in result.output and "fast path off" in result.output
     bad = CliRunner().invoke(app, ["bench", "recipe=tiny_lora", "--steps", "0"])
     assert bad.exit_code == 2 and "--steps" in bad.output
@@ -51,14 +56,25 @@ def test_model_flops_per_token_matches_pytorch_flop_counter() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, attn_implementation="sdpa")
-    model = get_adapted_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
+    model = get_adapted_model(
+        LlamaForCausalLM(config), LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)
+    )
     seq = 32
     ids = torch.randint(0, 512, (2, seq))
     counter = FlopCounterMode(display=False)
     with counter:
-        loss_sum, n = causal_lm_loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        loss_sum, n = causal_lm_loss_sum(
+            model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        )
         (loss_sum / n).backward()
     counted = counter.get_total_flops() / ids.numel()
     predicted = model_flops_per_token(model, seq)
@@ -69,7 +85,15 @@ def test_kernels_auto_is_the_exact_eager_path_on_cpu(tmp_path: Path) -> None:
     model = get_adapted_model(tiny_llama(), LoraConfig(r=4))
     assert apply_fast_path(model, torch.device("cpu"), LoraConfig(r=4)).startswith("off")
     assert decoder_layers(model) and all(layer._compiled_call_impl is None for layer in decoder_layers(model))
-    schedule = ["train.max_steps=3", "train.batch_size=4", "train.save_every=0", "train.eval_every=0", "dataset.max_samples=24"]
-    runs = {k: train([*schedule, f"train.kernels={k}", f"output_dir={tmp_path / k}"], quiet=True) for k in ("auto", "off")}
+    schedule = [
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "dataset.max_samples=24",
+    ]
+    runs = {
+        k: train([*schedule, f"train.kernels={k}", f"output_dir={tmp_path / k}"], quiet=True) for k in ("auto", "off")
+    }
     auto, off = (load_file(str(runs[k] / "adapter" / "adapter_model.safetensors")) for k in ("auto", "off"))
     assert auto.keys() == off.keys() and all(torch.equal(auto[k], off[k]) for k in auto)

@@ -1,6 +1,7 @@
 """Multi-turn chat data (issue 13, acceptance 3 and 5): every assistant turn is trained with its
 end-of-turn token and nothing of the user / system turns, for OpenAI `messages` and ShareGPT
 `conversations`, with the tokenizer's template or a named / file template; bad data exits 2."""
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,18 @@ def _cli(args: list[str]) -> tuple[int, str]:
 
 def _trained_texts(path: Path, *overrides: str) -> list[str]:
     """`peftctl data --json`: the trained spans of the first example, decoded."""
-    code, output = _cli(["data", "dataset=chat_local", f"dataset.path={path}", "dataset.eval_size=0", *overrides, "--json", "--show", "1"])
+    code, output = _cli(
+        [
+            "data",
+            "dataset=chat_local",
+            f"dataset.path={path}",
+            "dataset.eval_size=0",
+            *overrides,
+            "--json",
+            "--show",
+            "1",
+        ]
+    )
     assert code == 0, output
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     stats, row = lines[0]["stats"], lines[1]
@@ -77,7 +89,16 @@ def test_every_assistant_turn_is_trained_with_its_end_of_turn(form: str, tmp_pat
 def test_chatml_on_a_tokenizer_without_a_template(form: str, tmp_path: Path, no_template_tokenizer: Path) -> None:
     row, extra = (_openai(), []) if form == "openai" else (_sharegpt(), ["dataset.format=sharegpt"])
     path = _write(tmp_path / "chat.jsonl", [row])
-    code, output = _cli(["data", "dataset=chat_local", f"dataset.path={path}", "dataset.eval_size=0", f"model.tokenizer={no_template_tokenizer}", *extra])
+    code, output = _cli(
+        [
+            "data",
+            "dataset=chat_local",
+            f"dataset.path={path}",
+            "dataset.eval_size=0",
+            f"model.tokenizer={no_template_tokenizer}",
+            *extra,
+        ]
+    )
     assert code == 2 and "dataset.chat_template" in output and "chatml" in output
     texts = _trained_texts(path, f"model.tokenizer={no_template_tokenizer}", "dataset.chat_template=chatml", *extra)
     assert texts == ["Paris.<|im_end|>", "Lima.<|im_end|>", "You're welcome.<|im_end|>", "<|eos|>"]
@@ -101,14 +122,27 @@ def test_a_template_that_re_renders_earlier_turns_still_masks_right(tmp_path: Pa
     drop old reasoning do): a rendered prefix is then not a prefix of the whole, yet every turn's
     content is found."""
     template = tmp_path / "t.jinja"
-    template.write_text("{% for m in messages %}{% if m['role'] == 'assistant' %}{% if not loop.last %}(earlier) {% endif %}"
-                        "A: {{ m['content'] }}<END>\n{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
-                        "{% if add_generation_prompt %}A: {% endif %}")
+    template.write_text(
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% if not loop.last %}(earlier) {% endif %}"
+        "A: {{ m['content'] }}<END>\n{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}A: {% endif %}"
+    )
     path = _write(tmp_path / "chat.jsonl", [_openai()])
-    assert _trained_texts(path, f"dataset.chat_template={template}") == ["Paris.<END>", "Lima.<END>", "You're welcome.<END>", "<|eos|>"]
+    assert _trained_texts(path, f"dataset.chat_template={template}") == [
+        "Paris.<END>",
+        "Lima.<END>",
+        "You're welcome.<END>",
+        "<|eos|>",
+    ]
 
 
-@pytest.mark.parametrize("train_on, expected", [("last_assistant", ["You're welcome.\n<|eos|>"]), ("assistant", ["Paris.\n", "Lima.\n", "You're welcome.\n<|eos|>"])])
+@pytest.mark.parametrize(
+    "train_on, expected",
+    [
+        ("last_assistant", ["You're welcome.\n<|eos|>"]),
+        ("assistant", ["Paris.\n", "Lima.\n", "You're welcome.\n<|eos|>"]),
+    ],
+)
 def test_train_on(train_on: str, expected: list[str], tmp_path: Path) -> None:
     path = _write(tmp_path / "chat.jsonl", [_openai()])
     assert _trained_texts(path, f"dataset.train_on={train_on}") == expected
@@ -123,7 +157,9 @@ def test_train_on_all_trains_every_token_but_bos(tmp_path: Path) -> None:
 def test_role_map_renames_sharegpt_roles(tmp_path: Path) -> None:
     row = {"conversations": [{"from": "person", "value": "hi"}, {"from": "bot", "value": "hello"}]}
     path = _write(tmp_path / "chat.jsonl", [row])
-    assert _trained_texts(path, "dataset.format=sharegpt", "dataset.role_map={person:user,bot:assistant}") == ["hello\n<|eos|>"]
+    assert _trained_texts(path, "dataset.format=sharegpt", "dataset.role_map={person:user,bot:assistant}") == [
+        "hello\n<|eos|>"
+    ]
 
 
 # ---------------------------------------------------------------------------- bad data: one line, exit 2
@@ -146,9 +182,20 @@ def test_conversation_without_assistant_turn(tmp_path: Path) -> None:
 
 def test_unknown_role(tmp_path: Path) -> None:
     rows = [_openai(), _openai(), {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}]
-    _assert_one_line_error(*_data_error(_write(tmp_path / "c.jsonl", rows)), "record 3", "unknown role 'bot'", "assistant", "dataset.role_map")
+    _assert_one_line_error(
+        *_data_error(_write(tmp_path / "c.jsonl", rows)),
+        "record 3",
+        "unknown role 'bot'",
+        "assistant",
+        "dataset.role_map",
+    )
     sharegpt = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "yo"}]}]
-    _assert_one_line_error(*_data_error(_write(tmp_path / "s.jsonl", sharegpt), "dataset.format=sharegpt"), "record 1", "unknown role 'robot'", "gpt")
+    _assert_one_line_error(
+        *_data_error(_write(tmp_path / "s.jsonl", sharegpt), "dataset.format=sharegpt"),
+        "record 1",
+        "unknown role 'robot'",
+        "gpt",
+    )
 
 
 def test_malformed_jsonl_line_is_named(tmp_path: Path) -> None:
@@ -157,9 +204,17 @@ def test_malformed_jsonl_line_is_named(tmp_path: Path) -> None:
 
 
 def test_unknown_template_name(tmp_path: Path) -> None:
-    _assert_one_line_error(*_data_error(_write(tmp_path / "c.jsonl", [_openai()]), "dataset.chat_template=chatmlx"),
-                           "dataset.chat_template='chatmlx'", "chatml", "llama3")
+    _assert_one_line_error(
+        *_data_error(_write(tmp_path / "c.jsonl", [_openai()]), "dataset.chat_template=chatmlx"),
+        "dataset.chat_template='chatmlx'",
+        "chatml",
+        "llama3",
+    )
 
 
 def test_bad_role_map_value(tmp_path: Path) -> None:
-    _assert_one_line_error(*_data_error(_write(tmp_path / "c.jsonl", [_openai()]), "dataset.role_map={bot:robot}"), "dataset.role_map.bot", "assistant")
+    _assert_one_line_error(
+        *_data_error(_write(tmp_path / "c.jsonl", [_openai()]), "dataset.role_map={bot:robot}"),
+        "dataset.role_map.bot",
+        "assistant",
+    )

@@ -1,4 +1,5 @@
 """`peftctl recipes`, `peftctl show`, and Hydra composition (group choices, overrides, sweeps)."""
+
 from __future__ import annotations
 
 import yaml
@@ -48,16 +49,24 @@ def test_switching_the_adapter_of_a_prompt_recipe_drops_only_the_recipes_method_
 
     from peftctl.errors import ConfigError
 
-    assert compose_config(["recipe=tiny_prompt_tuning"]).adapter.prompt_tuning_init == "TEXT"  # its own method keeps them
+    assert (
+        compose_config(["recipe=tiny_prompt_tuning"]).adapter.prompt_tuning_init == "TEXT"
+    )  # its own method keeps them
     cfg = compose_config(["recipe=tiny_prompt_tuning", "adapter=lora", "adapter.r=4"])
-    assert cfg.adapter.method == "lora" and cfg.adapter.r == 4 and cfg.train.lr == 3.0e-2  # the rest of the recipe stays
+    assert (
+        cfg.adapter.method == "lora" and cfg.adapter.r == 4 and cfg.train.lr == 3.0e-2
+    )  # the rest of the recipe stays
     assert compose_config(["recipe=tiny_prompt_tuning", "adapter=p_tuning"]).adapter.method == "p_tuning"
     with pytest.raises(ConfigError, match=r"adapter.prompt_tuning_init is not a field of the lora adapter"):
         compose_config(["recipe=tiny_prompt_tuning", "adapter=lora", "adapter.prompt_tuning_init=TEXT"])
-    with pytest.raises(ConfigError, match=r"adapter.lora_alph is not a field of the lora adapter \(did you mean 'lora_alpha'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"adapter.lora_alph is not a field of the lora adapter \(did you mean 'lora_alpha'\?\)"
+    ):
         compose_config(["recipe=tiny_prompt_tuning", "adapter=lora", "adapter.lora_alph=3"])
 
     run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "recipe=tiny_prompt_tuning", "adapter=lora", "train.max_steps=2", f"output_dir={run}", "--quiet"])
+    result = CliRunner().invoke(
+        app, ["train", "recipe=tiny_prompt_tuning", "adapter=lora", "train.max_steps=2", f"output_dir={run}", "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"

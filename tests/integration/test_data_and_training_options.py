@@ -1,4 +1,5 @@
 """Data sources and formats, precision / checkpointing options, and the non-finite-loss stop."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,10 @@ def test_local_files_load_and_mask_the_prompt(kind: str, tmp_path: Path) -> None
 
 
 def test_chat_format_uses_the_tokenizer_template(tmp_path: Path) -> None:
-    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]} for i in range(10)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]}
+        for i in range(10)
+    ]
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = compose_config(["dataset=chat_local", f"dataset.path={path}", "dataset.eval_size=0.0"])
@@ -75,7 +79,16 @@ def test_dataset_folder_loads_with_datasets(tmp_path: Path) -> None:
 
 
 def test_bf16_with_gradient_checkpointing_and_accumulation(tmp_path: Path) -> None:
-    run = train([*TINY, "train.precision=bf16", "train.gradient_checkpointing=true", "train.grad_accum=2", f"output_dir={tmp_path / 'r'}"], quiet=True)
+    run = train(
+        [
+            *TINY,
+            "train.precision=bf16",
+            "train.gradient_checkpointing=true",
+            "train.grad_accum=2",
+            f"output_dir={tmp_path / 'r'}",
+        ],
+        quiet=True,
+    )
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
@@ -87,7 +100,10 @@ def test_local_model_directory_trains(tmp_path: Path) -> None:
 
     cfg = compose_config([])
     model_dir = builtin_model_dir("tiny-llama", dict(cfg.model.arch))
-    run = train([*TINY, "model=hub", f"model.name_or_path={model_dir}", "model.dtype=float32", f"output_dir={tmp_path / 'r'}"], quiet=True)
+    run = train(
+        [*TINY, "model=hub", f"model.name_or_path={model_dir}", "model.dtype=float32", f"output_dir={tmp_path / 'r'}"],
+        quiet=True,
+    )
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(model_dir)
 
@@ -106,6 +122,15 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeyp
     monkeypatch.setattr(loop, "causal_lm_loss_sum", poisoned)
     run_dir = tmp_path / "r"
     with pytest.raises(TrainingError, match=r"loss became nan at step 5.*step-000004"):
-        train(["train.max_steps=10", "train.save_every=2", "train.batch_size=4", "dataset.max_samples=32", f"output_dir={run_dir}"], quiet=True)
+        train(
+            [
+                "train.max_steps=10",
+                "train.save_every=2",
+                "train.batch_size=4",
+                "dataset.max_samples=32",
+                f"output_dir={run_dir}",
+            ],
+            quiet=True,
+        )
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert not (run_dir / "adapter").exists()

@@ -1,5 +1,6 @@
 """Tokenized data is cached (issue 13, acceptance 4 first half): a second `train` on the same data
 says it used the cache and tokenizes nothing; a changed file or setting tokenizes again."""
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,22 @@ def _data_file(path: Path, rows: list[dict]) -> Path:
 
 
 def _train(path: Path, out: Path, *extra: str) -> Path:
-    return train(["dataset=alpaca_local", f"dataset.path={path}", "dataset.eval_size=0.25", "train.max_steps=1", "train.batch_size=4",
-                  f"output_dir={out}", *extra])
+    return train(
+        [
+            "dataset=alpaca_local",
+            f"dataset.path={path}",
+            "dataset.eval_size=0.25",
+            "train.max_steps=1",
+            "train.batch_size=4",
+            f"output_dir={out}",
+            *extra,
+        ]
+    )
 
 
-def test_second_train_uses_the_cache_and_tokenizes_nothing(counted: dict[str, int], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_second_train_uses_the_cache_and_tokenizes_nothing(
+    counted: dict[str, int], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     path = _data_file(tmp_path / "d.jsonl", ROWS)
     _train(path, tmp_path / "r1")
     first = capsys.readouterr().out

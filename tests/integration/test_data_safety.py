@@ -5,6 +5,7 @@ names a finite checkpoint that resumes; one `train` per output_dir; resume conti
 config; a broken newest checkpoint is detected (manifest of sizes + sha256), skipped with a warning,
 and the run still ends with the uninterrupted run's adapter.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -24,7 +25,14 @@ from typer.testing import CliRunner
 from peftctl.cli import app
 from peftctl.train.run import train
 
-SCHEDULE = ["train.max_steps=12", "train.save_every=5", "train.log_every=1", "train.batch_size=4", "train.eval_every=0", "dataset.max_samples=200"]
+SCHEDULE = [
+    "train.max_steps=12",
+    "train.save_every=5",
+    "train.log_every=1",
+    "train.batch_size=4",
+    "train.eval_every=0",
+    "dataset.max_samples=200",
+]
 
 
 def _cli(args: list[str]) -> tuple[int, str]:
@@ -44,7 +52,10 @@ def _one_line_error(code: int, output: str, *fragments: str) -> str:
 
 def _snapshot(root: Path) -> dict[str, str]:
     """Every file under ``root`` (hidden ones too) with a hash of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -69,13 +80,18 @@ def _fail_if_a_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loader, "load_model", refuse)
 
 
-@pytest.mark.parametrize("command", [
-    ["merge", "{run}"],
-    ["merge", "{run}", "{run}", "--combination", "linear"],
-    ["export", "{run}", "--format", "peft"],
-    ["export", "{run}", "--format", "merged"],
-])
-def test_existing_non_empty_target_is_refused_without_overwrite(command: list[str], trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["merge", "{run}"],
+        ["merge", "{run}", "{run}", "--combination", "linear"],
+        ["export", "{run}", "--format", "peft"],
+        ["export", "{run}", "--format", "merged"],
+    ],
+)
+def test_existing_non_empty_target_is_refused_without_overwrite(
+    command: list[str], trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("the user's own file")
@@ -94,11 +110,15 @@ def test_overwrite_replaces_the_target_and_an_empty_directory_needs_none(trained
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _cli(["export", str(trained_run), "--format", "peft", "--out", str(empty), "--quiet"])[0] == 0
-    assert (empty / "adapter_model.safetensors").read_bytes() == (trained_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (empty / "adapter_model.safetensors").read_bytes() == (
+        trained_run / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("replace me")
-    code, output = _cli(["export", str(trained_run), "--format", "peft", "--out", str(target), "--overwrite", "--quiet"])
+    code, output = _cli(
+        ["export", str(trained_run), "--format", "peft", "--out", str(target), "--overwrite", "--quiet"]
+    )
     assert code == 0, output
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in (trained_run / "adapter").iterdir())
     assert not list(tmp_path.glob(".*"))  # no leftover temporary or .old entries
@@ -106,8 +126,15 @@ def test_overwrite_replaces_the_target_and_an_empty_directory_needs_none(trained
 
 @pytest.mark.parametrize("where", ["run", "adapter", "parent", "grandparent"])
 @pytest.mark.parametrize("command", [["merge"], ["export", "--format", "merged"], ["export", "--format", "peft"]])
-def test_the_source_and_its_ancestors_are_never_replaced(where: str, command: list[str], trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    out = {"run": trained_run, "adapter": trained_run / "adapter", "parent": trained_run.parent, "grandparent": trained_run.parent.parent}[where]
+def test_the_source_and_its_ancestors_are_never_replaced(
+    where: str, command: list[str], trained_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = {
+        "run": trained_run,
+        "adapter": trained_run / "adapter",
+        "parent": trained_run.parent,
+        "grandparent": trained_run.parent.parent,
+    }[where]
     before = _snapshot(trained_run.parent)
     _fail_if_a_model_loads(monkeypatch)
     source = trained_run / "adapter" if where == "adapter" and command[0] == "export" else trained_run
@@ -116,7 +143,9 @@ def test_the_source_and_its_ancestors_are_never_replaced(where: str, command: li
     assert _snapshot(trained_run.parent) == before
 
 
-def test_gguf_export_refuses_an_existing_file(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gguf_export_refuses_an_existing_file(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     existing = tmp_path / "model.gguf"
     existing.write_bytes(b"the user's model")
     folder = tmp_path / "folder"
@@ -124,14 +153,25 @@ def test_gguf_export_refuses_an_existing_file(trained_run: Path, tmp_path: Path,
     (folder / "model-f32.gguf").write_bytes(b"another model")
     before = _snapshot(tmp_path)
     _fail_if_a_model_loads(monkeypatch)
-    _one_line_error(*_cli(["export", str(trained_run), "--format", "gguf", "--out", str(existing), "--quiet"]), "--out=", "--overwrite")
-    _one_line_error(*_cli(["export", str(trained_run), "--format", "gguf", "--outtype", "f32", "--out", str(folder), "--quiet"]), "model-f32.gguf", "--overwrite")
+    _one_line_error(
+        *_cli(["export", str(trained_run), "--format", "gguf", "--out", str(existing), "--quiet"]),
+        "--out=",
+        "--overwrite",
+    )
+    _one_line_error(
+        *_cli(["export", str(trained_run), "--format", "gguf", "--outtype", "f32", "--out", str(folder), "--quiet"]),
+        "model-f32.gguf",
+        "--overwrite",
+    )
     assert _snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------- non-finite weights
 def _all_finite(checkpoint: Path) -> bool:
-    tensors = [*load_file(str(checkpoint / "trainable.safetensors")).values(), *load_file(str(checkpoint / "adapter" / "adapter_model.safetensors")).values()]
+    tensors = [
+        *load_file(str(checkpoint / "trainable.safetensors")).values(),
+        *load_file(str(checkpoint / "adapter" / "adapter_model.safetensors")).values(),
+    ]
     optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     tensors += [v for state in optimizer["state"].values() for v in state.values() if torch.is_tensor(v)]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
@@ -141,8 +181,17 @@ def test_a_diverging_run_names_a_finite_checkpoint_that_resumes_with_a_lower_lr(
     """lr=3: step 4 turns the weights to NaN while its loss is still finite (the gradients overflow); the
     checkpoint of step 4 must not be written, and the error names step 2's, which resumes with a sane lr."""
     run = tmp_path / "run"
-    diverging = ["train.max_steps=8", "train.save_every=2", "train.log_every=1", "train.batch_size=4", "train.eval_every=0", "dataset.max_samples=64",
-                 "train.warmup_steps=0", "train.lr=3", f"output_dir={run}"]
+    diverging = [
+        "train.max_steps=8",
+        "train.save_every=2",
+        "train.log_every=1",
+        "train.batch_size=4",
+        "train.eval_every=0",
+        "dataset.max_samples=64",
+        "train.warmup_steps=0",
+        "train.lr=3",
+        f"output_dir={run}",
+    ]
     code, output = _cli(["train", *diverging, "--quiet"])
     assert code == 1 and "Traceback" not in output, output
     line = output.strip().splitlines()[-1]
@@ -193,7 +242,10 @@ def test_a_second_train_on_a_locked_output_dir_is_refused(runs: dict[str, Path],
     handle = _hold_lock(run)  # as a running `peftctl train` holds it
     try:
         before = _snapshot(run)
-        line = _one_line_error(*_cli(["train", *SCHEDULE, f"output_dir={run}", "train.resume=true"]), "is in use by another peftctl train (pid 4242)")
+        line = _one_line_error(
+            *_cli(["train", *SCHEDULE, f"output_dir={run}", "train.resume=true"]),
+            "is in use by another peftctl train (pid 4242)",
+        )
         assert f"output_dir={str(run)!r}" in line
         assert _snapshot(run) == before
     finally:
@@ -201,7 +253,9 @@ def test_a_second_train_on_a_locked_output_dir_is_refused(runs: dict[str, Path],
     assert _cli(["train", *SCHEDULE, f"output_dir={run}", "train.resume=true", "--quiet"])[0] == 0  # released: it runs
 
 
-def test_a_run_that_creates_the_dir_while_another_loads_is_refused_at_creation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_that_creates_the_dir_while_another_loads_is_refused_at_creation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two new runs on one new output_dir: the one that gets there second writes nothing."""
     import peftctl.train.run as run_module
 
@@ -217,7 +271,9 @@ def test_a_run_that_creates_the_dir_while_another_loads_is_refused_at_creation(t
 
     monkeypatch.setattr(run_module, "build_model_and_data", other_run_starts_meanwhile)
     try:
-        _one_line_error(*_cli(["train", *SCHEDULE, f"output_dir={run}"]), "is in use by another peftctl train (pid 4242)")
+        _one_line_error(
+            *_cli(["train", *SCHEDULE, f"output_dir={run}"]), "is in use by another peftctl train (pid 4242)"
+        )
         assert sorted(p.name for p in run.iterdir()) == ["train.lock"]
     finally:
         for handle in held:
@@ -231,8 +287,23 @@ def test_concurrent_train_processes_on_one_output_dir(tmp_path: Path) -> None:
     if pid == 0:  # the first run, in a child process
         code = 1
         try:
-            code = CliRunner().invoke(app, ["train", "train.max_steps=400", "train.save_every=0", "train.batch_size=2", "dataset.max_samples=64",
-                                            "train.eval_every=0", f"output_dir={run}", "--quiet"]).exit_code
+            code = (
+                CliRunner()
+                .invoke(
+                    app,
+                    [
+                        "train",
+                        "train.max_steps=400",
+                        "train.save_every=0",
+                        "train.batch_size=2",
+                        "dataset.max_samples=64",
+                        "train.eval_every=0",
+                        f"output_dir={run}",
+                        "--quiet",
+                    ],
+                )
+                .exit_code
+            )
         finally:
             os._exit(code)
     try:
@@ -244,7 +315,9 @@ def test_concurrent_train_processes_on_one_output_dir(tmp_path: Path) -> None:
 
             time.sleep(0.05)
         before_config = (run / "config.yaml").read_bytes()
-        _one_line_error(*_cli(["train", f"output_dir={run}", "--quiet"]), f"is in use by another peftctl train (pid {pid})")
+        _one_line_error(
+            *_cli(["train", f"output_dir={run}", "--quiet"]), f"is in use by another peftctl train (pid {pid})"
+        )
         _one_line_error(*_cli(["train", f"output_dir={run}", "train.resume=true", "--quiet"]), f"(pid {pid})")
         assert (run / "config.yaml").read_bytes() == before_config
         assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # the first run was not disturbed
@@ -256,28 +329,37 @@ def test_concurrent_train_processes_on_one_output_dir(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- resume under the saved config
 def test_resume_without_the_original_overrides_uses_the_saved_config(runs: dict[str, Path], tmp_path: Path) -> None:
     run = _copy_stopped(runs, tmp_path)
-    code, output = _cli(["train", f"output_dir={run}", "resume=true", "train.log_every=3", "--quiet"])  # a harmless change is allowed
+    code, output = _cli(
+        ["train", f"output_dir={run}", "resume=true", "train.log_every=3", "--quiet"]
+    )  # a harmless change is allowed
     assert code == 0, output
     _assert_same_adapter(runs["straight"], run)
     assert "max_steps: 12" in (run / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("overrides, named", [
-    (["train.max_steps=20"], ["train.max_steps=20 (saved: 12)"]),
-    (["adapter.r=4", "train.seed=1"], ["adapter.r=4 (saved: 8)", "train.seed=1 (saved: 42)"]),
-    (["adapter=dora"], ["adapter"]),
-    (["dataset.max_samples=100", "train.batch_size=8"], ["dataset.max_samples=100", "train.batch_size=8"]),
-    (["recipe=tiny_prompt_tuning"], ["recipe='tiny_prompt_tuning' (saved: 'tiny_lora')"]),
-    (["train.precision=bf16"], ["train.precision='bf16'"]),
-])
-def test_resume_refuses_overrides_that_change_the_run(overrides: list[str], named: list[str], runs: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["train.max_steps=20"], ["train.max_steps=20 (saved: 12)"]),
+        (["adapter.r=4", "train.seed=1"], ["adapter.r=4 (saved: 8)", "train.seed=1 (saved: 42)"]),
+        (["adapter=dora"], ["adapter"]),
+        (["dataset.max_samples=100", "train.batch_size=8"], ["dataset.max_samples=100", "train.batch_size=8"]),
+        (["recipe=tiny_prompt_tuning"], ["recipe='tiny_prompt_tuning' (saved: 'tiny_lora')"]),
+        (["train.precision=bf16"], ["train.precision='bf16'"]),
+    ],
+)
+def test_resume_refuses_overrides_that_change_the_run(
+    overrides: list[str], named: list[str], runs: dict[str, Path], tmp_path: Path
+) -> None:
     run = _copy_stopped(runs, tmp_path)
     before = _snapshot(run)
     _one_line_error(*_cli(["train", *overrides, f"output_dir={run}", "train.resume=true"]), "saved", *named)
     assert _snapshot(run) == before
 
 
-def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_written(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_written(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
     run = _copy_stopped(runs, tmp_path)
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("  r: 8\n", "  r: 4\n"))  # the saved config edited by hand
@@ -298,15 +380,31 @@ def _truncate(file: Path) -> None:
 
 
 CORRUPTIONS = {
-    "flipped byte in the trainable weights": (lambda c: _flip_byte(c / "trainable.safetensors"), "trainable.safetensors", "sha256"),
+    "flipped byte in the trainable weights": (
+        lambda c: _flip_byte(c / "trainable.safetensors"),
+        "trainable.safetensors",
+        "sha256",
+    ),
     "flipped byte in the optimizer state": (lambda c: _flip_byte(c / "optimizer.pt"), "optimizer.pt", "sha256"),
     "truncated optimizer state": (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt", "truncated"),
     "truncated scheduler": (lambda c: _truncate(c / "scheduler.pt"), "scheduler.pt", "truncated"),
-    "truncated adapter weights": (lambda c: _truncate(c / "adapter" / "adapter_model.safetensors"), "adapter_model.safetensors", "truncated"),
-    "invalid trainer_state.json": (lambda c: (c / "trainer_state.json").write_text('{"step": 10, "epo'), "trainer_state.json", "trainer_state.json"),
+    "truncated adapter weights": (
+        lambda c: _truncate(c / "adapter" / "adapter_model.safetensors"),
+        "adapter_model.safetensors",
+        "truncated",
+    ),
+    "invalid trainer_state.json": (
+        lambda c: (c / "trainer_state.json").write_text('{"step": 10, "epo'),
+        "trainer_state.json",
+        "trainer_state.json",
+    ),
     "missing rng state": (lambda c: (c / "rng.pt").unlink(), "rng.pt", "missing"),
     "missing manifest": (lambda c: (c / "manifest.json").unlink(), "manifest.json", "missing"),
-    "invalid manifest": (lambda c: (c / "manifest.json").write_text("{not json"), "manifest.json", "not a valid manifest"),
+    "invalid manifest": (
+        lambda c: (c / "manifest.json").write_text("{not json"),
+        "manifest.json",
+        "not a valid manifest",
+    ),
 }
 
 
@@ -323,14 +421,23 @@ def test_every_kind_of_broken_checkpoint_is_detected(kind: str, runs: dict[str, 
     assert problem is not None and file_name in problem and reason in problem, problem
 
 
-@pytest.mark.parametrize("kind", ["flipped byte in the trainable weights", "truncated optimizer state", "invalid trainer_state.json"])
-def test_a_broken_newest_checkpoint_is_skipped_and_the_result_is_exact(kind: str, runs: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "kind", ["flipped byte in the trainable weights", "truncated optimizer state", "invalid trainer_state.json"]
+)
+def test_a_broken_newest_checkpoint_is_skipped_and_the_result_is_exact(
+    kind: str, runs: dict[str, Path], tmp_path: Path
+) -> None:
     run = _copy_stopped(runs, tmp_path)
     CORRUPTIONS[kind][0](run / "checkpoints" / "step-000010")
     code, output = _cli(["train", f"output_dir={run}", "train.resume=true", "--quiet"])
     assert code == 0, output
     warnings = [line for line in output.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "skipping broken checkpoint" in warnings[0] and "step-000010" in warnings[0] and CORRUPTIONS[kind][1] in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "skipping broken checkpoint" in warnings[0]
+        and "step-000010" in warnings[0]
+        and CORRUPTIONS[kind][1] in warnings[0]
+    )
     _assert_same_adapter(runs["straight"], run)
     steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == list(range(1, 13))  # continued from step 5: steps 6..11 logged once, not twice
@@ -351,7 +458,11 @@ def test_no_valid_checkpoint_left_is_one_line(runs: dict[str, Path], tmp_path: P
         _truncate(checkpoint / "optimizer.pt")
     code, output = _cli(["train", f"output_dir={run}", "train.resume=true"])
     lines = output.strip().splitlines()
-    assert code == 2 and len(lines) == 3 and all(line.startswith("warning: skipping broken checkpoint") for line in lines[:2]), output
+    assert (
+        code == 2
+        and len(lines) == 3
+        and all(line.startswith("warning: skipping broken checkpoint") for line in lines[:2])
+    ), output
     assert lines[-1].startswith("error: train.resume: no valid checkpoint in"), output
 
 
@@ -387,10 +498,18 @@ def test_resume_of_a_loftq_run_accepts_the_overrides_it_was_started_with(tmp_pat
 
     original = ["quant=nf4", "adapter.init_lora_weights=loftq", f"output_dir={tmp_path}"]
     saved = compose_config(original)
-    saved.model.name_or_path, saved.model.arch, saved.adapter.init_lora_weights = str(tmp_path / "loftq_base"), None, True  # as _write_loftq_base saves it
+    saved.model.name_or_path, saved.model.arch, saved.adapter.init_lora_weights = (
+        str(tmp_path / "loftq_base"),
+        None,
+        True,
+    )  # as _write_loftq_base saves it
     (tmp_path / "config.yaml").write_text(config_to_yaml(saved))
     again = [*original, "train.resume=true"]
     resumed, notes = resume_config(compose_config(again), again, tmp_path)
-    assert resumed.model.name_or_path == str(tmp_path / "loftq_base") and resumed.adapter.init_lora_weights is True and notes == []
+    assert (
+        resumed.model.name_or_path == str(tmp_path / "loftq_base")
+        and resumed.adapter.init_lora_weights is True
+        and notes == []
+    )
     with pytest.raises(ConfigError, match=r"adapter.r=4 \(saved: 8\)"):
         resume_config(compose_config([*again, "adapter.r=4"]), [*again, "adapter.r=4"], tmp_path)

@@ -4,6 +4,7 @@ Two ranks with batch_size=b, grad_accum=1 must take exactly the steps of one pro
 batch_size=b, grad_accum=2 (same micro-batches, token-weighted loss over the global batch,
 gradients summed across ranks), rank 0 alone writes the run directory, and a data-parallel run
 resumed from its checkpoint ends where the uninterrupted one did (every rank's RNG restored)."""
+
 from __future__ import annotations
 
 import json
@@ -19,13 +20,35 @@ from safetensors.torch import load_file
 from peftctl.train.run import train
 
 REPO = Path(__file__).resolve().parents[2]
-SCHEDULE = ["train.max_steps=4", "train.batch_size=4", "train.save_every=2", "train.log_every=1", "train.eval_every=0",
-            "train.device=cpu", "dataset.max_samples=64"]
+SCHEDULE = [
+    "train.max_steps=4",
+    "train.batch_size=4",
+    "train.save_every=2",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.device=cpu",
+    "dataset.max_samples=64",
+]
 
 
 def _torchrun(*overrides: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "peftctl", "train", *overrides, "--quiet"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "peftctl",
+        "train",
+        *overrides,
+        "--quiet",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
@@ -40,7 +63,9 @@ def _losses(run: Path) -> list[float]:
 
 def test_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path: Path) -> None:
     _torchrun(*SCHEDULE, "train.grad_accum=1", "adapter.lora_dropout=0", f"output_dir={tmp_path / 'ddp'}")
-    single = train([*SCHEDULE, "train.grad_accum=2", "adapter.lora_dropout=0", f"output_dir={tmp_path / 'single'}"], quiet=True)
+    single = train(
+        [*SCHEDULE, "train.grad_accum=2", "adapter.lora_dropout=0", f"output_dir={tmp_path / 'single'}"], quiet=True
+    )
     ddp = tmp_path / "ddp"
     ours, reference = _adapter(ddp), _adapter(single)
     assert ours.keys() == reference.keys()

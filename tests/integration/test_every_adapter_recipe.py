@@ -1,5 +1,6 @@
 """`peftctl train adapter=<each config in configs/adapter/>` completes on the offline default, and
 `peftctl eval` runs on its output (methods that need extra inputs have their own tests)."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,19 @@ from peftctl.config.compose import resource_dir
 
 # X-LoRA mixes experts trained beforehand: test_xlora_over_trained_experts below.
 NEEDS_EXPERTS = {"xlora"}
-CHOICES = sorted(p.stem for p in resource_dir("configs").joinpath("adapter").glob("*.yaml") if p.stem not in NEEDS_EXPERTS)
-SHORT = ["train.max_steps=4", "train.batch_size=4", "train.log_every=2", "train.save_every=0", "train.eval_every=0", "dataset.max_samples=32", "eval.num_generate=4", "eval.max_eval_samples=8"]
+CHOICES = sorted(
+    p.stem for p in resource_dir("configs").joinpath("adapter").glob("*.yaml") if p.stem not in NEEDS_EXPERTS
+)
+SHORT = [
+    "train.max_steps=4",
+    "train.batch_size=4",
+    "train.log_every=2",
+    "train.save_every=0",
+    "train.eval_every=0",
+    "dataset.max_samples=32",
+    "eval.num_generate=4",
+    "eval.max_eval_samples=8",
+]
 
 
 @pytest.mark.parametrize("choice", CHOICES)
@@ -65,8 +77,17 @@ def test_adalora_prunes_to_target_budget_inside_the_product_loop(tmp_path: Path)
     from safetensors.torch import load_file
 
     run = tmp_path / "adalora"
-    schedule = ["train.max_steps=10", "adapter.init_r=6", "adapter.target_r=2", "adapter.tinit=2", "adapter.tfinal=3", "adapter.deltaT=1"]
-    result = CliRunner().invoke(app, ["train", "adapter=adalora", *schedule, *SHORT[1:], f"output_dir={run}", "--quiet"])
+    schedule = [
+        "train.max_steps=10",
+        "adapter.init_r=6",
+        "adapter.target_r=2",
+        "adapter.tinit=2",
+        "adapter.tfinal=3",
+        "adapter.deltaT=1",
+    ]
+    result = CliRunner().invoke(
+        app, ["train", "adapter=adalora", *schedule, *SHORT[1:], f"output_dir={run}", "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     pattern = config["rank_pattern"]
@@ -82,7 +103,17 @@ def test_xlora_over_trained_experts(trained_run: Path, tmp_path: Path) -> None:
     """X-LoRA from the CLI: experts are LoRA adapter dirs of earlier runs; eval reads its output."""
     expert = trained_run / "adapter"
     run = tmp_path / "xlora"
-    result = CliRunner().invoke(app, ["train", "adapter=xlora", f"adapter.adapters={{e0:{expert},e1:{expert}}}", *SHORT, f"output_dir={run}", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "adapter=xlora",
+            f"adapter.adapters={{e0:{expert},e1:{expert}}}",
+            *SHORT,
+            f"output_dir={run}",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(app, ["eval", str(run), "--quiet"])
     assert result.exit_code == 0, result.output

@@ -5,6 +5,7 @@ ggml-org's gguf package, undoes llama.cpp's q/k permutation and rebuilds the tok
 vocabulary keys) must give back the merged model's logits and our tokenizer's ids; the metadata is
 read back with `gguf.GGUFReader`.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,13 @@ from typer.testing import CliRunner
 
 from peftctl.cli import app
 
-SHORT = ["train.max_steps=4", "train.batch_size=4", "dataset.max_samples=32", "train.save_every=0", "train.eval_every=0"]
+SHORT = [
+    "train.max_steps=4",
+    "train.batch_size=4",
+    "dataset.max_samples=32",
+    "train.save_every=0",
+    "train.eval_every=0",
+]
 TEXTS = ["The camera is great. Very happy.", "héllo ünïcode 日本語!\n", "<|bos|>two  spaces<|eos|>", ""]
 
 
@@ -75,7 +82,9 @@ def _fields(file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def test_f32_gguf_loads_back_as_the_merged_model(llama_run: Path, merged: tuple[Any, Any], tmp_path: Path) -> None:
     model, tokenizer = merged
-    code, output = _cli(["export", str(llama_run), "--format", "gguf", "--outtype", "f32", "--out", str(tmp_path / "out"), "--quiet"])
+    code, output = _cli(
+        ["export", str(llama_run), "--format", "gguf", "--outtype", "f32", "--out", str(tmp_path / "out"), "--quiet"]
+    )
     assert code == 0, output
     file = tmp_path / "out" / "model-f32.gguf"
     assert sorted(p.name for p in file.parent.iterdir()) == ["model-f32.gguf"]  # no temp file left behind
@@ -117,18 +126,28 @@ def test_f32_gguf_loads_back_as_the_merged_model(llama_run: Path, merged: tuple[
     assert fields["tokenizer.ggml.tokens"] == [tokenizer.convert_ids_to_tokens(i) for i in range(cfg.vocab_size)]
     assert fields["tokenizer.ggml.merges"] == []  # present (llama.cpp requires the key), empty: a byte vocabulary
     specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    assert [i for i, kind in enumerate(fields["tokenizer.ggml.token_type"]) if kind == gguf.TokenType.CONTROL] == sorted(specials)
+    assert [
+        i for i, kind in enumerate(fields["tokenizer.ggml.token_type"]) if kind == gguf.TokenType.CONTROL
+    ] == sorted(specials)
     per_block = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm"]
-    names = {"token_embd.weight", "output_norm.weight", "output.weight"} | {f"blk.{b}.{n}.weight" for b in range(cfg.num_hidden_layers) for n in per_block}
+    names = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{b}.{n}.weight" for b in range(cfg.num_hidden_layers) for n in per_block
+    }
     assert set(tensors) == names
     assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in tensors.values())
 
 
-@pytest.mark.parametrize("outtype, dtype, file_type", [("f16", torch.float16, "MOSTLY_F16"), ("bf16", torch.bfloat16, "MOSTLY_BF16")])
-def test_half_precision_gguf(llama_run: Path, merged: tuple[Any, Any], tmp_path: Path, outtype: str, dtype: torch.dtype, file_type: str) -> None:
+@pytest.mark.parametrize(
+    "outtype, dtype, file_type", [("f16", torch.float16, "MOSTLY_F16"), ("bf16", torch.bfloat16, "MOSTLY_BF16")]
+)
+def test_half_precision_gguf(
+    llama_run: Path, merged: tuple[Any, Any], tmp_path: Path, outtype: str, dtype: torch.dtype, file_type: str
+) -> None:
     model, tokenizer = merged
     file = tmp_path / f"merged-{outtype}.gguf"
-    code, output = _cli(["export", str(llama_run), "--format", "gguf", "--outtype", outtype, "--out", str(file), "--quiet"])
+    code, output = _cli(
+        ["export", str(llama_run), "--format", "gguf", "--outtype", outtype, "--out", str(file), "--quiet"]
+    )
     assert code == 0, output
     loaded, _ = _load_gguf(file)
     got = _logits(loaded, tokenizer)
@@ -150,16 +169,29 @@ def _tiny_llama(vocab_size: int, **extra: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         bos_token_id=1, eos_token_id=2, **extra)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 def _train_bpe(byte_level: bool) -> tuple[dict[str, int], list[tuple[str, str]], Any]:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    corpus = ["the quick brown fox jumps over the lazy dog", "a film that was surprisingly good, then 123 bad",
-              "tokenizers learn merges from frequent pairs", "hello world, hello there: the theatre"] * 10
+    corpus = [
+        "the quick brown fox jumps over the lazy dog",
+        "a film that was surprisingly good, then 123 bad",
+        "tokenizers learn merges from frequent pairs",
+        "hello world, hello there: the theatre",
+    ] * 10
     if byte_level:
         backend = Tokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -170,7 +202,9 @@ def _train_bpe(byte_level: bool) -> tuple[dict[str, int], list[tuple[str, str]],
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
         specials = ["<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)]]
         alphabet = []
-    trainer = trainers.BpeTrainer(vocab_size=420 if byte_level else 380, special_tokens=specials, initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=420 if byte_level else 380, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
     backend.train_from_iterator(corpus, trainer)
     spec = json.loads(backend.to_str())
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["model"]["merges"]]
@@ -190,7 +224,12 @@ def _round_trip(model: Any, tokenizer: Any, tmp_path: Path, texts: list[str]) ->
     return _fields(file)[0]
 
 
-SAMPLES = ["the theatre: hello world", "The Quick brown-fox jumps 12345 times!", "  two  spaces\nnewline", "ünïcödé 日本 brownfoxjumps"]
+SAMPLES = [
+    "the theatre: hello world",
+    "The Quick brown-fox jumps 12345 times!",
+    "  two  spaces\nnewline",
+    "ünïcödé 日本 brownfoxjumps",
+]
 
 
 def test_sentencepiece_style_vocabulary(tmp_path: Path) -> None:
@@ -209,7 +248,11 @@ def test_sentencepiece_style_vocabulary(tmp_path: Path) -> None:
     assert types[-5:] == [gguf.TokenType.UNUSED] * 5
     names = {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     assert "output.weight" not in names and {"blk.0.attn_q.bias", "blk.0.attn_k.bias"} <= names
-    assert (fields["llama.rope.dimension_count"], fields["llama.attention.key_length"], fields["llama.attention.value_length"]) == (16, 16, 16)
+    assert (
+        fields["llama.rope.dimension_count"],
+        fields["llama.attention.key_length"],
+        fields["llama.attention.value_length"],
+    ) == (16, 16, 16)
 
 
 def test_llama3_style_byte_level_vocabulary(tmp_path: Path) -> None:
@@ -223,7 +266,12 @@ def test_llama3_style_byte_level_vocabulary(tmp_path: Path) -> None:
 
     assert _LLAMA3_SPLIT == GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]
     _, _, backend = _train_bpe(byte_level=True)
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin|>", eos_token="<|end|>")
     fields = _round_trip(_tiny_llama(len(tokenizer)), tokenizer, tmp_path, SAMPLES)
@@ -239,7 +287,14 @@ def test_llama3_rope_scaling_becomes_rope_freqs() -> None:
 
     from peftctl.export.gguf_export import llama3_rope_factors
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     config = LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=1024, rope_parameters=rope)
     dim = config.hidden_size // config.num_attention_heads
     base = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
@@ -263,7 +318,9 @@ def _assert_one_line_error(code: int, output: str, *fragments: str) -> None:
 def test_unknown_outtype(llama_run: Path, tmp_path: Path) -> None:
     code, output = _cli(["export", str(llama_run), "--format", "gguf", "--outtype", "q4", "--out", str(tmp_path / "x")])
     _assert_one_line_error(code, output, "--outtype='q4'", "f32, f16, bf16")
-    code, output = _cli(["export", str(llama_run), "--format", "merged", "--outtype", "f16", "--out", str(tmp_path / "x")])
+    code, output = _cli(
+        ["export", str(llama_run), "--format", "merged", "--outtype", "f16", "--out", str(tmp_path / "x")]
+    )
     _assert_one_line_error(code, output, "--outtype", "gguf")
     assert not (tmp_path / "x").exists()
 

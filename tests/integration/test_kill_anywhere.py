@@ -7,6 +7,7 @@ The kills at named points use the test-only hook PEFTCTL_TEST_KILL_AT (train/che
 imports are done once, which keeps this test fast); one run is the real `python -m peftctl train`
 killed by the test with SIGKILL from outside.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,16 @@ from peftctl.train.checkpoint import KILL_ENV
 from peftctl.train.run import train
 
 REPO = Path(__file__).resolve().parents[2]
-SCHEDULE = ["train.max_steps=20", "train.save_every=4", "train.keep_checkpoints=2", "train.log_every=1", "train.batch_size=4", "train.eval_every=0",
-            "dataset.max_samples=64", "train.device=cpu"]
+SCHEDULE = [
+    "train.max_steps=20",
+    "train.save_every=4",
+    "train.keep_checkpoints=2",
+    "train.log_every=1",
+    "train.batch_size=4",
+    "train.eval_every=0",
+    "dataset.max_samples=64",
+    "train.device=cpu",
+]
 
 
 def _forked_train(args: list[str], kill_at: str | None) -> int:
@@ -46,9 +55,19 @@ def _forked_train(args: list[str], kill_at: str | None) -> int:
 
 def _cli_killed_after_line(args: list[str], line_start: str) -> int:
     """The real entry point, SIGKILLed from outside as soon as it prints a line starting with ``line_start``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop(KILL_ENV, None)
-    proc = subprocess.Popen([sys.executable, "-m", "peftctl", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peftctl", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     seen = []
     try:
         for line in proc.stdout:
@@ -64,7 +83,13 @@ def _cli_killed_after_line(args: list[str], line_start: str) -> int:
 
 
 def _hidden(run: Path) -> list[str]:
-    return sorted(p.name for folder in (run, run / "checkpoints") if folder.is_dir() for p in folder.iterdir() if p.name.startswith("."))
+    return sorted(
+        p.name
+        for folder in (run, run / "checkpoints")
+        if folder.is_dir()
+        for p in folder.iterdir()
+        if p.name.startswith(".")
+    )
 
 
 def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_adapter(tmp_path: Path) -> None:
@@ -102,5 +127,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_adapter(tmp_path: 
     assert _hidden(run) == []  # every torn temporary write was cleaned up
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 21))  # each step logged once
-    reference_losses = [r["loss"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    reference_losses = [
+        r["loss"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert [r["loss"] for r in records if "loss" in r] == reference_losses

@@ -1,4 +1,5 @@
 """`peftctl merge` of two offline-default runs: the merged model matches the in-memory blend."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def _in_memory_blend(runs: list[Path], combination: str, weights: list[float], density: float | None = None):
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
     from peftctl.models.loader import load_model
     from peftctl.runs import open_source
 
@@ -33,11 +34,26 @@ def _in_memory_blend(runs: list[Path], combination: str, weights: list[float], d
 
 
 @pytest.mark.parametrize("combination, density", [("cat", None), ("ties", 0.5)])
-def test_merged_blend_matches_in_memory_blend(two_runs: list[Path], tmp_path: Path, combination: str, density: float | None) -> None:
+def test_merged_blend_matches_in_memory_blend(
+    two_runs: list[Path], tmp_path: Path, combination: str, density: float | None
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
-    args = ["merge", *map(str, two_runs), "--adapters", "a,b", "--weights", "0.7,0.3", "--combination", combination, "--out", str(out), "--safe", "--quiet"]
+    args = [
+        "merge",
+        *map(str, two_runs),
+        "--adapters",
+        "a,b",
+        "--weights",
+        "0.7,0.3",
+        "--combination",
+        combination,
+        "--out",
+        str(out),
+        "--safe",
+        "--quiet",
+    ]
     if density is not None:
         args += ["--density", str(density)]
     result = CliRunner().invoke(app, args)
@@ -54,7 +70,9 @@ def test_blend_as_adapter_writes_peft_adapter(two_runs: list[Path], tmp_path: Pa
     import json
 
     out = tmp_path / "blended"
-    result = CliRunner().invoke(app, ["merge", *map(str, two_runs), "--combination", "cat", "--as-adapter", "--out", str(out), "--quiet"])
+    result = CliRunner().invoke(
+        app, ["merge", *map(str, two_runs), "--combination", "cat", "--as-adapter", "--out", str(out), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "adapter_config.json").read_text())
     from peftctl.config.compose import compose_config
@@ -64,7 +82,11 @@ def test_blend_as_adapter_writes_peft_adapter(two_runs: list[Path], tmp_path: Pa
 
 
 def test_unknown_combination_is_a_one_line_error(two_runs: list[Path], tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["merge", *map(str, two_runs), "--combination", "average", "--out", str(tmp_path / "x")])
+    result = CliRunner().invoke(
+        app, ["merge", *map(str, two_runs), "--combination", "average", "--out", str(tmp_path / "x")]
+    )
     assert result.exit_code == 2
-    assert result.output.startswith("error: ") and "svd" in result.output and len(result.output.strip().splitlines()) == 1
+    assert (
+        result.output.startswith("error: ") and "svd" in result.output and len(result.output.strip().splitlines()) == 1
+    )
     assert not (tmp_path / "x").exists()

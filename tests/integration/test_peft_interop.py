@@ -2,6 +2,7 @@
 
 Checked against peft 0.21.2.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,7 +42,10 @@ def test_we_load_an_adapter_written_by_peft(trained_run: Path, tmp_path: Path) -
     from peftctl import AdaptedModel
 
     torch.manual_seed(3)
-    theirs = get_peft_model(_base_model(trained_run), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)).eval()
+    theirs = get_peft_model(
+        _base_model(trained_run),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    ).eval()
     theirs.save_pretrained(tmp_path / "peft_adapter")
     ours = AdaptedModel.from_pretrained(_base_model(trained_run), tmp_path / "peft_adapter").eval()
     _, tokenizer = load_adapted(open_source(trained_run))

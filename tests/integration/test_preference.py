@@ -1,6 +1,7 @@
 """Preference tuning end to end on the built-in tiny Llama: DPO's first step, tiny_dpo learning the
 review preferences (eval base vs adapted, the adapter loading in peft), precomputed vs in-step
 reference log-probs, exact resume, the other objectives' recipes, and bad preference data."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,13 @@ from peftctl.cli import app
 from peftctl.config.compose import compose_config
 from peftctl.train.run import build_model_and_data, train
 
-SMALL = ["dataset.max_samples=64", "train.batch_size=4", "train.log_every=1", "train.eval_every=0", "train.save_every=0"]
+SMALL = [
+    "dataset.max_samples=64",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.save_every=0",
+]
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -49,7 +56,10 @@ def test_first_dpo_step_of_zero_init_lora_is_ln2(tmp_path: Path) -> None:
     assert abs(first["rewards/margins"]) < 1e-4 and first["rewards/accuracies"] == 0.0
 
 
-@pytest.mark.parametrize("adapter, identity_at_init", [("ia3", True), ("loha", True), ("dora", True), ("prefix_tuning", False), ("prompt_tuning", False)])
+@pytest.mark.parametrize(
+    "adapter, identity_at_init",
+    [("ia3", True), ("loha", True), ("dora", True), ("prefix_tuning", False), ("prompt_tuning", False)],
+)
 def test_dpo_with_any_adapter(adapter: str, identity_at_init: bool) -> None:
     """DPO's reference is the base with the adapter off, for every kind of method: adapters that start
     as the identity give ln 2 exactly; prompt-family methods (virtual tokens) differ from the base
@@ -83,7 +93,14 @@ def test_tiny_dpo_learns_the_preferences_and_loads_in_peft(tmp_path: Path) -> No
     result = CliRunner().invoke(app, ["train", "recipe=tiny_dpo", f"output_dir={run}"])
     assert result.exit_code == 0, result.output
     records = _train_records(run)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert key in records[-1], key
     assert any("eval_rewards/accuracies" in r for r in _metrics(run))
 
@@ -96,7 +113,12 @@ def test_tiny_dpo_learns_the_preferences_and_loads_in_peft(tmp_path: Path) -> No
 
     ours, tokenizer = load_adapted(open_source(run))
     theirs = PeftModel.from_pretrained(load_model(open_source(run).config.model), run / "adapter").eval()
-    inputs = tokenizer(["### Instruction:\nIs this review positive or negative?\n\n### Input:\nA flimsy lamp. Do not buy.\n\n### Response:\n"], return_tensors="pt")
+    inputs = tokenizer(
+        [
+            "### Instruction:\nIs this review positive or negative?\n\n### Input:\nA flimsy lamp. Do not buy.\n\n### Response:\n"
+        ],
+        return_tensors="pt",
+    )
     with torch.no_grad():
         assert torch.allclose(ours(**inputs).logits, theirs(**inputs).logits, atol=1e-5)
 
@@ -111,7 +133,10 @@ def test_precomputed_reference_gives_the_same_losses(tmp_path: Path) -> None:
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["rewards/margins"] - y["rewards/margins"]) < 1e-5
     # the later steps compare a trained policy with its reference (not the trivial ln 2 of step 1)
     assert all(abs(r["loss"] - math.log(2)) > 1e-3 and abs(r["rewards/margins"]) > 1e-4 for r in a[1:])
-    expected, got = load_file(in_step / "adapter" / "adapter_model.safetensors"), load_file(precomputed / "adapter" / "adapter_model.safetensors")
+    expected, got = (
+        load_file(in_step / "adapter" / "adapter_model.safetensors"),
+        load_file(precomputed / "adapter" / "adapter_model.safetensors"),
+    )
     for key in expected:
         assert torch.allclose(expected[key], got[key], atol=1e-5), key
 
@@ -131,16 +156,29 @@ def test_dpo_resume_is_exact(tmp_path: Path) -> None:
     assert _train_records(resumed)[-1]["loss"] == pytest.approx(_train_records(straight)[-1]["loss"], abs=1e-6)
 
 
-@pytest.mark.parametrize("recipe, extra", [
-    ("tiny_orpo", []),
-    ("tiny_kto", []),
-    ("tiny_reward", []),
-    ("tiny_dpo", ["train.dpo.loss_type=simpo", "train.dpo.beta=2.0"]),  # the reference-free path
-])
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [
+        ("tiny_orpo", []),
+        ("tiny_kto", []),
+        ("tiny_reward", []),
+        ("tiny_dpo", ["train.dpo.loss_type=simpo", "train.dpo.beta=2.0"]),  # the reference-free path
+    ],
+)
 def test_objective_recipes_learn_the_preference(recipe: str, extra: list[str], tmp_path: Path) -> None:
     """A short run of each objective moves the held-out reward margin the right way (eval metrics)."""
-    run = train(["train.max_steps=40", "train.log_every=10", "train.eval_every=0", "train.save_every=0",
-                 f"recipe={recipe}", *extra, f"output_dir={tmp_path / 'run'}"], quiet=True)
+    run = train(
+        [
+            "train.max_steps=40",
+            "train.log_every=10",
+            "train.eval_every=0",
+            "train.save_every=0",
+            f"recipe={recipe}",
+            *extra,
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        quiet=True,
+    )
     final = [r for r in _metrics(run) if "eval_loss" in r][-1]
     assert final["eval_rewards/margins"] > 0, final
     if recipe != "tiny_kto":
@@ -162,18 +200,33 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
 PAIR = {"prompt": "Is it good?", "chosen": "yes", "rejected": "no"}
 
 
-@pytest.mark.parametrize("rows, data_format, fragments", [
-    ([{"prompt": "p", "chosen": "yes"}] * 3, "preference", ["no column 'rejected'", "format=preference"]),
-    ([{"prompt": "p", "chosen": "same", "rejected": "same"}] * 3, "preference", ["equals 'rejected' in every row"]),
-    ([PAIR, {**PAIR, "rejected": " "}, PAIR], "preference", ["row 1", "'rejected' is empty"]),
-    ([{"prompt": "p", "completion": "", "label": True}] * 2, "kto", ["row 0", "'completion' is empty"]),
-    ([{"prompt": "p", "completion": "x", "label": "maybe"}] * 2, "kto", ["label='maybe'", "true or false"]),
-])
-def test_bad_preference_data_is_one_line_exit_2(rows: list[dict], data_format: str, fragments: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "rows, data_format, fragments",
+    [
+        ([{"prompt": "p", "chosen": "yes"}] * 3, "preference", ["no column 'rejected'", "format=preference"]),
+        ([{"prompt": "p", "chosen": "same", "rejected": "same"}] * 3, "preference", ["equals 'rejected' in every row"]),
+        ([PAIR, {**PAIR, "rejected": " "}, PAIR], "preference", ["row 1", "'rejected' is empty"]),
+        ([{"prompt": "p", "completion": "", "label": True}] * 2, "kto", ["row 0", "'completion' is empty"]),
+        ([{"prompt": "p", "completion": "x", "label": "maybe"}] * 2, "kto", ["label='maybe'", "true or false"]),
+    ],
+)
+def test_bad_preference_data_is_one_line_exit_2(
+    rows: list[dict], data_format: str, fragments: list[str], tmp_path: Path
+) -> None:
     recipe = "tiny_kto" if data_format == "kto" else "tiny_dpo"
     data = _write_jsonl(tmp_path / "data.jsonl", rows)
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", f"recipe={recipe}", f"dataset.path={data}", "dataset.split=train", "dataset.eval_split=null", f"output_dir={out}"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            f"recipe={recipe}",
+            f"dataset.path={data}",
+            "dataset.split=train",
+            "dataset.eval_split=null",
+            f"output_dir={out}",
+        ],
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
@@ -182,15 +235,18 @@ def test_bad_preference_data_is_one_line_exit_2(rows: list[dict], data_format: s
     assert not out.exists()
 
 
-@pytest.mark.parametrize("overrides, fragments", [
-    (["train.objective=dpo"], ["train.objective=dpo needs dataset.format=preference"]),
-    (["recipe=tiny_dpo", "train.objective=sft"], ["dataset.format=preference", "train.objective=sft"]),
-    (["recipe=tiny_dpo", "train.dpo.loss_type=foo"], ["train.dpo.loss_type", "sigmoid"]),
-    (["recipe=tiny_dpo", "train.dpo.beta=0"], ["train.dpo.beta=0"]),
-    (["recipe=tiny_dpo", "train.dpo.betaa=0.1"], ["train.dpo.betaa", "train.dpo.beta"]),
-    (["recipe=tiny_kto", "train.kto.desirable_weight=-1"], ["train.kto.desirable_weight"]),
-    (["recipe=tiny_reward", "model.task_type=causal_lm"], ["model.task_type", "seq_cls"]),
-])
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["train.objective=dpo"], ["train.objective=dpo needs dataset.format=preference"]),
+        (["recipe=tiny_dpo", "train.objective=sft"], ["dataset.format=preference", "train.objective=sft"]),
+        (["recipe=tiny_dpo", "train.dpo.loss_type=foo"], ["train.dpo.loss_type", "sigmoid"]),
+        (["recipe=tiny_dpo", "train.dpo.beta=0"], ["train.dpo.beta=0"]),
+        (["recipe=tiny_dpo", "train.dpo.betaa=0.1"], ["train.dpo.betaa", "train.dpo.beta"]),
+        (["recipe=tiny_kto", "train.kto.desirable_weight=-1"], ["train.kto.desirable_weight"]),
+        (["recipe=tiny_reward", "model.task_type=causal_lm"], ["model.task_type", "seq_cls"]),
+    ],
+)
 def test_bad_objective_config_is_one_line_exit_2(overrides: list[str], fragments: list[str]) -> None:
     result = CliRunner().invoke(app, ["train", *overrides])
     assert result.exit_code == 2, result.output
@@ -210,7 +266,10 @@ def test_peftctl_data_shows_a_pair_as_chosen_then_rejected() -> None:
 
     tokenizer = load_tokenizer(compose_config(["recipe=tiny_dpo"]).model)
     # the same prompt, masked; only the completion (+ EOS) is scored
-    trained = [tokenizer.decode([t for t, y in zip(r["input_ids"], r["labels"]) if y != -100], skip_special_tokens=True) for r in (chosen, rejected)]
+    trained = [
+        tokenizer.decode([t for t, y in zip(r["input_ids"], r["labels"]) if y != -100], skip_special_tokens=True)
+        for r in (chosen, rejected)
+    ]
     assert sorted(trained) == ["negative", "positive"]
     n_prompt = chosen["labels"].index(next(y for y in chosen["labels"] if y != -100))
     assert chosen["input_ids"][:n_prompt] == rejected["input_ids"][:n_prompt]

@@ -1,4 +1,5 @@
 """A run stopped after its checkpoint and resumed ends with the same adapter as an uninterrupted run."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,14 @@ from safetensors.torch import load_file
 
 from peftctl.train.run import train
 
-SCHEDULE = ["train.max_steps=12", "train.save_every=5", "train.log_every=1", "train.batch_size=4", "adapter.lora_dropout=0.1", "dataset.max_samples=200"]
+SCHEDULE = [
+    "train.max_steps=12",
+    "train.save_every=5",
+    "train.log_every=1",
+    "train.batch_size=4",
+    "adapter.lora_dropout=0.1",
+    "dataset.max_samples=200",
+]
 
 
 def test_resume_gives_identical_final_adapter(tmp_path: Path) -> None:
@@ -20,7 +28,14 @@ def test_resume_gives_identical_final_adapter(tmp_path: Path) -> None:
     # LoRA has no stateful training hooks: its checkpoint keeps the layout from before hook states
     # existed, so this also shows that such (older) checkpoints resume exactly
     assert sorted(p.name for p in (interrupted / "checkpoints" / "step-000005").iterdir()) == [
-        "adapter", "manifest.json", "optimizer.pt", "rng.pt", "scheduler.pt", "trainable.safetensors", "trainer_state.json"]
+        "adapter",
+        "manifest.json",
+        "optimizer.pt",
+        "rng.pt",
+        "scheduler.pt",
+        "trainable.safetensors",
+        "trainer_state.json",
+    ]
     resumed = train([*SCHEDULE, f"output_dir={interrupted}", "train.resume=true"], quiet=True)
     assert resumed == interrupted
     expected = load_file(straight / "adapter" / "adapter_model.safetensors")
@@ -29,7 +44,11 @@ def test_resume_gives_identical_final_adapter(tmp_path: Path) -> None:
     for key in expected:
         assert (expected[key] - got[key]).abs().max().item() <= 1e-6, key
     # metrics continue from the checkpoint: every step logged once
-    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines() if "loss" in line and "eval" not in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (resumed / "metrics.jsonl").read_text().splitlines()
+        if "loss" in line and "eval" not in line
+    ]
     assert steps == list(range(1, 13))
 
 
@@ -54,8 +73,22 @@ def test_unfinished_run_dir_is_not_silently_reused(tmp_path: Path) -> None:
 # AdaLoRA: 12 steps, budgeting phase steps 3..9 (tinit=2, tfinal=3), checkpoint after step 5: the
 # rank allocator prunes both before and after the checkpoint, so resume needs its EMA sensitivity (a high lr
 # and long EMAs make the ranking depend on that history: without it the resumed run keeps other ranks)
-ADALORA = ["adapter=adalora", "train.max_steps=12", "train.lr=1e-2", "adapter.beta1=0.95", "adapter.beta2=0.95", "train.save_every=5", "train.log_every=1", "train.batch_size=4",
-           "dataset.max_samples=200", "adapter.init_r=6", "adapter.target_r=2", "adapter.tinit=2", "adapter.tfinal=3", "adapter.deltaT=1"]
+ADALORA = [
+    "adapter=adalora",
+    "train.max_steps=12",
+    "train.lr=1e-2",
+    "adapter.beta1=0.95",
+    "adapter.beta2=0.95",
+    "train.save_every=5",
+    "train.log_every=1",
+    "train.batch_size=4",
+    "dataset.max_samples=200",
+    "adapter.init_r=6",
+    "adapter.target_r=2",
+    "adapter.tinit=2",
+    "adapter.tfinal=3",
+    "adapter.deltaT=1",
+]
 
 
 def _kept(pattern: dict[str, list[bool]]) -> int:
@@ -93,7 +126,10 @@ def test_adalora_checkpoint_without_hook_state_resumes_with_a_warning(tmp_path: 
     run = tmp_path / "run"
     train([*ADALORA, f"output_dir={run}"], quiet=True, stop_after_step=5)
     checkpoint = run / "checkpoints" / "step-000005"
-    assert sorted(p.name for p in (checkpoint / "hooks").iterdir()) == ["0-RankAllocator.json", "0-RankAllocator.safetensors"]
+    assert sorted(p.name for p in (checkpoint / "hooks").iterdir()) == [
+        "0-RankAllocator.json",
+        "0-RankAllocator.safetensors",
+    ]
     shutil.rmtree(checkpoint / "hooks")  # as written before hook states were saved
     write_manifest(checkpoint)  # ... and sealed, else resume would skip it as broken (test_data_safety.py)
     with pytest.warns(UserWarning, match="no state for the training hook RankAllocator"):

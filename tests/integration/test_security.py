@@ -1,5 +1,6 @@
 """Security (issue 11 §3): a run directory cannot make eval / merge / export run foreign code, CorDA
 files are never unpickled as code, and written files / directories honour the umask."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from peftctl.cli import app
 ROOT = Path(__file__).resolve().parents[2]
 
 # a model's "own code": importing it leaves a marker file, so a test sees whether it ran
-REMOTE_CODE = '''
+REMOTE_CODE = """
 from pathlib import Path
 Path({marker!r}).write_text("foreign code ran")
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -31,7 +32,7 @@ class RemoteConfig(LlamaConfig):
 
 class RemoteModel(LlamaForCausalLM):
     config_class = RemoteConfig
-'''
+"""
 
 
 def _run_with_remote_code_model(trained_run: Path, tmp_path: Path, config_says: bool) -> tuple[Path, Path]:
@@ -50,14 +51,20 @@ def _run_with_remote_code_model(trained_run: Path, tmp_path: Path, config_says: 
     (base / "remote_model.py").write_text(REMOTE_CODE.format(marker=str(marker)))
     model_config = json.loads((base / "config.json").read_text())
     model_config["model_type"] = "remote-llama"  # unknown to transformers: only its own code can load it
-    model_config["auto_map"] = {"AutoConfig": "remote_model.RemoteConfig", "AutoModelForCausalLM": "remote_model.RemoteModel"}
+    model_config["auto_map"] = {
+        "AutoConfig": "remote_model.RemoteConfig",
+        "AutoModelForCausalLM": "remote_model.RemoteModel",
+    }
     (base / "config.json").write_text(json.dumps(model_config))
     values["model"].update(name_or_path=str(base), arch=None, trust_remote_code=config_says)
     (run / "config.yaml").write_text(yaml.safe_dump(values))
     return run, marker
 
 
-@pytest.mark.parametrize("command", [["eval"], ["merge", "--out", "{tmp}/merged"], ["export", "--format", "merged", "--out", "{tmp}/exported"]])
+@pytest.mark.parametrize(
+    "command",
+    [["eval"], ["merge", "--out", "{tmp}/merged"], ["export", "--format", "merged", "--out", "{tmp}/exported"]],
+)
 def test_run_config_cannot_switch_on_remote_code(command: list[str], trained_run: Path, tmp_path: Path) -> None:
     run, marker = _run_with_remote_code_model(trained_run, tmp_path, config_says=True)
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -95,8 +102,23 @@ def test_the_flag_lets_the_model_code_run(trained_run: Path, tmp_path: Path) -> 
     """--trust-remote-code is the one way in: with it, the model's own code is imported and used."""
     run, marker = _run_with_remote_code_model(trained_run, tmp_path, config_says=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
-    proc = subprocess.run([sys.executable, "-m", "peftctl", "merge", str(run), "--out", str(tmp_path / "merged"), "--trust-remote-code", "-q"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peftctl",
+            "merge",
+            str(run),
+            "--out",
+            str(tmp_path / "merged"),
+            "--trust-remote-code",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert marker.read_text() == "foreign code ran"
     assert (tmp_path / "merged" / "config.json").is_file()
@@ -114,14 +136,16 @@ class _RunsCodeWhenUnpickled:
 def test_corda_files_are_never_unpickled_as_code(field: str, tmp_path: Path) -> None:
     from peftctl.adapters import get_adapted_model
     from peftctl.adapters.lora import LoraConfig
-    from peftctl.adapters.lora_corda import preprocess_corda
+    from peftctl.adapters.lora.corda import preprocess_corda
     from peftctl.errors import ConfigError
     from tests.unit._method_checks import tiny_llama
 
     marker, file = tmp_path / "marker.txt", tmp_path / "corda.pt"
     torch.save({"model.layers.0.self_attn.q_proj": _RunsCodeWhenUnpickled(marker)}, file)
     config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="corda", corda_config={field: str(file)})
-    with pytest.raises(ConfigError, match=rf"adapter.corda_config.{field}=.*corda.pt.*cannot be loaded as a file of tensors"):
+    with pytest.raises(
+        ConfigError, match=rf"adapter.corda_config.{field}=.*corda.pt.*cannot be loaded as a file of tensors"
+    ):
         preprocess_corda(tiny_llama(), config, dataloader=[{"input_ids": torch.tensor([[1, 2, 3]])}])
     if field == "cache_file":  # the cache is also read at injection, without preprocess_corda
         with pytest.raises(ConfigError, match="corda.pt"):
@@ -131,13 +155,15 @@ def test_corda_files_are_never_unpickled_as_code(field: str, tmp_path: Path) -> 
 
 def test_corda_cache_of_another_model_is_named(tmp_path: Path) -> None:
     from peftctl.adapters.lora import LoraConfig
-    from peftctl.adapters.lora_corda import preprocess_corda
+    from peftctl.adapters.lora.corda import preprocess_corda
     from peftctl.errors import ConfigError
     from tests.unit._method_checks import tiny_llama
 
     file = tmp_path / "cache.pt"
     torch.save({"other.layer.eigens_S": torch.ones(2)}, file)
-    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="corda", corda_config={"cache_file": str(file)})
+    config = LoraConfig(
+        r=2, target_modules=["q_proj"], init_lora_weights="corda", corda_config={"cache_file": str(file)}
+    )
     with pytest.raises(ConfigError, match="cache_file=.*cache.pt.*built for another model"):
         preprocess_corda(tiny_llama(), config, dataloader=[])
 
@@ -175,6 +201,10 @@ def test_a_run_directory_honours_the_umask(trained_run: Path) -> None:
     from peftctl.utils import current_umask
 
     mask = current_umask()
-    for item in [trained_run / "config.yaml", trained_run / "adapter" / "adapter_model.safetensors", trained_run / "adapter" / "adapter_config.json"]:
+    for item in [
+        trained_run / "config.yaml",
+        trained_run / "adapter" / "adapter_model.safetensors",
+        trained_run / "adapter" / "adapter_config.json",
+    ]:
         assert item.stat().st_mode & 0o777 == 0o666 & ~mask, item
     assert (trained_run / "adapter").stat().st_mode & 0o777 == 0o777 & ~mask

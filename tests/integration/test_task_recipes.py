@@ -1,5 +1,6 @@
 """Recipes for each method x task type finish offline on built-in tiny models, and `peftctl eval`
 reports the task's metric (short schedules: this checks the plumbing, not the learning)."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,14 @@ from peftctl.cli import app
 from peftctl.config.compose import list_recipes
 from peftctl.train.run import train
 
-SHORT = ["train.max_steps=4", "train.batch_size=4", "train.save_every=0", "train.eval_every=0", "train.log_every=2", "dataset.max_samples=16"]
+SHORT = [
+    "train.max_steps=4",
+    "train.batch_size=4",
+    "train.save_every=0",
+    "train.eval_every=0",
+    "train.log_every=2",
+    "dataset.max_samples=16",
+]
 # recipe -> (peft_type saved, metrics eval must report)
 RECIPES = {
     "tiny_prompt_tuning": ("PROMPT_TUNING", {"eval_loss", "perplexity", "exact_match"}),
@@ -42,9 +50,14 @@ def test_recipe_trains_and_evaluates(recipe: str, tmp_path: Path) -> None:
     run_dir = train([f"recipe={recipe}", *SHORT, f"output_dir={tmp_path / recipe}"], quiet=True)
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == peft_type
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    losses = [
+        json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+    ]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    result = CliRunner().invoke(app, ["eval", str(run_dir), "eval.max_eval_samples=8", "eval.num_generate=2", "eval.max_new_tokens=4", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        ["eval", str(run_dir), "eval.max_eval_samples=8", "eval.num_generate=2", "eval.max_new_tokens=4", "--quiet"],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((run_dir / "eval.json").read_text())
     assert set(report["adapted"]) == metrics and set(report["base"]) == metrics
@@ -84,7 +97,14 @@ def test_prompt_method_resume_gives_identical_adapter(recipe: str, extra: list[s
     """A checkpoint of a prompt method resumes into the same parameters (the optimizer keeps them)."""
     from safetensors.torch import load_file
 
-    schedule = [f"recipe={recipe}", "train.max_steps=6", "train.save_every=3", "train.batch_size=4", "dataset.max_samples=24", *extra]
+    schedule = [
+        f"recipe={recipe}",
+        "train.max_steps=6",
+        "train.save_every=3",
+        "train.batch_size=4",
+        "dataset.max_samples=24",
+        *extra,
+    ]
     straight = train([*schedule, f"output_dir={tmp_path / 'straight'}"], quiet=True)
     interrupted = tmp_path / "interrupted"
     train([*schedule, f"output_dir={interrupted}"], quiet=True, stop_after_step=4)

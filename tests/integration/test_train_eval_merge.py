@@ -1,4 +1,5 @@
 """End to end on the offline default: train -> run dir -> eval -> merge -> load in transformers."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Tiny models and comparison helpers shared by the LoRA-family tests."""
+
 from __future__ import annotations
 
 import copy
@@ -39,15 +40,29 @@ def tiny_all_types(seed: int = 0) -> TinyAllTypes:
 
 def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_llama_cls(seed: int = 0) -> LlamaForSequenceClassification:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=3,
+        pad_token_id=0,
+    )
     return LlamaForSequenceClassification(cfg).eval()
 
 

@@ -2,6 +2,7 @@
 
 The PEFT format was checked against peft 0.21.2 (installed as the test oracle only).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,15 +13,21 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftctl.adapters import AdaptedModel, get_adapted_model
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.config import AdapterConfig
 
 PEFT_VERSION_CHECKED = "0.21.2"
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -140,7 +147,9 @@ def ours_to_peft(adapted: AdaptedModel, make_base: Callable[[], nn.Module], x: t
     assert rel_err(run(theirs, x), run(adapted, x)) <= 1e-5
 
 
-def peft_to_ours(peft_config, make_base: Callable[[], nn.Module], x: torch.Tensor, tmp: Path, seed: int = 5) -> AdaptedModel:
+def peft_to_ours(
+    peft_config, make_base: Callable[[], nn.Module], x: torch.Tensor, tmp: Path, seed: int = 5
+) -> AdaptedModel:
     """We load what peft saves (its adapter randomised) and compute the same output."""
     from peft import get_peft_model
 
@@ -156,7 +165,9 @@ def peft_to_ours(peft_config, make_base: Callable[[], nn.Module], x: torch.Tenso
     return ours
 
 
-def interop_both_ways(config: AdapterConfig, peft_config, make_base: Callable[[], nn.Module], x: torch.Tensor, tmp: Path) -> None:
+def interop_both_ways(
+    config: AdapterConfig, peft_config, make_base: Callable[[], nn.Module], x: torch.Tensor, tmp: Path
+) -> None:
     """ours_to_peft on our (perturbed) adapter, then peft_to_ours on peft's for the same config."""
     adapted = get_adapted_model(make_base(), config)
     perturb(adapted)
@@ -164,9 +175,13 @@ def interop_both_ways(config: AdapterConfig, peft_config, make_base: Callable[[]
     peft_to_ours(peft_config, make_base, x, tmp / "theirs")
 
 
-
-def check_multi_adapter(make_base: Callable[[], nn.Module], make_config: Callable[[], AdapterConfig], x: torch.Tensor,
-                        tmp: Path, mergeable: bool = True) -> None:
+def check_multi_adapter(
+    make_base: Callable[[], nn.Module],
+    make_config: Callable[[], AdapterConfig],
+    x: torch.Tensor,
+    tmp: Path,
+    mergeable: bool = True,
+) -> None:
     """add (inactive, frozen) -> set -> save both -> load both -> delete -> merge the first."""
     adapted = get_adapted_model(make_base(), make_config())
     perturb(adapted, "default")
@@ -195,7 +210,7 @@ def check_yaml(method: str, **overrides) -> AdapterConfig:
     """configs/adapter/<method>.yaml builds that method's config (strict keys)."""
     import yaml
 
-    from peftctl.adapters.registry import config_from_dict
+    from peftctl.adapters.core.registry import config_from_dict
 
     path = Path(__file__).resolve().parents[2] / "configs" / "adapter" / f"{method}.yaml"
     values = {**yaml.safe_load(path.read_text()), **overrides}

@@ -1,4 +1,5 @@
 """Shared checks for the prompt-family tests: tiny models, a few training steps, peft as the oracle."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,21 +8,30 @@ from typing import Any, Callable
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from peftctl.adapters.model import AdaptedModel, get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import AdaptedModel, get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 
 VOCAB = 300
 
 
 def tiny_llama() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 def tiny_gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+    ).eval()
 
 
 def batch() -> dict[str, torch.Tensor]:
@@ -38,8 +48,10 @@ def train_steps(model: AdaptedModel, steps: int = 3) -> None:
     inputs = batch()
     model.train()
     for _ in range(steps):
-        logits = model(**inputs).logits[:, -inputs["input_ids"].shape[1]:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), inputs["input_ids"][:, 1:].reshape(-1))
+        logits = model(**inputs).logits[:, -inputs["input_ids"].shape[1] :]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, VOCAB), inputs["input_ids"][:, 1:].reshape(-1)
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -51,7 +63,12 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model(**batch()).logits
 
 
-def check_training_and_round_trip(build: Callable[[], torch.nn.Module], values: dict[str, Any], tmp_path: Path, expected_trainable: Callable[[str], bool]) -> AdaptedModel:
+def check_training_and_round_trip(
+    build: Callable[[], torch.nn.Module],
+    values: dict[str, Any],
+    tmp_path: Path,
+    expected_trainable: Callable[[str], bool],
+) -> AdaptedModel:
     """Only the method's tensors train, the base stays bit-identical, save -> load gives the same logits."""
     base_before = {k: v.clone() for k, v in build().state_dict().items()}
     model = get_adapted_model(build(), config_from_dict(values))
@@ -72,7 +89,9 @@ def check_training_and_round_trip(build: Callable[[], torch.nn.Module], values: 
     return model
 
 
-def check_peft_interop(build: Callable[[], torch.nn.Module], values: dict[str, Any], peft_config: Any, tmp_path: Path) -> None:
+def check_peft_interop(
+    build: Callable[[], torch.nn.Module], values: dict[str, Any], peft_config: Any, tmp_path: Path
+) -> None:
     """ours -> peft and peft -> ours give the same logits for the same inputs."""
     import peft
 

@@ -1,6 +1,7 @@
 """AdaLoRA: SVD-form delta, identity init, merge, save/load, the rank allocator driven through
 training hooks exactly as the product loop calls them (budget schedule, final rank), pruned
 rank_pattern round trip, PEFT interop both ways (format checked against peft 0.21.2)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -10,10 +11,22 @@ import torch
 
 from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.adalora import AdaLoraConfig, AdaLoraLinear
-from peftctl.adapters.registry import get_method
+from peftctl.adapters.core.registry import get_method
 from peftctl.errors import ConfigError
-from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       input_ids, ours_to_peft, perturb, rel_err, run, tiny_llama)
+from tests.unit._method_checks import (
+    check_identity,
+    check_merge_roundtrip,
+    check_multi_adapter,
+    check_only_adapter_trains,
+    check_save_load,
+    check_yaml,
+    input_ids,
+    ours_to_peft,
+    perturb,
+    rel_err,
+    run,
+    tiny_llama,
+)
 
 TARGETS = ["q_proj", "v_proj"]  # 2 layers -> 4 adapted modules
 
@@ -24,7 +37,13 @@ def cfg(**kw) -> AdaLoraConfig:
     return AdaLoraConfig(**base)
 
 
-def _run_steps(adapted: AdaptedModel, hooks: list, opt: torch.optim.Optimizer, steps: range, after_step: Callable[[int], None] | None = None) -> None:
+def _run_steps(
+    adapted: AdaptedModel,
+    hooks: list,
+    opt: torch.optim.Optimizer,
+    steps: range,
+    after_step: Callable[[int], None] | None = None,
+) -> None:
     """The product loop's hook protocol over the given (0-based) optimizer steps."""
     ids = input_ids()
     adapted.train()
@@ -43,7 +62,9 @@ def _run_steps(adapted: AdaptedModel, hooks: list, opt: torch.optim.Optimizer, s
             after_step(step)
 
 
-def train(adapted: AdaptedModel, total_steps: int, record: dict[int, int] | None = None, patterns: dict | None = None) -> None:
+def train(
+    adapted: AdaptedModel, total_steps: int, record: dict[int, int] | None = None, patterns: dict | None = None
+) -> None:
     """The product loop's hook protocol; ``record`` / ``patterns`` collect the total rank and the
     saved rank pattern's kept count after each step."""
     hooks = get_method("adalora").training_hooks(adapted, "default", total_steps)
@@ -146,9 +167,12 @@ def test_peft_interop_full_rank(tmp_path):
 
 
 def test_peft_saved_pruned_pattern_loads(tmp_path):
-    from peft import AdaLoraConfig as PeftAdaLoraConfig, get_peft_model
+    from peft import AdaLoraConfig as PeftAdaLoraConfig
+    from peft import get_peft_model
 
-    peft_cfg = PeftAdaLoraConfig(target_modules=TARGETS, init_r=6, target_r=2, tinit=2, tfinal=3, total_step=12, lora_alpha=8)
+    peft_cfg = PeftAdaLoraConfig(
+        target_modules=TARGETS, init_r=6, target_r=2, tinit=2, tfinal=3, total_step=12, lora_alpha=8
+    )
     theirs = get_peft_model(tiny_llama(), peft_cfg).eval()
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
@@ -244,4 +268,6 @@ def test_allocator_state_that_does_not_fit_is_refused():
     adapted = get_adapted_model(tiny_llama(), cfg())
     hook = get_method("adalora").training_hooks(adapted, "default", 12)[0]
     with pytest.raises(ConfigError, match="model.layers.0.self_attn.q_proj.lora_A"):
-        hook.load_state_dict({"exp_avg_ipt.model.layers.0.self_attn.q_proj.lora_A": torch.zeros(3, 32), "rank_pattern": None})
+        hook.load_state_dict(
+            {"exp_avg_ipt.model.layers.0.self_attn.q_proj.lora_A": torch.zeros(3, 32), "rank_pattern": None}
+        )

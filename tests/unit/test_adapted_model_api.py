@@ -1,5 +1,6 @@
 """AdaptedModel API with LoRA: mixed-adapter batches (acceptance item 5), adapter management,
 multi-adapter save / load, and the recipe YAMLs of the LoRA family (acceptance item 6)."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _lora_fixtures import clone, ids, out, rel_err, tiny_llama, tiny_llama_cls
 
-from _lora_fixtures import clone, ids, out, perturb_adapters, rel_err, tiny_llama, tiny_llama_cls
 from peftctl.adapters import AdaptedModel, config_from_dict, get_adapted_model
 from peftctl.adapters.lora import LoraConfig, LoraLayer
 from peftctl.errors import AdapterError, ConfigError
@@ -20,8 +21,12 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "adapter"
 def _two_adapters(model_fn=tiny_llama, **extra):
     base = model_fn()
     torch.manual_seed(21)
-    adapted = get_adapted_model(clone(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **extra))
-    adapted.add_adapter("dora", LoraConfig(r=2, target_modules=["v_proj", "down_proj"], use_dora=True, init_lora_weights=False, **extra))
+    adapted = get_adapted_model(
+        clone(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **extra)
+    )
+    adapted.add_adapter(
+        "dora", LoraConfig(r=2, target_modules=["v_proj", "down_proj"], use_dora=True, init_lora_weights=False, **extra)
+    )
     perturb_adapters_all(adapted)
     return base, adapted.eval()
 

@@ -1,4 +1,5 @@
 """blend_adapters / save_blend: adapter dirs on disk -> one blended adapter (PEFT-loadable)."""
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def _base() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -30,7 +37,9 @@ def saved(tmp_path_factory):
     dirs = []
     for name, r, alpha in (("math", 4, 8), ("code", 8, 8)):
         torch.manual_seed(len(name) + r)
-        model = AdaptedModel(_base(), LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model = AdaptedModel(
+            _base(), LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
         deltas[name] = {n: layer.get_delta_weight("default").detach().clone() for n, layer in model.adapter_layers()}
         model.save_pretrained(root / name)
         dirs.append(root / name)
@@ -49,8 +58,9 @@ def test_blend_cat_from_directories_gives_the_exact_weighted_delta(saved):
 
 def test_blend_keeps_sources_under_given_names_and_defaults_to_equal_weights(saved):
     dirs, deltas = saved
-    model = blend_adapters(_base(), dirs, names=["m", "c"], combination_type="svd", svd_rank=12,
-                           adapter_name="mix", keep_sources=True)
+    model = blend_adapters(
+        _base(), dirs, names=["m", "c"], combination_type="svd", svd_rank=12, adapter_name="mix", keep_sources=True
+    )
     assert set(model.peft_config) == {"m", "c", "mix"} and model.active_adapters == ["mix"]
     for name, layer in model.adapter_layers():
         expected = 0.5 * deltas["math"][name] + 0.5 * deltas["code"][name]
@@ -71,6 +81,7 @@ def test_blend_ties_onto_an_existing_adapted_model_is_reproducible(saved):
 
 def test_saved_blend_loads_in_peft_and_as_merged_model(saved, tmp_path):
     import peft
+
     dirs, _ = saved
     model = blend_adapters(_base(), dirs, weights=[1.0, -0.5], combination_type="ties_svd", density=0.7, svd_rank=6)
     ids = torch.randint(0, 300, (2, 7))

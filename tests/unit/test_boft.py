@@ -1,6 +1,7 @@
 """BOFT on Linear and Conv2d: identity init, orthogonal butterfly product, butterfly permutation
 as PEFT, merge, save/load, trainability, PEFT interop (format checked against peft 0.21.2;
 peft without its CUDA extension uses one butterfly factor, so interop is checked with m = 1)."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,22 @@ import torch
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.boft import BOFTConfig, BOFTLayer, butterfly_perm
 from peftctl.errors import ConfigError
-from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       conv_input, input_ids, interop_both_ways, ours_to_peft, peft_to_ours, perturb, tiny_conv, tiny_llama)
+from tests.unit._method_checks import (
+    check_identity,
+    check_merge_roundtrip,
+    check_multi_adapter,
+    check_only_adapter_trains,
+    check_save_load,
+    check_yaml,
+    conv_input,
+    input_ids,
+    interop_both_ways,
+    ours_to_peft,
+    peft_to_ours,
+    perturb,
+    tiny_conv,
+    tiny_llama,
+)
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], boft_block_size=4)
 CONV = dict(task_type=None, target_modules=["conv1", "conv2", "lin"], boft_block_size=4)
@@ -97,13 +112,16 @@ def test_loads_peft_file_with_one_factor_fallback(factors, tmp_path, monkeypatch
     with one factor and a warning, and gives peft's logits. (m = 6 does not even fit the layers'
     dimensions with block size 4; peft's fallback never checks it, and neither does loading.)"""
     import peft.tuners.boft.layer as peft_boft
-    from peft import BOFTConfig as PeftBOFTConfig, get_peft_model
+    from peft import BOFTConfig as PeftBOFTConfig
+    from peft import get_peft_model
 
     from peftctl.adapters import AdaptedModel
-    from peftctl.adapters.persistence import read_adapter_config, read_adapter_weights
+    from peftctl.adapters.core.persistence import read_adapter_config, read_adapter_weights
 
     monkeypatch.setattr(peft_boft, "get_fbd_cuda", lambda: None)  # the fallback on any machine, CUDA or not
-    theirs = get_peft_model(tiny_llama(), PeftBOFTConfig(**LLAMA, boft_n_butterfly_factor=factors, init_weights=False)).eval()
+    theirs = get_peft_model(
+        tiny_llama(), PeftBOFTConfig(**LLAMA, boft_n_butterfly_factor=factors, init_weights=False)
+    ).eval()
     theirs.save_pretrained(str(tmp_path))
     saved = read_adapter_weights(tmp_path)
     assert read_adapter_config(tmp_path)["boft_n_butterfly_factor"] == factors
@@ -123,9 +141,10 @@ def test_loads_peft_file_with_one_factor_fallback(factors, tmp_path, monkeypatch
 
 
 def test_factor_two_tensors_still_load_and_wrong_shapes_refused(tmp_path):
-    from peftctl.adapters import AdaptedModel
-    from peftctl.adapters.persistence import read_adapter_weights, WEIGHTS_NAME
     from safetensors.torch import save_file
+
+    from peftctl.adapters import AdaptedModel
+    from peftctl.adapters.core.persistence import WEIGHTS_NAME, read_adapter_weights
 
     adapted = get_adapted_model(tiny_llama(), BOFTConfig(**LLAMA, boft_n_butterfly_factor=2))
     perturb(adapted)

@@ -1,6 +1,7 @@
 """Bottleneck (Houlsby) adapters: identity init, residual formula after attention / MLP, not
 mergeable (AdapterError naming the method), save/load under peft_type BOTTLENECK (peftctl's own
 type: PEFT 0.21.2 has none), trainability."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,18 @@ import torch
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.bottleneck import BottleneckConfig, BottleneckLayer
 from peftctl.errors import AdapterError, ConfigError
-from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_only_adapter_trains, check_save_load, input_ids, perturb,
-                                       rel_err, run, tiny_llama)
+from tests.unit._method_checks import (
+    check_identity,
+    check_multi_adapter,
+    check_only_adapter_trains,
+    check_save_load,
+    check_yaml,
+    input_ids,
+    perturb,
+    rel_err,
+    run,
+    tiny_llama,
+)
 
 
 def test_identity_and_default_targets():
@@ -25,8 +36,9 @@ def test_identity_and_default_targets():
 
 
 def test_residual_formula_on_mlp():
-    adapted = get_adapted_model(tiny_llama(), BottleneckConfig(bottleneck_size=8, non_linearity="gelu", scaling=0.5,
-                                                               target_modules=["mlp"]))
+    adapted = get_adapted_model(
+        tiny_llama(), BottleneckConfig(bottleneck_size=8, non_linearity="gelu", scaling=0.5, target_modules=["mlp"])
+    )
     perturb(adapted)
     layer = dict(adapted.adapter_layers())["model.layers.0.mlp"]
     assert isinstance(layer, BottleneckLayer)

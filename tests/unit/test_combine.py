@@ -1,4 +1,5 @@
-"""The pure merge functions of peftctl.adapters.combine vs hand-written element-wise references."""
+"""The pure merge functions of peftctl.adapters.core.combine vs hand-written element-wise references."""
+
 from __future__ import annotations
 
 import itertools
@@ -6,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from peftctl.adapters import combine
+from peftctl.adapters.core import combine
 from peftctl.errors import ConfigError
 
 
@@ -131,7 +132,9 @@ def test_merge_tensors_dispatch_and_density_requirement():
     ts, w = _tensors(), [1.0, 1.0, 1.0]
     torch.testing.assert_close(combine.merge_tensors("linear", ts, w), combine.task_arithmetic(ts, w))
     torch.testing.assert_close(combine.merge_tensors("ties", ts, w, 0.5), combine.ties(ts, w, 0.5))
-    torch.testing.assert_close(combine.merge_tensors("magnitude_prune", ts, w, 0.5), combine.magnitude_prune(ts, w, 0.5))
+    torch.testing.assert_close(
+        combine.merge_tensors("magnitude_prune", ts, w, 0.5), combine.magnitude_prune(ts, w, 0.5)
+    )
     with pytest.raises(ConfigError, match="needs a density"):
         combine.merge_tensors("ties", ts, w)
     with pytest.raises(ConfigError, match="merge kind 'average' is not valid"):

@@ -1,20 +1,27 @@
 """DoRA: W' = m · (W + s·BA) / ‖W + s·BA‖ per output channel, norm detached (Liu et al., 2024)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _lora_fixtures import ALL_TARGETS, clone, ids, out, perturb_adapters, rel_err, tiny_all_types
-from peftctl.adapters import dora, get_adapted_model
-from peftctl.adapters.lora import LoraConfig
+
+from peftctl.adapters import get_adapted_model
+from peftctl.adapters.lora import LoraConfig, dora
 
 
 def _adapted(**kw):
     base = tiny_all_types()
     torch.manual_seed(4)
-    values = {"r": 3, "lora_alpha": 6, "use_dora": True, "init_lora_weights": False,
-              "target_modules": [t for t in ALL_TARGETS if t != "emb"], **kw}
+    values = {
+        "r": 3,
+        "lora_alpha": 6,
+        "use_dora": True,
+        "init_lora_weights": False,
+        "target_modules": [t for t in ALL_TARGETS if t != "emb"],
+        **kw,
+    }
     adapted = get_adapted_model(clone(base), LoraConfig(**values)).eval()
     perturb_adapters(adapted, scale=0.1)
     return base, adapted
@@ -65,11 +72,18 @@ def test_gradients_treat_norm_as_constant() -> None:
     lin = adapted.model.lin
     x = torch.randn(4, 8)
     lin(x).pow(2).sum().backward()
-    ours = [p.grad.clone() for p in (lin.lora_A["default"].weight, lin.lora_B["default"].weight, lin.lora_magnitude_vector["default"])]
+    ours = [
+        p.grad.clone()
+        for p in (lin.lora_A["default"].weight, lin.lora_B["default"].weight, lin.lora_magnitude_vector["default"])
+    ]
     for p in lin.adapter_parameters("default"):
         p.grad = None
     F.linear(x, _reference_weight(lin), lin.base_layer.bias).pow(2).sum().backward()
-    ref = [lin.lora_A["default"].weight.grad, lin.lora_B["default"].weight.grad, lin.lora_magnitude_vector["default"].grad]
+    ref = [
+        lin.lora_A["default"].weight.grad,
+        lin.lora_B["default"].weight.grad,
+        lin.lora_magnitude_vector["default"].grad,
+    ]
     for g, r in zip(ours, ref):
         assert torch.allclose(g, r, atol=1e-5)
 
@@ -124,7 +138,9 @@ def test_bf16_layer_keeps_small_magnitude_updates() -> None:
     spacings, so the check is the least-squares slope of the change against the output."""
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
-    adapted = get_adapted_model(base, LoraConfig(r=4, use_dora=True, target_modules=["0"], init_lora_weights=False)).eval()
+    adapted = get_adapted_model(
+        base, LoraConfig(r=4, use_dora=True, target_modules=["0"], init_lora_weights=False)
+    ).eval()
     layer = adapted.model[0]
     layer.to(torch.bfloat16)
     with torch.no_grad():  # m = ‖W + ΔW‖ of the bf16 weights, then a 0.3% step: m/‖·‖ = 1.003
@@ -221,7 +237,9 @@ def test_embedding_peft_interop_both_ways(tmp_path) -> None:
     adapted = get_adapted_model(tiny_llama(), _emb_config())
     perturb(adapted)
     ours_to_peft(adapted, tiny_llama, input_ids(), tmp_path / "ours")
-    theirs_config = PeftLoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=EMB_TARGETS, init_lora_weights=False)
+    theirs_config = PeftLoraConfig(
+        r=2, lora_alpha=4, use_dora=True, target_modules=EMB_TARGETS, init_lora_weights=False
+    )
     ours = peft_to_ours(theirs_config, tiny_llama, input_ids(), tmp_path / "theirs")
     emb = ours.model.model.embed_tokens
     assert emb.lora_magnitude_vector["default"].shape == (32,)

@@ -1,4 +1,5 @@
 """Small pieces of the foundation against hand-computed expectations."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,8 @@ import torch
 from peftctl.data.tokenize import IGNORE_INDEX, collate, encode_pair
 from peftctl.errors import ConfigError
 from peftctl.models.tokenizer import build_byte_tokenizer
-from peftctl.train.optim import lr_multiplier
 from peftctl.train.loop import epoch_order, total_optimizer_steps
+from peftctl.train.optim import lr_multiplier
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_truncation_and_padding(tokenizer) -> None:
     batch = collate([long, short], pad_token_id=tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (2, 25)
     assert batch["attention_mask"][1].sum().item() == len(short.input_ids)
-    assert (batch["labels"][1, len(short.input_ids):] == IGNORE_INDEX).all()
+    assert (batch["labels"][1, len(short.input_ids) :] == IGNORE_INDEX).all()
 
 
 def test_lr_schedule_shapes() -> None:
@@ -67,7 +68,9 @@ def test_total_steps_from_epochs() -> None:
 
     assert total_optimizer_steps(100, TrainConfig(epochs=2, batch_size=8, grad_accum=2)) == 13
     assert total_optimizer_steps(100, TrainConfig(max_steps=7)) == 7
-    assert total_optimizer_steps(100, TrainConfig(epochs=2, batch_size=8, grad_accum=1), world_size=2) == 13  # 2 ranks: half the steps
+    assert (
+        total_optimizer_steps(100, TrainConfig(epochs=2, batch_size=8, grad_accum=1), world_size=2) == 13
+    )  # 2 ranks: half the steps
 
 
 def test_builtin_dataset_file_is_what_the_generator_makes() -> None:
@@ -98,11 +101,21 @@ def test_schema_rejects_wrong_types_and_ranges() -> None:
 
 def test_gradient_accumulation_matches_a_single_large_batch() -> None:
     """Token-weighted loss: 2 x 4 accumulated equals one batch of 8 (same grads)."""
-    from peftctl.train.loop import causal_lm_loss_sum
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from peftctl.train.loop import causal_lm_loss_sum
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=259,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     tok = build_byte_tokenizer()
     examples = [encode_pair("prompt " * (i % 3 + 1), "resp" * (i % 4 + 1), tok, 64, False) for i in range(8)]
 
@@ -124,7 +137,16 @@ def test_second_all_linear_adapter_wraps_the_same_modules_only() -> None:
     from peftctl import get_adapted_model
     from peftctl.adapters.lora import LoraConfig
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     adapted = get_adapted_model(model, LoraConfig(r=2, target_modules="all-linear"))
     before = [name for name, _ in adapted.adapter_layers()]
     adapted.add_adapter("second", LoraConfig(r=2, target_modules="all-linear"))

@@ -1,5 +1,6 @@
 """(IA)³: identity init, merge incl. bias, save/load, trainability, PEFT interop (format checked
 against peft 0.21.2)."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,22 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.ia3 import IA3Config, IA3Linear
-from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       input_ids, interop_both_ways, ours_to_peft, peft_to_ours, perturb, rel_err, run, tiny_llama)
+from tests.unit._method_checks import (
+    check_identity,
+    check_merge_roundtrip,
+    check_multi_adapter,
+    check_only_adapter_trains,
+    check_save_load,
+    check_yaml,
+    input_ids,
+    interop_both_ways,
+    ours_to_peft,
+    peft_to_ours,
+    perturb,
+    rel_err,
+    run,
+    tiny_llama,
+)
 
 TARGETS = ["k_proj", "v_proj", "down_proj"]
 

@@ -1,4 +1,5 @@
 """LLaMA-Adapter (PEFT's ADAPTION_PROMPT): gated prompts in the top attention layers."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,8 @@ import pytest
 import torch
 from _prompt_family import batch, check_peft_interop, check_training_and_round_trip, logits, tiny_llama
 
-from peftctl.adapters.model import get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 from peftctl.errors import ConfigError
 
 VALUES = {"method": "llama_adapter", "adapter_len": 3, "adapter_layers": 1}
@@ -20,18 +21,29 @@ def test_zero_gate_gives_the_base_output_exactly() -> None:
     model = get_adapted_model(tiny_llama(), config_from_dict({**VALUES, "adapter_layers": 2}))
     assert torch.equal(logits(model), base)
     ids = batch()["input_ids"]
-    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=4, do_sample=False), tiny_llama().generate(input_ids=ids, max_new_tokens=4, do_sample=False))
+    assert torch.equal(
+        model.generate(input_ids=ids, max_new_tokens=4, do_sample=False),
+        tiny_llama().generate(input_ids=ids, max_new_tokens=4, do_sample=False),
+    )
 
 
 def test_only_top_layers_prompts_and_gates_train(tmp_path: Path) -> None:
-    expected = {"base_model.model.model.layers.1.self_attn.adaption_prompt.default", "base_model.model.model.layers.1.self_attn.adaption_gate.default"}
+    expected = {
+        "base_model.model.model.layers.1.self_attn.adaption_prompt.default",
+        "base_model.model.model.layers.1.self_attn.adaption_gate.default",
+    }
     model = check_training_and_round_trip(tiny_llama, VALUES, tmp_path, lambda n: n in expected)
     assert float(model.model.model.layers[1].self_attn.adaption_gate["default"].detach()) != 0.0
     assert not torch.equal(logits(model), logits(tiny_llama()))
 
 
 def test_peft_interop_both_ways(tmp_path: Path) -> None:
-    check_peft_interop(tiny_llama, {**VALUES, "adapter_layers": 2}, peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=2), tmp_path)
+    check_peft_interop(
+        tiny_llama,
+        {**VALUES, "adapter_layers": 2},
+        peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=2),
+        tmp_path,
+    )
 
 
 def test_generation_with_cache_matches_peft(tmp_path: Path) -> None:
@@ -42,7 +54,9 @@ def test_generation_with_cache_matches_peft(tmp_path: Path) -> None:
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     ids = batch()["input_ids"]
     ours = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-    assert torch.equal(ours, theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False))
+    assert torch.equal(
+        ours, theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    )
 
 
 def test_too_many_layers_is_a_config_error() -> None:

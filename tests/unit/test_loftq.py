@@ -1,22 +1,25 @@
 """LoftQ (Li et al., 2023): alternating quantization / SVD lowers ‖W − (Q + s·B A)‖ below plain
 quantization error, and the initialised model starts exactly at that point."""
+
 from __future__ import annotations
 
+import bitsandbytes  # noqa: E402,F401  (a test dependency: missing it must fail, not skip)
 import pytest
 import torch
 
-import bitsandbytes  # noqa: E402,F401  (a test dependency: missing it must fail, not skip)
-
-from peftctl.adapters.loftq import apply_loftq, loftq_decompose, quantize_dequantize  # noqa: E402
+from peftctl.adapters.core.model import get_adapted_model  # noqa: E402
 from peftctl.adapters.lora import LoraConfig  # noqa: E402
-from peftctl.adapters.model import get_adapted_model  # noqa: E402
+from peftctl.adapters.lora.loftq import loftq_decompose, quantize_dequantize  # noqa: E402
 from peftctl.errors import AdapterError, ConfigError  # noqa: E402
 
 
 def _weight(seed: int = 0, out: int = 96, inp: int = 128) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # a trained-looking weight: a low-rank part plus noise (what LoftQ's low-rank term can capture)
-    return torch.randn(out, 8, generator=g) @ torch.randn(8, inp, generator=g) * 0.05 + torch.randn(out, inp, generator=g) * 0.02
+    return (
+        torch.randn(out, 8, generator=g) @ torch.randn(8, inp, generator=g) * 0.05
+        + torch.randn(out, inp, generator=g) * 0.02
+    )
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -40,7 +43,13 @@ def test_loftq_init_sets_layer_to_the_loftq_point() -> None:
     w = _weight(1, 64, 48)
     model = torch.nn.Sequential(torch.nn.Linear(48, 64, bias=False))
     model[0].weight.data.copy_(w)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["0"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 3})
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["0"],
+        init_lora_weights="loftq",
+        loftq_config={"loftq_bits": 4, "loftq_iter": 3},
+    )
     adapted = get_adapted_model(model, cfg)
     layer = adapted.base_model.model[0]
     q = layer.base_layer.weight.data
@@ -68,25 +77,40 @@ def test_loftq_refuses_an_already_quantized_base_and_bad_bits() -> None:
 def test_train_with_loftq_writes_the_quantized_base_and_adapter(tmp_path) -> None:
     """quant=nf4 + init_lora_weights=loftq: the run's base is deq(Q); reloading it (quantized) with
     the saved adapter gives the same loss as the trained model had in memory."""
-    from peftctl.train.run import train
     from peftctl.runs import load_adapted, open_source
+    from peftctl.train.run import train
 
     out = tmp_path / "loftq"
-    run = train(["recipe=qlora_tiny_cpu", f"output_dir={out}", "train.max_steps=2", "train.log_every=1",
-                 "adapter.init_lora_weights=loftq", "adapter.r=4", "adapter.lora_alpha=8", "adapter.lora_dropout=0.0",
-                 "+adapter.loftq_config={loftq_bits: 4, loftq_iter: 2}", "dataset.max_samples=16", "eval.num_generate=0"], quiet=True)
+    run = train(
+        [
+            "recipe=qlora_tiny_cpu",
+            f"output_dir={out}",
+            "train.max_steps=2",
+            "train.log_every=1",
+            "adapter.init_lora_weights=loftq",
+            "adapter.r=4",
+            "adapter.lora_alpha=8",
+            "adapter.lora_dropout=0.0",
+            "+adapter.loftq_config={loftq_bits: 4, loftq_iter: 2}",
+            "dataset.max_samples=16",
+            "eval.num_generate=0",
+        ],
+        quiet=True,
+    )
     assert (run / "loftq_base" / "model.safetensors").is_file()
     source = open_source(run)
     assert str(source.config.model.name_or_path).endswith("loftq_base")
     model, tokenizer = load_adapted(source, "cpu")
-    from peftctl.adapters.quantized import is_4bit
     from peftctl.data.pipeline import prepare_data
+    from peftctl.models.quantized import is_4bit
     from peftctl.train.loop import evaluate_loss
 
     assert any(is_4bit(m) for m in model.modules())
     import json
 
-    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line][-1]["eval_loss"]
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line][-1][
+        "eval_loss"
+    ]
     data = prepare_data(source.config.dataset, tokenizer)
     reloaded = evaluate_loss(model, data.eval, 16, tokenizer.pad_token_id, torch.device("cpu"))
     assert reloaded == pytest.approx(final, rel=1e-3)

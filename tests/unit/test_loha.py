@@ -1,5 +1,6 @@
 """LoHa on Linear, Conv2d and Conv1d (plain and use_effective_conv2d): identity init, ΔW formula,
 merge, save/load, trainability, PEFT interop (format checked against peft 0.21.2)."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,22 @@ import torch
 
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.loha import LoHaConfig, LoHaLayer
-from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       conv1d_input, conv_input, input_ids, interop_both_ways, perturb, tiny_conv,
-                                       tiny_conv1d, tiny_llama)
+from tests.unit._method_checks import (
+    check_identity,
+    check_merge_roundtrip,
+    check_multi_adapter,
+    check_only_adapter_trains,
+    check_save_load,
+    check_yaml,
+    conv1d_input,
+    conv_input,
+    input_ids,
+    interop_both_ways,
+    perturb,
+    tiny_conv,
+    tiny_conv1d,
+    tiny_llama,
+)
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
 CONV = dict(task_type=None, target_modules=["conv1", "conv2", "lin"], r=2, alpha=4)
@@ -25,7 +39,9 @@ def test_delta_formula_linear():
     layers = dict(adapted.adapter_layers())
     q = layers["model.layers.0.self_attn.q_proj"]
     assert isinstance(q, LoHaLayer)
-    expected = (q.hada_w1_a["default"] @ q.hada_w1_b["default"]) * (q.hada_w2_a["default"] @ q.hada_w2_b["default"]) * 8 / 4
+    expected = (
+        (q.hada_w1_a["default"] @ q.hada_w1_b["default"]) * (q.hada_w2_a["default"] @ q.hada_w2_b["default"]) * 8 / 4
+    )
     assert torch.allclose(q.get_delta_weight("default"), expected)
     x = torch.randn(3, 32)
     assert torch.allclose(q(x), q.base_layer(x) + x @ expected.T, atol=1e-5)
@@ -65,7 +81,13 @@ def test_peft_interop_llama(tmp_path):
 def test_peft_interop_conv_effective(tmp_path):
     from peft import LoHaConfig as PeftLoHaConfig
 
-    interop_both_ways(LoHaConfig(**CONV, use_effective_conv2d=True), PeftLoHaConfig(**CONV, use_effective_conv2d=True), tiny_conv, conv_input(), tmp_path)
+    interop_both_ways(
+        LoHaConfig(**CONV, use_effective_conv2d=True),
+        PeftLoHaConfig(**CONV, use_effective_conv2d=True),
+        tiny_conv,
+        conv_input(),
+        tmp_path,
+    )
 
 
 def test_multi_adapter_add_set_save_load_delete(tmp_path):
@@ -104,4 +126,10 @@ def test_conv1d_identity_delta_merge_save_load(effective, tmp_path):
 def test_peft_interop_conv1d(tmp_path, effective):
     from peft import LoHaConfig as PeftLoHaConfig
 
-    interop_both_ways(LoHaConfig(**CONV, use_effective_conv2d=effective), PeftLoHaConfig(**CONV, use_effective_conv2d=effective), tiny_conv1d, conv1d_input(), tmp_path)
+    interop_both_ways(
+        LoHaConfig(**CONV, use_effective_conv2d=effective),
+        PeftLoHaConfig(**CONV, use_effective_conv2d=effective),
+        tiny_conv1d,
+        conv1d_input(),
+        tmp_path,
+    )

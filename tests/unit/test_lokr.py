@@ -1,5 +1,6 @@
 """LoKr on Linear, Conv2d and Conv1d: factor sizes as PEFT, identity init, Kronecker ΔW, merge,
 save/load, trainability, PEFT interop (format checked against peft 0.21.2)."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,22 @@ import torch
 
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.lokr import LoKrConfig, factorization
-from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       conv1d_input, conv_input, input_ids, interop_both_ways, perturb, tiny_conv,
-                                       tiny_conv1d, tiny_llama)
+from tests.unit._method_checks import (
+    check_identity,
+    check_merge_roundtrip,
+    check_multi_adapter,
+    check_only_adapter_trains,
+    check_save_load,
+    check_yaml,
+    conv1d_input,
+    conv_input,
+    input_ids,
+    interop_both_ways,
+    perturb,
+    tiny_conv,
+    tiny_conv1d,
+    tiny_llama,
+)
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=2, alpha=4)
 CONV = dict(task_type=None, target_modules=["conv1", "conv2", "lin"], r=1, alpha=2)
@@ -66,7 +80,13 @@ def test_peft_interop_llama(tmp_path, extra):
 def test_peft_interop_conv(tmp_path):
     from peft import LoKrConfig as PeftLoKrConfig
 
-    interop_both_ways(LoKrConfig(**CONV, use_effective_conv2d=True), PeftLoKrConfig(**CONV, use_effective_conv2d=True), tiny_conv, conv_input(), tmp_path)
+    interop_both_ways(
+        LoKrConfig(**CONV, use_effective_conv2d=True),
+        PeftLoKrConfig(**CONV, use_effective_conv2d=True),
+        tiny_conv,
+        conv_input(),
+        tmp_path,
+    )
 
 
 def test_multi_adapter_add_set_save_load_delete(tmp_path):
@@ -102,7 +122,11 @@ def test_conv1d_identity_shapes_merge_save_load(case, tmp_path):
     check_identity(tiny_conv1d, LoKrConfig(**kw), conv1d_input())
     adapted = get_adapted_model(tiny_conv1d(), LoKrConfig(**kw))
     conv1 = dict(adapted.adapter_layers())["conv1"]
-    held = {attr: tuple(getattr(conv1, attr)["default"].shape) for attr in conv1.adapter_layer_names if "default" in getattr(conv1, attr)}
+    held = {
+        attr: tuple(getattr(conv1, attr)["default"].shape)
+        for attr in conv1.adapter_layer_names
+        if "default" in getattr(conv1, attr)
+    }
     assert held == CONV1D_SHAPES[case]
     perturb(adapted)
     x = torch.randn(2, 4, 10)

@@ -2,6 +2,7 @@
 W·C' with C' the damped input covariance, W unchanged overall at init), against peft's
 preprocess_corda + get_peft_model (ipm and kpm, Linear and GPT-2 Conv1D, cache files), and
 through `peftctl train adapter=corda`."""
+
 from __future__ import annotations
 
 import copy
@@ -12,12 +13,12 @@ from typing import Any
 
 import pytest
 import torch
+from _lora_fixtures import tiny_gpt2, tiny_llama
 from torch import nn
 
-from _lora_fixtures import tiny_gpt2, tiny_llama
 from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.lora import LoraConfig
-from peftctl.adapters.lora_corda import preprocess_corda
+from peftctl.adapters.lora.corda import preprocess_corda
 from peftctl.errors import ConfigError
 
 R = 3
@@ -70,7 +71,14 @@ def test_adapter_is_the_context_oriented_truncation_and_output_is_unchanged(meth
     samples = _samples()
     x = samples[0]
     before = model(x)
-    config = LoraConfig(r=R, lora_alpha=6, target_modules=["proj"], task_type=None, init_lora_weights="corda", corda_config={"corda_method": method})
+    config = LoraConfig(
+        r=R,
+        lora_alpha=6,
+        target_modules=["proj"],
+        task_type=None,
+        init_lora_weights="corda",
+        corda_config={"corda_method": method},
+    )
     adapted = _corda(model, config, [{"x": s} for s in samples])
     layer = adapted.model.proj
     s = layer.scaling["default"]
@@ -100,7 +108,11 @@ def test_padding_is_left_out_and_batches_match_single_samples() -> None:
         mask[i, : s.shape[1]] = 1
     batched = _corda(OneLinear(), config, [{"x": padded, "attention_mask": mask}])
     for name in ("lora_A", "lora_B"):
-        assert torch.allclose(getattr(one_by_one.model.proj, name)["default"].weight, getattr(batched.model.proj, name)["default"].weight, atol=1e-5)
+        assert torch.allclose(
+            getattr(one_by_one.model.proj, name)["default"].weight,
+            getattr(batched.model.proj, name)["default"].weight,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("arch,method", [("llama", "ipm"), ("llama", "kpm"), ("gpt2", "ipm")])
@@ -109,16 +121,34 @@ def test_matches_peft_preprocess_corda(arch: str, method: str) -> None:
     base weights (compared as products: singular vectors are defined up to sign). Batches of 8 padded
     samples would give the same covariance (test above); peft's hook needs batch size 1."""
     import peft
+
     peft_preprocess = _import_peft_corda().preprocess_corda
 
     model = tiny_llama() if arch == "llama" else tiny_gpt2()
     # explicit names: peft's preprocess_corda does not expand "all-linear"
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] if arch == "llama" else ["c_attn", "c_proj", "c_fc"]
+    targets = (
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        if arch == "llama"
+        else ["c_attn", "c_proj", "c_fc"]
+    )
     g = torch.Generator().manual_seed(5)
     samples = [torch.randint(0, 300, (1, 24), generator=g) for _ in range(8)]
-    ours = _corda(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda", corda_config={"corda_method": method}), [{"input_ids": s} for s in samples])
+    ours = _corda(
+        copy.deepcopy(model),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda", corda_config={"corda_method": method}
+        ),
+        [{"input_ids": s} for s in samples],
+    )
     theirs_model = copy.deepcopy(model)
-    peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda", corda_config=peft.tuners.lora.config.CordaConfig(corda_method=method), fan_in_fan_out=arch == "gpt2")
+    peft_config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        init_lora_weights="corda",
+        corda_config=peft.tuners.lora.config.CordaConfig(corda_method=method),
+        fan_in_fan_out=arch == "gpt2",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_preprocess(theirs_model, peft_config, run_model=lambda: [theirs_model(input_ids=s) for s in samples])
@@ -142,20 +172,35 @@ def test_cache_file_is_reused_and_peft_reads_it(tmp_path: Path) -> None:
     """corda_config.cache_file: written on the first preprocess, then enough without data, in
     peftctl (also at injection alone) and in peft (same file format)."""
     import peft
+
     peft_preprocess = _import_peft_corda().preprocess_corda
 
     model = tiny_llama()
     cache = str(tmp_path / "corda" / "cache.pt")
     covariance = str(tmp_path / "corda" / "cov.pt")
-    config = LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights="corda", corda_config={"cache_file": cache, "covariance_file": covariance})
-    samples = [{"input_ids": torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(i))} for i in range(6)]
+    config = LoraConfig(
+        r=4,
+        target_modules=["q_proj", "down_proj"],
+        init_lora_weights="corda",
+        corda_config={"cache_file": cache, "covariance_file": covariance},
+    )
+    samples = [
+        {"input_ids": torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(i))} for i in range(6)
+    ]
     first = _corda(copy.deepcopy(model), config, samples)
     assert Path(cache).is_file() and Path(covariance).is_file()
     again = _corda(copy.deepcopy(model), config, [])  # no data: the cache is enough
     injected_only = get_adapted_model(copy.deepcopy(model), config)  # no preprocess: read at injection
-    kpm_from_covariance = _corda(copy.deepcopy(model), config.replace(corda_config={"covariance_file": covariance, "corda_method": "kpm"}), [])
+    kpm_from_covariance = _corda(
+        copy.deepcopy(model), config.replace(corda_config={"covariance_file": covariance, "corda_method": "kpm"}), []
+    )
     peft_model = copy.deepcopy(model)
-    peft_config = peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights="corda", corda_config=peft.tuners.lora.config.CordaConfig(cache_file=cache))
+    peft_config = peft.LoraConfig(
+        r=4,
+        target_modules=["q_proj", "down_proj"],
+        init_lora_weights="corda",
+        corda_config=peft.tuners.lora.config.CordaConfig(cache_file=cache),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_preprocess(peft_model, peft_config)
@@ -166,11 +211,15 @@ def test_cache_file_is_reused_and_peft_reads_it(tmp_path: Path) -> None:
             assert torch.equal(other.model.get_submodule(name).lora_A["default"].weight, a)
         assert torch.allclose(theirs.base_model.model.get_submodule(name).lora_A["default"].weight, a, atol=1e-6)
         s_kpm = torch.linalg.svdvals(kpm_from_covariance.model.get_submodule(name).lora_B["default"].weight.detach())
-        assert float(s_kpm.max()) < float(torch.linalg.svdvals(layer.lora_B["default"].weight.detach()).min())  # the smallest triplets
+        assert float(s_kpm.max()) < float(
+            torch.linalg.svdvals(layer.lora_B["default"].weight.detach()).min()
+        )  # the smallest triplets
 
 
 def test_corda_errors() -> None:
-    with pytest.raises(ConfigError, match=r"adapter.corda_config.corda_method='xpm' is not valid; expected 'ipm' or 'kpm'"):
+    with pytest.raises(
+        ConfigError, match=r"adapter.corda_config.corda_method='xpm' is not valid; expected 'ipm' or 'kpm'"
+    ):
         LoraConfig.from_dict({"init_lora_weights": "corda", "corda_config": {"corda_method": "xpm"}})
     with pytest.raises(ConfigError, match=r"adapter.corda_config.cache is not a CorDA option"):
         LoraConfig.from_dict({"init_lora_weights": "corda", "corda_config": {"cache": "x"}})
@@ -191,7 +240,13 @@ def test_peftctl_train_adapter_corda_saves_a_lora_for_the_untouched_base(tmp_pat
     from peftctl.runs import open_source
 
     run = tmp_path / "corda"
-    short = ["train.max_steps=3", "train.batch_size=8", "train.save_every=0", "train.eval_every=0", "dataset.max_samples=48"]
+    short = [
+        "train.max_steps=3",
+        "train.batch_size=8",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "dataset.max_samples=48",
+    ]
     result = CliRunner().invoke(app, ["train", "adapter=corda", *short, f"output_dir={run}", "--quiet"])
     assert result.exit_code == 0, result.output
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())

@@ -1,6 +1,7 @@
 """init_lora_weights='eva' (Paischer et al., 2024) against its definition (SVD of the stacked layer
 inputs, rank redistribution by explained variance), against peft's initialize_lora_eva_weights,
 and through `peftctl train adapter=eva`."""
+
 from __future__ import annotations
 
 import copy
@@ -11,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
+from _lora_fixtures import tiny_gpt2, tiny_llama
 from torch import nn
 
-from _lora_fixtures import tiny_gpt2, tiny_llama
 from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.lora import LoraConfig
-from peftctl.adapters.lora_eva import distribute_ranks, initialize_lora_eva_weights
+from peftctl.adapters.lora.eva import distribute_ranks, initialize_lora_eva_weights
 from peftctl.errors import ConfigError
 
 D = 16  # feature size of the controlled models
@@ -38,7 +39,9 @@ class EmbedThenProject(nn.Module):
         return self.wide(h) + self.narrow(h[..., : self.narrow_dim]).sum(-1, keepdim=True)
 
 
-def _structured_embedding(vocab: int = 64, seed: int = 0, spectrum: tuple[float, ...] = (8.0, 6.0, 4.0, 3.0)) -> torch.Tensor:
+def _structured_embedding(
+    vocab: int = 64, seed: int = 0, spectrum: tuple[float, ...] = (8.0, 6.0, 4.0, 3.0)
+) -> torch.Tensor:
     """Token vectors with a clear spectral gap: strong directions ``spectrum``, then small noise."""
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(D, D, generator=g))
@@ -104,7 +107,14 @@ def test_a_spans_the_top_singular_subspace_of_the_masked_layer_inputs() -> None:
     and the agreement is ~3e-4: the incremental algorithm is exact only up to what it truncates)."""
     emb = _structured_embedding()
     seen: list[dict[str, torch.Tensor]] = []
-    adapted = _eva(EmbedThenProject(emb), _batches(), r=3, target_modules=["wide"], eva_config={"rho": 2.0, "tau": 0.999}, forward_fn=_recording_forward(seen))
+    adapted = _eva(
+        EmbedThenProject(emb),
+        _batches(),
+        r=3,
+        target_modules=["wide"],
+        eva_config={"rho": 2.0, "tau": 0.999},
+        forward_fn=_recording_forward(seen),
+    )
     a = adapted.model.wide.lora_A["default"].weight
     assert a.shape == (3, D)
     assert torch.allclose(a @ a.T, torch.eye(3), atol=1e-5)
@@ -127,19 +137,35 @@ def test_label_mask_excludes_prompt_positions() -> None:
     for batch in batches:
         batch["input_ids"][:, :2] = 0
     seen: list[dict[str, torch.Tensor]] = []
-    masked = _eva(EmbedThenProject(emb), batches, r=2, target_modules=["wide"], eva_config={"rho": 2.0, "tau": 0.999}, forward_fn=_recording_forward(seen))
+    masked = _eva(
+        EmbedThenProject(emb),
+        batches,
+        r=2,
+        target_modules=["wide"],
+        eva_config={"rho": 2.0, "tau": 0.999},
+        forward_fn=_recording_forward(seen),
+    )
     rows = _kept_rows(emb, seen[1:])
     assert not (rows @ spike > 100).any()
     _, _, vh = torch.linalg.svd(rows - rows.mean(0), full_matrices=False)
     assert _min_cos(masked.model.wide.lora_A["default"].weight, vh[:2]) >= 0.9999
-    unmasked = _eva(EmbedThenProject(emb), batches, r=2, target_modules=["wide"], eva_config={"rho": 2.0, "use_label_mask": False})
+    unmasked = _eva(
+        EmbedThenProject(emb), batches, r=2, target_modules=["wide"], eva_config={"rho": 2.0, "use_label_mask": False}
+    )
     assert abs(float(unmasked.model.wide.lora_A["default"].weight[0].detach() @ spike)) > 0.99
 
 
 def test_whiten_divides_by_sqrt_singular_values() -> None:
     emb = _structured_embedding()
     seen: list[dict[str, torch.Tensor]] = []
-    adapted = _eva(EmbedThenProject(emb), _batches(), r=3, target_modules=["wide"], eva_config={"rho": 2.0, "tau": 0.999, "whiten": True}, forward_fn=_recording_forward(seen))
+    adapted = _eva(
+        EmbedThenProject(emb),
+        _batches(),
+        r=3,
+        target_modules=["wide"],
+        eva_config={"rho": 2.0, "tau": 0.999, "whiten": True},
+        forward_fn=_recording_forward(seen),
+    )
     a = adapted.model.wide.lora_A["default"].weight.detach()
     rows = _kept_rows(emb, seen[1:])
     s = torch.linalg.svdvals(rows - rows.mean(0))[:3]
@@ -147,7 +173,11 @@ def test_whiten_divides_by_sqrt_singular_values() -> None:
 
 
 def test_distribute_ranks_takes_the_largest_ratios_within_the_budget() -> None:
-    ratios = {"a": torch.tensor([0.5, 0.2, 0.01, 0.0]), "b": torch.tensor([0.3, 0.25, 0.24, 0.1]), "c": torch.tensor([0.02, 0.01, 0.0, 0.0])}
+    ratios = {
+        "a": torch.tensor([0.5, 0.2, 0.01, 0.0]),
+        "b": torch.tensor([0.3, 0.25, 0.24, 0.1]),
+        "c": torch.tensor([0.02, 0.01, 0.0, 0.0]),
+    }
     # top 6 of a[:4], b[:4], c[:4]: .5 .3 .25 .24 .2 .1 -> a 2, b 4, c 0
     assert distribute_ranks(ratios, {"a": 4, "b": 4, "c": 4}, 6) == {"a": 2, "b": 4, "c": 0}
     # a layer offers at most max_components: b's last two are not on offer
@@ -161,7 +191,14 @@ def test_ranks_follow_explained_variance_and_sum_to_the_budget() -> None:
     emb = _structured_embedding(spectrum=(9.0, 3.0, 2.0, 1.5, 1.0, 0.8))
     seen: list[dict[str, torch.Tensor]] = []
     r, rho = 3, 2.0
-    adapted = _eva(EmbedThenProject(emb), _batches(), r=r, target_modules=["wide", "narrow"], eva_config={"rho": rho, "tau": 0.999}, forward_fn=_recording_forward(seen))
+    adapted = _eva(
+        EmbedThenProject(emb),
+        _batches(),
+        r=r,
+        target_modules=["wide", "narrow"],
+        eva_config={"rho": rho, "tau": 0.999},
+        forward_fn=_recording_forward(seen),
+    )
     ranks = {n: layer.r["default"] for n, layer in adapted.adapter_layers()}
     assert sum(ranks.values()) == r * 2 and max(ranks.values()) <= round(r * rho)
     rows = _kept_rows(emb, seen[1:])
@@ -188,10 +225,21 @@ def test_rank_zero_layer_is_removed_and_the_adapter_reloads(tmp_path: Path) -> N
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(64, D, generator=g)
     model = EmbedThenProject(emb)
-    adapted = _eva(copy.deepcopy(model), _batches(), r=2, target_modules=["wide", "narrow"], task_type=None, eva_config={"rho": 2.0, "tau": 0.99})
+    adapted = _eva(
+        copy.deepcopy(model),
+        _batches(),
+        r=2,
+        target_modules=["wide", "narrow"],
+        task_type=None,
+        eva_config={"rho": 2.0, "tau": 0.99},
+    )
     assert isinstance(adapted.model.wide, nn.Linear) and adapted.model.narrow.r["default"] == 4
     config = adapted.peft_config["default"]
-    assert config.target_modules == ["narrow"] and config.rank_pattern == {"narrow": 4} and config.alpha_pattern == {"narrow": 16.0}
+    assert (
+        config.target_modules == ["narrow"]
+        and config.rank_pattern == {"narrow": 4}
+        and config.alpha_pattern == {"narrow": 16.0}
+    )
     with torch.no_grad():
         adapted.model.narrow.lora_B["default"].weight.normal_()  # a trained adapter: B ≠ 0
     ids = _batches(1)[0]["input_ids"]
@@ -211,7 +259,9 @@ def test_b_is_zero_so_the_output_is_unchanged_at_init() -> None:
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    batches = [{"input_ids": torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(i))} for i in range(6)]
+    batches = [
+        {"input_ids": torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(i))} for i in range(6)
+    ]
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
     adapted = _eva(model, batches, r=4, lora_alpha=8, target_modules="all-linear", eva_config={"tau": 0.9})
     layers = dict(adapted.adapter_layers())
@@ -256,7 +306,17 @@ def test_matches_peft_initialize_lora_eva_weights(arch: str) -> None:
     ours = _eva(copy.deepcopy(model), batches, r=4, lora_alpha=8, target_modules="all-linear", eva_config=options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="eva", eva_config=peft.EvaConfig(**options), fan_in_fan_out=arch == "gpt2"))
+        theirs = peft.get_peft_model(
+            copy.deepcopy(model),
+            peft.LoraConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules="all-linear",
+                init_lora_weights="eva",
+                eva_config=peft.EvaConfig(**options),
+                fan_in_fan_out=arch == "gpt2",
+            ),
+        )
         peft_eva(theirs, batches, show_progress_bar=False)
     assert ours.peft_config["default"].rank_pattern == theirs.peft_config["default"].rank_pattern
     assert ours.peft_config["default"].alpha_pattern == theirs.peft_config["default"].alpha_pattern
@@ -298,7 +358,13 @@ def test_peftctl_train_adapter_eva_saves_an_adapter_peft_loads(tmp_path: Path) -
     from peftctl.runs import open_source
 
     run = tmp_path / "eva"
-    short = ["train.max_steps=3", "train.batch_size=8", "train.save_every=0", "train.eval_every=0", "dataset.max_samples=48"]
+    short = [
+        "train.max_steps=3",
+        "train.batch_size=8",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "dataset.max_samples=48",
+    ]
     result = CliRunner().invoke(app, ["train", "adapter=eva", *short, f"output_dir={run}", "--quiet"])
     assert result.exit_code == 0, result.output
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
@@ -320,7 +386,7 @@ def test_peftctl_train_adapter_eva_saves_an_adapter_peft_loads(tmp_path: Path) -
 
 
 def _linear_names(model_cfg: Any) -> list[str]:
-    from peftctl.adapters.inject import is_target, output_head_names
+    from peftctl.adapters.core.inject import is_target, output_head_names
     from peftctl.models.loader import load_model
 
     model = load_model(model_cfg)

@@ -1,17 +1,18 @@
 """init_lora_weights: PiSSA / randomized PiSSA / OLoRA / Gaussian against direct linear algebra, and
 the PiSSA / OLoRA -> LoRA conversion (acceptance item 4)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from _lora_fixtures import clone, ids, out, perturb_adapters, rel_err, tiny_gpt2, tiny_llama
 from torch import nn
 
-from _lora_fixtures import clone, ids, out, perturb_adapters, rel_err, tiny_gpt2, tiny_llama
 from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.lora import LoraConfig
-from peftctl.adapters.lora_init import olora_factors, pissa_factors
+from peftctl.adapters.lora.inits import olora_factors, pissa_factors
 
 R = 3
 
@@ -38,7 +39,9 @@ def _decaying_weight(out_f: int = 12, in_f: int = 10, seed: int = 0) -> torch.Te
 
 def _adapt(weight: torch.Tensor, init: str, **kw) -> tuple[AdaptedModel, torch.Tensor]:
     model = OneLinear(weight)
-    adapted = get_adapted_model(model, LoraConfig(r=R, lora_alpha=6, target_modules=["proj"], init_lora_weights=init, **kw))
+    adapted = get_adapted_model(
+        model, LoraConfig(r=R, lora_alpha=6, target_modules=["proj"], init_lora_weights=init, **kw)
+    )
     return adapted, weight
 
 
@@ -99,7 +102,9 @@ def test_gaussian_init_spread() -> None:
 
 def test_pissa_on_gpt2_conv1d_transposed_weight() -> None:
     base = tiny_gpt2()
-    adapted = get_adapted_model(clone(base), LoraConfig(r=R, target_modules=["c_attn"], init_lora_weights="pissa")).eval()
+    adapted = get_adapted_model(
+        clone(base), LoraConfig(r=R, target_modules=["c_attn"], init_lora_weights="pissa")
+    ).eval()
     x = ids(vocab=300)
     assert rel_err(out(adapted, x), out(base, x)) < 1e-5
     layer = adapted.model.transformer.h[0].attn.c_attn
@@ -107,10 +112,18 @@ def test_pissa_on_gpt2_conv1d_transposed_weight() -> None:
     assert torch.allclose(layer.base_layer.weight, original - _direct_topr(original.T).T.float(), atol=1e-5)
 
 
-@pytest.mark.parametrize("init,use_rslora", [("pissa", False), ("pissa", True), ("olora", False), ("pissa_niter_2", False)])
+@pytest.mark.parametrize(
+    "init,use_rslora", [("pissa", False), ("pissa", True), ("olora", False), ("pissa_niter_2", False)]
+)
 def test_conversion_to_plain_lora_loads_on_untouched_base(init: str, use_rslora: bool, tmp_path) -> None:
     base = tiny_llama()
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj"], init_lora_weights=init, use_rslora=use_rslora)
+    config = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj", "gate_proj"],
+        init_lora_weights=init,
+        use_rslora=use_rslora,
+    )
     adapted = get_adapted_model(clone(base), config).eval()
     adapted.save_pretrained(tmp_path / "initial")
     perturb_adapters(adapted, scale=0.05)
@@ -120,6 +133,8 @@ def test_conversion_to_plain_lora_loads_on_untouched_base(init: str, use_rslora:
     assert saved["lora_alpha"] == pytest.approx(4 * (2**0.5 if use_rslora else 2))
     loaded = AdaptedModel.from_pretrained(clone(base), tmp_path / "lora").eval()
     # the untouched base stays untouched (plain LoRA init does not mutate it)
-    assert torch.equal(loaded.model.model.layers[0].self_attn.q_proj.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(
+        loaded.model.model.layers[0].self_attn.q_proj.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight
+    )
     x = ids(vocab=300)
     assert rel_err(out(loaded, x), out(adapted, x)) <= 1e-5

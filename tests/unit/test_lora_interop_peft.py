@@ -1,5 +1,6 @@
 """Interop with the `peft` package (test-only oracle), both directions, logits equal <= 1e-5,
 and the scale / set of wrapped modules equal to PEFT's for the same config (acceptance items 2, 3)."""
+
 from __future__ import annotations
 
 import warnings
@@ -7,8 +8,19 @@ import warnings
 import peft
 import pytest
 import torch
+from _lora_fixtures import (
+    ALL_TARGETS,
+    clone,
+    ids,
+    out,
+    perturb_adapters,
+    rel_err,
+    tiny_all_types,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_llama_cls,
+)
 
-from _lora_fixtures import ALL_TARGETS, tiny_all_types, clone, ids, out, perturb_adapters, rel_err, tiny_gpt2, tiny_llama, tiny_llama_cls
 from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.lora import LoraConfig, LoraLayer
 
@@ -20,19 +32,48 @@ CASES = {
     "dora": (tiny_llama, dict(target_modules=["q_proj", "o_proj", "up_proj"], use_dora=True)),
     "embedding": (tiny_llama, dict(target_modules=["embed_tokens", "q_proj"])),
     "gpt2_conv1d": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
-    "modules_to_save": (tiny_llama_cls, dict(target_modules=["q_proj", "v_proj"], modules_to_save=["score"], task_type="SEQ_CLS")),
-    "rank_pattern": (tiny_llama, dict(target_modules="all-linear", rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 6}, alpha_pattern={"v_proj": 3.0})),
-    "layer_replication": (lambda: tiny_llama(layers=3), dict(target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 3]])),
+    "modules_to_save": (
+        tiny_llama_cls,
+        dict(target_modules=["q_proj", "v_proj"], modules_to_save=["score"], task_type="SEQ_CLS"),
+    ),
+    "rank_pattern": (
+        tiny_llama,
+        dict(
+            target_modules="all-linear",
+            rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 6},
+            alpha_pattern={"v_proj": 3.0},
+        ),
+    ),
+    "layer_replication": (
+        lambda: tiny_llama(layers=3),
+        dict(target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 3]]),
+    ),
     "bias_all_gpt2": (tiny_gpt2, dict(target_modules=["c_attn"], fan_in_fan_out=True, bias="all")),
     "bias_lora_only_gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, bias="lora_only")),
     "conv_embedding_types": (tiny_all_types, dict(target_modules=ALL_TARGETS, task_type=None)),
-    "conv_dora": (tiny_all_types, dict(target_modules=["emb", "lin", "conv1d", "conv2d"], use_dora=True, task_type=None)),
+    "conv_dora": (
+        tiny_all_types,
+        dict(target_modules=["emb", "lin", "conv1d", "conv2d"], use_dora=True, task_type=None),
+    ),
 }
 SCALE_CASES = {
     "rslora": dict(target_modules="all-linear", use_rslora=True, lora_alpha=16, r=4),
-    "rank_alpha_pattern": dict(target_modules="all-linear", r=4, rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 6}, alpha_pattern={"v_proj": 3.0, "down_proj": 5.0}),
-    "rslora_patterns": dict(target_modules=["q_proj", "k_proj", "gate_proj"], use_rslora=True, r=4, rank_pattern={"k_proj": 3}, alpha_pattern={"gate_proj": 7.0}),
-    "layers_to_transform": dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, layers_to_transform=[1], layers_pattern="layers"),
+    "rank_alpha_pattern": dict(
+        target_modules="all-linear",
+        r=4,
+        rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 6},
+        alpha_pattern={"v_proj": 3.0, "down_proj": 5.0},
+    ),
+    "rslora_patterns": dict(
+        target_modules=["q_proj", "k_proj", "gate_proj"],
+        use_rslora=True,
+        r=4,
+        rank_pattern={"k_proj": 3},
+        alpha_pattern={"gate_proj": 7.0},
+    ),
+    "layers_to_transform": dict(
+        target_modules=["q_proj", "v_proj", "down_proj"], r=4, layers_to_transform=[1], layers_pattern="layers"
+    ),
     "regex_exclude": dict(target_modules=r".*\.(q|k|v)_proj", exclude_modules=["k_proj"], r=4),
 }
 
@@ -86,9 +127,13 @@ def test_peftctl_checkpoint_loads_in_peft(case: str, tmp_path) -> None:
 def test_multiple_named_adapters_both_directions(tmp_path) -> None:
     base = tiny_llama()
     torch.manual_seed(13)
-    theirs = peft.get_peft_model(clone(base), _peft_config(dict(target_modules=["q_proj", "v_proj"]), init_lora_weights=False))
+    theirs = peft.get_peft_model(
+        clone(base), _peft_config(dict(target_modules=["q_proj", "v_proj"]), init_lora_weights=False)
+    )
     # "other" is a DoRA adapter overlapping "default" on v_proj
-    theirs.add_adapter("other", _peft_config(dict(target_modules=["v_proj", "o_proj"], r=2, use_dora=True), init_lora_weights=False))
+    theirs.add_adapter(
+        "other", _peft_config(dict(target_modules=["v_proj", "o_proj"], r=2, use_dora=True), init_lora_weights=False)
+    )
     theirs.eval()
     theirs.save_pretrained(tmp_path / "peft")  # default at the top, "other" in a sub-folder
     assert (tmp_path / "peft" / "other" / "adapter_model.safetensors").is_file()
@@ -119,7 +164,9 @@ def test_multiple_named_adapters_both_directions(tmp_path) -> None:
 
 def test_pissa_converted_to_lora_loads_in_peft_on_untouched_base(tmp_path) -> None:
     base = tiny_llama()
-    ours = get_adapted_model(clone(base), _ours_config(dict(target_modules=["q_proj", "v_proj", "up_proj"]), init_lora_weights="pissa")).eval()
+    ours = get_adapted_model(
+        clone(base), _ours_config(dict(target_modules=["q_proj", "v_proj", "up_proj"]), init_lora_weights="pissa")
+    ).eval()
     ours.save_pretrained(tmp_path / "initial")
     perturb_adapters(ours, scale=0.05)
     ours.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=tmp_path / "initial")
@@ -131,7 +178,9 @@ def test_pissa_converted_to_lora_loads_in_peft_on_untouched_base(tmp_path) -> No
 
 def test_peft_pissa_conversion_loads_in_peftctl(tmp_path) -> None:
     base = tiny_llama()
-    theirs = peft.get_peft_model(clone(base), _peft_config(dict(target_modules=["q_proj", "v_proj"]), init_lora_weights="pissa")).eval()
+    theirs = peft.get_peft_model(
+        clone(base), _peft_config(dict(target_modules=["q_proj", "v_proj"]), init_lora_weights="pissa")
+    ).eval()
     theirs.save_pretrained(tmp_path / "initial")
     perturb_adapters(theirs, scale=0.05)
     theirs.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
@@ -171,4 +220,6 @@ def test_layer_replication_shares_base_weights_and_matches_peft_count() -> None:
     q1, q2 = layers[1].self_attn.q_proj, layers[2].self_attn.q_proj
     assert q1.base_layer.weight is q2.base_layer.weight
     assert q1.lora_A["default"].weight is not q2.lora_A["default"].weight
-    assert sorted(_wrapped(ours.model, LoraLayer)) == sorted(_wrapped(theirs.base_model.model, peft.tuners.lora.LoraLayer))
+    assert sorted(_wrapped(ours.model, LoraLayer)) == sorted(
+        _wrapped(theirs.base_model.model, peft.tuners.lora.LoraLayer)
+    )

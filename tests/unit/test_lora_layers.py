@@ -5,14 +5,15 @@ For each option: an identity init leaves outputs unchanged; with a non-identity 
 unmerged (fp32, <= 1e-5 relative), unmerge restores the base weights, disabled == base, and
 save -> load gives identical outputs.
 """
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from _lora_fixtures import ALL_TARGETS, clone, ids, out, perturb_adapters, rel_err, tiny_all_types
+
 from peftctl.adapters import AdaptedModel, get_adapted_model
 from peftctl.adapters.lora import LoraConfig, LoraConv, LoraEmbedding, LoraLinear
 from peftctl.errors import AdapterError, ConfigError
@@ -21,7 +22,9 @@ LINEAR_ONLY = ["lin", "c1d"]
 OPTIONS = {
     "plain": dict(target_modules=ALL_TARGETS),
     "rslora": dict(target_modules=ALL_TARGETS, use_rslora=True, lora_alpha=6),
-    "rank_alpha_pattern": dict(target_modules=ALL_TARGETS, rank_pattern={"lin": 2, "conv.*d": 3}, alpha_pattern={"c1d": 5.0}),
+    "rank_alpha_pattern": dict(
+        target_modules=ALL_TARGETS, rank_pattern={"lin": 2, "conv.*d": 3}, alpha_pattern={"c1d": 5.0}
+    ),
     "dropout": dict(target_modules=ALL_TARGETS, lora_dropout=0.3),
     "dora": dict(target_modules=ALL_TARGETS, use_dora=True),
     "regex_exclude": dict(target_modules=r"(lin|conv\dd|c1d|emb)", exclude_modules=["conv1d"]),
@@ -207,7 +210,8 @@ def test_layer_options_on_llama_invariants(option: str, tmp_path) -> None:
     """layers_to_transform and layer_replication: same invariants. With layer_replication the
     disabled model is the *replicated* base stack (weights shared, no adapters), as in PEFT."""
     from _lora_fixtures import tiny_llama
-    from peftctl.adapters.layer_replication import replicate_layers
+
+    from peftctl.adapters.lora.layer_replication import replicate_layers
 
     base = tiny_llama(layers=3)
     options = LLAMA_OPTIONS[option]

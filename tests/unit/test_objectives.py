@@ -4,6 +4,7 @@ TRL is not installed, so the oracle is the equation itself, element by element i
 (no torch.nn.functional): DPO eq. 7 (+ cDPO label smoothing, robust DPO), IPO eq. 17, SLiC hinge,
 SimPO, ORPO eq. 6-7, KTO eq. 8 (with the batch KL estimate on mismatched pairs), Bradley-Terry.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,10 +35,20 @@ def log_sigmoid(x: float) -> float:
 def logps() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     # summed log-probs of sequences of 3..40 tokens; the reference close to the policy, as in training
-    lengths_c, lengths_r = torch.randint(3, 40, (N,), generator=g).float(), torch.randint(3, 40, (N,), generator=g).float()
+    lengths_c, lengths_r = (
+        torch.randint(3, 40, (N,), generator=g).float(),
+        torch.randint(3, 40, (N,), generator=g).float(),
+    )
     pc = -lengths_c * torch.rand(N, generator=g) * 3
     pr = -lengths_r * torch.rand(N, generator=g) * 3
-    return {"pc": pc, "pr": pr, "rc": pc + torch.randn(N, generator=g) * 4, "rr": pr + torch.randn(N, generator=g) * 4, "lc": lengths_c, "lr": lengths_r}
+    return {
+        "pc": pc,
+        "pr": pr,
+        "rc": pc + torch.randn(N, generator=g) * 4,
+        "rr": pr + torch.randn(N, generator=g) * 4,
+        "lc": lengths_c,
+        "lr": lengths_r,
+    }
 
 
 def _close(got: torch.Tensor, expected: list[float]) -> None:
@@ -62,13 +73,22 @@ def test_cdpo_label_smoothing(logps: dict[str, torch.Tensor]) -> None:
     beta, eps = 0.2, 0.15
     losses, _, _ = dpo_losses(logps["pc"], logps["pr"], logps["rc"], logps["rr"], beta, "sigmoid", label_smoothing=eps)
     # conservative DPO: the preference label flipped with probability eps
-    _close(losses, [-(1 - eps) * log_sigmoid(beta * _h(logps, i)) - eps * log_sigmoid(-beta * _h(logps, i)) for i in range(N)])
+    _close(
+        losses,
+        [-(1 - eps) * log_sigmoid(beta * _h(logps, i)) - eps * log_sigmoid(-beta * _h(logps, i)) for i in range(N)],
+    )
 
 
 def test_robust_dpo(logps: dict[str, torch.Tensor]) -> None:
     beta, eps = 0.2, 0.1
     losses, _, _ = dpo_losses(logps["pc"], logps["pr"], logps["rc"], logps["rr"], beta, "robust", label_smoothing=eps)
-    _close(losses, [((1 - eps) * -log_sigmoid(beta * _h(logps, i)) - eps * -log_sigmoid(-beta * _h(logps, i))) / (1 - 2 * eps) for i in range(N)])
+    _close(
+        losses,
+        [
+            ((1 - eps) * -log_sigmoid(beta * _h(logps, i)) - eps * -log_sigmoid(-beta * _h(logps, i))) / (1 - 2 * eps)
+            for i in range(N)
+        ],
+    )
 
 
 def test_ipo_is_eq_17(logps: dict[str, torch.Tensor]) -> None:
@@ -85,8 +105,25 @@ def test_hinge(logps: dict[str, torch.Tensor]) -> None:
 
 def test_simpo_is_reference_free_and_length_normalised(logps: dict[str, torch.Tensor]) -> None:
     beta, gamma = 2.0, 0.7
-    losses, chosen, _ = dpo_losses(logps["pc"], logps["pr"], None, None, beta, "simpo", gamma=gamma, chosen_lengths=logps["lc"], rejected_lengths=logps["lr"])
-    expected = [-log_sigmoid(beta * float(logps["pc"][i]) / float(logps["lc"][i]) - beta * float(logps["pr"][i]) / float(logps["lr"][i]) - gamma) for i in range(N)]
+    losses, chosen, _ = dpo_losses(
+        logps["pc"],
+        logps["pr"],
+        None,
+        None,
+        beta,
+        "simpo",
+        gamma=gamma,
+        chosen_lengths=logps["lc"],
+        rejected_lengths=logps["lr"],
+    )
+    expected = [
+        -log_sigmoid(
+            beta * float(logps["pc"][i]) / float(logps["lc"][i])
+            - beta * float(logps["pr"][i]) / float(logps["lr"][i])
+            - gamma
+        )
+        for i in range(N)
+    ]
     _close(losses, expected)
     _close(chosen, [beta * float(logps["pc"][i]) / float(logps["lc"][i]) for i in range(N)])
 
@@ -130,7 +167,16 @@ def test_kto_reference_point_carries_no_gradient() -> None:
 
 def test_bradley_terry(logps: dict[str, torch.Tensor]) -> None:
     losses = bradley_terry_losses(logps["pc"] / 10, logps["pr"] / 10)
-    _close(losses, [-math.log(math.exp(float(logps["pc"][i]) / 10) / (math.exp(float(logps["pc"][i]) / 10) + math.exp(float(logps["pr"][i]) / 10))) for i in range(N)])
+    _close(
+        losses,
+        [
+            -math.log(
+                math.exp(float(logps["pc"][i]) / 10)
+                / (math.exp(float(logps["pc"][i]) / 10) + math.exp(float(logps["pr"][i]) / 10))
+            )
+            for i in range(N)
+        ],
+    )
 
 
 def test_dpo_gradient_pushes_chosen_up_and_rejected_down(logps: dict[str, torch.Tensor]) -> None:

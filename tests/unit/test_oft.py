@@ -1,5 +1,6 @@
 """OFT on Linear / GPT-2 Conv1D / Conv2d: identity init, orthogonal blocks (exact Cayley), COFT,
 block_share, merge, save/load, trainability, PEFT interop (format checked against peft 0.21.2)."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,9 +9,22 @@ import torch
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.oft import OFTConfig, OFTConv2d, OFTLinear, cayley, skew
 from peftctl.errors import ConfigError
-from tests.unit._method_checks import (check_yaml, check_multi_adapter, check_identity, check_merge_roundtrip, check_only_adapter_trains, check_save_load,
-                                       conv_input, input_ids, interop_both_ways, perturb, rel_err, run, tiny_conv,
-                                       tiny_llama)
+from tests.unit._method_checks import (
+    check_identity,
+    check_merge_roundtrip,
+    check_multi_adapter,
+    check_only_adapter_trains,
+    check_save_load,
+    check_yaml,
+    conv_input,
+    input_ids,
+    interop_both_ways,
+    perturb,
+    rel_err,
+    run,
+    tiny_conv,
+    tiny_llama,
+)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -55,9 +69,9 @@ def test_coft_keeps_rotation_near_identity():
     layer = dict(adapted.adapter_layers())["model.layers.0.self_attn.q_proj"]
     rot = layer.rotation_matrix("default")
     blocks = layer.r["default"]
-    per_block = 1e-3 / blocks ** 0.5
+    per_block = 1e-3 / blocks**0.5
     # ||R - I|| is about 2||Q|| for small Q; Q was projected into the eps ball
-    assert (rot - torch.eye(32)).norm() <= 2.5 * per_block * blocks ** 0.5
+    assert (rot - torch.eye(32)).norm() <= 2.5 * per_block * blocks**0.5
     assert torch.allclose(rot @ rot.T, torch.eye(32), atol=1e-5)
 
 
@@ -69,11 +83,20 @@ def test_save_load_trainable(tmp_path):
     check_save_load(adapted, tiny_llama, input_ids(), tmp_path)
 
 
-@pytest.mark.parametrize("kw", [{"use_cayley_neumann": False}, {"use_cayley_neumann": True}, {"block_share": True, "use_cayley_neumann": False}])
+@pytest.mark.parametrize(
+    "kw",
+    [{"use_cayley_neumann": False}, {"use_cayley_neumann": True}, {"block_share": True, "use_cayley_neumann": False}],
+)
 def test_peft_interop(tmp_path, kw):
     from peft import OFTConfig as PeftOFTConfig
 
-    interop_both_ways(OFTConfig(target_modules=TARGETS, oft_block_size=8, **kw), PeftOFTConfig(target_modules=TARGETS, oft_block_size=8, **kw), tiny_llama, input_ids(), tmp_path)
+    interop_both_ways(
+        OFTConfig(target_modules=TARGETS, oft_block_size=8, **kw),
+        PeftOFTConfig(target_modules=TARGETS, oft_block_size=8, **kw),
+        tiny_llama,
+        input_ids(),
+        tmp_path,
+    )
 
 
 def test_multi_adapter_add_set_save_load_delete(tmp_path):

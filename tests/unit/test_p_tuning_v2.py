@@ -1,5 +1,6 @@
 """P-tuning v2: deep prompts (prefixes at every layer, no reparameterisation) + a trained task head
 on BERT classification; on disk PEFT's PREFIX_TUNING with the head under PEFT's names."""
+
 from __future__ import annotations
 
 import inspect
@@ -10,11 +11,11 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertModel
 from test_tasks import CLS_BATCH, TOK_BATCH, tiny_bert_cls, tiny_bert_tokens
+from transformers import BertModel
 
-from peftctl.adapters.model import AdaptedModel, get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import AdaptedModel, get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 from peftctl.errors import ConfigError
 
 CASES = [("SEQ_CLS", tiny_bert_cls, CLS_BATCH), ("TOKEN_CLS", tiny_bert_tokens, TOK_BATCH)]
@@ -29,11 +30,19 @@ def _inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-@pytest.mark.skipif(not PEFT_PREFIX_ORACLE_RUNS, reason="peft 0.21.2 refuses prefix tuning on BERT when forward names "
-                    "`cache` instead of `past_key_values` (transformers >= 5.2x): the oracle cannot run on this release")
+@pytest.mark.skipif(
+    not PEFT_PREFIX_ORACLE_RUNS,
+    reason="peft 0.21.2 refuses prefix tuning on BERT when forward names "
+    "`cache` instead of `past_key_values` (transformers >= 5.2x): the oracle cannot run on this release",
+)
 @pytest.mark.parametrize("task,build,batch", CASES, ids=[c[0] for c in CASES])
 def test_peft_interop_both_ways_with_head(task: str, build, batch: dict, tmp_path: Path) -> None:
-    ours = get_adapted_model(build(), config_from_dict({"method": "p_tuning_v2", "num_virtual_tokens": 3, "modules_to_save": ["classifier"], "task_type": task}))
+    ours = get_adapted_model(
+        build(),
+        config_from_dict(
+            {"method": "p_tuning_v2", "num_virtual_tokens": 3, "modules_to_save": ["classifier"], "task_type": task}
+        ),
+    )
     with torch.no_grad():
         for param in ours.parameters():
             if param.requires_grad:
@@ -61,7 +70,9 @@ def test_peft_interop_both_ways_with_head(task: str, build, batch: dict, tmp_pat
 
 
 def test_prefixes_change_the_prediction_and_disable_restores_base() -> None:
-    model = get_adapted_model(tiny_bert_cls(), config_from_dict({"method": "p_tuning_v2", "num_virtual_tokens": 3, "task_type": "SEQ_CLS"}))
+    model = get_adapted_model(
+        tiny_bert_cls(), config_from_dict({"method": "p_tuning_v2", "num_virtual_tokens": 3, "task_type": "SEQ_CLS"})
+    )
     base = tiny_bert_cls()(**_inputs(CLS_BATCH)).logits
     with torch.no_grad():
         assert not torch.allclose(model(**_inputs(CLS_BATCH)).logits, base)

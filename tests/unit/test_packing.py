@@ -1,5 +1,6 @@
 """Sample packing: the bin packing, the collated batch, and that transformers keeps packed examples
 apart (no attention or position leak) for Llama and GPT-2 with eager and SDPA attention."""
+
 from __future__ import annotations
 
 import random
@@ -103,7 +104,9 @@ def test_packed_forward_equals_separate_forwards(name: str, attention: str) -> N
     batch = collate_packed(rows, pad_token_id=0)
     with torch.no_grad():
         packed = model(**model_inputs(batch)).logits
-        leaky = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # one causal mask per row
+        leaky = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits  # one causal mask per row
         alone = {tuple(e.input_ids): model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in examples}
     worst, worst_leaky = 0.0, 0.0
     for index, row in enumerate(rows):

@@ -1,4 +1,5 @@
 """Prefix tuning: per-layer key/value prefixes through the transformers Cache; PEFT's PREFIX_TUNING format."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import torch
 from _prompt_family import batch, check_peft_interop, check_training_and_round_trip, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 
-from peftctl.adapters.model import AdaptedModel, get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import AdaptedModel, get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 
 PROJECTION = {"method": "prefix_tuning", "num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16}
 
@@ -28,7 +29,7 @@ def test_gqa_prefix_has_per_kv_head_shape(tmp_path: Path) -> None:
     config = model.peft_config["default"]
     # 2 key/value heads of head_dim 8 (4 query heads of 32 / 4): token_dim 16, 2 "attention heads"
     assert (config.token_dim, config.num_attention_heads, config.num_layers) == (16, 2, 2)
-    from peftctl.adapters.prefix_tuning import METHOD
+    from peftctl.adapters.prompt.prefix_tuning import METHOD
 
     built = METHOD.prefix_cache(model, "default", 3)
     assert built.layers[0].keys.shape == (3, 2, 4, 8)
@@ -52,7 +53,9 @@ def test_projection_is_folded_when_saving(tmp_path: Path) -> None:
 @pytest.mark.parametrize("projection", [False, True])
 def test_peft_interop_both_ways(build, projection: bool, tmp_path: Path) -> None:
     values = PROJECTION if projection else {"method": "prefix_tuning", "num_virtual_tokens": 4}
-    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=projection, encoder_hidden_size=16)
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=projection, encoder_hidden_size=16
+    )
     check_peft_interop(build, values, config, tmp_path)
 
 
@@ -102,7 +105,9 @@ def test_generation_matches_peft(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
 def test_bf16_base_keeps_fp32_prompts(method: str) -> None:
-    model = get_adapted_model(tiny_llama().to(torch.bfloat16), config_from_dict({"method": method, "num_virtual_tokens": 2}))
+    model = get_adapted_model(
+        tiny_llama().to(torch.bfloat16), config_from_dict({"method": method, "num_virtual_tokens": 2})
+    )
     assert all(p.dtype == torch.float32 for p in model.prompt_encoder.parameters())
     out = model(**batch()).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

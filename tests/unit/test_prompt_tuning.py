@@ -1,4 +1,5 @@
 """Prompt tuning: virtual-token embeddings at the input; PEFT's PROMPT_TUNING format."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,21 +9,31 @@ import pytest
 import torch
 from _prompt_family import batch, check_peft_interop, check_training_and_round_trip, tiny_gpt2, tiny_llama
 
-from peftctl.adapters.model import get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 from peftctl.errors import ConfigError
 from peftctl.models.tokenizer import build_byte_tokenizer
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
 def test_only_prompts_train_and_round_trip(build, tmp_path: Path) -> None:
-    model = check_training_and_round_trip(build, {"method": "prompt_tuning", "num_virtual_tokens": 4}, tmp_path, lambda n: n == "prompt_encoder.default.embedding.weight")
+    model = check_training_and_round_trip(
+        build,
+        {"method": "prompt_tuning", "num_virtual_tokens": 4},
+        tmp_path,
+        lambda n: n == "prompt_encoder.default.embedding.weight",
+    )
     assert model.prompt_encoder["default"].embedding.weight.shape == (4, 32)
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
 def test_peft_interop_both_ways(build, tmp_path: Path) -> None:
-    check_peft_interop(build, {"method": "prompt_tuning", "num_virtual_tokens": 4}, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), tmp_path)
+    check_peft_interop(
+        build,
+        {"method": "prompt_tuning", "num_virtual_tokens": 4},
+        peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        tmp_path,
+    )
 
 
 def test_forward_prepends_prompts_and_extends_mask_and_labels() -> None:
@@ -45,7 +56,13 @@ def test_text_init_repeats_and_cuts_the_text(tmp_path: Path) -> None:
     tokenizer = build_byte_tokenizer()
     tokenizer.save_pretrained(tmp_path)
     base = tiny_llama()
-    values = {"method": "prompt_tuning", "num_virtual_tokens": 7, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "abc", "tokenizer_name_or_path": str(tmp_path)}
+    values = {
+        "method": "prompt_tuning",
+        "num_virtual_tokens": 7,
+        "prompt_tuning_init": "TEXT",
+        "prompt_tuning_init_text": "abc",
+        "tokenizer_name_or_path": str(tmp_path),
+    }
     model = get_adapted_model(base, config_from_dict(values))
     ids = tokenizer("abc")["input_ids"]
     expected_ids = (ids * 3)[:7]
@@ -54,7 +71,10 @@ def test_text_init_repeats_and_cuts_the_text(tmp_path: Path) -> None:
 
 
 def test_sample_vocab_init_uses_vocabulary_rows() -> None:
-    model = get_adapted_model(tiny_llama(), config_from_dict({"method": "prompt_tuning", "num_virtual_tokens": 5, "prompt_tuning_init": "SAMPLE_VOCAB"}))
+    model = get_adapted_model(
+        tiny_llama(),
+        config_from_dict({"method": "prompt_tuning", "num_virtual_tokens": 5, "prompt_tuning_init": "SAMPLE_VOCAB"}),
+    )
     vocab = model.model.get_input_embeddings().weight
     for row in model.prompt_encoder["default"].embedding.weight:
         assert (vocab == row).all(dim=1).any()

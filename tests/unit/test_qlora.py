@@ -1,22 +1,29 @@
 """QLoRA on CPU (bitsandbytes runs 4-bit on CPU): LoRA over Linear4bit against the dequantized
 reference, gradients, save/load, k-bit preparation, the chunked loss, merge of a quantized base,
 and the CPU qlora recipe end to end."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
 
+import bitsandbytes as bnb  # noqa: E402  (a test dependency: missing it must fail, not skip)
 import pytest
 import torch
 
-import bitsandbytes as bnb  # noqa: E402  (a test dependency: missing it must fail, not skip)
-
+from peftctl.adapters.core.model import AdaptedModel, get_adapted_model  # noqa: E402
 from peftctl.adapters.lora import LoraConfig  # noqa: E402
-from peftctl.adapters.model import AdaptedModel, get_adapted_model  # noqa: E402
-from peftctl.adapters.quantized import dequantize, dequantize_model, is_4bit, is_8bit, read_weight, write_weight  # noqa: E402
 from peftctl.models.quantization import quantize_linear  # noqa: E402
+from peftctl.models.quantized import dequantize, dequantize_model, is_4bit, is_8bit, read_weight, write_weight  # noqa: E402
 
-TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+TINY = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,7 +47,9 @@ def _load_nf4(path: Path, compute: torch.dtype = torch.float32, method: str = "n
     from peftctl.models.loader import load_model
 
     model_cfg = ModelConfig(name_or_path=str(path), dtype="float32")
-    quant = QuantConfig(method=method, double_quant=True, compute_dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[compute])
+    quant = QuantConfig(
+        method=method, double_quant=True, compute_dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[compute]
+    )
     return load_model(model_cfg, quant, str(path))
 
 
@@ -83,7 +92,9 @@ def test_backward_reaches_only_adapters_with_finite_grads(llama_dir: Path) -> No
     from peftctl.models.kbit import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(_load_nf4(llama_dir), gradient_checkpointing=True)
-    adapted = get_adapted_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    adapted = get_adapted_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
     adapted.train()
     ids = torch.randint(0, 300, (2, 12))
     loss = adapted(input_ids=ids, labels=ids).loss
@@ -91,7 +102,9 @@ def test_backward_reaches_only_adapters_with_finite_grads(llama_dir: Path) -> No
     with_grad = {n for n, p in adapted.named_parameters() if p.grad is not None}
     assert with_grad == {n for n, p in adapted.named_parameters() if p.requires_grad}
     assert with_grad and all(".lora_A." in n or ".lora_B." in n for n in with_grad)
-    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in adapted.parameters() if p.grad is not None)
+    assert all(
+        torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in adapted.parameters() if p.grad is not None
+    )
 
 
 def test_save_load_adapter_identical(llama_dir: Path, tmp_path: Path) -> None:
@@ -166,7 +179,9 @@ def test_chunked_loss_equals_full_cross_entropy(llama_dir: Path, monkeypatch: py
     labels[:, :5] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     logits = adapted(input_ids=ids).logits
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 300).float(), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 300).float(), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
     ref_grads = torch.autograd.grad(ref, [p for p in adapted.parameters() if p.requires_grad])
     monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 300 * 7)  # 7 rows per chunk: several chunks
     total, count = loss_mod.causal_lm_loss_sum(adapted, batch)
@@ -177,7 +192,15 @@ def test_chunked_loss_equals_full_cross_entropy(llama_dir: Path, monkeypatch: py
     assert isinstance(adapted.base_model.model.lm_head, torch.nn.Linear)  # head restored
 
 
-@pytest.mark.parametrize("name,cls", [("adamw", torch.optim.AdamW), ("adamw_8bit", "AdamW8bit"), ("paged_adamw_8bit", "PagedAdamW8bit"), ("paged_adamw_32bit", "PagedAdamW32bit")])
+@pytest.mark.parametrize(
+    "name,cls",
+    [
+        ("adamw", torch.optim.AdamW),
+        ("adamw_8bit", "AdamW8bit"),
+        ("paged_adamw_8bit", "PagedAdamW8bit"),
+        ("paged_adamw_32bit", "PagedAdamW32bit"),
+    ],
+)
 def test_optimizers(name: str, cls: object) -> None:
     from peftctl.train.optim import build_optimizer
 
@@ -203,8 +226,17 @@ def test_cpu_qlora_recipe_trains_evals_and_merges(tmp_path: Path, capsys: pytest
     from peftctl.runs import load_adapted, open_source
     from peftctl.train.run import train
 
-    run = train(["recipe=qlora_tiny_cpu", f"output_dir={tmp_path / 'q'}", "train.max_steps=6", "train.log_every=3",
-                 "dataset.max_samples=48", "eval.num_generate=0"], quiet=True)
+    run = train(
+        [
+            "recipe=qlora_tiny_cpu",
+            f"output_dir={tmp_path / 'q'}",
+            "train.max_steps=6",
+            "train.log_every=3",
+            "dataset.max_samples=48",
+            "eval.num_generate=0",
+        ],
+        quiet=True,
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [3, 6]
     assert all(r["loss"] == r["loss"] for r in records if "loss" in r)

@@ -1,5 +1,6 @@
 """Task types: encoding of the task formats, per-task losses, metrics, LoRA / prompt methods on
 seq2seq (T5), sequence and token classification (BERT)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +8,16 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification, T5Config, T5ForConditionalGeneration
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
-from peftctl.adapters.model import AdaptedModel, get_adapted_model
-from peftctl.adapters.registry import config_from_dict
+from peftctl.adapters.core.model import AdaptedModel, get_adapted_model
+from peftctl.adapters.core.registry import config_from_dict
 from peftctl.config.schema import DatasetConfig
 from peftctl.data.tasks import encode_task, label_names
 from peftctl.data.tokenize import IGNORE_INDEX, Example, collate
@@ -25,19 +32,46 @@ BOS, EOS, PAD = TOKENIZER.bos_token_id, TOKENIZER.eos_token_id, TOKENIZER.pad_to
 
 def tiny_bert_cls(num_labels: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_labels=num_labels, pad_token_id=PAD)
+    config = BertConfig(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_labels=num_labels,
+        pad_token_id=PAD,
+    )
     return BertForSequenceClassification(config).eval()
 
 
 def tiny_bert_tokens(num_labels: int = 5) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_labels=num_labels, pad_token_id=PAD)
+    config = BertConfig(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_labels=num_labels,
+        pad_token_id=PAD,
+    )
     return BertForTokenClassification(config).eval()
 
 
 def tiny_t5() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = T5Config(vocab_size=259, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD)
+    config = T5Config(
+        vocab_size=259,
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=PAD,
+    )
     return T5ForConditionalGeneration(config).eval()
 
 
@@ -54,7 +88,21 @@ def test_token_classification_aligns_tags_to_first_subword() -> None:
     example = encode_task(record, cfg, TOKENIZER, names)
     assert example.input_ids == [BOS] + TOKENIZER("Anna went to Oslo", add_special_tokens=False)["input_ids"] + [EOS]
     # one byte per sub-word: the tag sits on each word's first byte (the leading space for later words)
-    expected = [IGNORE_INDEX, 1, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 2, *[IGNORE_INDEX] * 4, 2, IGNORE_INDEX, IGNORE_INDEX, 0, *[IGNORE_INDEX] * 4, IGNORE_INDEX]
+    expected = [
+        IGNORE_INDEX,
+        1,
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+        2,
+        *[IGNORE_INDEX] * 4,
+        2,
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+        0,
+        *[IGNORE_INDEX] * 4,
+        IGNORE_INDEX,
+    ]
     assert example.labels == expected
 
 
@@ -68,13 +116,22 @@ def test_classification_and_seq2seq_encoding() -> None:
     s2s = encode_task({"source": "xy", "target": "z"}, dataset_cfg("seq2seq"), TOKENIZER, None)
     assert (s2s.input_ids, s2s.labels) == ([ord("x"), ord("y"), EOS], [ord("z"), EOS])
     with pytest.raises(ConfigError, match="label 'maybe' is not in dataset.label_names"):
-        encode_task({"text": "a", "label": "maybe"}, dataset_cfg("classification", label_names=["no", "yes"]), TOKENIZER, ["no", "yes"])
+        encode_task(
+            {"text": "a", "label": "maybe"},
+            dataset_cfg("classification", label_names=["no", "yes"]),
+            TOKENIZER,
+            ["no", "yes"],
+        )
 
 
 def test_collate_pads_labels_to_their_own_width() -> None:
     batch = collate([Example([1, 2, 3], [0], "", ""), Example([4], [1], "", "")], PAD)
     assert batch["labels"].tolist() == [[0], [1]] and batch["input_ids"].shape == (2, 3)
-    assert label_count([5], "seq_cls") == 1 and label_count([IGNORE_INDEX, 3, 4], "token_cls") == 2 and label_count([1, 2, 3], "causal_lm") == 2
+    assert (
+        label_count([5], "seq_cls") == 1
+        and label_count([IGNORE_INDEX, 3, 4], "token_cls") == 2
+        and label_count([1, 2, 3], "causal_lm") == 2
+    )
 
 
 def test_format_must_fit_task_type() -> None:
@@ -89,7 +146,12 @@ def test_metrics_against_hand_computed_values() -> None:
     assert accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
     # class 0: tp 0 fp 1 fn 1 -> F1 0; class 1: tp 2 fp 1 fn 1 -> F1 2/3
     assert macro_f1([1, 0, 1, 1], [1, 1, 1, 0]) == pytest.approx(1 / 3)
-    assert entities(["B-PER", "I-PER", "O", "I-LOC", "B-ORG", "I-PER"]) == {("PER", 0, 2), ("LOC", 3, 4), ("ORG", 4, 5), ("PER", 5, 6)}
+    assert entities(["B-PER", "I-PER", "O", "I-LOC", "B-ORG", "I-PER"]) == {
+        ("PER", 0, 2),
+        ("LOC", 3, 4),
+        ("ORG", 4, 5),
+        ("PER", 5, 6),
+    }
     reference = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
     predicted = [["B-PER", "O", "O", "B-LOC"], ["B-ORG", "O"]]  # one of three entities cut short
     assert entity_f1(predicted, reference) == pytest.approx(2 * 2 / (3 + 3))
@@ -103,7 +165,9 @@ def test_task_losses_match_the_models_own_losses() -> None:
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([[2], [0]])}
     total, count = seq_cls_loss_sum(cls, batch)
     assert count == 2
-    torch.testing.assert_close(total / count, cls(input_ids=ids, attention_mask=mask, labels=batch["labels"][:, 0]).loss)
+    torch.testing.assert_close(
+        total / count, cls(input_ids=ids, attention_mask=mask, labels=batch["labels"][:, 0]).loss
+    )
     tok = tiny_bert_tokens()
     tags = torch.tensor([[IGNORE_INDEX, 1, 2, 3, IGNORE_INDEX], [IGNORE_INDEX, 4, 0, IGNORE_INDEX, IGNORE_INDEX]])
     total, count = token_cls_loss_sum(tok, {"input_ids": ids, "attention_mask": mask, "labels": tags})
@@ -128,20 +192,99 @@ def _train(model: AdaptedModel, loss_fn, batch: dict, steps: int = 3) -> None:
     model.eval()
 
 
-CLS_BATCH = {"input_ids": torch.tensor([[BOS, 10, 11, EOS], [BOS, 12, EOS, PAD]]), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), "labels": torch.tensor([[2], [1]])}
-TOK_BATCH = {**CLS_BATCH, "labels": torch.tensor([[IGNORE_INDEX, 1, 3, IGNORE_INDEX], [IGNORE_INDEX, 4, IGNORE_INDEX, IGNORE_INDEX]])}
+CLS_BATCH = {
+    "input_ids": torch.tensor([[BOS, 10, 11, EOS], [BOS, 12, EOS, PAD]]),
+    "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+    "labels": torch.tensor([[2], [1]]),
+}
+TOK_BATCH = {
+    **CLS_BATCH,
+    "labels": torch.tensor([[IGNORE_INDEX, 1, 3, IGNORE_INDEX], [IGNORE_INDEX, 4, IGNORE_INDEX, IGNORE_INDEX]]),
+}
 S2S_BATCH = {**CLS_BATCH, "labels": torch.tensor([[30, 31, EOS], [32, EOS, IGNORE_INDEX]])}
 
 CASES = [
-    ("seq_cls_lora", tiny_bert_cls, seq_cls_loss_sum, CLS_BATCH, {"method": "lora", "r": 4, "target_modules": ["query", "value"], "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"}),
-    ("token_cls_lora", tiny_bert_tokens, token_cls_loss_sum, TOK_BATCH, {"method": "lora", "r": 4, "target_modules": ["query", "value"], "modules_to_save": ["classifier"], "task_type": "TOKEN_CLS"}),
-    ("seq2seq_lora", tiny_t5, seq2seq_loss_sum, S2S_BATCH, {"method": "lora", "r": 4, "target_modules": ["q", "v"], "task_type": "SEQ_2_SEQ_LM"}),
-    ("seq_cls_ptuning_v2", tiny_bert_cls, seq_cls_loss_sum, CLS_BATCH, {"method": "p_tuning_v2", "num_virtual_tokens": 3, "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"}),
-    ("token_cls_ptuning_v2", tiny_bert_tokens, token_cls_loss_sum, TOK_BATCH, {"method": "p_tuning_v2", "num_virtual_tokens": 3, "modules_to_save": ["classifier"], "task_type": "TOKEN_CLS"}),
-    ("seq_cls_prompt_tuning", tiny_bert_cls, seq_cls_loss_sum, CLS_BATCH, {"method": "prompt_tuning", "num_virtual_tokens": 3, "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"}),
-    ("token_cls_p_tuning", tiny_bert_tokens, token_cls_loss_sum, TOK_BATCH, {"method": "p_tuning", "num_virtual_tokens": 3, "encoder_hidden_size": 8, "modules_to_save": ["classifier"], "task_type": "TOKEN_CLS"}),
-    ("seq2seq_prefix", tiny_t5, seq2seq_loss_sum, S2S_BATCH, {"method": "prefix_tuning", "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"}),
-    ("seq2seq_prompt_tuning", tiny_t5, seq2seq_loss_sum, S2S_BATCH, {"method": "prompt_tuning", "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"}),
+    (
+        "seq_cls_lora",
+        tiny_bert_cls,
+        seq_cls_loss_sum,
+        CLS_BATCH,
+        {
+            "method": "lora",
+            "r": 4,
+            "target_modules": ["query", "value"],
+            "modules_to_save": ["classifier"],
+            "task_type": "SEQ_CLS",
+        },
+    ),
+    (
+        "token_cls_lora",
+        tiny_bert_tokens,
+        token_cls_loss_sum,
+        TOK_BATCH,
+        {
+            "method": "lora",
+            "r": 4,
+            "target_modules": ["query", "value"],
+            "modules_to_save": ["classifier"],
+            "task_type": "TOKEN_CLS",
+        },
+    ),
+    (
+        "seq2seq_lora",
+        tiny_t5,
+        seq2seq_loss_sum,
+        S2S_BATCH,
+        {"method": "lora", "r": 4, "target_modules": ["q", "v"], "task_type": "SEQ_2_SEQ_LM"},
+    ),
+    (
+        "seq_cls_ptuning_v2",
+        tiny_bert_cls,
+        seq_cls_loss_sum,
+        CLS_BATCH,
+        {"method": "p_tuning_v2", "num_virtual_tokens": 3, "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"},
+    ),
+    (
+        "token_cls_ptuning_v2",
+        tiny_bert_tokens,
+        token_cls_loss_sum,
+        TOK_BATCH,
+        {"method": "p_tuning_v2", "num_virtual_tokens": 3, "modules_to_save": ["classifier"], "task_type": "TOKEN_CLS"},
+    ),
+    (
+        "seq_cls_prompt_tuning",
+        tiny_bert_cls,
+        seq_cls_loss_sum,
+        CLS_BATCH,
+        {"method": "prompt_tuning", "num_virtual_tokens": 3, "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"},
+    ),
+    (
+        "token_cls_p_tuning",
+        tiny_bert_tokens,
+        token_cls_loss_sum,
+        TOK_BATCH,
+        {
+            "method": "p_tuning",
+            "num_virtual_tokens": 3,
+            "encoder_hidden_size": 8,
+            "modules_to_save": ["classifier"],
+            "task_type": "TOKEN_CLS",
+        },
+    ),
+    (
+        "seq2seq_prefix",
+        tiny_t5,
+        seq2seq_loss_sum,
+        S2S_BATCH,
+        {"method": "prefix_tuning", "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"},
+    ),
+    (
+        "seq2seq_prompt_tuning",
+        tiny_t5,
+        seq2seq_loss_sum,
+        S2S_BATCH,
+        {"method": "prompt_tuning", "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"},
+    ),
 ]
 
 
@@ -170,7 +313,10 @@ def test_method_on_task_model(name: str, build, loss_fn, batch: dict, values: di
 
 def test_t5_prefix_and_prompt_generation() -> None:
     ids = torch.tensor([[10, 11, 12, EOS]])
-    for values in ({"method": "prefix_tuning", "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"}, {"method": "prompt_tuning", "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"}):
+    for values in (
+        {"method": "prefix_tuning", "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"},
+        {"method": "prompt_tuning", "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"},
+    ):
         model = get_adapted_model(tiny_t5(), config_from_dict(values))
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5)
         # greedy: each generated token is the argmax of the adapted forward on the tokens before it
@@ -181,7 +327,9 @@ def test_t5_prefix_and_prompt_generation() -> None:
 
 @pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning", "p_tuning"])
 def test_t5_prompt_methods_match_peft(method: str, tmp_path: Path) -> None:
-    model = get_adapted_model(tiny_t5(), config_from_dict({"method": method, "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"}))
+    model = get_adapted_model(
+        tiny_t5(), config_from_dict({"method": method, "num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM"})
+    )
     with torch.no_grad():
         for param in model.prompt_encoder.parameters():
             param.add_(torch.randn_like(param))

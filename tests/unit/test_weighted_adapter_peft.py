@@ -1,21 +1,21 @@
 """add_weighted_adapter vs the peft package (test-only oracle) on tiny Llama / GPT-2 models."""
+
 from __future__ import annotations
 
 import copy
 import gc
 import weakref
 
+import peft  # noqa: E402  (test-only oracle: missing it must fail, not skip)
 import pytest
 import torch
-
-import peft  # noqa: E402  (test-only oracle: missing it must fail, not skip)
 from peft.utils import merge_utils as peft_merge_utils  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from peftctl.adapters import AdaptedModel  # noqa: E402
-from peftctl.adapters import persistence  # noqa: E402
+from peftctl.adapters.core import persistence  # noqa: E402
 from peftctl.adapters.lora import LoraConfig  # noqa: E402
-from peftctl.adapters.lora_weighted import lora_factors  # noqa: E402
+from peftctl.adapters.lora.weighted import lora_factors  # noqa: E402
 from peftctl.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -26,8 +26,14 @@ ADAPTERS = {"a": (4, 8), "b": (4, 16), "c": (8, 4)}
 
 def _llama() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -47,7 +53,9 @@ def _pair(base: str, names=("a", "b", "c"), targets_by_name: dict | None = None)
     peft_model = None
     for name in names:
         r, alpha = ADAPTERS[name]
-        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=(targets_by_name or {}).get(name, targets), init_lora_weights=False)
+        cfg = peft.LoraConfig(
+            r=r, lora_alpha=alpha, target_modules=(targets_by_name or {}).get(name, targets), init_lora_weights=False
+        )
         if peft_model is None:
             peft_model = peft.get_peft_model(copy.deepcopy(model), cfg, adapter_name=name)
         else:
@@ -69,7 +77,11 @@ def _peft_factors(peft_model, adapter: str) -> dict[str, tuple[torch.Tensor, tor
     out = {}
     for name, module in peft_model.base_model.model.named_modules():
         if isinstance(module, peft.tuners.lora.LoraLayer) and adapter in module.lora_A:
-            out[name] = (module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach(), module.scaling[adapter])
+            out[name] = (
+                module.lora_A[adapter].weight.detach(),
+                module.lora_B[adapter].weight.detach(),
+                module.scaling[adapter],
+            )
     return out
 
 
@@ -118,7 +130,9 @@ DETERMINISTIC = [
 CASES = [("llama", *case) for case in DETERMINISTIC] + [("gpt2", *DETERMINISTIC[i]) for i in (1, 3, 6, 9, 11)]
 
 
-@pytest.mark.parametrize("base,combination,names,extra", CASES, ids=[f"{b}-{c}-{i}" for i, (b, c, _, _) in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "base,combination,names,extra", CASES, ids=[f"{b}-{c}-{i}" for i, (b, c, _, _) in enumerate(CASES)]
+)
 def test_deterministic_combinations_match_peft(base, combination, names, extra):
     extra = dict(extra)
     weights = extra.pop("weights", [0.6, 0.3, 0.5][: len(names)])
@@ -134,17 +148,24 @@ def test_deterministic_combinations_match_peft(base, combination, names, extra):
 
 def _seeded_random_pruning(generator: torch.Generator):
     """peft's random_pruning with its torch.bernoulli draws taken from ``generator``."""
+
     def random_pruning(tensor, density, rescale):
         mask = torch.bernoulli(torch.full_like(input=tensor, fill_value=density), generator=generator)
         pruned = tensor * mask
         return pruned / density if rescale else pruned
+
     return random_pruning
 
 
-@pytest.mark.parametrize("combination,names", [
-    ("dare_linear", ["a", "b"]), ("dare_ties", ["a", "b"]),
-    ("dare_linear_svd", ["a", "b", "c"]), ("dare_ties_svd", ["a", "c"]),
-])
+@pytest.mark.parametrize(
+    "combination,names",
+    [
+        ("dare_linear", ["a", "b"]),
+        ("dare_ties", ["a", "b"]),
+        ("dare_linear_svd", ["a", "b", "c"]),
+        ("dare_ties_svd", ["a", "c"]),
+    ],
+)
 def test_dare_matches_peft_under_the_same_masks(monkeypatch, combination, names):
     seed = 1234
     peft_model, ours = _pair("llama")
@@ -159,7 +180,9 @@ def test_dare_matches_peft_under_the_same_masks(monkeypatch, combination, names)
     for key, (a, b, _) in _our_factors(ours, "mix").items():
         a2, b2, _ = _our_factors(ours, "again")[key]
         assert torch.equal(a, a2) and torch.equal(b, b2)
-    assert any(not torch.equal(a, _our_factors(ours, "other")[k][0]) for k, (a, _, _) in _our_factors(ours, "mix").items())
+    assert any(
+        not torch.equal(a, _our_factors(ours, "other")[k][0]) for k, (a, _, _) in _our_factors(ours, "mix").items()
+    )
 
 
 def _delta(ours, adapter, key):
@@ -223,20 +246,23 @@ def test_new_adapter_is_not_activated_and_sources_unchanged():
     assert all(not p.requires_grad for p in ours.adapter_parameters("mix"))
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"combination_type": "average"}, "combination_type='average' is not valid; expected one of svd, linear, cat"),
-    ({"combination_type": "linear", "adapters": ["a", "c"]}, "needs adapters of equal rank"),
-    ({"combination_type": "ties"}, "needs density"),
-    ({"combination_type": "ties", "density": 1.5}, "density=1.5 is not valid"),
-    ({"combination_type": "ties", "density": 0.5, "majority_sign_method": "mean"}, "majority_sign_method='mean'"),
-    ({"weights": [1.0]}, "got 1 weights for 2 adapters"),
-    ({"adapters": ["a", "zzz"]}, "no adapter named 'zzz'"),
-    ({"adapter_name": "a"}, "already exists"),
-    ({"combination_type": "svd", "svd_rank": 0}, "svd_rank=0 is not valid"),
-    ({"combination_type": "svd", "svd_driver": "lapack"}, "svd_driver='lapack' is not valid"),
-    ({"combination_type": "svd", "svd_clamp": 1.5}, "svd_clamp=1.5 is not valid"),
-    ({"weights": [0.5, float("nan")]}, "weight nan is not valid"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"combination_type": "average"}, "combination_type='average' is not valid; expected one of svd, linear, cat"),
+        ({"combination_type": "linear", "adapters": ["a", "c"]}, "needs adapters of equal rank"),
+        ({"combination_type": "ties"}, "needs density"),
+        ({"combination_type": "ties", "density": 1.5}, "density=1.5 is not valid"),
+        ({"combination_type": "ties", "density": 0.5, "majority_sign_method": "mean"}, "majority_sign_method='mean'"),
+        ({"weights": [1.0]}, "got 1 weights for 2 adapters"),
+        ({"adapters": ["a", "zzz"]}, "no adapter named 'zzz'"),
+        ({"adapter_name": "a"}, "already exists"),
+        ({"combination_type": "svd", "svd_rank": 0}, "svd_rank=0 is not valid"),
+        ({"combination_type": "svd", "svd_driver": "lapack"}, "svd_driver='lapack' is not valid"),
+        ({"combination_type": "svd", "svd_clamp": 1.5}, "svd_clamp=1.5 is not valid"),
+        ({"weights": [0.5, float("nan")]}, "weight nan is not valid"),
+    ],
+)
 def test_bad_arguments_raise_config_error(kwargs, message):
     _, ours = _pair("llama")
     args = {"adapters": ["a", "b"], "weights": [0.5, 0.5], "adapter_name": "mix"} | kwargs
@@ -246,11 +272,13 @@ def test_bad_arguments_raise_config_error(kwargs, message):
 
 
 def test_methods_without_a_combiner_raise_config_error_naming_the_supported_ones(monkeypatch):
-    from peftctl.adapters import weighted
+    from peftctl.adapters.core import weighted
 
     monkeypatch.delitem(weighted._COMBINERS, "lora")
     _, ours = _pair("llama", names=("a", "b"))
-    with pytest.raises(ConfigError, match="add_weighted_adapter is not defined for lora adapters; methods that support it: "):
+    with pytest.raises(
+        ConfigError, match="add_weighted_adapter is not defined for lora adapters; methods that support it: "
+    ):
         ours.add_weighted_adapter(["a", "b"], [0.5, 0.5], "mix", combination_type="svd")
 
 
@@ -268,7 +296,10 @@ def test_rslora_sources_blend_to_the_exact_weighted_delta():
     """The blended adapter has alpha = r and plain scaling, so B A is the combined ΔW even when the
     sources use rsLoRA (PEFT keeps use_rslora there, which rescales the blend by sqrt(r))."""
     _, ours = _pair("llama", names=("a",))
-    ours.add_adapter("rs", LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ours.add_adapter(
+        "rs",
+        LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     for combination in ("cat", "svd"):
         ours.add_weighted_adapter(["a", "rs"], [0.5, 2.0], combination, combination_type=combination, svd_rank=12)
         assert ours.peft_config[combination].use_rslora is False
@@ -278,7 +309,7 @@ def test_rslora_sources_blend_to_the_exact_weighted_delta():
 
 
 def test_union_of_target_modules_follows_peft():
-    from peftctl.adapters.weighted import union_target_modules
+    from peftctl.adapters.core.weighted import union_target_modules
 
     lists = [LoraConfig(target_modules=["v_proj", "q_proj"]), LoraConfig(target_modules=["k_proj", "q_proj"])]
     assert union_target_modules(lists) == ["k_proj", "q_proj", "v_proj"]

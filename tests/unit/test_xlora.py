@@ -1,6 +1,7 @@
 """X-LoRA: two frozen LoRA experts mixed per token by a classifier. The dual pass equals a
 hand-computed mixture for fixed scalings, top-k keeps one expert, only the classifier gets
 gradients, scalings are exposed, save -> load identical (peft_type XLORA, PEFT 0.21.2 names)."""
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,9 @@ def experts(tmp_path_factory):
     dirs = {}
     for i in range(2):
         torch.manual_seed(10 + i)
-        lora = get_adapted_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+        lora = get_adapted_model(
+            tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+        )
         path = tmp_path_factory.mktemp(f"expert{i}")
         lora.save_pretrained(path)
         dirs[f"e{i}"] = str(path)
@@ -70,13 +73,17 @@ def test_temperature_and_top_k(experts):
     run(hot, ids)
     tempered = torch.softmax(torch.log(torch.tensor(WEIGHTS)) / 2.0, dim=-1)
     assert torch.allclose(latest_scalings(hot)[0, 0, 0], tempered, atol=1e-6)
-    top1 = get_adapted_model(tiny_llama(), XLoraConfig(adapters=experts, xlora_depth=1, top_k_lora=1, enable_softmax_topk=True))
+    top1 = get_adapted_model(
+        tiny_llama(), XLoraConfig(adapters=experts, xlora_depth=1, top_k_lora=1, enable_softmax_topk=True)
+    )
     fixed_mixture(top1, WEIGHTS)
     assert rel_err(run(top1, ids), reference_logits(experts, (1.0, 0.0), ids)) <= 1e-5
 
 
 def test_only_classifier_gets_gradients(experts):
-    adapted = get_adapted_model(tiny_llama(), XLoraConfig(adapters=experts, xlora_depth=2, xlora_size=16, layerwise_scalings=True))
+    adapted = get_adapted_model(
+        tiny_llama(), XLoraConfig(adapters=experts, xlora_depth=2, xlora_size=16, layerwise_scalings=True)
+    )
     ids = input_ids()
     adapted.train()
     loss = adapted(input_ids=ids, labels=ids).loss
@@ -90,7 +97,9 @@ def test_only_classifier_gets_gradients(experts):
 
 
 def test_save_load_and_config_errors(experts, tmp_path):
-    adapted = get_adapted_model(tiny_llama(), XLoraConfig(adapters=experts, xlora_depth=2, xlora_size=16, xlora_dropout_p=0.0))
+    adapted = get_adapted_model(
+        tiny_llama(), XLoraConfig(adapters=experts, xlora_depth=2, xlora_size=16, xlora_dropout_p=0.0)
+    )
     ids = input_ids()
     out = run(adapted, ids)
     adapted.save_pretrained(tmp_path)

@@ -13,6 +13,7 @@ On disk (PEFT's format) an adapter is one tensor, ``prompt_embeddings``: the enc
 virtual tokens, so reparameterisations (P-tuning's MLP/LSTM, prefix tuning's projection) are folded
 away. Loading such a file switches the encoder to the folded form (``before_load``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.registry import Method
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
+from peftctl.adapters.core.modules_to_save import ModulesToSaveWrapper, apply_modules_to_save
 from peftctl.errors import AdapterError, ConfigError
 from peftctl.models.compat import cache_from_kwargs, cache_kwarg, output_cache
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 PROMPT_KEY = "prompt_embeddings"
 
@@ -44,11 +46,23 @@ class PromptLearningConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0, "num_virtual_tokens", self.num_virtual_tokens, "expected an integer > 0")
+        self._check(
+            isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0,
+            "num_virtual_tokens",
+            self.num_virtual_tokens,
+            "expected an integer > 0",
+        )
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             value = getattr(self, name)
-            self._check(value is None or (isinstance(value, int) and value > 0), name, value, "expected an integer > 0 or null")
-        self._check(self.num_transformer_submodules in (None, 1, 2), "num_transformer_submodules", self.num_transformer_submodules, "expected 1, 2 or null")
+            self._check(
+                value is None or (isinstance(value, int) and value > 0), name, value, "expected an integer > 0 or null"
+            )
+        self._check(
+            self.num_transformer_submodules in (None, 1, 2),
+            "num_transformer_submodules",
+            self.num_transformer_submodules,
+            "expected 1, 2 or null",
+        )
 
     def to_peft_dict(self) -> dict[str, Any]:
         # PEFT's prompt-learning configs have no target/layer selection fields
@@ -77,11 +91,16 @@ def fill_model_dims(config: PromptLearningConfig, model: nn.Module, kv_prefix: b
     if config.token_dim is None:
         config.token_dim = _first(model_config, "hidden_size", "n_embd", "d_model")
     if config.num_attention_heads is None:
-        config.num_attention_heads = _first(model_config, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+        config.num_attention_heads = _first(
+            model_config, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"
+        )
     if config.num_transformer_submodules is None:
         config.num_transformer_submodules = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
     if None in (config.num_layers, config.token_dim, config.num_attention_heads):
-        raise ConfigError(f"adapter: cannot read num_layers / token_dim / num_attention_heads from a {model_config.get('model_type')} config; set them in the adapter config")
+        raise ConfigError(
+            "adapter: cannot read num_layers / token_dim / num_attention_heads from a "
+            f"{model_config.get('model_type')} config; set them in the adapter config"
+        )
     kv_heads = model_config.get("num_key_value_heads")
     if kv_prefix and kv_heads and kv_heads != config.num_attention_heads:
         # grouped-query attention caches num_key_value_heads heads of head_dim each
@@ -115,7 +134,7 @@ def encoder_output(model: "AdaptedModel", adapter_name: str) -> torch.Tensor:
     return encoder(indices)
 
 
-class PromptMethod(Method):
+class PromptMethod(AdapterMethod):
     """Base of the prompt family. Subclasses set ``mode`` and implement ``build_encoder``."""
 
     mode = "embed"  # or "kv"
@@ -132,8 +151,6 @@ class PromptMethod(Method):
 
     # ------------------------------------------------------------------ setup
     def inject(self, model: "AdaptedModel", adapter_name: str, config: AdapterConfig) -> None:
-        from peftctl.adapters.modules_to_save import apply_modules_to_save
-
         assert isinstance(config, PromptLearningConfig)
         fill_model_dims(config, model.model, kv_prefix=self.mode == "kv")
         if config.inference_mode:
@@ -151,8 +168,6 @@ class PromptMethod(Method):
         return list(model.prompt_encoder[adapter_name].parameters())
 
     def extra_adapter_keys(self, model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
-        from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
-
         keys = {f"prompt_encoder.{adapter_name}.embedding.weight": PROMPT_KEY}
         # PEFT's prompt-learning models hold the transformers model directly as `base_model` (no
         # `.model` level as for layer methods): the head copies are saved as base_model.<path>
@@ -162,7 +177,9 @@ class PromptMethod(Method):
                     keys[ours] = peft_key.replace("base_model.model.", "base_model.", 1)
         return keys
 
-    def state_dict_for_save(self, model: "AdaptedModel", adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def state_dict_for_save(
+        self, model: "AdaptedModel", adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Save the encoder's output (reparameterisation folded away), PEFT's ``prompt_embeddings``."""
         with torch.no_grad():
             return {**tensors, PROMPT_KEY: encoder_output(model, adapter_name).detach().cpu().contiguous()}
@@ -173,7 +190,9 @@ class PromptMethod(Method):
         reparameterised = any(name != "embedding.weight" for name, _ in encoder.named_parameters())
         if saved is None or not reparameterised:
             return  # the saved rows load straight into the embedding (same parameter: resume keeps it)
-        folded = FoldedEncoder(saved.shape[0], saved.shape[1]).to(device=encoder.embedding.weight.device, dtype=encoder.embedding.weight.dtype)
+        folded = FoldedEncoder(saved.shape[0], saved.shape[1]).to(
+            device=encoder.embedding.weight.device, dtype=encoder.embedding.weight.dtype
+        )
         trainable = encoder.embedding.weight.requires_grad
         folded.requires_grad_(trainable)
         model.prompt_encoder[adapter_name] = folded
@@ -190,6 +209,7 @@ class PromptMethod(Method):
 
     def prefix_cache(self, model: "AdaptedModel", adapter_name: str, batch_size: int) -> Any:
         """A transformers Cache pre-filled with this adapter's per-layer key/value prefixes."""
+        # lazy: transformers loads on first use, after the CLI has set its environment
         from transformers import DynamicCache, EncoderDecoderCache
 
         config = model.peft_config[adapter_name]
@@ -209,11 +229,21 @@ class PromptMethod(Method):
             return EncoderDecoderCache(cache, DynamicCache())
         return cache
 
-    def forward(self, model: "AdaptedModel", adapter_name: str, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        model: "AdaptedModel",
+        adapter_name: str,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         config = model.peft_config[adapter_name]
         base = model.model
-        reference = next(t for t in (input_ids, inputs_embeds, kwargs.get("decoder_input_ids"), labels) if t is not None)
+        reference = next(
+            t for t in (input_ids, inputs_embeds, kwargs.get("decoder_input_ids"), labels) if t is not None
+        )
         batch_size = reference.shape[0]
         n = config.num_virtual_tokens
         encoder_decoder = getattr(base.config, "is_encoder_decoder", False)
@@ -225,9 +255,19 @@ class PromptMethod(Method):
             kwargs[cache_kwarg(base)] = self.prefix_cache(model, adapter_name, batch_size)
             if encoder_decoder:
                 # the prefix lives in the decoder's self-attention cache: extend the decoder mask
-                kwargs["decoder_attention_mask"] = _extend_decoder_mask(kwargs.get("decoder_attention_mask"), kwargs.get("decoder_input_ids"), labels, n)
-                return base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask[:, n:] if attention_mask is not None else None, labels=labels, **kwargs)
-            return base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+                kwargs["decoder_attention_mask"] = _extend_decoder_mask(
+                    kwargs.get("decoder_attention_mask"), kwargs.get("decoder_input_ids"), labels, n
+                )
+                return base(
+                    input_ids=input_ids,
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=attention_mask[:, n:] if attention_mask is not None else None,
+                    labels=labels,
+                    **kwargs,
+                )
+            return base(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+            )
         if inputs_embeds is None:
             inputs_embeds = base.get_input_embeddings()(input_ids)
         prompts = self.prompts(model, adapter_name, batch_size)[:, :n].to(inputs_embeds.dtype)
@@ -235,21 +275,39 @@ class PromptMethod(Method):
         position_ids = kwargs.pop("position_ids", None)
         if position_ids is not None:
             # given positions are the real tokens'; the virtual tokens take 0..n-1 before them
-            kwargs["position_ids"] = torch.cat([torch.arange(n, device=position_ids.device).expand(batch_size, n), position_ids], dim=1)
+            kwargs["position_ids"] = torch.cat(
+                [torch.arange(n, device=position_ids.device).expand(batch_size, n), position_ids], dim=1
+            )
         if kwargs.get("token_type_ids") is not None:
-            kwargs["token_type_ids"] = torch.cat([kwargs["token_type_ids"].new_zeros(batch_size, n), kwargs["token_type_ids"]], dim=1)
+            kwargs["token_type_ids"] = torch.cat(
+                [kwargs["token_type_ids"].new_zeros(batch_size, n), kwargs["token_type_ids"]], dim=1
+            )
         if labels is not None and not encoder_decoder and labels.dim() == 2 and config.task_type == "CAUSAL_LM":
             labels = torch.cat([labels.new_full((batch_size, n), -100), labels], dim=1)
         return base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, model: "AdaptedModel", adapter_name: str, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self,
+        model: "AdaptedModel",
+        adapter_name: str,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         base = model.model
         if getattr(base.config, "is_encoder_decoder", False):
             return self._generate_seq2seq(model, adapter_name, input_ids, attention_mask, **kwargs)
         return decode(model, adapter_name, self, input_ids, attention_mask, **kwargs)
 
-    def _generate_seq2seq(self, model: "AdaptedModel", adapter_name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+    def _generate_seq2seq(
+        self,
+        model: "AdaptedModel",
+        adapter_name: str,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         base = model.model
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -263,7 +321,9 @@ class PromptMethod(Method):
         return seq2seq_prefix_decode(model, adapter_name, self, input_ids, attention_mask, **kwargs)
 
 
-def _extend_decoder_mask(mask: torch.Tensor | None, decoder_input_ids: torch.Tensor | None, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+def _extend_decoder_mask(
+    mask: torch.Tensor | None, decoder_input_ids: torch.Tensor | None, labels: torch.Tensor | None, n: int
+) -> torch.Tensor | None:
     reference = decoder_input_ids if decoder_input_ids is not None else labels
     if reference is None:
         return None
@@ -283,9 +343,22 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int)
 
 
 @torch.no_grad()
-def decode(model: "AdaptedModel", adapter_name: str, method: PromptMethod, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-           max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, eos_token_id: int | list[int] | None = None,
-           pad_token_id: int | None = None, use_cache: bool = True, streamer: Any = None, **_: Any) -> torch.Tensor:
+def decode(
+    model: "AdaptedModel",
+    adapter_name: str,
+    method: PromptMethod,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    use_cache: bool = True,
+    streamer: Any = None,
+    **_: Any,
+) -> torch.Tensor:
     """Greedy (or sampled) decoding for a decoder-only model; returns prompt + new tokens like HF generate.
 
     With ``use_cache`` the prompt (and the virtual tokens / prefixes) is run once and each new token
@@ -308,13 +381,22 @@ def decode(model: "AdaptedModel", adapter_name: str, method: PromptMethod, input
         # real token j of a row sits at position n + j whatever the (left) padding, as in training
         positions = n + (mask.cumsum(-1) - 1).clamp(min=0)
         if not use_cache:
-            logits = method.forward(model, adapter_name, input_ids=sequence, attention_mask=mask, position_ids=positions).logits[:, -1]
+            logits = method.forward(
+                model, adapter_name, input_ids=sequence, attention_mask=mask, position_ids=positions
+            ).logits[:, -1]
         elif past is None:
-            out = method.forward(model, adapter_name, input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=True)
+            out = method.forward(
+                model, adapter_name, input_ids=sequence, attention_mask=mask, position_ids=positions, use_cache=True
+            )
             logits, past = out.logits[:, -1], output_cache(out)
         else:
             full_mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)
-            step_inputs = {"input_ids": sequence[:, -1:], "attention_mask": full_mask, "position_ids": positions[:, -1:], cache_kwarg(base): past}
+            step_inputs = {
+                "input_ids": sequence[:, -1:],
+                "attention_mask": full_mask,
+                "position_ids": positions[:, -1:],
+                cache_kwarg(base): past,
+            }
             out = base(**step_inputs, use_cache=True)
             logits, past = out.logits[:, -1], output_cache(out)
         token = _pick(logits, do_sample, temperature, top_k)
@@ -333,9 +415,18 @@ def decode(model: "AdaptedModel", adapter_name: str, method: PromptMethod, input
 
 
 @torch.no_grad()
-def seq2seq_prefix_decode(model: "AdaptedModel", adapter_name: str, method: PromptMethod, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          max_new_tokens: int = 20, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                          decoder_start_token_id: int | None = None, **_: Any) -> torch.Tensor:
+def seq2seq_prefix_decode(
+    model: "AdaptedModel",
+    adapter_name: str,
+    method: PromptMethod,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int = 20,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    decoder_start_token_id: int | None = None,
+    **_: Any,
+) -> torch.Tensor:
     """Greedy decoding of an encoder-decoder model with decoder self-attention prefixes (recomputed each step)."""
     base = model.model
     start = decoder_start_token_id if decoder_start_token_id is not None else base.config.decoder_start_token_id
@@ -345,7 +436,13 @@ def seq2seq_prefix_decode(model: "AdaptedModel", adapter_name: str, method: Prom
     decoded = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _step in range(max_new_tokens):
-        logits = method.forward(model, adapter_name, attention_mask=attention_mask, encoder_outputs=encoder_outputs, decoder_input_ids=decoded).logits[:, -1]
+        logits = method.forward(
+            model,
+            adapter_name,
+            attention_mask=attention_mask,
+            encoder_outputs=encoder_outputs,
+            decoder_input_ids=decoded,
+        ).logits[:, -1]
         token = torch.where(finished, torch.full_like(logits[:, 0], pad, dtype=torch.long), logits.argmax(-1))
         decoded = torch.cat([decoded, token[:, None]], dim=1)
         finished |= torch.isin(token, torch.tensor(sorted(eos), device=token.device))

@@ -11,6 +11,7 @@ whose math needs the full weight go through here:
   the compute dtype holding ``deq(W_q)``: the lossless first step of ``peftctl merge`` for a
   quantized base (the merge then happens in that dtype, nothing is re-quantized).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,11 +20,12 @@ import torch
 from torch import nn
 
 from peftctl.errors import AdapterError
+from peftctl.models.modules import find_hf_model
 
 
 def _bnb() -> Any:
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional dependency
     except ImportError:  # pragma: no cover - bitsandbytes is an optional dependency
         return None
     return bnb
@@ -109,7 +111,9 @@ def dense_linear(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Line
     """A plain nn.Linear holding the dequantized weight of a quantized layer (in its compute dtype)."""
     dtype = dtype or compute_dtype(module)
     weight = dequantize(module, dtype)
-    dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=dtype)
+    dense = nn.Linear(
+        module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=dtype
+    )
     with torch.no_grad():
         dense.weight.copy_(weight)
         if module.bias is not None:
@@ -137,7 +141,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
             del inner.quantization_config
         except AttributeError:
             pass
-    hf = _find_hf_model(model)
+    hf = find_hf_model(model)
     if targets and hf is not None:
         hf.hf_quantizer = None
         for attr in ("quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
@@ -150,20 +154,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     return len(targets)
 
 
-def _find_hf_model(model: nn.Module) -> Any:
-    """The transformers PreTrainedModel inside ``model`` (itself, or an AdaptedModel's)."""
-    from transformers import PreTrainedModel
-
-    if isinstance(model, PreTrainedModel):
-        return model
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            return module
-    return None
-
-
 def quantized_base_summary(model: nn.Module) -> str | None:
-    """"nf4 (bfloat16 compute)"-style description of the model's quantization, or None if dense."""
+    """ "nf4 (bfloat16 compute)"-style description of the model's quantization, or None if dense."""
     for module in model.modules():
         if is_4bit(module):
             return f"{module.weight.quant_type} 4-bit ({str(compute_dtype(module)).replace('torch.', '')} compute)"

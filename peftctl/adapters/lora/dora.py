@@ -1,4 +1,4 @@
-"""DoRA (Liu et al., 2024): weight-decomposed LoRA, used by lora.py when ``use_dora=True``.
+"""DoRA (Liu et al., 2024): weight-decomposed LoRA, the LoraVariant a layer uses when ``use_dora=True``.
 
     W' = m · (W + s·BA) / ‖W + s·BA‖        (paper eq. 5; the norm per output channel, i.e. per
                                              column of the paper's (in, out) weight)
@@ -13,6 +13,7 @@ cached and recomputed only when W, A or B change (tensor version counters).
 Embeddings (table stored (vocab, dim), handled as fan_in_fan_out) have no bias and no dropout:
 y = m/‖·‖ · (E[x] + s·B(A(x))), with the norm per embedding dimension (PEFT's DoraEmbeddingLayer).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -20,8 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from peftctl.adapters.lora.variant import LoraVariant
+
 if TYPE_CHECKING:
-    from peftctl.adapters.lora import LoraLayer
+    from peftctl.adapters.lora.layer import LoraLayer
 
 
 def weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -62,7 +65,7 @@ class DoraNormCache:
 def dora_output(layer: "LoraLayer", x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
     """The layer output with one DoRA adapter applied to ``result`` (the base output)."""
     magnitude = layer.lora_magnitude_vector[adapter_name]
-    norm = layer._dora_cache.norm(layer, adapter_name).reshape(magnitude.shape)
+    norm = layer.dora_norm_cache.norm(layer, adapter_name).reshape(magnitude.shape)
     # m/‖·‖ − 1 is formed in fp32 and only then cast: m/‖·‖ itself is ≈ 1, where bf16's spacing
     # (2^-7) would round away the magnitude's updates (and with them DoRA's effect in bf16 training)
     scale_minus_one = (magnitude.float() / norm.float() - 1).to(x.dtype)
@@ -85,7 +88,7 @@ def dora_embedding_output(layer: "LoraLayer", x: torch.Tensor, result: torch.Ten
     y = m/‖E + ΔE‖ · (result + s·B(A(x))) with the norm per embedding dimension. ``result`` is the
     running output, so earlier active adapters are rescaled too (as PEFT, and as merging them)."""
     magnitude = layer.lora_magnitude_vector[adapter_name]
-    norm = layer._dora_cache.norm(layer, adapter_name)
+    norm = layer.dora_norm_cache.norm(layer, adapter_name)
     mag_scale = magnitude / norm.to(magnitude.dtype)
     lora = layer.lora_path(x, adapter_name) * layer.scaling[adapter_name]
     return (mag_scale * (result.to(mag_scale.dtype) + lora.to(mag_scale.dtype))).to(result.dtype)
@@ -100,7 +103,10 @@ def _unmerged_base(layer: "LoraLayer", weight: torch.Tensor) -> torch.Tensor:
     """The base weight before the adapters already merged into ``weight`` (in (out, in) layout)."""
     for name in reversed(layer.merged_adapters):
         if name in layer.lora_magnitude_vector:
-            weight = weight.float() / _factor(layer, name, layer._dora_merge_norm[name], weight.dim()) - layer.lora_delta(name).detach()
+            weight = (
+                weight.float() / _factor(layer, name, layer.dora_merge_norm[name], weight.dim())
+                - layer.lora_delta(name).detach()
+            )
         else:
             weight = weight.float() - layer.lora_delta(name).detach()
     return weight
@@ -113,12 +119,41 @@ def merged_weight(layer: "LoraLayer", weight: torch.Tensor, adapter_name: str) -
     output of the adapters applied before (PEFT's forward for several active adapters)."""
     delta = layer.lora_delta(adapter_name).detach()
     norm = weight_norm(_unmerged_base(layer, weight), delta)
-    layer._dora_merge_norm[adapter_name] = norm
+    layer.dora_merge_norm[adapter_name] = norm
     return _factor(layer, adapter_name, norm, weight.dim()) * (weight.float() + delta)
 
 
 def unmerged_weight(layer: "LoraLayer", weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
     """Inverse of merged_weight: W = W' · ‖W+ΔW‖/m − ΔW, with the norm kept at merge time."""
     delta = layer.lora_delta(adapter_name).detach()
-    norm = layer._dora_merge_norm[adapter_name]
+    norm = layer.dora_merge_norm[adapter_name]
     return weight.float() / _factor(layer, adapter_name, norm, weight.dim()) - delta
+
+
+class DoraVariant(LoraVariant):
+    """DoRA on Linear / Conv1D / convolutions: the magnitude starts at ‖W + s·BA‖ (so the output is
+    unchanged at init); forward and merge as above."""
+
+    def init(self, layer: LoraLayer, adapter_name: str) -> None:
+        magnitude = weight_norm(layer.oriented_weight(), layer.lora_delta(adapter_name))
+        layer.lora_magnitude_vector[adapter_name] = nn.Parameter(magnitude_layout(magnitude, layer.weight.dim()))
+
+    def forward(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return dora_output(layer, x, result, adapter_name)
+
+    def merged_weight(self, layer: LoraLayer, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return merged_weight(layer, weight, adapter_name)
+
+    def unmerged_weight(self, layer: LoraLayer, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return unmerged_weight(layer, weight, adapter_name)
+
+
+class DoraEmbeddingVariant(DoraVariant):
+    """DoRA on an embedding: no bias, no dropout on token ids (PEFT's DoraEmbeddingLayer)."""
+
+    def forward(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return dora_embedding_output(layer, x, result, adapter_name)
+
+
+DORA = DoraVariant()
+DORA_EMBEDDING = DoraEmbeddingVariant()

@@ -13,6 +13,7 @@ workflow); corda_config.cache_file / covariance_file save and reuse them in PEFT
 Like PiSSA, the trained adapter applies to the residual W: save it with
 path_initial_model_for_weight_conversion (``peftctl train`` does) to get a LoRA for the original W.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,11 +24,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.layer_utils import is_gpt2_conv1d
+from peftctl.adapters.core.inject import is_target, output_head_names
+from peftctl.adapters.core.layer_utils import is_gpt2_conv1d
+from peftctl.adapters.core.method import RunSetup
+from peftctl.adapters.lora.inits import LoraInit, initialise
+from peftctl.adapters.lora.layer import LoraLayer, LoraLinear
 from peftctl.errors import ConfigError
+from peftctl.models.loader import move_to_device
 
 if TYPE_CHECKING:
-    from peftctl.adapters.lora import LoraConfig, LoraLayer
+    from peftctl.adapters.lora.config import LoraConfig
 
 CORDA_DEFAULTS: dict[str, Any] = {
     "cache_file": None,
@@ -45,10 +51,15 @@ def validate_corda_config(corda_config: Mapping[str, Any] | None) -> None:
     if corda_config is None:
         return
     if not isinstance(corda_config, Mapping):
-        raise ConfigError(f"adapter.corda_config={corda_config!r} is not valid; expected a mapping with keys {', '.join(CORDA_DEFAULTS)}")
+        raise ConfigError(
+            f"adapter.corda_config={corda_config!r} is not valid; expected a mapping with keys "
+            f"{', '.join(CORDA_DEFAULTS)}"
+        )
     for key, value in corda_config.items():
         if key not in CORDA_DEFAULTS:
-            raise ConfigError(f"adapter.corda_config.{key} is not a CorDA option; valid keys: {', '.join(CORDA_DEFAULTS)}")
+            raise ConfigError(
+                f"adapter.corda_config.{key} is not a CorDA option; valid keys: {', '.join(CORDA_DEFAULTS)}"
+            )
         where = f"adapter.corda_config.{key}={value!r} is not valid"
         if key == "corda_method" and value not in ("ipm", "kpm"):
             raise ConfigError(f"{where}; expected 'ipm' or 'kpm'")
@@ -64,8 +75,6 @@ def corda_options(config: "LoraConfig") -> dict[str, Any]:
 
 def corda_targets(model: nn.Module, config: "LoraConfig") -> dict[str, nn.Module]:
     """The Linear / GPT-2 Conv1D modules of a plain (not yet adapted) model that ``config`` targets."""
-    from peftctl.adapters.inject import is_target, output_head_names
-
     heads = output_head_names(model)
     return {
         name: module
@@ -76,7 +85,10 @@ def corda_targets(model: nn.Module, config: "LoraConfig") -> dict[str, nn.Module
 
 def _check_full_precision(name: str, module: nn.Module) -> None:
     if not module.weight.dtype.is_floating_point:
-        raise ConfigError(f"init_lora_weights='corda' needs full-precision weights, but {name} is quantized ({module.weight.dtype}); use quant=none (quantize the residual model afterwards)")
+        raise ConfigError(
+            f"init_lora_weights='corda' needs full-precision weights, but {name} is quantized ({module.weight.dtype}); "
+            "use quant=none (quantize the residual model afterwards)"
+        )
 
 
 def _oriented(module: nn.Module) -> torch.Tensor:
@@ -122,7 +134,9 @@ def collect_covariances(
     handles = []
     for name, module in targets.items():
         weight = module.weight
-        hooks[name] = _CovarianceHook(_oriented(module).shape[1], weight.device, torch.float16 if float16 else torch.float32)
+        hooks[name] = _CovarianceHook(
+            _oriented(module).shape[1], weight.device, torch.float16 if float16 else torch.float32
+        )
         handles.append(module.register_forward_hook(hooks[name]))
     training = model.training
     model.eval()
@@ -140,7 +154,10 @@ def collect_covariances(
             elif run_model is not None:
                 run_model()
             else:
-                raise ConfigError("CorDA needs sample data (a dataloader or run_model), or an existing adapter.corda_config.covariance_file / cache_file")
+                raise ConfigError(
+                    "CorDA needs sample data (a dataloader or run_model), or an existing "
+                    "adapter.corda_config.covariance_file / cache_file"
+                )
     finally:
         for handle in handles:
             handle.remove()
@@ -165,7 +182,9 @@ def damped(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         damp *= 2
 
 
-def corda_eigens(weight: torch.Tensor, covariance: torch.Tensor, rank: int, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def corda_eigens(
+    weight: torch.Tensor, covariance: torch.Tensor, rank: int, method: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(S, U, V) of W = U S Vᵀ from the SVD of W C' (paper eq. 3-4), cropped to ``rank`` triplets:
     the largest (ipm) or the smallest (kpm)."""
     fixed, inverse = damped(covariance)
@@ -193,7 +212,9 @@ def preprocess_corda(
     options = corda_options(config)
     targets = corda_targets(model, config)
     if not targets:
-        raise ConfigError("init_lora_weights='corda' found no Linear / Conv1D layer to initialise; check adapter.target_modules")
+        raise ConfigError(
+            "init_lora_weights='corda' found no Linear / Conv1D layer to initialise; check adapter.target_modules"
+        )
     for name, module in targets.items():
         _check_full_precision(name, module)
     cache_file, covariance_file = options["cache_file"], options["covariance_file"]
@@ -209,7 +230,9 @@ def preprocess_corda(
         _require_keys(stored, list(targets), "covariance_file", covariance_file)
         covariances = {name: stored[name] for name in targets}
     else:
-        covariances = collect_covariances(model, targets, dataloader, run_model, forward_fn, options["use_float16_for_covariance"])
+        covariances = collect_covariances(
+            model, targets, dataloader, run_model, forward_fn, options["use_float16_for_covariance"]
+        )
         if covariance_file:
             _save(covariances, covariance_file)
     for i, (name, module) in enumerate(targets.items()):
@@ -218,7 +241,10 @@ def preprocess_corda(
         rank = config.rank_and_alpha_for(name)[0]
         weight = _oriented(module)
         if rank > min(weight.shape):
-            raise ConfigError(f"adapter.r={rank} exceeds the rank of {name} {tuple(weight.shape)}, needed for init_lora_weights='corda'")
+            raise ConfigError(
+                f"adapter.r={rank} exceeds the rank of {name} {tuple(weight.shape)}, needed for "
+                "init_lora_weights='corda'"
+            )
         setattr(module, EIGENS_ATTR, corda_eigens(weight, covariances[name], rank, options["corda_method"]))
     if cache_file:
         cache = {}
@@ -237,10 +263,11 @@ def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
 @torch.no_grad()
 def apply_corda(layer: "LoraLayer", adapter_name: str, config: "LoraConfig") -> None:
     """A = sqrt(S/s) Vᵀ, B = U sqrt(S/s); the base weight becomes W − s·B A (CorDA, as PiSSA)."""
-    from peftctl.adapters.lora import LoraLinear
-
     if not isinstance(layer, LoraLinear):
-        raise ConfigError(f"adapter.init_lora_weights='corda' supports Linear / Conv1D layers only, not {layer.module_name} ({type(layer.base_layer).__name__}); narrow adapter.target_modules")
+        raise ConfigError(
+            f"adapter.init_lora_weights='corda' supports Linear / Conv1D layers only, not {layer.module_name} "
+            f"({type(layer.base_layer).__name__}); narrow adapter.target_modules"
+        )
     base = layer.base_layer
     _check_full_precision(layer.module_name, base)
     eigens = getattr(base, EIGENS_ATTR, None)
@@ -251,13 +278,17 @@ def apply_corda(layer: "LoraLayer", adapter_name: str, config: "LoraConfig") -> 
             eigens = tuple(cache[k] for k in _cache_keys(layer.module_name))
     if eigens is None:
         raise ConfigError(
-            f"init_lora_weights='corda': {layer.module_name} has no CorDA eigens; call preprocess_corda(model, config, ...) "
+            f"init_lora_weights='corda': {layer.module_name} has no CorDA eigens; call preprocess_corda(model, config, "
+            "...) "
             "before get_adapted_model (or set adapter.corda_config.cache_file to a built cache)"
         )
     s, u, v = (t.to(layer.weight.device).float() for t in eigens)
     r, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
     if s.shape[0] != r or u.shape[0] != layer.out_features or v.shape[0] != layer.in_features:
-        raise ConfigError(f"CorDA eigens of {layer.module_name} (rank {s.shape[0]}) do not fit r={r}; rebuild them (or the cache) with this config and model")
+        raise ConfigError(
+            f"CorDA eigens of {layer.module_name} (rank {s.shape[0]}) do not fit r={r}; rebuild them (or the cache) "
+            "with this config and model"
+        )
     root = (s / scaling).sqrt()
     a, b = root[:, None] * v.T, u * root[None, :]
     weight = layer.oriented_weight().float()
@@ -277,7 +308,9 @@ def _read_cache(path: str, mtime: float) -> dict[str, torch.Tensor]:
 def _require_keys(stored: dict[str, Any], keys: list[str], field: str, path: str) -> None:
     missing = [k for k in keys if k not in stored]
     if missing:
-        raise ConfigError(f"adapter.corda_config.{field}={path!r} was built for another model or config: it has no {missing[0]!r}")
+        raise ConfigError(
+            f"adapter.corda_config.{field}={path!r} was built for another model or config: it has no {missing[0]!r}"
+        )
 
 
 def load_tensor_file(path: str, field: str, device: Any) -> dict[str, torch.Tensor]:
@@ -286,7 +319,34 @@ def load_tensor_file(path: str, field: str, device: Any) -> dict[str, torch.Tens
         loaded = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # a pickle with code, a truncated or foreign file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"adapter.corda_config.{field}={path!r} cannot be loaded as a file of tensors: {first[:200]}") from None
+        raise ConfigError(
+            f"adapter.corda_config.{field}={path!r} cannot be loaded as a file of tensors: {first[:200]}"
+        ) from None
     if not isinstance(loaded, dict):
-        raise ConfigError(f"adapter.corda_config.{field}={path!r} does not hold a dict of tensors (it holds a {type(loaded).__name__})")
+        raise ConfigError(
+            f"adapter.corda_config.{field}={path!r} does not hold a dict of tensors (it holds a "
+            f"{type(loaded).__name__})"
+        )
     return loaded
+
+
+CORDA_MAX_SAMPLES = 256  # in a run, the covariances come from this many training examples (PEFT suggests ~256)
+
+
+class CordaInit(LoraInit):
+    """``init_lora_weights="corda"``: eigens from the run's training batches before injection, then
+    each layer starts from them; the base weight becomes the residual."""
+
+    mutates_base = True
+
+    def init_layer(self, layer: LoraLayer, adapter_name: str, config: LoraConfig) -> None:
+        initialise(layer, adapter_name, config.init_lora_weights)
+        apply_corda(layer, adapter_name, config)
+
+    def prepare_base(self, model: nn.Module, config: LoraConfig, setup: RunSetup) -> None:
+        if setup.device is not None:
+            move_to_device(model, setup.device)  # the data-driven init runs where training will
+        preprocess_corda(model, config, dataloader=setup.sample_batches(CORDA_MAX_SAMPLES))
+
+
+CORDA = CordaInit()

@@ -6,6 +6,7 @@ combination means for one method's tensors is that method's *combiner*, looked u
 subclass and adding one line there (or calling ``register_combiner``). The tensor math itself is in
 ``combine.py``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,13 +16,13 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.combine import DENSITY_KINDS, MAJORITY_SIGN_METHODS
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.combine import DENSITY_KINDS, MAJORITY_SIGN_METHODS
+from peftctl.adapters.core.config import AdapterConfig
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 COMBINATION_TYPES = (
     "svd",
@@ -83,7 +84,7 @@ class Combiner:
 
 # method name -> "module:attribute" of its Combiner instance
 _COMBINERS: dict[str, str] = {
-    "lora": "peftctl.adapters.lora_weighted:COMBINER",
+    "lora": "peftctl.adapters.lora.weighted:COMBINER",
 }
 
 
@@ -117,7 +118,10 @@ def union_target_modules(configs: Sequence[AdapterConfig]) -> list[str] | str | 
         if len(set(targets)) == 1:
             return targets[0]  # identical specs, including the special value "all-linear"
         if "all-linear" in targets:
-            raise ConfigError("add_weighted_adapter cannot unite target_modules='all-linear' with other targets; train the adapters on the same targets")
+            raise ConfigError(
+                "add_weighted_adapter cannot unite target_modules='all-linear' with other targets; train the adapters "
+                "on the same targets"
+            )
         return "|".join(f"({t})" for t in targets)
     return sorted(set().union(*targets))
 
@@ -134,31 +138,44 @@ def _check_arguments(
     if len(set(adapters)) != len(adapters):
         raise ConfigError(f"adapters {list(adapters)} name the same adapter twice")
     if adapter_name in model.peft_config:
-        raise ConfigError(f"an adapter named {adapter_name!r} already exists; pick another name for the combined adapter")
+        raise ConfigError(
+            f"an adapter named {adapter_name!r} already exists; pick another name for the combined adapter"
+        )
     if len(weights) != len(adapters):
         raise ConfigError(f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
     for weight in weights:
         if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and math.isfinite(weight)):
             raise ConfigError(f"weight {weight!r} is not valid; expected a finite number")
     if options.combination_type not in COMBINATION_TYPES:
-        raise ConfigError(f"combination_type={options.combination_type!r} is not valid; expected one of {', '.join(COMBINATION_TYPES)}")
+        raise ConfigError(
+            f"combination_type={options.combination_type!r} is not valid; expected one of "
+            f"{', '.join(COMBINATION_TYPES)}"
+        )
     if options.density is not None and not (0.0 < options.density <= 1.0):
         raise ConfigError(f"density={options.density!r} is not valid; expected 0 < density <= 1")
     if options.merge_kind in DENSITY_KINDS and options.density is None and len(adapters) > 1:
-        raise ConfigError(f"combination_type={options.combination_type!r} needs density (the fraction of entries kept, 0 < density <= 1)")
+        raise ConfigError(
+            f"combination_type={options.combination_type!r} needs density (the fraction of entries kept, 0 < density "
+            "<= 1)"
+        )
     if options.majority_sign_method not in MAJORITY_SIGN_METHODS:
         raise ConfigError(
-            f"majority_sign_method={options.majority_sign_method!r} is not valid; expected one of {', '.join(MAJORITY_SIGN_METHODS)}"
+            f"majority_sign_method={options.majority_sign_method!r} is not valid; expected one of "
+            f"{', '.join(MAJORITY_SIGN_METHODS)}"
         )
     if options.svd_rank is not None and not (isinstance(options.svd_rank, int) and options.svd_rank > 0):
         raise ConfigError(f"svd_rank={options.svd_rank!r} is not valid; expected an integer > 0")
     if options.svd_clamp is not None and not (0.0 <= options.svd_clamp <= 1.0):
         raise ConfigError(f"svd_clamp={options.svd_clamp!r} is not valid; expected a quantile in [0, 1]")
     if options.svd_driver not in SVD_DRIVERS:
-        raise ConfigError(f"svd_driver={options.svd_driver!r} is not valid; expected None or one of gesvd, gesvdj, gesvda (CUDA only)")
+        raise ConfigError(
+            f"svd_driver={options.svd_driver!r} is not valid; expected None or one of gesvd, gesvdj, gesvda (CUDA only)"
+        )
     shared = _shared_modules_to_save(model, adapters)
     if shared:
-        raise ConfigError(f"adapters {list(adapters)} all save module(s) {sorted(shared)} (modules_to_save); these cannot be combined")
+        raise ConfigError(
+            f"adapters {list(adapters)} all save module(s) {sorted(shared)} (modules_to_save); these cannot be combined"
+        )
 
 
 def _shared_modules_to_save(model: "AdaptedModel", adapters: Sequence[str]) -> set[str]:
@@ -200,7 +217,10 @@ def add_weighted_adapter(
     weights = [float(w) for w in weights]
     methods = {model.peft_config[name].method for name in adapters}
     if len(methods) > 1:
-        raise ConfigError(f"adapters {adapters} are of different methods ({', '.join(sorted(methods))}); only adapters of one method combine")
+        raise ConfigError(
+            f"adapters {adapters} are of different methods ({', '.join(sorted(methods))}); only adapters of one method "
+            "combine"
+        )
     method_name = methods.pop()
     combiner = get_combiner(method_name)
     if len(adapters) == 1:

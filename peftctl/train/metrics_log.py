@@ -1,10 +1,16 @@
 """metrics.jsonl, progress display (rich on a TTY, plain lines otherwise) and the loss / lr plot."""
+
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
+from peftctl.utils import atomic_write_text
 
 
 def _step_of(line: str) -> int | None:
@@ -20,11 +26,13 @@ class MetricsLog:
     """Appends one JSON object per logged step; on resume, drops entries after the resumed step."""
 
     def __init__(self, path: Path, resume_step: int = 0) -> None:
-        from peftctl.utils import atomic_write_text
-
         self.path = path
         if resume_step and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= resume_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if _step_of(line) is not None and _step_of(line) <= resume_step
+            ]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         elif path.exists() and not resume_step:
             path.unlink()
@@ -51,9 +59,13 @@ class Progress:
         self.interactive = sys.stdout.isatty() and not quiet
         self._bar = None
         if self.interactive:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
-
-            self._bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self._bar = RichProgress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
             self._task = self._bar.add_task("train", total=total, completed=start, info="")
             self._bar.start()
 
@@ -77,7 +89,7 @@ class Progress:
 
 def plot_metrics(records: list[dict[str, Any]], out_path: Path) -> None:
     """Training loss (and eval loss where logged) and learning rate against step."""
-    import matplotlib
+    import matplotlib  # lazy: heavy, and the backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,6 +13,7 @@ Each merge function takes a list of same-shaped tensors ``τ_1 … τ_n`` and pe
 * SVD refactoring: ΔW ≈ B A with B = U_k diag(S_k), A = V_kᵀ (Eckart–Young optimal rank-k),
   optionally clamped to ±q, q = the ``clamp`` quantile of the (signed) entries of [B, A].
 """
+
 from __future__ import annotations
 
 from typing import Literal, Sequence
@@ -81,7 +82,9 @@ def calculate_majority_sign_mask(stacked: torch.Tensor, method: SignMethod = "to
     elif method == "frequency":
         score = signs.sum(dim=0)
     else:
-        raise ConfigError(f"majority_sign_method={method!r} is not valid; expected one of {', '.join(MAJORITY_SIGN_METHODS)}")
+        raise ConfigError(
+            f"majority_sign_method={method!r} is not valid; expected one of {', '.join(MAJORITY_SIGN_METHODS)}"
+        )
     elected = torch.where(score >= 0, 1.0, -1.0).to(stacked.dtype)
     return signs == elected
 
@@ -98,7 +101,9 @@ def task_arithmetic(task_tensors: Sequence[torch.Tensor], weights: torch.Tensor 
     return _stack_weighted(task_tensors, weights).sum(dim=0)
 
 
-def magnitude_prune(task_tensors: Sequence[torch.Tensor], weights: torch.Tensor | Sequence[float], density: float) -> torch.Tensor:
+def magnitude_prune(
+    task_tensors: Sequence[torch.Tensor], weights: torch.Tensor | Sequence[float], density: float
+) -> torch.Tensor:
     pruned = [prune(t, density, "magnitude") for t in task_tensors]
     return _stack_weighted(pruned, weights).sum(dim=0)
 

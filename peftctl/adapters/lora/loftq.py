@@ -7,23 +7,41 @@ so that Q_T + s·B_T A_T ≈ W better than q(W) alone. The base weight is replac
 re-quantizes to the same codes), the adapter starts at (A_T, B_T): training starts at the LoftQ point.
 s is the layer's LoRA scaling (alpha / r), folded into B so the product is exact.
 """
+
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.method import RunSetup
+from peftctl.adapters.lora.inits import LoraInit, initialise
+from peftctl.adapters.lora.layer import LoraLayer
 from peftctl.errors import AdapterError, ConfigError
+from peftctl.models.kbit import prepare_model_for_kbit_training
+from peftctl.models.loader import DTYPES
+from peftctl.models.modules import find_hf_model
+from peftctl.models.quantization import quantize_linear
+from peftctl.models.quantized import dequantize, is_quantized
+
+if TYPE_CHECKING:
+    from peftctl.adapters.core.model import AdaptedModel
+    from peftctl.adapters.lora.config import LoraConfig
 
 BLOCKSIZE = 64  # bitsandbytes' Linear4bit default
 
 
-def quantize_dequantize(weight: torch.Tensor, bits: int, quant_type: str = "nf4", double_quant: bool = True) -> torch.Tensor:
+def quantize_dequantize(
+    weight: torch.Tensor, bits: int, quant_type: str = "nf4", double_quant: bool = True
+) -> torch.Tensor:
     """deq(q(W)) as bitsandbytes stores it: 4-bit blockwise NF4/FP4 (block 64), or 8-bit row-wise
     absmax (LLM.int8()'s weight format)."""
     w = weight.float().contiguous()
     if bits == 4:
-        import bitsandbytes.functional as F
+        import bitsandbytes.functional as F  # lazy: bitsandbytes is an optional dependency
 
         packed, state = F.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type)
         return F.dequantize_4bit(packed, state).float()
@@ -40,8 +58,15 @@ def low_rank(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
-def loftq_decompose(weight: torch.Tensor, rank: int, scaling: float, bits: int = 4, num_iter: int = 1,
-                    quant_type: str = "nf4", double_quant: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+def loftq_decompose(
+    weight: torch.Tensor,
+    rank: int,
+    scaling: float,
+    bits: int = 4,
+    num_iter: int = 1,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
     """(deq(Q), A, B, errors) with Q + scaling·B A ≈ W; errors[t] = ‖W − (Q_t + s·B_t A_t)‖_F."""
     if num_iter < 1:
         raise ConfigError(f"adapter.loftq_config.loftq_iter={num_iter!r} is not valid; expected an integer >= 1")
@@ -60,12 +85,12 @@ def loftq_decompose(weight: torch.Tensor, rank: int, scaling: float, bits: int =
 def apply_loftq(layer: Any, adapter_name: str, loftq_config: dict[str, Any]) -> list[float]:
     """Initialise one LoRA layer's adapter with LoftQ and write deq(Q) into its (dense) base weight.
     Returns the per-iteration reconstruction errors."""
-    from peftctl.adapters.quantized import is_quantized
-
     if is_quantized(layer.base_layer):
         raise AdapterError(
-            f"LoftQ needs the full-precision weight of {layer.module_name or 'the layer'}, but the base is already quantized; "
-            "load the base unquantized and quantize after the LoftQ initialisation (peftctl train does this for quant=nf4/int8)"
+            f"LoftQ needs the full-precision weight of {layer.module_name or 'the layer'}, but the base is already "
+            "quantized; "
+            "load the base unquantized and quantize after the LoftQ initialisation (peftctl train does this for "
+            "quant=nf4/int8)"
         )
     bits = int(loftq_config.get("loftq_bits", 4))
     num_iter = int(loftq_config.get("loftq_iter", 1))
@@ -81,8 +106,6 @@ def apply_loftq(layer: Any, adapter_name: str, loftq_config: dict[str, Any]) -> 
 
 
 def _adapter_module_ids(model: torch.nn.Module) -> set[int]:
-    from peftctl.adapters.base import AdapterLayer
-
     ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, AdapterLayer):
@@ -93,24 +116,30 @@ def _adapter_module_ids(model: torch.nn.Module) -> set[int]:
 
 def quantize_adapted_base(adapted: torch.nn.Module, quant_cfg: Any) -> int:
     """Quantize the dense base Linears of an adapted model in place (adapters and head untouched)."""
-    from peftctl.models.quantization import quantize_linear
-
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     skip = _adapter_module_ids(adapted)
-    names = [n for n, m in adapted.named_modules() if type(m) is torch.nn.Linear and id(m) not in skip and not n.endswith("lm_head")]
+    names = [
+        n
+        for n, m in adapted.named_modules()
+        if type(m) is torch.nn.Linear and id(m) not in skip and not n.endswith("lm_head")
+    ]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = adapted.get_submodule(parent_name)
-        setattr(parent, child, quantize_linear(getattr(parent, child), quant_cfg.method, dtypes[quant_cfg.compute_dtype], quant_cfg.double_quant))
+        setattr(
+            parent,
+            child,
+            quantize_linear(
+                getattr(parent, child), quant_cfg.method, dtypes[quant_cfg.compute_dtype], quant_cfg.double_quant
+            ),
+        )
     return len(names)
 
 
 def dense_base_state_dict(adapted: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The base model's weights (quantized layers dequantized to ``dtype``) under the plain
     transformers keys: what `from_pretrained` needs to rebuild the LoftQ base."""
-    from peftctl.adapters.quantized import _find_hf_model, dequantize, is_quantized
-
-    hf = _find_hf_model(adapted)
+    hf = find_hf_model(adapted)
     skip = _adapter_module_ids(adapted)
     out: dict[str, torch.Tensor] = {}
     for name, module in hf.named_modules():
@@ -127,39 +156,67 @@ def dense_base_state_dict(adapted: torch.nn.Module, dtype: torch.dtype) -> dict[
     return out
 
 
-def build_loftq_model(model: torch.nn.Module, config: Any, quant_cfg: Any, adapter_name: str, gradient_checkpointing: bool) -> torch.nn.Module:
-    """Dense base -> k-bit prep -> LoRA with LoftQ init (base := deq(Q)) -> quantize the base.
-    The returned model computes Q + s·B A exactly as the LoftQ decomposition left it."""
-    from peftctl.adapters.model import get_adapted_model
-    from peftctl.models.kbit import prepare_model_for_kbit_training
-
+def check_loftq_quant(config: LoraConfig, quant_cfg: Any) -> None:
+    """ConfigError unless the run's quantization is one LoftQ supports, with matching bits."""
     bits = int(config.loftq_config.get("loftq_bits", 4))
     expected = {"nf4": 4, "int8": 8}.get(quant_cfg.method)
     if expected is None:
         raise ConfigError(f"adapter.init_lora_weights=loftq supports quant=nf4 or int8, not quant={quant_cfg.method}")
     if bits != expected:
-        raise ConfigError(f"adapter.loftq_config.loftq_bits={bits} does not match quant={quant_cfg.method} ({expected} bits)")
-    model = prepare_model_for_kbit_training(model, gradient_checkpointing, upcast_norms=quant_cfg.compute_dtype == "float16")
-    adapted = get_adapted_model(model, config, adapter_name)
-    quantize_adapted_base(adapted, quant_cfg)
-    config.init_lora_weights = True  # the saved adapter is loaded as trained weights, not re-initialised
-    return adapted
+        raise ConfigError(
+            f"adapter.loftq_config.loftq_bits={bits} does not match quant={quant_cfg.method} ({expected} bits)"
+        )
 
 
 def save_loftq_base(adapted: torch.nn.Module, directory: Any, dtype: torch.dtype) -> None:
     """Write the LoftQ base (deq(Q) in ``dtype``) as a transformers model directory."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from peftctl.adapters.quantized import _find_hf_model
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    hf = _find_hf_model(adapted)
+    hf = find_hf_model(adapted)
     config = hf.config.__class__.from_dict(hf.config.to_dict())
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = dtype
     config.save_pretrained(directory)
     save_file(dense_base_state_dict(adapted, dtype), str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+class LoftQInit(LoraInit):
+    """``init_lora_weights="loftq"``. Each layer: base := deq(Q), adapter := the LoftQ factors. With a
+    quantized run (quant=nf4 / int8) the base is loaded in full precision and prepared for k-bit
+    training, the adapter initialised, then the base quantized (deq(Q) re-quantizes to the same
+    codes): the model computes Q + s·B A exactly as the decomposition left it, and the run keeps
+    deq(Q) as its base model."""
+
+    def init_layer(self, layer: LoraLayer, adapter_name: str, config: LoraConfig) -> None:
+        initialise(layer, adapter_name, config.init_lora_weights)
+        apply_loftq(layer, adapter_name, config.loftq_config)
+
+    def loads_base_quantized(self, config: LoraConfig, quant: Any) -> bool:
+        return False  # LoftQ needs the full-precision weights; after_inject quantizes
+
+    def prepare_base(self, model: torch.nn.Module, config: LoraConfig, setup: RunSetup) -> None:
+        if setup.quant.method == "none":
+            return
+        check_loftq_quant(config, setup.quant)
+        upcast = setup.quant.compute_dtype == "float16"
+        prepare_model_for_kbit_training(model, setup.gradient_checkpointing, upcast_norms=upcast)
+
+    def after_inject(self, model: AdaptedModel, adapter_name: str, setup: RunSetup) -> None:
+        if setup.quant.method == "none":
+            return
+        quantize_adapted_base(model, setup.quant)
+        # the saved adapter is loaded as trained weights, not re-initialised
+        model.peft_config[adapter_name].init_lora_weights = True
+
+    def save_base(self, model: AdaptedModel, config: LoraConfig, quant: Any, run_dir: Path) -> Path | None:
+        """The LoftQ base (deq(Q)) becomes the run's base model: eval / merge / resume load it."""
+        if quant.method == "none":
+            return None
+        directory = run_dir / "loftq_base"
+        save_loftq_base(model, directory, DTYPES[quant.compute_dtype])
+        config.init_lora_weights = True
+        return directory
+
+
+LOFTQ = LoftQInit()

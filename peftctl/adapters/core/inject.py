@@ -1,4 +1,5 @@
 """Target matching and module replacement, shared by every weight-based method."""
+
 from __future__ import annotations
 
 import re
@@ -6,14 +7,15 @@ from typing import TYPE_CHECKING, Iterable
 
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.layer_utils import is_gpt2_conv1d
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.layer_utils import is_gpt2_conv1d
 from peftctl.errors import ConfigError
+from peftctl.models.modules import set_submodule
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
-    from peftctl.adapters.registry import Method
+    from peftctl.adapters.core.method import AdapterMethod
+    from peftctl.adapters.core.model import AdaptedModel
 
 # model_type -> modules adapted when target_modules is not given (PEFT's defaults for LoRA)
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -71,7 +73,8 @@ def is_target(name: str, module: nn.Module, model: nn.Module, config: AdapterCon
         targets = DEFAULT_TARGETS.get(model_type)
         if targets is None:
             raise ConfigError(
-                f"adapter.target_modules is required for model type {model_type!r}; give a list of module names, a regex, or 'all-linear'"
+                f"adapter.target_modules is required for model type {model_type!r}; give a list of module names, a "
+                "regex, or 'all-linear'"
             )
     if targets == "all-linear" or targets == ["all-linear"]:
         matched = is_linear_like(module) and name not in heads
@@ -80,20 +83,20 @@ def is_target(name: str, module: nn.Module, model: nn.Module, config: AdapterCon
     if not matched or name_matches(name, config.exclude_modules):
         return False
     if config.layers_to_transform is not None:
-        wanted = _as_list(config.layers_to_transform) if not isinstance(config.layers_to_transform, int) else [config.layers_to_transform]
+        wanted = (
+            _as_list(config.layers_to_transform)
+            if not isinstance(config.layers_to_transform, int)
+            else [config.layers_to_transform]
+        )
         index = layer_index(name, config.layers_pattern)
         if index is None or index not in wanted:
             return False
     return True
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
-def inject_layers(adapted: "AdaptedModel", adapter_name: str, config: AdapterConfig, method: "Method") -> list[str]:
+def inject_layers(
+    adapted: "AdaptedModel", adapter_name: str, config: AdapterConfig, method: "AdapterMethod"
+) -> list[str]:
     """Wrap every target module of ``adapted.model`` with ``method``'s layer and add the adapter."""
     model = adapted.model
     heads = output_head_names(model)
@@ -114,12 +117,13 @@ def inject_layers(adapted: "AdaptedModel", adapter_name: str, config: AdapterCon
         if layer is None:
             if isinstance(config.target_modules, list) and name_matches(name, config.target_modules):
                 raise ConfigError(
-                    f"adapter.target_modules matches {name} ({type(base).__name__}), which the {method.name} method cannot wrap"
+                    f"adapter.target_modules matches {name} ({type(base).__name__}), which the {method.name} method "
+                    "cannot wrap"
                 )
             continue
         if existing is None:
             layer.train(base.training)  # a new wrapper follows the model's train/eval mode
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
         layer.update_layer(adapter_name, config)
         layer.train(layer.training)  # sub-modules the adapter just created follow the wrapper's mode
         wrapped.append(name)
@@ -138,9 +142,19 @@ def _check_layers_to_transform(model: nn.Module, config: AdapterConfig, heads: s
     if config.layers_to_transform is None:
         return
     unrestricted = config.replace(layers_to_transform=None)
-    names = [n for n, m in model.named_modules() if not isinstance(m, AdapterLayer) and is_target(n, m, model, unrestricted, heads)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if not isinstance(m, AdapterLayer) and is_target(n, m, model, unrestricted, heads)
+    ]
     indices = sorted({i for i in (layer_index(n, config.layers_pattern) for n in names) if i is not None})
     if not names:
         return
-    valid = f"the model's layers are {indices[0]}..{indices[-1]}" if indices else "no layer index was found in the target modules' names (set adapter.layers_pattern)"
-    raise ConfigError(f"adapter.layers_to_transform={config.layers_to_transform!r} selects none of the target modules; {valid}")
+    valid = (
+        f"the model's layers are {indices[0]}..{indices[-1]}"
+        if indices
+        else "no layer index was found in the target modules' names (set adapter.layers_pattern)"
+    )
+    raise ConfigError(
+        f"adapter.layers_to_transform={config.layers_to_transform!r} selects none of the target modules; {valid}"
+    )

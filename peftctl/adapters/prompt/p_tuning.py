@@ -2,6 +2,7 @@
 MLP(BiLSTM(e)_i) produced by a prompt encoder and inserted at the input. Only the encoder output is
 saved (PEFT's ``prompt_embeddings``), so the encoder is folded away on disk.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.prompt_common import PromptLearningConfig, PromptMethod
+from peftctl.adapters.prompt.common import PromptLearningConfig, PromptMethod
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 ENCODER_TYPES = ("MLP", "LSTM")
 
@@ -30,10 +31,31 @@ class PromptEncoderConfig(PromptLearningConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(self.encoder_reparameterization_type in ENCODER_TYPES, "encoder_reparameterization_type", self.encoder_reparameterization_type, "expected MLP or LSTM")
-        self._check(self.encoder_hidden_size is None or (isinstance(self.encoder_hidden_size, int) and self.encoder_hidden_size > 0), "encoder_hidden_size", self.encoder_hidden_size, "expected an integer > 0 or null")
-        self._check(isinstance(self.encoder_num_layers, int) and self.encoder_num_layers > 0, "encoder_num_layers", self.encoder_num_layers, "expected an integer > 0")
-        self._check(0.0 <= self.encoder_dropout < 1.0, "encoder_dropout", self.encoder_dropout, "expected 0 <= encoder_dropout < 1")
+        self._check(
+            self.encoder_reparameterization_type in ENCODER_TYPES,
+            "encoder_reparameterization_type",
+            self.encoder_reparameterization_type,
+            "expected MLP or LSTM",
+        )
+        self._check(
+            self.encoder_hidden_size is None
+            or (isinstance(self.encoder_hidden_size, int) and self.encoder_hidden_size > 0),
+            "encoder_hidden_size",
+            self.encoder_hidden_size,
+            "expected an integer > 0 or null",
+        )
+        self._check(
+            isinstance(self.encoder_num_layers, int) and self.encoder_num_layers > 0,
+            "encoder_num_layers",
+            self.encoder_num_layers,
+            "expected an integer > 0",
+        )
+        self._check(
+            0.0 <= self.encoder_dropout < 1.0,
+            "encoder_dropout",
+            self.encoder_dropout,
+            "expected 0 <= encoder_dropout < 1",
+        )
 
 
 class PromptEncoder(nn.Module):
@@ -45,10 +67,19 @@ class PromptEncoder(nn.Module):
         self.encoder_type = config.encoder_reparameterization_type
         self.embedding = nn.Embedding(config.total_virtual_tokens, dim)
         if self.encoder_type == "LSTM":
-            self.lstm_head = nn.LSTM(dim, hidden, num_layers=config.encoder_num_layers, dropout=config.encoder_dropout, bidirectional=True, batch_first=True)
+            self.lstm_head = nn.LSTM(
+                dim,
+                hidden,
+                num_layers=config.encoder_num_layers,
+                dropout=config.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
+            )
             self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
         else:
-            self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+            self.mlp_head = nn.Sequential(
+                nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim)
+            )
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         embeds = self.embedding(indices)
@@ -58,10 +89,12 @@ class PromptEncoder(nn.Module):
 
 
 class PTuningMethod(PromptMethod):
+    name = "p_tuning"
+    config_cls = PromptEncoderConfig
     mode = "embed"
 
     def build_encoder(self, model: "AdaptedModel", config: Any) -> nn.Module:
         return PromptEncoder(config)
 
 
-METHOD = PTuningMethod("p_tuning", PromptEncoderConfig)
+METHOD = PTuningMethod()

@@ -5,6 +5,7 @@ base weights (no memory for them); each copy is a separate module, so it gets it
 Merging an adapter into a copy gives that copy its own weight tensor first (LoraLayer.merge), since
 a merge into the shared tensor would change every copy.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,7 +20,12 @@ def find_layers(model: nn.Module) -> tuple[nn.Module, str]:
     inner = model
     while hasattr(inner, "model") and isinstance(inner.model, nn.Module):
         inner = inner.model
-    for owner, attr in ((inner, "layers"), (getattr(inner, "encoder", None), "layer"), (inner, "h"), (getattr(inner, "transformer", None), "h")):
+    for owner, attr in (
+        (inner, "layers"),
+        (getattr(inner, "encoder", None), "layer"),
+        (inner, "h"),
+        (getattr(inner, "transformer", None), "h"),
+    ):
         if owner is not None and isinstance(getattr(owner, attr, None), nn.ModuleList):
             return owner, attr
     raise ConfigError("adapter.layer_replication needs a model with a .layers / .encoder.layer / .h list of layers")
@@ -41,7 +47,9 @@ def replicate_layers(model: nn.Module, layer_map: list[list[int]]) -> None:
     new_layers: list[nn.Module] = []
     for start, end in layer_map:
         if end > len(layers):
-            raise ConfigError(f"adapter.layer_replication range [{start}, {end}) exceeds the model's {len(layers)} layers")
+            raise ConfigError(
+                f"adapter.layer_replication range [{start}, {end}) exceeds the model's {len(layers)} layers"
+            )
         for index in range(start, end):
             layer = shared_copy(layers[index])
             for sub in layer.modules():

@@ -5,11 +5,12 @@ task head (``modules_to_save``, randomly initialised) trains alongside the promp
 On disk it is PEFT's PREFIX_TUNING with ``prefix_projection: false``: PEFT loads it as prefix tuning,
 and so does peftctl (the two methods share every tensor and the forward).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftctl.adapters.prefix_tuning import PrefixTuningConfig, PrefixTuningMethod
+from peftctl.adapters.prompt.prefix_tuning import PrefixTuningConfig, PrefixTuningMethod
 
 
 @dataclass
@@ -19,7 +20,17 @@ class PTuningV2Config(PrefixTuningConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(self.prefix_projection is False, "prefix_projection", self.prefix_projection, "P-tuning v2 has no reparameterisation; use adapter=prefix_tuning for a projection")
+        self._check(
+            self.prefix_projection is False,
+            "prefix_projection",
+            self.prefix_projection,
+            "P-tuning v2 has no reparameterisation; use adapter=prefix_tuning for a projection",
+        )
 
 
-METHOD = PrefixTuningMethod("p_tuning_v2", PTuningV2Config)
+class PTuningV2Method(PrefixTuningMethod):
+    name = "p_tuning_v2"
+    config_cls = PTuningV2Config
+
+
+METHOD = PTuningV2Method()

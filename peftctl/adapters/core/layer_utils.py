@@ -1,4 +1,5 @@
 """Facts about base layer types that several methods need."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -10,6 +10,7 @@ A weight-based method subclasses AdapterLayer and supplies
   * ``get_delta_weight(name)`` for additive methods, or ``adapted_weight`` / ``unadapted_weight``
     for multiplicative ones (OFT, BOFT, IA3); merge / unmerge follow from those.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from peftctl.errors import AdapterError
+from peftctl.models.quantized import read_weight, write_weight
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
@@ -49,7 +51,9 @@ class AdapterLayer(nn.Module):
     def update_layer(self, adapter_name: str, config: Any) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:  # pragma: no cover
+    def adapter_output(
+        self, x: torch.Tensor, result: torch.Tensor, adapter_name: str
+    ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:  # pragma: no cover - abstract
@@ -95,7 +99,9 @@ class AdapterLayer(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
-            raise AdapterError(f"adapter {adapter_name!r} is merged into {self.module_name}; unmerge it before deleting")
+            raise AdapterError(
+                f"adapter {adapter_name!r} is merged into {self.module_name}; unmerge it before deleting"
+            )
         for attr in self.adapter_layer_names:
             container = getattr(self, attr)
             if adapter_name in container:
@@ -141,8 +147,6 @@ class AdapterLayer(nn.Module):
             self.merge(adapter_names=[adapter_name])  # raises the layer's own "cannot be merged" error
         if adapter_name not in self.adapter_configs or adapter_name in self.merged_adapters:
             return
-        from peftctl.adapters.quantized import read_weight
-
         with torch.no_grad():
             candidate = self.adapted_weight(read_weight(self.base_layer), adapter_name)
         if not torch.isfinite(candidate).all():
@@ -155,8 +159,6 @@ class AdapterLayer(nn.Module):
         if not self.mergeable:
             raise AdapterError(f"{type(self).__name__} adapters cannot be merged into the base weights")
         names = self.active_adapters if adapter_names is None else adapter_names
-        from peftctl.adapters.quantized import read_weight, write_weight  # dequantizes bnb bases
-
         for name in names:
             if name not in self.adapter_configs or name in self.merged_adapters:
                 continue
@@ -171,8 +173,6 @@ class AdapterLayer(nn.Module):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        from peftctl.adapters.quantized import read_weight, write_weight
-
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():

@@ -3,6 +3,7 @@ attention reads softmax(q [P_k; K]^T / sqrt(d)) [P_v; V]. The prefixes reach the
 transformers Cache (GQA models: num_key_value_heads heads per prefix). With ``prefix_projection`` they
 are reparameterised as MLP(E) (tanh MLP, eq. 5 of the paper) during training and saved folded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.prompt_common import PromptLearningConfig, PromptMethod
+from peftctl.adapters.prompt.common import PromptLearningConfig, PromptMethod
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 
 @dataclass
@@ -27,8 +28,19 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(self.encoder_hidden_size is None or (isinstance(self.encoder_hidden_size, int) and self.encoder_hidden_size > 0), "encoder_hidden_size", self.encoder_hidden_size, "expected an integer > 0 or null")
-        self._check(isinstance(self.prefix_projection, bool), "prefix_projection", self.prefix_projection, "expected true or false")
+        self._check(
+            self.encoder_hidden_size is None
+            or (isinstance(self.encoder_hidden_size, int) and self.encoder_hidden_size > 0),
+            "encoder_hidden_size",
+            self.encoder_hidden_size,
+            "expected an integer > 0 or null",
+        )
+        self._check(
+            isinstance(self.prefix_projection, bool),
+            "prefix_projection",
+            self.prefix_projection,
+            "expected true or false",
+        )
 
 
 class PrefixEncoder(nn.Module):
@@ -51,6 +63,8 @@ class PrefixEncoder(nn.Module):
 
 
 class PrefixTuningMethod(PromptMethod):
+    name = "prefix_tuning"
+    config_cls = PrefixTuningConfig
     mode = "kv"
 
     def build_encoder(self, model: "AdaptedModel", config: Any) -> nn.Module:
@@ -63,4 +77,4 @@ class PrefixTuningMethod(PromptMethod):
         return config.num_layers * 2 * config.token_dim
 
 
-METHOD = PrefixTuningMethod("prefix_tuning", PrefixTuningConfig)
+METHOD = PrefixTuningMethod()

@@ -17,6 +17,7 @@ the data-driven LoRA initialisation ``init_lora_weights="eva"``.
 Layers that receive the same input (q/k/v, gate/up) share one PCA. Embedding and convolution LoRA
 layers keep the default init (as PEFT).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,11 +29,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from peftctl.adapters.core.method import RunSetup
+from peftctl.adapters.lora.inits import LoraInit
+from peftctl.adapters.lora.layer import LoraLayer, LoraLinear
 from peftctl.errors import AdapterError, ConfigError
+from peftctl.models.loader import move_to_device
+from peftctl.models.modules import set_submodule
 
 if TYPE_CHECKING:
-    from peftctl.adapters.lora import LoraConfig, LoraLayer
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
+    from peftctl.adapters.lora.config import LoraConfig
 
 EVA_DEFAULTS: dict[str, Any] = {
     "rho": 2.0,
@@ -51,7 +57,9 @@ def validate_eva_config(eva_config: Mapping[str, Any] | None) -> None:
     if eva_config is None:
         return
     if not isinstance(eva_config, Mapping):
-        raise ConfigError(f"adapter.eva_config={eva_config!r} is not valid; expected a mapping with keys {', '.join(EVA_DEFAULTS)}")
+        raise ConfigError(
+            f"adapter.eva_config={eva_config!r} is not valid; expected a mapping with keys {', '.join(EVA_DEFAULTS)}"
+        )
     for key, value in eva_config.items():
         if key not in EVA_DEFAULTS:
             raise ConfigError(f"adapter.eva_config.{key} is not an EVA option; valid keys: {', '.join(EVA_DEFAULTS)}")
@@ -189,12 +197,16 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 def eva_target_layers(adapted: "AdaptedModel", adapter_name: str) -> dict[str, "LoraLayer"]:
     """The LoRA Linear / Conv1D layers holding ``adapter_name`` (the ones EVA initialises)."""
-    from peftctl.adapters.lora import LoraLinear
+    return {
+        name: layer
+        for name, layer in adapted.adapter_layers()
+        if isinstance(layer, LoraLinear) and adapter_name in layer.r
+    }
 
-    return {name: layer for name, layer in adapted.adapter_layers() if isinstance(layer, LoraLinear) and adapter_name in layer.r}
 
-
-def distribute_ranks(ratios: Mapping[str, torch.Tensor], max_components: Mapping[str, int], budget: int) -> dict[str, int]:
+def distribute_ranks(
+    ratios: Mapping[str, torch.Tensor], max_components: Mapping[str, int], budget: int
+) -> dict[str, int]:
     """Paper sec. 3.2: give the ``budget`` largest explained-variance ratios (each layer offering its
     first max_components) to their layers; ties go to the earlier layer."""
     entries = [
@@ -223,7 +235,9 @@ def get_eva_state_dict(
     options = eva_options(config)
     layers = eva_target_layers(adapted, adapter_name)
     if not layers:
-        raise ConfigError("init_lora_weights='eva' found no LoRA Linear / Conv1D layer to initialise; check adapter.target_modules")
+        raise ConfigError(
+            "init_lora_weights='eva' found no LoRA Linear / Conv1D layer to initialise; check adapter.target_modules"
+        )
     first = next(iter(dataloader), None)
     if first is None:
         raise ConfigError("init_lora_weights='eva' needs data, but the dataloader is empty")
@@ -244,7 +258,9 @@ def get_eva_state_dict(
     return fit.components(options["whiten"])
 
 
-def _component_limits(adapted: "AdaptedModel", config: "LoraConfig", layers: Mapping[str, "LoraLayer"], options: Mapping[str, Any]) -> tuple[dict[str, int], int]:
+def _component_limits(
+    adapted: "AdaptedModel", config: "LoraConfig", layers: Mapping[str, "LoraLayer"], options: Mapping[str, Any]
+) -> tuple[dict[str, int], int]:
     """({layer: round(rho·r_l) components it may offer}, the rank budget Σ r_l)."""
     rho = float(options["rho"])
     if rho > RHO_THRESHOLD:  # as PEFT: very large rho means "no cap", bounded by the widest tensor
@@ -258,7 +274,16 @@ class _Fit:
     """The incremental PCAs (one per group of layers with equal inputs), fed batch by batch until
     every group's components up to its current rank have converged."""
 
-    def __init__(self, adapted: "AdaptedModel", layers: Mapping[str, nn.Module], groups: dict[str, list[str]], max_components: dict[str, int], budget: int, options: Mapping[str, Any], forward_fn: Callable[[nn.Module, Any], Any]) -> None:
+    def __init__(
+        self,
+        adapted: "AdaptedModel",
+        layers: Mapping[str, nn.Module],
+        groups: dict[str, list[str]],
+        max_components: dict[str, int],
+        budget: int,
+        options: Mapping[str, Any],
+        forward_fn: Callable[[nn.Module, Any], Any],
+    ) -> None:
         self.adapted, self.layers, self.groups = adapted, layers, groups
         self.max_components, self.budget, self.options, self.forward_fn = max_components, budget, options, forward_fn
         self.pcas = {rep: IncrementalPCA(max_components[rep]) for rep in groups}
@@ -281,15 +306,36 @@ class _Fit:
             if isinstance(dataloader, Sized) and step >= len(dataloader) and not self.all_fitted():
                 break  # a whole pass gave some layer no batch with enough tokens: it never will
             if max_batches is not None and step >= max_batches:
-                warnings.warn(f"EVA: {len(active)} of {len(self.groups)} layer groups had not converged (tau={self.options['tau']}) after {max_batches} batches; using their current components")
+                warnings.warn(
+                    f"EVA: {len(active)} of {len(self.groups)} layer groups had not converged "
+                    f"(tau={self.options['tau']}) after {max_batches} batches; using their current components"
+                )
                 break
-            _update(self.adapted, self.layers, _move(batch, device), active, self.pcas, self.converged, self.options, self.forward_fn)
+            _update(
+                self.adapted,
+                self.layers,
+                _move(batch, device),
+                active,
+                self.pcas,
+                self.converged,
+                self.options,
+                self.forward_fn,
+            )
             if self.all_fitted():
-                ratios = {name: self.pcas[rep].explained_variance_ratio for rep, members in self.groups.items() for name in members}
-                self.rank_dist = distribute_ranks({name: ratios[name] for name in self.layers}, self.max_components, self.budget)
+                ratios = {
+                    name: self.pcas[rep].explained_variance_ratio
+                    for rep, members in self.groups.items()
+                    for name in members
+                }
+                self.rank_dist = distribute_ranks(
+                    {name: ratios[name] for name in self.layers}, self.max_components, self.budget
+                )
         unfitted = [rep for rep, p in self.pcas.items() if not p.fitted]
         if unfitted:
-            raise ConfigError(f"EVA: every batch had fewer tokens than the {self.max_components[unfitted[0]]} components {unfitted[0]} needs; use larger batches or a smaller adapter.eva_config.rho")
+            raise ConfigError(
+                f"EVA: every batch had fewer tokens than the {self.max_components[unfitted[0]]} components "
+                f"{unfitted[0]} needs; use larger batches or a smaller adapter.eva_config.rho"
+            )
 
     def components(self, whiten: bool) -> dict[str, torch.Tensor]:
         """{layer: its top rank_dist[layer] components}, divided by sqrt(σ) when whitening."""
@@ -308,7 +354,13 @@ def _cycle(dataloader: Iterable[Any]) -> Iterator[Any]:
     return cycle(dataloader) if not isinstance(dataloader, Iterator) else dataloader
 
 
-def _equal_input_groups(adapted: "AdaptedModel", layers: Mapping[str, nn.Module], batch: Any, options: Mapping[str, Any], forward_fn: Callable[[nn.Module, Any], Any]) -> dict[str, list[str]]:
+def _equal_input_groups(
+    adapted: "AdaptedModel",
+    layers: Mapping[str, nn.Module],
+    batch: Any,
+    options: Mapping[str, Any],
+    forward_fn: Callable[[nn.Module, Any], Any],
+) -> dict[str, list[str]]:
     """{representative: layers with the same input as it} from one forward pass."""
     prints: dict[str, tuple[Any, ...]] = {}
     mask = token_mask(batch, options)
@@ -331,7 +383,16 @@ def _equal_input_groups(adapted: "AdaptedModel", layers: Mapping[str, nn.Module]
     return {members[0]: members for members in groups.values()}
 
 
-def _update(adapted: "AdaptedModel", layers: Mapping[str, nn.Module], batch: Any, active: list[str], pcas: dict[str, IncrementalPCA], converged: dict[str, torch.Tensor], options: Mapping[str, Any], forward_fn: Callable[[nn.Module, Any], Any]) -> None:
+def _update(
+    adapted: "AdaptedModel",
+    layers: Mapping[str, nn.Module],
+    batch: Any,
+    active: list[str],
+    pcas: dict[str, IncrementalPCA],
+    converged: dict[str, torch.Tensor],
+    options: Mapping[str, Any],
+    forward_fn: Callable[[nn.Module, Any], Any],
+) -> None:
     """One forward pass; each active layer group's PCA takes the batch and re-checks convergence."""
     mask = token_mask(batch, options)
 
@@ -346,6 +407,7 @@ def _update(adapted: "AdaptedModel", layers: Mapping[str, nn.Module], batch: Any
                 assert pca.components is not None
                 sim = torch.nn.functional.cosine_similarity(pca.components, previous, dim=1)
                 converged[rep] = (sim >= options["tau"]).cpu()
+
         return sink
 
     handles = []
@@ -362,7 +424,9 @@ def _update(adapted: "AdaptedModel", layers: Mapping[str, nn.Module], batch: Any
 
 # --------------------------------------------------------------------------- loading into the model
 @torch.no_grad()
-def load_eva_state_dict(adapted: "AdaptedModel", eva_state_dict: Mapping[str, torch.Tensor], adapter_name: str = "default") -> None:
+def load_eva_state_dict(
+    adapted: "AdaptedModel", eva_state_dict: Mapping[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
     """Resize each layer to its EVA rank, set A (B stays 0), drop rank-0 layers, and record
     rank_pattern / alpha_pattern / target_modules in the adapter's config."""
     config = adapted.peft_config[adapter_name]
@@ -386,7 +450,9 @@ def load_eva_state_dict(adapted: "AdaptedModel", eva_state_dict: Mapping[str, to
                 continue
             if new_r != r:
                 alpha = alpha * new_r / r if adjust else alpha
-                layer.update_layer(adapter_name, config.replace(r=new_r, lora_alpha=alpha, rank_pattern={}, alpha_pattern={}))
+                layer.update_layer(
+                    adapter_name, config.replace(r=new_r, lora_alpha=alpha, rank_pattern={}, alpha_pattern={})
+                )
                 layer.train(layer.training)
             layer.lora_A[adapter_name].weight.copy_(a.to(layer.lora_A[adapter_name].weight))
             layer.lora_B[adapter_name].weight.zero_()
@@ -407,16 +473,16 @@ def load_eva_state_dict(adapted: "AdaptedModel", eva_state_dict: Mapping[str, to
             layer.adapter_configs[adapter_name] = new_config
     adapted.set_adapter(adapted.active_adapter)
     if skipped:
-        warnings.warn(f"EVA initialises LoRA Linear / Conv1D layers only; these keep the default init: {', '.join(skipped)}")
+        warnings.warn(
+            f"EVA initialises LoRA Linear / Conv1D layers only; these keep the default init: {', '.join(skipped)}"
+        )
 
 
 def _drop_layer(adapted: "AdaptedModel", name: str, layer: "LoraLayer", adapter_name: str) -> None:
     """EVA gave the layer rank 0: the adapter leaves it (and the wrapper too, when it held no other)."""
-    from peftctl.adapters.inject import _set_submodule
-
     layer.delete_adapter(adapter_name)
     if not layer.adapter_configs:
-        _set_submodule(adapted.model, name, layer.base_layer)
+        set_submodule(adapted.model, name, layer.base_layer)
 
 
 def initialize_lora_eva_weights(
@@ -431,7 +497,9 @@ def initialize_lora_eva_weights(
     (dicts of tensors for ``model(**batch)``), or from a precomputed ``eva_state_dict``."""
     config = adapted.peft_config.get(adapter_name)
     if config is None or config.method != "lora" or config.init_lora_weights != "eva":
-        raise ConfigError(f"initialize_lora_eva_weights needs a LoRA adapter {adapter_name!r} with init_lora_weights='eva'")
+        raise ConfigError(
+            f"initialize_lora_eva_weights needs a LoRA adapter {adapter_name!r} with init_lora_weights='eva'"
+        )
     if len(adapted.active_adapters) > 1:
         raise ConfigError("initialize_lora_eva_weights works with a single active adapter; set_adapter() one first")
     if eva_state_dict is None:
@@ -440,3 +508,20 @@ def initialize_lora_eva_weights(
         eva_state_dict = get_eva_state_dict(adapted, dataloader, adapter_name, forward_fn, max_batches)
     load_eva_state_dict(adapted, eva_state_dict, adapter_name)
     return adapted
+
+
+EVA_MAX_BATCHES = 500  # in a run, EVA re-reads the training batches until its components converge; this caps it
+
+
+class EvaInit(LoraInit):
+    """``init_lora_weights="eva"``: default init at injection, then the fit on the run's training batches."""
+
+    def prepare_base(self, model: nn.Module, config: LoraConfig, setup: RunSetup) -> None:
+        if setup.device is not None:
+            move_to_device(model, setup.device)  # the data-driven init runs where training will
+
+    def after_inject(self, model: AdaptedModel, adapter_name: str, setup: RunSetup) -> None:
+        initialize_lora_eva_weights(model, setup.sample_batches(None), adapter_name, max_batches=EVA_MAX_BATCHES)
+
+
+EVA = EvaInit()

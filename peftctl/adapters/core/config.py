@@ -1,4 +1,5 @@
 """Adapter configuration base class and PEFT-compatible (de)serialisation of adapter_config.json."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from peftctl.errors import ConfigError
+from peftctl.utils import atomic_write_text
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION", "QUESTION_ANS")
 # peftctl's config names (model.task_type) -> PEFT's task_type names
@@ -34,8 +36,10 @@ def check_unimplemented_peft_fields(values: dict[str, Any], known: set[str], met
         value = values[key]
         if value in (None, False, "", [], {}) or PEFT_INERT_VALUES.get(key, object()) == value:
             continue
-        raise ConfigError(f"adapter_config.json sets {key}={value!r}, a PEFT {method} option peftctl does not implement; "
-                          "loading the adapter without it would change its outputs")
+        raise ConfigError(
+            f"adapter_config.json sets {key}={value!r}, a PEFT {method} option peftctl does not implement; "
+            "loading the adapter without it would change its outputs"
+        )
 
 
 @dataclass
@@ -63,7 +67,9 @@ class AdapterConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the bad field. Subclasses call super().validate()."""
         if self.task_type is not None and self.task_type not in TASK_TYPES:
-            raise ConfigError(f"adapter.task_type={self.task_type!r} is not valid; expected one of {', '.join(TASK_TYPES)}")
+            raise ConfigError(
+                f"adapter.task_type={self.task_type!r} is not valid; expected one of {', '.join(TASK_TYPES)}"
+            )
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -111,9 +117,10 @@ class AdapterConfig:
         return self.to_dict()
 
     def save(self, directory: str | os.PathLike) -> None:
-        from peftctl.utils import atomic_write_text
-
-        atomic_write_text(os.path.join(directory, "adapter_config.json"), json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(
+            os.path.join(directory, "adapter_config.json"),
+            json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n",
+        )
 
     def replace(self, **changes: Any) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)

@@ -11,6 +11,7 @@ With ΔW_i = s_i B_i A_i (s_i the adapter's scaling) and weights w_i, the new ad
 Factors are handled flattened: A as (r, in·k…) and B as (out, r), which covers Linear / GPT-2
 Conv1D, Conv (1×1 B) and Embedding (lora_embedding_A / lora_embedding_B) layers alike.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,14 +19,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.combine import merge_tensors, svd_refactor
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters.weighted import COMBINATION_TYPES, CombineOptions, Combiner, union_target_modules
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.combine import merge_tensors, svd_refactor
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.weighted import COMBINATION_TYPES, CombineOptions, Combiner, union_target_modules
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 EQUAL_RANK_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -51,7 +52,9 @@ def _write(param: torch.Tensor, flat: torch.Tensor, rank_dim: int) -> None:
     full_rank = param.shape[rank_dim]
     if flat.shape[rank_dim] > full_rank:
         raise ConfigError(f"combined factor has rank {flat.shape[rank_dim]}, more than the new adapter's {full_rank}")
-    target = torch.zeros(param.shape[0], math.prod(param.shape[1:]) if rank_dim == 0 else full_rank, dtype=flat.dtype, device=flat.device)
+    target = torch.zeros(
+        param.shape[0], math.prod(param.shape[1:]) if rank_dim == 0 else full_rank, dtype=flat.dtype, device=flat.device
+    )
     if rank_dim == 0:
         target[: flat.shape[0]] = flat
     else:
@@ -129,13 +132,17 @@ class LoraCombiner(Combiner):
         return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
 
     @staticmethod
-    def _svd(layer: AdapterLayer, present: list, rank: int, options: CombineOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    def _svd(
+        layer: AdapterLayer, present: list, rank: int, options: CombineOptions
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         deltas = []
         for name, _, (a, b) in present:
             a_flat, b_flat = _flat(a, b)
             deltas.append((b_flat @ a_flat) * layer.scaling[name])
         weights = [w for _, w, _ in present]
-        delta = merge_tensors(options.merge_kind, deltas, weights, options.density, options.majority_sign_method, options.generator)
+        delta = merge_tensors(
+            options.merge_kind, deltas, weights, options.density, options.majority_sign_method, options.generator
+        )
         return svd_refactor(delta, rank, options.svd_clamp, options.svd_full_matrices, options.svd_driver)
 
     @staticmethod
@@ -157,8 +164,12 @@ class LoraCombiner(Combiner):
             a_list.append(a_flat)
             b_list.append(b_flat)
         # A tensors first, then B (PEFT's order, so DARE masks drawn from one seed agree)
-        merged_a = merge_tensors(options.merge_kind, a_list, a_weights, options.density, options.majority_sign_method, options.generator)
-        merged_b = merge_tensors(options.merge_kind, b_list, b_weights, options.density, options.majority_sign_method, options.generator)
+        merged_a = merge_tensors(
+            options.merge_kind, a_list, a_weights, options.density, options.majority_sign_method, options.generator
+        )
+        merged_b = merge_tensors(
+            options.merge_kind, b_list, b_weights, options.density, options.majority_sign_method, options.generator
+        )
         return merged_a, merged_b
 
 

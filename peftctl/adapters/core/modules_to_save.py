@@ -6,6 +6,7 @@ our ``<path>.modules_to_save.<adapter>.weight`` <-> PEFT's ``<path>.weight``.
 Merging loads the trained copy into the original module (kept for unmerge); merge_and_unload thus
 returns the model with the trained head.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
+from peftctl.adapters.core.base import AdapterLayer
 from peftctl.errors import AdapterError, ConfigError
+from peftctl.models.modules import set_submodule
 
 if TYPE_CHECKING:
-    from peftctl.adapters.config import AdapterConfig
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.config import AdapterConfig
+    from peftctl.adapters.core.model import AdaptedModel
 
 
 class ModulesToSaveWrapper(AdapterLayer):
@@ -66,10 +68,15 @@ class ModulesToSaveWrapper(AdapterLayer):
         if adapter_name in self.modules_to_save:
             for param in self.modules_to_save[adapter_name].parameters():
                 if not torch.isfinite(param).all():
-                    raise AdapterError(f"modules_to_save copy of {self.module_name} for adapter {adapter_name!r} has non-finite values; nothing was merged")
+                    raise AdapterError(
+                        f"modules_to_save copy of {self.module_name} for adapter {adapter_name!r} has non-finite "
+                        "values; nothing was merged"
+                    )
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names) if n in self.modules_to_save]
+        names = [
+            n for n in (self.active_adapters if adapter_names is None else adapter_names) if n in self.modules_to_save
+        ]
         if not names or self.merged:
             return
         if safe_merge:
@@ -93,7 +100,6 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 def apply_modules_to_save(model: "AdaptedModel", adapter_name: str, config: "AdapterConfig") -> list[str]:
     """Wrap (or reuse the wrapper of) every module named in ``config.modules_to_save``."""
-    from peftctl.adapters.inject import _set_submodule
 
     targets = config.modules_to_save
     if not targets:
@@ -104,10 +110,13 @@ def apply_modules_to_save(model: "AdaptedModel", adapter_name: str, config: "Ada
         if ".base_layer" in name or ".modules_to_save." in name or not _matches(name, targets):
             continue
         if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSaveWrapper):
-            raise ConfigError(f"adapter.modules_to_save names {name}, which adapter.target_modules already adapts; list it in only one")
+            raise ConfigError(
+                f"adapter.modules_to_save names {name}, which adapter.target_modules already adapts; list it in only "
+                "one"
+            )
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module, name)
         if wrapper is not module:
-            _set_submodule(model.model, name, wrapper)
+            set_submodule(model.model, name, wrapper)
         wrapper.update_layer(adapter_name, config)
         wrapped.append(name)
     if not wrapped:

@@ -2,6 +2,7 @@
 input embeddings, [P; E(x)]; the model is frozen. Initialised randomly, from random vocabulary rows
 (SAMPLE_VOCAB) or from the embeddings of a text (TEXT, tokenized and repeated / cut to length).
 """
+
 from __future__ import annotations
 
 import math
@@ -11,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftctl.adapters.prompt_common import PromptLearningConfig, PromptMethod
+from peftctl.adapters.prompt.common import PromptLearningConfig, PromptMethod
 from peftctl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 INIT_CHOICES = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
@@ -32,9 +33,19 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def validate(self) -> None:
         super().validate()
-        self._check(self.prompt_tuning_init in INIT_CHOICES, "prompt_tuning_init", self.prompt_tuning_init, "expected one of " + ", ".join(INIT_CHOICES))
+        self._check(
+            self.prompt_tuning_init in INIT_CHOICES,
+            "prompt_tuning_init",
+            self.prompt_tuning_init,
+            "expected one of " + ", ".join(INIT_CHOICES),
+        )
         if self.prompt_tuning_init == "TEXT":
-            self._check(bool(self.prompt_tuning_init_text), "prompt_tuning_init_text", self.prompt_tuning_init_text, "expected a non-empty text when prompt_tuning_init=TEXT")
+            self._check(
+                bool(self.prompt_tuning_init_text),
+                "prompt_tuning_init_text",
+                self.prompt_tuning_init_text,
+                "expected a non-empty text when prompt_tuning_init=TEXT",
+            )
 
 
 class PromptEmbedding(nn.Module):
@@ -48,6 +59,7 @@ class PromptEmbedding(nn.Module):
 
 def init_token_ids(config: PromptTuningConfig) -> list[int]:
     """The text's token ids, repeated and cut to the number of virtual tokens."""
+    # lazy: transformers loads on first use, after the CLI has set its environment
     from transformers import AutoTokenizer
 
     if not config.tokenizer_name_or_path:
@@ -61,13 +73,23 @@ def init_token_ids(config: PromptTuningConfig) -> list[int]:
 
 
 class PromptTuningMethod(PromptMethod):
+    name = "prompt_tuning"
+    config_cls = PromptTuningConfig
     mode = "embed"
+
+    def run_defaults(self, config: PromptTuningConfig, model_path: str) -> PromptTuningConfig:
+        """The TEXT init tokenizes its text with the run's tokenizer unless one is named."""
+        if config.prompt_tuning_init == "TEXT" and not config.tokenizer_name_or_path:
+            return config.replace(tokenizer_name_or_path=model_path)
+        return config
 
     def build_encoder(self, model: "AdaptedModel", config: Any) -> nn.Module:
         encoder = PromptEmbedding(config.total_virtual_tokens, config.token_dim)
         words = model.model.get_input_embeddings()
         if config.prompt_tuning_init == "SAMPLE_VOCAB":
-            indices = torch.randint(0, words.weight.shape[0], (config.total_virtual_tokens,), device=words.weight.device)
+            indices = torch.randint(
+                0, words.weight.shape[0], (config.total_virtual_tokens,), device=words.weight.device
+            )
             encoder.embedding.weight.data.copy_(words(indices).detach().float())
         elif config.prompt_tuning_init == "TEXT":
             indices = torch.tensor(init_token_ids(config), device=words.weight.device)
@@ -75,4 +97,4 @@ class PromptTuningMethod(PromptMethod):
         return encoder
 
 
-METHOD = PromptTuningMethod("prompt_tuning", PromptTuningConfig)
+METHOD = PromptTuningMethod()

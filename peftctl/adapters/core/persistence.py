@@ -5,6 +5,7 @@ PEFT's tensor names are our module paths with the adapter name removed, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. Both directions are computed by
 one function (``adapter_key_map``), so saving and loading cannot drift apart.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftctl.adapters.base import AdapterLayer
+from peftctl.adapters.core.base import AdapterLayer
 from peftctl.errors import ConfigError
+from peftctl.utils import atomic_directory
 
 if TYPE_CHECKING:
-    from peftctl.adapters.model import AdaptedModel
+    from peftctl.adapters.core.model import AdaptedModel
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -53,19 +55,20 @@ def adapter_key_map(model: "AdaptedModel", adapter_name: str) -> dict[str, str]:
 def get_adapter_state_dict(model: "AdaptedModel", adapter_name: str) -> dict[str, torch.Tensor]:
     """One adapter's tensors under PEFT's names (contiguous CPU copies, ready to save)."""
     state = model.state_dict(keep_vars=False)
-    tensors = {peft_key: state[ours].detach().cpu().contiguous() for ours, peft_key in adapter_key_map(model, adapter_name).items()}
+    tensors = {
+        peft_key: state[ours].detach().cpu().contiguous()
+        for ours, peft_key in adapter_key_map(model, adapter_name).items()
+    }
     # a method may reshape what it saves (AdaLoRA keeps only the ranks its rank_pattern keeps)
-    from peftctl.adapters.registry import get_method
-
-    hook = getattr(get_method(model.peft_config[adapter_name].method), "state_dict_for_save", None)
-    return hook(model, adapter_name, tensors) if hook else tensors
+    return model.method_of(adapter_name).state_dict_for_save(model, adapter_name, tensors)
 
 
-def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor], source: str = "") -> None:
+def set_adapter_state_dict(
+    model: "AdaptedModel", adapter_name: str, peft_state: dict[str, torch.Tensor], source: str = ""
+) -> None:
     """Load PEFT-named tensors into one adapter; every expected tensor must be present."""
-    prepare = getattr(_method_of(model, adapter_name), "before_load", None)
-    if prepare is not None:  # e.g. a prompt encoder switching to the folded form it was saved in
-        prepare(model, adapter_name, peft_state)
+    # e.g. a prompt encoder switching to the folded form it was saved in
+    model.method_of(adapter_name).before_load(model, adapter_name, peft_state)
     mapping = adapter_key_map(model, adapter_name)
     by_peft_key = {peft_key: ours for ours, peft_key in mapping.items()}
     missing = [k for k in by_peft_key if k not in peft_state]
@@ -83,14 +86,11 @@ def set_adapter_state_dict(model: "AdaptedModel", adapter_name: str, peft_state:
             tensor = peft_state[peft_key]
             target = targets[ours]
             if tensor.shape != target.shape:
-                raise ConfigError(f"adapter tensor {peft_key} in {source or 'state dict'} has shape {tuple(tensor.shape)}, model expects {tuple(target.shape)}")
+                raise ConfigError(
+                    f"adapter tensor {peft_key} in {source or 'state dict'} has shape {tuple(tensor.shape)}, model "
+                    f"expects {tuple(target.shape)}"
+                )
             target.data.copy_(tensor.to(device=target.device, dtype=target.dtype))
-
-
-def _method_of(model: "AdaptedModel", adapter_name: str) -> Any:
-    from peftctl.adapters.registry import get_method
-
-    return get_method(model.peft_config[adapter_name].method)
 
 
 def save_adapter_dir(
@@ -101,8 +101,6 @@ def save_adapter_dir(
     config: Any = None,
 ) -> None:
     """Write one adapter; ``tensors`` / ``config`` override what the model holds (weight conversion)."""
-    from peftctl.utils import atomic_directory
-
     config = config if config is not None else model.peft_config[adapter_name]
     tensors = tensors if tensors is not None else get_adapter_state_dict(model, adapter_name)
     directory = Path(directory)
@@ -132,7 +130,9 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
         return _read_weights_file(directory / WEIGHTS_NAME, lambda file: load_file(str(file)))
     if (directory / LEGACY_WEIGHTS_NAME).is_file():
         # never unpickle arbitrary objects
-        return _read_weights_file(directory / LEGACY_WEIGHTS_NAME, lambda file: torch.load(file, map_location="cpu", weights_only=True))
+        return _read_weights_file(
+            directory / LEGACY_WEIGHTS_NAME, lambda file: torch.load(file, map_location="cpu", weights_only=True)
+        )
     raise ConfigError(f"{directory} has no {WEIGHTS_NAME}")
 
 
@@ -142,7 +142,9 @@ def _read_weights_file(file: Path, read: Any) -> dict[str, torch.Tensor]:
         tensors = read(file)
     except Exception as exc:  # safetensors' header / buffer errors, torch's unpickling errors
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{file} is not a readable adapter weights file (truncated or corrupt?): {reason[:160]}") from None
+        raise ConfigError(
+            f"{file} is not a readable adapter weights file (truncated or corrupt?): {reason[:160]}"
+        ) from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ConfigError(f"{file} does not hold a dict of tensors")
     return tensors

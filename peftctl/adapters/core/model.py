@@ -3,6 +3,7 @@
 Module tree mirrors PEFT's (``AdaptedModel.base_model.model`` is the wrapped transformers model) so
 that state-dict keys, and so the saved tensor names, are PEFT's.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,14 +12,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from rich.progress import track
 from torch import nn
 
-from peftctl.adapters.base import AdapterLayer
-from peftctl.adapters.config import AdapterConfig
-from peftctl.adapters import persistence
-from peftctl.adapters.registry import get_method, method_for_peft_type
-from peftctl.adapters.weighted import WeightedAdapterMixin
+from peftctl.adapters.core import persistence
+from peftctl.adapters.core.base import AdapterLayer
+from peftctl.adapters.core.config import AdapterConfig
+from peftctl.adapters.core.method import AdapterMethod
+from peftctl.adapters.core.registry import get_method, method_for_peft_type
+from peftctl.adapters.core.weighted import WeightedAdapterMixin
 from peftctl.errors import AdapterError, ConfigError
+from peftctl.models.modules import set_submodule
 
 
 class _BaseModelHolder(nn.Module):
@@ -60,10 +64,11 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
 
     def extra_adapter_keys(self, adapter_name: str) -> dict[str, str]:
         """State-dict keys a method saves besides its layers' tensors (our key -> PEFT key)."""
-        config = self.peft_config[adapter_name]
-        method = get_method(config.method)
-        extra = getattr(method, "extra_adapter_keys", None)
-        return extra(self, adapter_name) if extra else {}
+        return self.method_of(adapter_name).extra_adapter_keys(self, adapter_name)
+
+    def method_of(self, adapter_name: str) -> AdapterMethod:
+        """The method of one of this model's adapters."""
+        return get_method(self.peft_config[adapter_name].method)
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
@@ -101,10 +106,7 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         params: list[nn.Parameter] = []
         for _, layer in self.adapter_layers():
             params.extend(layer.adapter_parameters(adapter_name))
-        method = get_method(self.peft_config[adapter_name].method)
-        extra = getattr(method, "extra_parameters", None)
-        if extra:
-            params.extend(extra(self, adapter_name))
+        params.extend(self.method_of(adapter_name).extra_parameters(self, adapter_name))
         return params
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -146,7 +148,7 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         if adapter_names is not None:
             with self._mixed_batch(adapter_names):
                 return self.model(*args, **kwargs)
-        method = get_method(self.peft_config[self.active_adapters[0]].method)
+        method = self.method_of(self.active_adapters[0])
         if method.wraps_forward() and not self._adapters_disabled:
             return method.forward(self, self.active_adapters[0], *args, **kwargs)
         return self.model(*args, **kwargs)
@@ -155,11 +157,9 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         if adapter_names is not None:
             with self._mixed_batch(adapter_names):
                 return self.model.generate(*args, **kwargs)
-        method = get_method(self.peft_config[self.active_adapters[0]].method)
-        generate = getattr(method, "generate", None)
-        if generate is not None and not self._adapters_disabled:
-            return generate(self, self.active_adapters[0], *args, **kwargs)
-        return self.model.generate(*args, **kwargs)
+        if self._adapters_disabled:
+            return self.model.generate(*args, **kwargs)
+        return self.method_of(self.active_adapters[0]).generate(self, self.active_adapters[0], *args, **kwargs)
 
     @contextmanager
     def _mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
@@ -168,7 +168,9 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
             raise AdapterError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first")
         unknown = sorted({n for n in adapter_names if n != "__base__" and n not in self.peft_config})
         if unknown:
-            raise ConfigError(f"adapter_names contains unknown adapters {unknown}; adapters: {', '.join(self.peft_config)}")
+            raise ConfigError(
+                f"adapter_names contains unknown adapters {unknown}; adapters: {', '.join(self.peft_config)}"
+            )
         layers = [layer for _, layer in self.adapter_layers()]
         if any(layer.merged for layer in layers):
             raise AdapterError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
@@ -182,13 +184,15 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
 
     # ------------------------------------------------------------------ merge
     def _check_mergeable(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
-        """Refuse up front, before any weight is written: methods whose Method sets
+        """Refuse up front, before any weight is written: methods whose AdapterMethod sets
         ``mergeable = False`` (X-LoRA), and with ``safe_merge`` any module whose merge is non-finite."""
         names = adapter_names or self.active_adapters
         for name in names:
-            method = get_method(self.peft_config[name].method)
-            if not getattr(method, "mergeable", True):
-                raise AdapterError(f"the {method.name} method cannot be merged into the base weights (adapter {name!r})")
+            method = self.method_of(name)
+            if not method.mergeable:
+                raise AdapterError(
+                    f"the {method.name} method cannot be merged into the base weights (adapter {name!r})"
+                )
         if safe_merge:
             for _, layer in self.adapter_layers():
                 for name in names:
@@ -203,7 +207,9 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         """Fold the adapters into the base weights and return the plain transformers model."""
         return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -211,28 +217,23 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
         """Remove every adapter without merging; returns the original base model."""
         return self._unload(merge=False)
 
-    def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        from peftctl.adapters.inject import _set_submodule
-
+    def _unload(
+        self, merge: bool, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         if merge:
             self._check_mergeable(adapter_names, safe_merge)
         layers = list(self.adapter_layers())
         iterator: Any = layers
         if progressbar:
-            from rich.progress import track
-
             iterator = track(layers, description="merging")
         for name, layer in iterator:
             if merge:
                 layer.merge(safe_merge=False, adapter_names=adapter_names)
             else:
                 layer.unmerge()
-            _set_submodule(self.model, name, layer.base_layer)
-        method_unload = [get_method(c.method) for c in self.peft_config.values()]
-        for method in method_unload:
-            hook = getattr(method, "on_unload", None)
-            if hook:
-                hook(self)
+            set_submodule(self.model, name, layer.base_layer)
+        for adapter_name in list(self.peft_config):
+            self.method_of(adapter_name).on_unload(self)
         return self.model
 
     # ------------------------------------------------------------------ reporting
@@ -243,7 +244,8 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
 
     def print_trainable_parameters(self) -> str:
         trainable, total = self.get_nb_trainable_parameters()
-        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+        percent = 100 * trainable / max(total, 1)
+        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
         print(line)
         return line
 
@@ -266,18 +268,16 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
                 raise ConfigError(f"no adapter named {name!r}; adapters: {', '.join(self.peft_config)}")
             target = save_directory if name == "default" else save_directory / name
             if path_initial_model_for_weight_conversion is not None:
-                method = get_method(self.peft_config[name].method)
-                convert = getattr(method, "save_converted", None)
-                if convert is None:
-                    raise ConfigError(f"path_initial_model_for_weight_conversion is not supported by the {method.name} method")
-                convert(self, target, name, path_initial_model_for_weight_conversion)
+                self.method_of(name).save_converted(self, target, name, path_initial_model_for_weight_conversion)
             else:
                 persistence.save_adapter_dir(self, target, name)
 
     def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         return persistence.get_adapter_state_dict(self, adapter_name)
 
-    def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
+    def load_adapter(
+        self, adapter_dir: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> None:
         config = load_adapter_config(adapter_dir)
         config.inference_mode = not is_trainable
         weights = persistence.read_adapter_weights(adapter_dir)
@@ -298,8 +298,7 @@ class AdaptedModel(WeightedAdapterMixin, nn.Module):
 
 def fit_config_to_weights(config: AdapterConfig, weights: dict[str, torch.Tensor]) -> AdapterConfig:
     """A method may adapt a loaded config to what its saved tensors hold (BOFT: peft's one-factor files)."""
-    hook = getattr(get_method(config.method), "config_for_weights", None)
-    return hook(config, weights) if hook is not None else config
+    return get_method(config.method).config_for_weights(config, weights)
 
 
 def load_adapter_config(adapter_dir: str | os.PathLike) -> AdapterConfig:
