@@ -365,7 +365,8 @@ def _check_packing(dataset: DatasetConfig, task_type: str, method: str) -> None:
         return
     if dataset.format in ("preference", "kto"):
         raise ConfigError(
-            f"dataset.packing=true is not valid with dataset.format={dataset.format}: each pair / completion is scored as its own row; set dataset.packing=false"
+            f"dataset.packing=true is not valid with dataset.format={dataset.format}: each pair / completion is "
+            "scored as its own row; set dataset.packing=false"
         )
     if task_type != "causal_lm":
         raise ConfigError(
@@ -395,7 +396,8 @@ def _check_objective_fits_data(objective: str, dataset_format: str, model: Model
     needed = OBJECTIVE_FORMATS.get(objective)
     if needed is None and dataset_format in OBJECTIVE_FORMATS.values():
         raise ConfigError(
-            f"dataset.format={dataset_format} is not valid with train.objective={objective}; use train.objective=dpo, orpo or reward (preference) or kto (kto)"
+            f"dataset.format={dataset_format} is not valid with train.objective={objective};"
+            " use train.objective=dpo, orpo or reward (preference) or kto (kto)"
         )
     if needed is not None and dataset_format != needed:
         raise ConfigError(f"train.objective={objective} needs dataset.format={needed}, not {dataset_format}")

@@ -5,7 +5,8 @@ are new combinations of the phrases, so a model must learn which phrases carry t
 rather than memorise sentences. The same reviews also come as a classification task
 (``sentiment_cls``: text + label 0/1) and a seq2seq task (``sentiment_s2s``: source + target), and
 ``ner`` is a tiny named-entity task (tokens + BIO tags of PER / LOC / ORG). ``sentiment_pref`` /
-``sentiment_kto`` are the reviews as preference data (the right label chosen, the wrong one rejected). Regenerate with `python -m peftctl.data.builtin`.
+``sentiment_kto`` are the reviews as preference data (the right label chosen, the wrong one rejected).
+Regenerate with `python -m peftctl.data.builtin`.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def _render(prompt: Any, completion: Any, tokenizer: Any, dataset_cfg: Any) -> t
         return str(prompt or ""), str(completion or "")
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError(
-            f"dataset {dataset_cfg.path!r}: message lists need a tokenizer with a chat template; this model's tokenizer has none"
+            f"dataset {dataset_cfg.path!r}: message lists need a tokenizer with a chat template;"
+            " this model's tokenizer has none"
         )
     messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
     reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": str(completion)}]
@@ -80,7 +81,8 @@ def _desirable(value: Any, row: int, dataset_cfg: Any) -> bool:
     if text in ("false", "0", "no"):
         return False
     raise ConfigError(
-        f"dataset {dataset_cfg.path!r} row {row}: {dataset_cfg.label_column}={value!r} is not valid for format=kto; expected true or false"
+        f"dataset {dataset_cfg.path!r} row {row}: {dataset_cfg.label_column}={value!r} is not valid for "
+        "format=kto; expected true or false"
     )
 
 
@@ -106,7 +108,8 @@ def encode_preference_records(records: Any, dataset_cfg: Any, tokenizer: Any) ->
         for column, value in ((dataset_cfg.chosen_column, chosen), (dataset_cfg.rejected_column, rejected)):
             if _is_empty(value):
                 raise ConfigError(
-                    f"dataset {dataset_cfg.path!r} row {row}: {column!r} is empty; every pair needs a non-empty chosen and rejected completion"
+                    f"dataset {dataset_cfg.path!r} row {row}: {column!r} is empty;"
+                    " every pair needs a non-empty chosen and rejected completion"
                 )
         identical += chosen == rejected
         pairs.append(
@@ -116,7 +119,8 @@ def encode_preference_records(records: Any, dataset_cfg: Any, tokenizer: Any) ->
         )
     if pairs and identical == len(pairs):
         raise ConfigError(
-            f"dataset {dataset_cfg.path!r}: {dataset_cfg.chosen_column!r} equals {dataset_cfg.rejected_column!r} in every row; a preference pair needs two different completions"
+            f"dataset {dataset_cfg.path!r}: {dataset_cfg.chosen_column!r} equals {dataset_cfg.rejected_column!r} "
+            "in every row; a preference pair needs two different completions"
         )
     return pairs
 
@@ -130,7 +134,8 @@ def _encode_kto(record: dict[str, Any], row: int, dataset_cfg: Any, tokenizer: A
     prompt, completion, label = (record[c] for c in preference_columns(dataset_cfg))
     if _is_empty(completion):
         raise ConfigError(
-            f"dataset {dataset_cfg.path!r} row {row}: {dataset_cfg.completion_column!r} is empty; every example needs a non-empty completion"
+            f"dataset {dataset_cfg.path!r} row {row}: {dataset_cfg.completion_column!r} is empty;"
+            " every example needs a non-empty completion"
         )
     example = _encode(prompt, completion, tokenizer, dataset_cfg)
     n_prompt = next((i for i, label_id in enumerate(example.labels) if label_id != IGNORE_INDEX), len(example.labels))
@@ -214,7 +219,8 @@ def prepare_preference(
     evaluation, eval_dropped = ([], 0) if eval_records is None else _encode_split(eval_records, dataset_cfg, tokenizer)
     if not train:
         raise ConfigError(
-            f"dataset {dataset_cfg.path!r}: no training example has a completion within dataset.max_seq_len={dataset_cfg.max_seq_len}"
+            f"dataset {dataset_cfg.path!r}: no training example has a completion within "
+            f"dataset.max_seq_len={dataset_cfg.max_seq_len}"
         )
     return (
         train,

@@ -115,7 +115,8 @@ def test_tiny_dpo_learns_the_preferences_and_loads_in_peft(tmp_path: Path) -> No
     theirs = PeftModel.from_pretrained(load_model(open_source(run).config.model), run / "adapter").eval()
     inputs = tokenizer(
         [
-            "### Instruction:\nIs this review positive or negative?\n\n### Input:\nA flimsy lamp. Do not buy.\n\n### Response:\n"
+            "### Instruction:\nIs this review positive or negative?\n\n"
+            "### Input:\nA flimsy lamp. Do not buy.\n\n### Response:\n"
         ],
         return_tensors="pt",
     )
