@@ -49,9 +49,9 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     path: str = "builtin:sentiment"
-    format: Literal["alpaca", "text", "chat", "sharegpt", "seq2seq", "classification", "token_classification"] = (
-        "alpaca"
-    )
+    format: Literal[
+        "alpaca", "text", "chat", "sharegpt", "seq2seq", "classification", "token_classification", "preference", "kto"
+    ] = "alpaca"
     name: Optional[str] = None  # hub dataset config name
     split: str = "train"
     eval_split: Optional[str] = None  # a separate split; otherwise eval_size is held out of `split`
@@ -83,6 +83,11 @@ class DatasetConfig:
     tokens_column: str = "tokens"
     tags_column: str = "tags"
     label_names: Optional[list] = None
+    # preference formats (data/preference.py): prompt + chosen + rejected; kto: prompt + completion + label
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    completion_column: str = "completion"
     seed: int = 0
 
     def validate(self) -> None:
@@ -104,6 +109,46 @@ class QuantConfig:
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     quant_storage: Literal["uint8", "compute"] = "uint8"
+
+
+@dataclass
+class DPOConfig:
+    """DPO and its variants (train/objectives.py): the papers' names."""
+
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "robust", "ipo", "hinge", "simpo"] = "sigmoid"
+    label_smoothing: float = 0.0  # cDPO (sigmoid) / robust DPO: the assumed label-flip rate
+    gamma: float = 0.5  # SimPO's target reward margin
+    precompute_ref: bool = False  # reference log-probs once before training, not in every step
+
+    def validate(self) -> None:
+        check(self.beta > 0, "train.dpo.beta", self.beta, "expected a number > 0")
+        check(
+            0 <= self.label_smoothing < 0.5,
+            "train.dpo.label_smoothing",
+            self.label_smoothing,
+            "expected 0 <= label_smoothing < 0.5",
+        )
+
+
+@dataclass
+class ORPOConfig:
+    beta: float = 0.1  # the paper's lambda: weight of the odds-ratio term
+
+    def validate(self) -> None:
+        check(self.beta > 0, "train.orpo.beta", self.beta, "expected a number > 0")
+
+
+@dataclass
+class KTOConfig:
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    def validate(self) -> None:
+        check(self.beta > 0, "train.kto.beta", self.beta, "expected a number > 0")
+        for name in ("desirable_weight", "undesirable_weight"):
+            check(getattr(self, name) > 0, f"train.kto.{name}", getattr(self, name), "expected a number > 0")
 
 
 @dataclass
@@ -144,6 +189,11 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0
     early_stopping_metric: Literal["eval_loss"] = "eval_loss"
     save_best: bool = False  # adapter/ is the best eval step's adapter (the step is in summary.json)
+    # what the loop minimises (train/objectives.py): next-token loss, or a preference objective
+    objective: Literal["sft", "dpo", "orpo", "kto", "reward"] = "sft"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
 
     def validate(self) -> None:
         check(self.lr > 0, "train.lr", self.lr, "expected a number > 0")
@@ -332,6 +382,13 @@ def build_section(cls: type, values: dict[str, Any] | None, section: str) -> Any
     reject_unknown_keys(values, [f.name for f in dataclasses.fields(cls)], f"{section}.")
     coerced = {}
     for key, value in values.items():
+        if dataclasses.is_dataclass(hints[key]):  # a nested section, e.g. train.dpo
+            if not isinstance(value, (dict, type(None))):
+                raise ConfigError(
+                    f"{section}.{key}={value!r} is not valid; expected a mapping of {section}.{key}.* keys"
+                )
+            coerced[key] = build_section(hints[key], value, f"{section}.{key}")
+            continue
         ok, new_value, description = _type_ok(value, hints[key])
         if not ok:
             raise ConfigError(f"{section}.{key}={value!r} is not valid; expected {description}")
@@ -359,7 +416,9 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
         raise ConfigError("adapter is not set; choose one with adapter=<method> (e.g. adapter=lora)")
     adapter_values.setdefault("task_type", TASK_TYPE_TO_PEFT[built["model"].task_type])
     adapter = config_from_dict(adapter_values, strict=True)
-    _check_format_fits_task(built["dataset"].format, built["model"].task_type)
+    _check_objective_fits_data(built["train"].objective, built["dataset"].format, built["model"])
+    if not (built["train"].objective == "reward" and built["dataset"].format == "preference"):
+        _check_format_fits_task(built["dataset"].format, built["model"].task_type)
     _check_packing(built["dataset"], built["model"].task_type, adapter.method)
     scalars = {k: values[k] for k in ("recipe", "description", "output_dir") if k in values}
     for key, value in scalars.items():
@@ -371,6 +430,11 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
 def _check_packing(dataset: DatasetConfig, task_type: str, method: str) -> None:
     if not dataset.packing:
         return
+    if dataset.format in ("preference", "kto"):
+        raise ConfigError(
+            f"dataset.packing=true is not valid with dataset.format={dataset.format}: each pair / completion is "
+            "scored as its own row; set dataset.packing=false"
+        )
     if task_type != "causal_lm":
         raise ConfigError(
             f"dataset.packing=true is not valid with model.task_type={task_type}; packing is for causal_lm only"
@@ -389,3 +453,32 @@ def _check_format_fits_task(dataset_format: str, task_type: str) -> None:
             f"dataset.format={dataset_format} is not valid with model.task_type={task_type}; it needs "
             f"model.task_type={expected}"
         )
+
+
+OBJECTIVE_FORMATS = {"dpo": "preference", "orpo": "preference", "reward": "preference", "kto": "kto"}
+
+
+def _check_objective_fits_data(objective: str, dataset_format: str, model: ModelConfig) -> None:
+    """Preference objectives need their data format; a reward model a one-output classification head."""
+    needed = OBJECTIVE_FORMATS.get(objective)
+    if needed is None and dataset_format in OBJECTIVE_FORMATS.values():
+        raise ConfigError(
+            f"dataset.format={dataset_format} is not valid with train.objective={objective};"
+            " use train.objective=dpo, orpo or reward (preference) or kto (kto)"
+        )
+    if needed is not None and dataset_format != needed:
+        raise ConfigError(f"train.objective={objective} needs dataset.format={needed}, not {dataset_format}")
+    if objective == "reward":
+        check(
+            model.task_type == "seq_cls",
+            "model.task_type",
+            model.task_type,
+            "train.objective=reward needs model.task_type=seq_cls (a scalar reward head)",
+        )
+        check(
+            model.num_labels in (None, 1),
+            "model.num_labels",
+            model.num_labels,
+            "train.objective=reward needs one output: model.num_labels=1",
+        )
+        model.num_labels = 1

@@ -4,7 +4,8 @@ Short product reviews built from templates; the label is the review's sentiment.
 are new combinations of the phrases, so a model must learn which phrases carry the sentiment
 rather than memorise sentences. The same reviews also come as a classification task
 (``sentiment_cls``: text + label 0/1) and a seq2seq task (``sentiment_s2s``: source + target), and
-``ner`` is a tiny named-entity task (tokens + BIO tags of PER / LOC / ORG).
+``ner`` is a tiny named-entity task (tokens + BIO tags of PER / LOC / ORG). ``sentiment_pref`` /
+``sentiment_kto`` are the reviews as preference data (the right label chosen, the wrong one rejected).
 Regenerate with `python -m peftctl.data.builtin`.
 """
 
@@ -14,6 +15,7 @@ import json
 import random
 from pathlib import Path
 
+from peftctl.data.formats import ALPACA_PROMPT
 from peftctl.errors import ConfigError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
@@ -115,6 +117,26 @@ def generate_tasks(n_train: int = 400, n_test: int = 60, seed: int = 4321) -> di
     return out
 
 
+def generate_preference(seed: int = 2468) -> dict[str, dict[str, list[dict]]]:
+    """The review task as preference data: ``sentiment_pref`` (prompt, chosen = the right label,
+    rejected = the wrong one) and ``sentiment_kto`` (prompt, completion, label: each review once,
+    with the right label (desirable) or the wrong one (undesirable), at random)."""
+    rng = random.Random(seed)
+    out: dict[str, dict[str, list[dict]]] = {"sentiment_pref": {}, "sentiment_kto": {}}
+    for split, rows in generate().items():
+        prompts = [ALPACA_PROMPT.format(instruction=r["instruction"], input=r["input"]) for r in rows]
+        wrong = [{"positive": "negative", "negative": "positive"}[r["output"]] for r in rows]
+        out["sentiment_pref"][split] = [
+            {"prompt": p, "chosen": r["output"], "rejected": w} for p, r, w in zip(prompts, rows, wrong)
+        ]
+        desirable = [rng.random() < 0.5 for _ in rows]
+        out["sentiment_kto"][split] = [
+            {"prompt": p, "completion": r["output"] if d else w, "label": d}
+            for p, r, w, d in zip(prompts, rows, wrong, desirable)
+        ]
+    return out
+
+
 def builtin_files(name: str) -> dict[str, str]:
     files = {split: BUILTIN_DIR / f"{name}_{split}.jsonl" for split in ("train", "test")}
     if not all(path.is_file() for path in files.values()):
@@ -127,7 +149,7 @@ def builtin_files(name: str) -> dict[str, str]:
 
 def write_builtin() -> None:
     BUILTIN_DIR.mkdir(exist_ok=True)
-    datasets = {"sentiment": generate(), **generate_tasks()}
+    datasets = {"sentiment": generate(), **generate_tasks(), **generate_preference()}
     for name, splits in datasets.items():
         for split, rows in splits.items():
             text = "".join(json.dumps(row) + "\n" for row in rows)

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from peftctl.config.compose import compose_config
 from peftctl.data.pipeline import prepare_data
+from peftctl.data.preference import PREFERENCE_FORMATS, as_examples
 from peftctl.data.tokenize import IGNORE_INDEX
 from peftctl.models.loader import load_tokenizer
 
@@ -95,6 +96,8 @@ def inspect_data(overrides: list[str], show: int = 3, as_json: bool = False) -> 
     for note in data.notes:
         print(note, file=sys.stderr, flush=True)
     items = data.train[: max(show, 0)]
+    if cfg.dataset.format in PREFERENCE_FORMATS:
+        items = as_examples(items)  # a pair shows as its chosen, then its rejected example
     if as_json:
         print(json.dumps({"stats": data.stats}), flush=True)
         for index, item in enumerate(items):

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from peftctl.data.chat import encode_chat_record, resolve_template
 from peftctl.data.formats import check_columns, to_pair
 from peftctl.data.packing import pack_examples, packing_efficiency
+from peftctl.data.preference import PREFERENCE_FORMATS, prepare_preference
 from peftctl.data.sources import load_raw_splits
 from peftctl.data.tasks import TASK_FORMATS, encode_task, label_names
 from peftctl.data.tokenize import IGNORE_INDEX, Example, encode_pair
@@ -243,6 +244,11 @@ def prepare_data(dataset_cfg: Any, tokenizer: Any) -> PreparedData:
     if dataset_cfg.format in CHAT_FORMATS:
         resolve_template(dataset_cfg, tokenizer)  # a bad template name fails before any data is read
     train_records, eval_records = load_raw_splits(dataset_cfg)
+    if dataset_cfg.format in PREFERENCE_FORMATS:  # data/preference.py checks its own columns and rows
+        train, evaluation, stats = prepare_preference(
+            *_select_and_split(train_records, eval_records, dataset_cfg), dataset_cfg, tokenizer
+        )
+        return PreparedData(train=train, eval=evaluation, stats=stats)
     check_columns(train_records, dataset_cfg)
     if eval_records is not None:
         check_columns(eval_records, dataset_cfg)

@@ -18,6 +18,7 @@ from peftctl.data.pipeline import prepare_data
 from peftctl.data.tokenize import Example
 from peftctl.devices import pick_device
 from peftctl.eval.metrics import exact_match, task_scores
+from peftctl.eval.preference import preference_scores
 from peftctl.runs import load_adapted, open_source
 from peftctl.train.loop import evaluate_loss
 from peftctl.utils import atomic_write_text
@@ -79,14 +80,17 @@ def evaluate(
     examples = data.eval_examples or data.train_examples  # unpacked: score() packs them for the loss
     if cfg.eval.max_eval_samples:
         examples = examples[: cfg.eval.max_eval_samples]
-    if cfg.model.task_type != "causal_lm":
-        scorer: Any = partial(task_scores, label_names=data.label_names)
+    if cfg.dataset.format in ("preference", "kto"):
+        scorer: Any = preference_scores
+    elif cfg.model.task_type != "causal_lm":
+        scorer = partial(task_scores, label_names=data.label_names)
     else:
         scorer = score
     with model.disable_adapter():
         base = scorer(model, tokenizer, examples, cfg, device)
     adapted = scorer(model, tokenizer, examples, cfg, device)
-    generated = min(len(examples), cfg.eval.num_generate) if cfg.model.task_type in ("causal_lm", "seq2seq_lm") else 0
+    generates = cfg.model.task_type in ("causal_lm", "seq2seq_lm") and cfg.dataset.format not in ("preference", "kto")
+    generated = min(len(examples), cfg.eval.num_generate) if generates else 0
     report = {
         "path": str(path),
         "task_type": cfg.model.task_type,

@@ -31,6 +31,7 @@ from peftctl.train.distributed import (
 from peftctl.train.early_stop import BestTracker
 from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
 from peftctl.train.metrics_log import MetricsLog, Progress
+from peftctl.train.objectives import build_objective, evaluate_objective, finish_metrics
 from peftctl.train.optim import build_optimizer, build_scheduler
 from peftctl.train.trackers import NullTracker, eval_scalars, train_scalars
 
@@ -156,6 +157,10 @@ class Trainer:
             raise ConfigError(
                 "train.early_stopping_patience / train.save_best need held-out data; set dataset.eval_size > 0"
             )
+        self.objective = build_objective(
+            cfg, task_loss
+        )  # sft: the task's loss; dpo / orpo / kto / reward: train/objectives.py
+        self.objective.prepare(model, train_data, device, pad_id, cfg.eval.batch_size)
 
     # ------------------------------------------------------------------ pieces
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -226,15 +231,36 @@ class Trainer:
                 value = function(*args) if name != "on_loss" else function(value, *args[1:])
         return value
 
+    def _evaluate(self) -> dict[str, float]:
+        """eval_loss (and a preference objective's eval_rewards/... metrics) on the held-out data."""
+        if self.objective.name != "sft":
+            return evaluate_objective(
+                self.model, self.objective, self.eval_data, self.cfg.eval.batch_size, self.pad_id, self.device
+            )
+        return {
+            "eval_loss": evaluate_loss(
+                self.model,
+                self.eval_data,
+                self.cfg.eval.batch_size,
+                self.pad_id,
+                self.device,
+                self.cfg.train.precision,
+                self.task_type,
+            )
+        }
+
     def _optimizer_step(self, group: list[list[Example]], n_tokens: int) -> tuple[float, float]:
         """Forward/backward over this rank's micro-batches of the step, gradients summed across
         ranks, then one optimizer step. ``n_tokens``: label tokens of the whole (global) step.
         Returns (loss, grad norm)."""
         loss_total, tokens, bad_loss = 0.0, 0, None
+        self.step_metrics: dict[str, float] = {}
         for micro in group:
-            batch = to_device(collate(micro, self.pad_id), self.device)
+            batch = to_device(self.objective.collate(micro, self.pad_id), self.device)
             with autocast(self.device, self.cfg.train.precision):
-                loss_sum, _ = task_loss(self.task_type)(self.model, batch)
+                loss_sum, _, metrics = self.objective.loss(self.model, batch)
+            for key, value in metrics.items():
+                self.step_metrics[key] = self.step_metrics.get(key, 0.0) + float(value)
             loss = loss_sum / n_tokens  # token-weighted mean over the whole accumulated batch
             loss = self._hook("on_loss", loss, self.state.step)
             if not torch.isfinite(loss):
@@ -246,6 +272,10 @@ class Trainer:
         loss_total, tokens, n_bad = sum_values(
             [loss_total, tokens, float(bad_loss is not None)], self.device, self.dist
         )
+        if self.step_metrics:  # per pair / example means over the whole (global) step
+            keys = sorted(self.step_metrics)
+            summed = sum_values([self.step_metrics[k] for k in keys], self.device, self.dist)
+            self.step_metrics = finish_metrics(dict(zip(keys, summed)), n_tokens)
         if n_bad:
             where = (
                 f"the last good checkpoint is {self.last_checkpoint}"
@@ -311,26 +341,18 @@ class Trainer:
             failure = exc
         settle(failure, self.dist)
 
-    def _evaluate_on_main(self, log: Any, final: bool = False) -> float | None:
+    def _evaluate_on_main(self, log: Any, final: bool = False) -> dict[str, float] | None:
         """Rank 0 evaluates: metrics.jsonl, the trackers, the best step so far; every rank enters (and
-        leaves, or raises) together. The eval loss on rank 0."""
+        leaves, or raises) together. The evaluation (eval_loss, eval_rewards/...) on rank 0."""
 
-        def run() -> float:
+        def run() -> dict[str, float]:
             fail_point("eval", self.dist)
-            eval_loss = evaluate_loss(
-                self.model,
-                self.eval_data,
-                self.cfg.eval.batch_size,
-                self.pad_id,
-                self.device,
-                self.cfg.train.precision,
-                self.task_type,
-            )
-            log.write({"step": self.state.step, "eval_loss": eval_loss})
-            self.tracker.log(eval_scalars({"eval_loss": eval_loss}), self.state.step)
-            if self.best.update(eval_loss, self.state.step) and self.on_best is not None and not final:
+            evaluation = self._evaluate()
+            log.write({"step": self.state.step, **evaluation})
+            self.tracker.log(eval_scalars(evaluation), self.state.step)
+            if self.best.update(evaluation["eval_loss"], self.state.step) and self.on_best is not None and not final:
                 self.on_best(self.state.step)  # the final adapter is saved anyway
-            return eval_loss
+            return evaluation
 
         return on_main(run, self.dist)
 
@@ -354,7 +376,7 @@ class Trainer:
             while self.state.step < self.total_steps:
                 # the step's micro-batches, dealt round-robin to the ranks (one rank: all of them)
                 step_batches = [next(batches) for _ in range(train_cfg.grad_accum * self.dist.world_size)]
-                n_tokens = max(sum(label_tokens(b, self.task_type) for b in step_batches), 1)
+                n_tokens = max(sum(self.objective.count(b) for b in step_batches), 1)
                 lr = self.scheduler.get_last_lr()[0]
                 loss, grad_norm = self._optimizer_step(step_batches[self.dist.rank :: self.dist.world_size], n_tokens)
                 self.state.step += 1
@@ -371,6 +393,7 @@ class Trainer:
                     "grad_norm": grad_norm,
                     "tokens_per_s": (self.state.tokens - window_tokens) / max(elapsed, 1e-9),
                 }
+                record.update(self.step_metrics)
                 if self.device.type == "cuda":
                     record["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 log_now = train_cfg.log_every > 0 and (step % train_cfg.log_every == 0 or step == self.total_steps)
@@ -385,9 +408,9 @@ class Trainer:
                     and step % train_cfg.eval_every == 0
                     and step < self.total_steps
                 ):
-                    eval_loss = self._evaluate_on_main(log)
+                    evaluation = self._evaluate_on_main(log)
                     if main:
-                        progress.message(f"step {step}  eval_loss {eval_loss:.4f}")
+                        progress.message(f"step {step}  eval_loss {evaluation['eval_loss']:.4f}")
                     stopped_early = self._stop_early()
                 if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
                     self._checkpoint()
@@ -401,9 +424,9 @@ class Trainer:
         self._settled(self._require_finite, "the final adapter")
         result: dict[str, Any] = {"completed": True, "steps": self.state.step, "stopped_early": stopped_early}
         if self.eval_data and not stopped_early:
-            eval_loss = self._evaluate_on_main(log, final=True)
+            evaluation = self._evaluate_on_main(log, final=True)
             if main:
-                result["eval_loss"] = eval_loss
+                result.update(evaluation)
         elif main and stopped_early:
             result["eval_loss"] = self.best.last_value  # the eval that stopped the run, at this step
         return result
