@@ -26,7 +26,7 @@ which hold torch.compile's work for peftctl, are left out). A sanity line checks
 loss: the LoRA B matrices start at zero, so the policy equals the reference and the sigmoid loss is
 ln 2 on both sides; the script exits 1 if it is not (after writing the table).
 
-  python benchmarks/dpo_qlora_8b.py --out results/dpo_qlora_8b.md --json results/dpo_qlora_8b.json
+  python benchmarks/dpo_qlora_8b.py --out benchmarks/results/dpo_qlora_8b.md --json benchmarks/results/dpo_qlora_8b.json
   python benchmarks/dpo_qlora_8b.py --smoke      # both sides on a tiny Llama on the CPU, < 1 min
 
 TRL is not a peftctl dependency: install trl (and accelerate, datasets) beside it to run this.
@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the figures")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--work", default="/tmp/dpo_qlora_8b", help="model, data and run directories")
-    parser.add_argument("--sides", default="peftctl,trl")
+    parser.add_argument(
+        "--sides", default="peftctl,trl", help="in order, of: peftctl (train.kernels=auto), peftctl-eager, trl"
+    )
     parser.add_argument("--out", default=None, help="write the markdown table here")
     parser.add_argument("--json", default=None, help="write every figure here")
     parser.add_argument("--logs", default=None, help="the two sides' logs (default: beside --out, else --work)")
@@ -74,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.seq, args.prompt_tokens, args.warmup, args.steps = min(args.seq, 96), min(args.prompt_tokens, 24), 1, 2
         args.work = args.work if args.work != "/tmp/dpo_qlora_8b" else "/tmp/dpo_qlora_smoke"
+    if set(args.sides.split(",")) - {"peftctl", "peftctl-eager", "trl"}:
+        parser.error(f"--sides {args.sides}: expected a comma-separated list of peftctl, peftctl-eager, trl")
     args.logs = Path(args.logs or (Path(args.out).parent if args.out else args.work))
     if not 0 < args.prompt_tokens < args.seq - 2:
         parser.error("--prompt-tokens must leave room for a completion: 0 < prompt-tokens < seq - 2")
@@ -263,11 +267,12 @@ def run_logged(command: list[str], log: Path, tail: int = 12) -> tuple[int, str,
     return code, text, wall
 
 
-def run_peftctl(args: argparse.Namespace, p: dict[str, Path]) -> dict[str, Any]:
-    """`peftctl train` as a user runs it; its metrics.jsonl gives the figures. Should the CUDA fast path
-    fail, the run is repeated once with train.kernels=off (and the table says so)."""
+def run_peftctl(args: argparse.Namespace, p: dict[str, Path], side: str = "peftctl") -> dict[str, Any]:
+    """`peftctl train` as a user runs it; its metrics.jsonl gives the figures. ``peftctl``: the default
+    train.kernels=auto (the CUDA fast path), repeated once with train.kernels=off should it fail (the
+    table says so); ``peftctl-eager``: train.kernels=off."""
     overrides = peftctl_overrides(args, p)
-    for attempt in ("auto", "off"):
+    for attempt in ("auto", "off") if side == "peftctl" else ("off",):
         shutil.rmtree(p["peftctl_run"], ignore_errors=True)  # a fresh run, not a resume
         command = [sys.executable, "-m", "peftctl", "train", *overrides, f"train.kernels={attempt}"]
         print("peftctl:", " ".join(command[3:]), flush=True)
@@ -276,13 +281,14 @@ def run_peftctl(args: argparse.Namespace, p: dict[str, Path]) -> dict[str, Any]:
             break
         print(f"peftctl train exited {code} with train.kernels={attempt}", flush=True)
     else:
-        return {"side": "peftctl", "error": f"peftctl train exited {code}; log: {args.logs}"}
+        return {"side": side, "error": f"peftctl train exited {code}; log: {args.logs}"}
+    shutil.copyfile(p["peftctl_run"] / "metrics.jsonl", args.logs / f"peftctl_kernels_{attempt}_metrics.jsonl")
     records = [json.loads(line) for line in (p["peftctl_run"] / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens_per_s" in r]
     fast_path = next((line.split("fast path ", 1)[1] for line in text.splitlines() if "fast path " in line), "?")
     tokens = 2 * args.seq  # every pair is 2 x seq tokens, untruncated (checked when the data was written)
     return {
-        "side": "peftctl",
+        "side": side,
         "kernels": attempt,
         "wall_s": wall,
         "fast_path": fast_path,
@@ -470,7 +476,9 @@ def fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
 
 
 def table_row(r: dict[str, Any]) -> str:
-    if r["side"] == "peftctl":
+    if r["side"] == "peftctl-eager":
+        name = "peftctl train (train.kernels=off)"
+    elif r["side"] == "peftctl":
         name = f"peftctl train (fast path {'on' if r.get('fast_path', '').startswith('on') else 'off'})"
     else:
         name = "TRL DPOTrainer + peft"
@@ -499,14 +507,15 @@ def markdown(args: argparse.Namespace, results: list[dict[str, Any]], versions: 
         "|---|---|---|---|---|---|---|",
         *map(table_row, results),
     ]
-    done = [r for r in results if "error" not in r]
-    if len(done) == 2:
-        ours, theirs = done
-        memory = ours["peak_alloc_gib"] / theirs["peak_alloc_gib"]
-        ratio = f"peftctl / TRL: tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
-        lines += ["", ratio + ("" if math.isnan(memory) else f", peak memory {memory:.2f}x") + "."]
+    done = {r["side"]: r for r in results if "error" not in r}
+    for side in ("peftctl", "peftctl-eager"):
+        if side in done and "trl" in done:
+            ours, theirs = done[side], done["trl"]
+            memory = ours["peak_alloc_gib"] / theirs["peak_alloc_gib"]
+            ratio = f"{side} / TRL: tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
+            lines += ["", ratio + ("" if math.isnan(memory) else f", peak memory {memory:.2f}x") + "."]
     for r in results:
-        if r.get("kernels") == "off":
+        if r["side"] == "peftctl" and r.get("kernels") == "off":
             lines += [
                 "",
                 "peftctl's run with the fast path (train.kernels=auto) failed; this row is train.kernels=off.",
@@ -568,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"build + data: {time.perf_counter() - begun:.0f} s", flush=True)
     results, versions = [], {}
     for side in args.sides.split(","):
-        result, found = (run_peftctl(args, p), {}) if side == "peftctl" else run_trl_child(args)
+        result, found = run_trl_child(args) if side == "trl" else (run_peftctl(args, p, side), {})
         versions = found or versions
         results.append(result if "error" in result else summarize(result, args.warmup))
         print(f"{side}: " + (result.get("error") or f"{results[-1]['tokens_per_s']:.0f} tokens/s"), flush=True)
