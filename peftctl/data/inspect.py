@@ -95,7 +95,11 @@ def inspect_data(overrides: list[str], show: int = 3, as_json: bool = False) -> 
     data = prepare_data(cfg.dataset, tokenizer)
     for note in data.notes:
         print(note, file=sys.stderr, flush=True)
-    items = data.train[: max(show, 0)]
+    if cfg.dataset.streaming:  # the first items in the order the run reads them (the file is not counted)
+        print("data: streaming: train counts are not computed (the file is read as training goes)", file=sys.stderr)
+        items = data.train.first_items(max(show, 0), cfg.train.batch_size)
+    else:
+        items = data.train[: max(show, 0)]
     if cfg.dataset.format in PREFERENCE_FORMATS:
         items = as_examples(items)  # a pair shows as its chosen, then its rejected example
     if as_json:
