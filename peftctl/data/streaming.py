@@ -257,10 +257,17 @@ class TrainStream:
     def state_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self.state)
         values["ready"] = [item_to_dict(item) for item in self.state.ready]
+        values["file_size"] = self.size  # a resume checks that the offsets still point into the same file
         return values
 
     def load_state_dict(self, values: dict[str, Any]) -> None:
         values = dict(values)
+        size = values.pop("file_size", self.size)
+        if size != self.size:
+            raise ConfigError(
+                f"dataset.path: {self.file} has {self.size} bytes, the checkpoint's stream position was taken in a "
+                f"file of {size} bytes; a streamed run resumes only on the unchanged file"
+            )
         values["ready"] = [item_from_dict(item) for item in values.get("ready", [])]
         values["open_rows"] = [[tuple(piece) for piece in row] for row in values.get("open_rows", [])]
         self.state = StreamState(**values)

@@ -129,3 +129,14 @@ def test_a_malformed_line_is_named_when_the_stream_reaches_it(tmp_path: Path) ->
     with pytest.raises(ConfigError, match=r"d\.jsonl line 30 is not valid JSON"):
         for _ in range(20):
             next(batches)
+
+
+def test_a_resume_on_a_changed_file_is_refused(tmp_path: Path) -> None:
+    path = write_texts(tmp_path / "d.jsonl", 20)
+    stream = _prepared(path).train
+    next(stream.micro_batches(2))
+    state = stream.state_dict()
+    with path.open("a") as handle:
+        handle.write(json.dumps({"text": "one more"}) + "\n")
+    with pytest.raises(ConfigError, match="resumes only on the unchanged file"):
+        _prepared(path).train.load_state_dict(state)
