@@ -81,7 +81,11 @@ def _stats_table(stats: dict[str, dict[str, Any]]) -> Any:
             table.add_row(
                 label,
                 *[
-                    f"{c:.1%}" if key == "packing_efficiency" else f"{c:,}" if isinstance(c, int) else str(c)
+                    f"{c:.1%}"
+                    if key == "packing_efficiency" and isinstance(c, float)
+                    else f"{c:,}"
+                    if isinstance(c, int)
+                    else str(c)
                     for c in cells
                 ],
             )

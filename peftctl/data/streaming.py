@@ -371,6 +371,6 @@ def prepare_stream(
     eval_items: list[Any] = held_out
     if dataset_cfg.packing and held_out:
         eval_items = pack_examples(held_out, dataset_cfg.max_seq_len, dataset_cfg.packing_split)
-    packing = " packed on the fly (first-fit over open rows)" if dataset_cfg.packing else ""
+    packing = ", packed on the fly (first-fit over open rows)" if dataset_cfg.packing else ""
     notes = [f"data: streaming {train_file} in file order{packing}; held out for eval: {where}"]
     return stream, held_out, eval_items, notes

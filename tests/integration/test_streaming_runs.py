@@ -103,6 +103,8 @@ def test_data_command_shows_what_the_stream_reads(data: Path) -> None:
     assert [(r["input_ids"], r["labels"]) for r in streamed] == [(r["input_ids"], r["labels"]) for r in mapped]
     packed = _data_json(*common, "dataset.streaming=true", "dataset.packing=true")
     assert all(len(r["input_ids"]) <= 64 and sum(r["lengths"]) == len(r["input_ids"]) for r in packed)
+    shown = CliRunner().invoke(app, ["data", *common, "dataset.streaming=true", "dataset.packing=true", "--show", "2"])
+    assert shown.exit_code == 0 and "train row 1" in shown.stdout, shown.output
 
 
 def test_a_malformed_line_is_one_error_line_with_its_number(data: Path, tmp_path: Path) -> None:
