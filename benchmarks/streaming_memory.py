@@ -8,7 +8,7 @@ through the pipeline. Prints one JSON line per size: examples, file size, this p
 far, seconds. The peak is monotonic: if the larger file needed more memory, its line shows it.
 The first run in a process makes one-time allocations (about 30 MiB here), so list the smallest size
 twice and compare from its second line. (Materialising the data, as the map-style path does, costs
-about 2 KB per example of this file.)
+roughly 1.5-2 KB per example of this file: an estimate.)
 
     python benchmarks/streaming_memory.py --examples 1000,1000,1000000 --full-pass   # the 1M-example file
     python benchmarks/streaming_memory.py --examples 20000,20000,200000 --steps 2    # the test's run
