@@ -120,9 +120,9 @@ def test_a_malformed_line_is_one_error_line_with_its_number(data: Path, tmp_path
 
 
 def test_peak_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
-    """20k vs 200k records (2 vs 22 MiB; materialised, the map-style path holds ~2 KB per example, so
-    ~350 MiB more for the larger file): the same peak RSS within 16 MiB. One process, the small size
-    first twice (the first run in a process makes one-time allocations)."""
+    """20k vs 200k records (2 vs 22 MiB; materialised, as the map-style path holds them, an estimated
+    1.5-2 KB per example, i.e. hundreds of MiB more for the larger file): the same peak RSS within 16 MiB.
+    One process, the small size first twice (the first run in a process makes one-time allocations)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, str(REPO / "benchmarks" / "streaming_memory.py"), "--examples", "20000,20000,200000"]
     result = subprocess.run([*command, "--steps", "1"], env=env, capture_output=True, text=True, timeout=300)
