@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 from peftctl.adapters.core.config import TASK_TYPE_TO_PEFT
 from peftctl.adapters.core.registry import config_from_dict
 from peftctl.data.packing import PROMPT_FAMILY
+from peftctl.data.streaming import streaming_config_problem
 from peftctl.data.tasks import TASK_FORMATS
 from peftctl.errors import ConfigError
 
@@ -74,6 +75,8 @@ class DatasetConfig:
     packing_split: bool = False  # true: cut examples across rows instead of first-fit-decreasing whole ones
     num_proc: Optional[int] = None  # processes for tokenization (datasets.map)
     cache: bool = True  # reuse tokenized data from $PEFTCTL_CACHE/data (keyed by data, tokenizer and settings)
+    streaming: bool = False  # read a .jsonl lazily: tokenize / pack / batch on the fly (data/streaming.py)
+    eval_holdout: int = 0  # streaming: the file's first N records are the held-out eval data
     # task formats (data/tasks.py): seq2seq source/target, classification text [+ pair] + label,
     # token_classification tokens + tags; label_names fixes the label order (else sorted from train)
     source_column: str = "source"
@@ -95,6 +98,7 @@ class DatasetConfig:
         check(self.max_seq_len >= 8, "dataset.max_seq_len", self.max_seq_len, "expected an integer >= 8")
         if self.max_samples is not None:
             check(self.max_samples > 0, "dataset.max_samples", self.max_samples, "expected an integer > 0 or null")
+        check(self.eval_holdout >= 0, "dataset.eval_holdout", self.eval_holdout, "expected an integer >= 0")
         if self.num_proc is not None:
             check(self.num_proc >= 1, "dataset.num_proc", self.num_proc, "expected an integer >= 1 or null")
         if self.role_map is not None:
@@ -420,6 +424,10 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
     if not (built["train"].objective == "reward" and built["dataset"].format == "preference"):
         _check_format_fits_task(built["dataset"].format, built["model"].task_type)
     _check_packing(built["dataset"], built["model"].task_type, adapter.method)
+    if built["dataset"].streaming:
+        problem = streaming_config_problem(built["dataset"], built["model"].task_type, adapter, built["train"])
+        if problem:
+            raise ConfigError(problem)
     scalars = {k: values[k] for k in ("recipe", "description", "output_dir") if k in values}
     for key, value in scalars.items():
         if value is not None and not isinstance(value, str):

@@ -81,7 +81,11 @@ def _stats_table(stats: dict[str, dict[str, Any]]) -> Any:
             table.add_row(
                 label,
                 *[
-                    f"{c:.1%}" if key == "packing_efficiency" else f"{c:,}" if isinstance(c, int) else str(c)
+                    f"{c:.1%}"
+                    if key == "packing_efficiency" and isinstance(c, float)
+                    else f"{c:,}"
+                    if isinstance(c, int)
+                    else str(c)
                     for c in cells
                 ],
             )
@@ -95,7 +99,11 @@ def inspect_data(overrides: list[str], show: int = 3, as_json: bool = False) -> 
     data = prepare_data(cfg.dataset, tokenizer)
     for note in data.notes:
         print(note, file=sys.stderr, flush=True)
-    items = data.train[: max(show, 0)]
+    if cfg.dataset.streaming:  # the first items in the order the run reads them (the file is not counted)
+        print("data: streaming: train counts are not computed (the file is read as training goes)", file=sys.stderr)
+        items = data.train.first_items(max(show, 0), cfg.train.batch_size)
+    else:
+        items = data.train[: max(show, 0)]
     if cfg.dataset.format in PREFERENCE_FORMATS:
         items = as_examples(items)  # a pair shows as its chosen, then its rejected example
     if as_json:

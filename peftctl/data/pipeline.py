@@ -24,6 +24,7 @@ from peftctl.data.formats import check_columns, to_pair
 from peftctl.data.packing import pack_examples, packing_efficiency
 from peftctl.data.preference import PREFERENCE_FORMATS, prepare_preference
 from peftctl.data.sources import load_raw_splits
+from peftctl.data.streaming import prepare_stream
 from peftctl.data.tasks import TASK_FORMATS, encode_task, label_names
 from peftctl.data.tokenize import IGNORE_INDEX, Example, encode_pair
 from peftctl.errors import ConfigError
@@ -38,7 +39,7 @@ NOT_IN_KEY = ("packing", "packing_split", "num_proc", "cache")  # settings that 
 
 @dataclass
 class PreparedData:
-    train: list[Any]  # what the loop consumes: Examples, or PackedRows with dataset.packing
+    train: Any  # what the loop consumes: a list of Examples (PackedRows with dataset.packing); streaming: a TrainStream
     eval: list[Any]
     label_names: list[str] | None = None  # classification / token classification label vocabulary
     train_examples: list[Example] | None = None  # always unpacked (the same list as train without packing)
@@ -243,6 +244,8 @@ def _select_and_split(train_records: Any, eval_records: Any, dataset_cfg: Any) -
 def prepare_data(dataset_cfg: Any, tokenizer: Any) -> PreparedData:
     if dataset_cfg.format in CHAT_FORMATS:
         resolve_template(dataset_cfg, tokenizer)  # a bad template name fails before any data is read
+    if dataset_cfg.streaming:
+        return prepare_streaming(dataset_cfg, tokenizer)
     train_records, eval_records = load_raw_splits(dataset_cfg)
     if dataset_cfg.format in PREFERENCE_FORMATS:  # data/preference.py checks its own columns and rows
         train, evaluation, stats = prepare_preference(
@@ -270,6 +273,19 @@ def prepare_data(dataset_cfg: Any, tokenizer: Any) -> PreparedData:
     stats = {"train": split_stats(train, train_dropped, causal), "eval": split_stats(evaluation, eval_dropped, causal)}
     data = PreparedData(train=train, eval=evaluation, label_names=names, stats=stats, notes=notes)
     return pack(data, dataset_cfg) if dataset_cfg.packing else data
+
+
+def prepare_streaming(dataset_cfg: Any, tokenizer: Any) -> PreparedData:
+    """dataset.streaming: ``train`` is a data/streaming.py TrainStream (read lazily, never counted:
+    ``stats["train"]`` stays empty and ``train_examples`` is []); the held-out data is in memory."""
+    stream, held_out, eval_items, notes = prepare_stream(dataset_cfg, record_encoder(dataset_cfg, tokenizer, None))
+    stats: dict[str, Any] = {"train": {}, "eval": split_stats(held_out, 0)}
+    if dataset_cfg.packing:
+        efficiency = packing_efficiency(eval_items, dataset_cfg.max_seq_len)
+        stats["eval"].update({"rows": len(eval_items), "packing_efficiency": round(efficiency, 4)})
+    return PreparedData(
+        train=stream, eval=eval_items, train_examples=[], eval_examples=held_out, stats=stats, notes=notes
+    )
 
 
 def pack(data: PreparedData, dataset_cfg: Any) -> PreparedData:

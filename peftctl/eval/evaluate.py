@@ -23,6 +23,8 @@ from peftctl.runs import load_adapted, open_source
 from peftctl.train.loop import evaluate_loss
 from peftctl.utils import atomic_write_text
 
+STREAM_EVAL_EXAMPLES = 200  # a streamed run without dataset.eval_holdout: eval on the first 200 training examples
+
 
 @torch.no_grad()
 def greedy_responses(
@@ -78,6 +80,8 @@ def evaluate(
     model, tokenizer = load_adapted(source, device)
     data = prepare_data(cfg.dataset, tokenizer)
     examples = data.eval_examples or data.train_examples  # unpacked: score() packs them for the loss
+    if cfg.dataset.streaming and not examples:  # nothing held out: the stream's first training examples
+        examples = data.train.first_examples(cfg.eval.max_eval_samples or STREAM_EVAL_EXAMPLES)
     if cfg.eval.max_eval_samples:
         examples = examples[: cfg.eval.max_eval_samples]
     if cfg.dataset.format in ("preference", "kto"):

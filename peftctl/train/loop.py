@@ -139,8 +139,11 @@ class Trainer:
         self.dist = dist
         self.model, self.adapter_name, self.cfg = model, adapter_name, cfg
         self.train_data, self.eval_data = train_data, eval_data
+        # dataset.streaming: a TrainStream (data/streaming.py) that deals its own micro-batches and saves its position
+        self.stream = train_data if hasattr(train_data, "micro_batches") else None
         self.run_dir, self.device, self.pad_id, self.quiet = run_dir, device, pad_id, quiet
-        self.total_steps = total_optimizer_steps(len(train_data), cfg.train, dist.world_size)
+        n_examples = 0 if self.stream is not None else len(train_data)  # a stream: train.max_steps (checked)
+        self.total_steps = total_optimizer_steps(n_examples, cfg.train, dist.world_size)
         self.task_type = cfg.model.task_type
         self.optimizer = build_optimizer(model.parameters(), cfg.train)
         broadcast_parameters(self._trainable(), dist)
@@ -180,6 +183,8 @@ class Trainer:
         self.state = LoopState(
             step=saved["step"], epoch=saved["epoch"], position=saved["position"], tokens=saved["tokens"]
         )
+        if self.stream is not None:
+            self.stream.load_state_dict(saved["stream"])
         self.last_checkpoint = checkpoint
         self._rebase_lr(self.cfg.train.lr)
 
@@ -312,6 +317,8 @@ class Trainer:
             "tokens": self.state.tokens,
             "total_steps": self.total_steps,
         }
+        if self.stream is not None:
+            state["stream"] = self.stream.state_dict()  # file position, packer carry-over, items not yet batched
         rank_rngs = gather_objects(rng_state(), self.dist)  # every rank's dropout stream, for resume
 
         def save() -> Path:
@@ -331,6 +338,11 @@ class Trainer:
 
         on_main(save, self.dist)  # a failed write on rank 0 ends every rank
         self.last_checkpoint = checkpoint_dir(self.run_dir, self.state.step)
+
+    def _epoch_progress(self) -> float:
+        if self.stream is not None:
+            return self.stream.epoch_progress()
+        return self.state.epoch + self.state.position * self.cfg.train.batch_size / len(self.train_data)
 
     def _settled(self, check: Any, *args: Any) -> None:
         """``check(*args)`` on every rank; if it raises on any rank, every rank raises (distributed.settle)."""
@@ -366,7 +378,11 @@ class Trainer:
         main = self.dist.is_main
         log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.state.step) if main else None
         progress = Progress(self.total_steps, self.state.step, self.quiet or not main)
-        batches = micro_batches(self.train_data, train_cfg.batch_size, train_cfg.seed, self.state)
+        batches = (
+            self.stream.micro_batches(train_cfg.batch_size)
+            if self.stream is not None
+            else micro_batches(self.train_data, train_cfg.batch_size, train_cfg.seed, self.state)
+        )
         self.model.train()
         window_start, window_tokens = time.perf_counter(), self.state.tokens
         if self.device.type == "cuda":
@@ -385,9 +401,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step,
-                    "epoch": round(
-                        self.state.epoch + self.state.position * train_cfg.batch_size / len(self.train_data), 4
-                    ),
+                    "epoch": round(self._epoch_progress(), 4),
                     "loss": loss,
                     "lr": lr,
                     "grad_norm": grad_norm,
