@@ -40,6 +40,13 @@ DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 REFERENCE_FREE = ("simpo",)
 
 
+def compares_with_reference(train_cfg: Any) -> bool:
+    """Whether the objective needs reference log-probs (the adapter switched off): DPO but SimPO, KTO."""
+    if train_cfg.objective == "dpo":
+        return train_cfg.dpo.loss_type not in REFERENCE_FREE
+    return train_cfg.objective == "kto"
+
+
 # ---------------------------------------------------------------------------- losses (per pair / example)
 def dpo_losses(
     policy_chosen: torch.Tensor,

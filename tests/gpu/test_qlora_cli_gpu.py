@@ -124,3 +124,31 @@ def test_cli_merge_of_gpu_run_loads_in_bf16(qlora_run: Path) -> None:
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in merged.parameters())
+
+
+def test_cli_qlora_dpo_first_step_is_ln2_on_gpu(llama_dir: Path, tmp_path: Path) -> None:
+    """Issue 16 acceptance 2 on a GPU: the adapter at its zero init makes the policy the reference, so the
+    first DPO step's loss is ln 2 and its reward margin 0 — with the recipe as shipped (nf4, bf16, fast
+    path setting left at auto: the reference pass must take the same numerics as the policy's)."""
+    import math
+
+    run_dir = tmp_path / "dpo"
+    result = _peftctl(
+        "train",
+        "recipe=qlora_dpo_llama",
+        f"model.name_or_path={llama_dir}",
+        f"output_dir={run_dir}",
+        "train.max_steps=2",
+        "train.grad_accum=1",
+        "train.log_every=1",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "dataset.max_seq_len=512",
+        "dataset.max_samples=64",
+        cwd=tmp_path,
+    )
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r.get("step") == 1 and "loss" in r)
+    print(f"qlora_dpo step 1: loss {first['loss']:.6f}, margin {first['rewards/margins']}; {result.stdout[:300]}")
+    assert abs(first["loss"] - math.log(2)) < 1e-4, first
+    assert first["rewards/margins"] == 0.0, first

@@ -184,3 +184,22 @@ def test_dpo_gradient_pushes_chosen_up_and_rejected_down(logps: dict[str, torch.
     losses, _, _ = dpo_losses(pc, pr, logps["rc"], logps["rr"], 0.1, "sigmoid")
     losses.sum().backward()
     assert (pc.grad < 0).all() and (pr.grad > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "compared"),
+    [
+        (["recipe=tiny_dpo"], True),
+        (["recipe=tiny_dpo", "train.dpo.loss_type=simpo"], False),
+        (["recipe=tiny_kto"], True),
+        (["recipe=tiny_orpo"], False),
+        (["recipe=tiny_lora"], False),
+    ],
+)
+def test_fast_path_stays_off_where_policy_meets_reference(overrides: list[str], compared: bool) -> None:
+    """A reference pass (adapter off) must round like the policy pass: no compiled layers for DPO / KTO."""
+    from peftctl.config.compose import compose_config
+    from peftctl.train.run import apply_kernels
+
+    note = apply_kernels(torch.nn.Linear(2, 2), compose_config(overrides), torch.device("cuda"))
+    assert ("compares the policy with a reference pass" in note) is compared, note
