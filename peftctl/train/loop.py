@@ -32,6 +32,7 @@ from peftctl.train.early_stop import BestTracker
 from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
 from peftctl.train.metrics_log import MetricsLog, Progress
 from peftctl.train.objectives import build_objective, evaluate_objective, finish_metrics
+from peftctl.train.offload import ActivationOffloader, offload_context
 from peftctl.train.optim import build_optimizer, build_scheduler
 from peftctl.train.trackers import NullTracker, eval_scalars, train_scalars
 
@@ -148,6 +149,8 @@ class Trainer:
         # fp16 needs loss scaling; otherwise the scaler is switched off (every call passes through)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         self.hooks = model.method_of(adapter_name).training_hooks(model, adapter_name, self.total_steps)
+        # train.gradient_checkpointing=offload: the checkpointed layer inputs go to host memory
+        self.offloader = ActivationOffloader() if cfg.train.gradient_checkpointing == "offload" else None
         self.state = LoopState()
         self.last_checkpoint: Path | None = None
         self.tracker: NullTracker = NullTracker()  # train.report_to's trackers (run.py sets them on rank 0)
@@ -257,7 +260,7 @@ class Trainer:
         self.step_metrics: dict[str, float] = {}
         for micro in group:
             batch = to_device(self.objective.collate(micro, self.pad_id), self.device)
-            with autocast(self.device, self.cfg.train.precision):
+            with autocast(self.device, self.cfg.train.precision), offload_context(self.offloader):
                 loss_sum, _, metrics = self.objective.loss(self.model, batch)
             for key, value in metrics.items():
                 self.step_metrics[key] = self.step_metrics.get(key, 0.0) + float(value)
