@@ -60,7 +60,13 @@ def test_offloader_leaves_parameters_and_small_tensors_alone() -> None:
     assert torch.equal(offloader.unpack(handle), large) and offloader.offloaded_bytes == 512 * 4
 
 
-QUICK = ["train.max_steps=3", "train.log_every=1", "train.batch_size=4", "eval.num_generate=0", "dataset.eval_size=0"]
+QUICK = [
+    "train.max_steps=3",
+    "train.log_every=1",
+    "train.batch_size=4",
+    "dataset.max_samples=48",
+    "dataset.eval_size=0",
+]
 
 
 def test_train_with_offload_logs_the_losses_of_plain_checkpointing(
