@@ -67,6 +67,21 @@ def test_fused_branch_bf16_under_autocast_keeps_the_plain_dtypes() -> None:
         assert float((g.detach().float() - w.detach().float()).norm() / w.detach().float().norm()) < 1e-2
 
 
+def test_fused_branch_traces_as_one_graph_and_backward_uses_the_forward_mask() -> None:
+    """The fast path compiles whole decoder layers: the fused function must trace without a graph break
+    (fullgraph=True, AOT autograd on the CPU) and its compiled backward must use the forward's dropout
+    mask (the output rebuilt from the mask that x's gradient reveals equals the output)."""
+    x, a, b = _leaves(torch.float32)
+    compiled = torch.compile(lambda x, a, b: fused_lora_branch(x, a, b, 2.0, 0.3), fullgraph=True, backend="aot_eager")
+    out = compiled(x, a, b)
+    grad_x, grad_a = torch.autograd.grad(out, (x, a), torch.ones_like(out))
+    kept = grad_x != 0
+    rebuilt = _unfused(x, a, b, 2.0, kept, 0.3)
+    torch.testing.assert_close(out, rebuilt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_a, torch.autograd.grad(rebuilt, a, torch.ones_like(out))[0], rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_mask_packs_to_one_bit_per_element_and_back() -> None:
     mask = torch.rand(3, 5, 7) > 0.5  # 105 elements: not a multiple of 8
     packed = pack_mask(mask)
