@@ -140,7 +140,8 @@ def time_steps(trainer: Any, examples: list[Any], warmup: int, steps: int) -> tu
         _synchronize(trainer.device)
         if step >= warmup:
             times.append(time.perf_counter() - started)
-        losses.append(loss)
+        trainer.check_pending()  # a non-finite loss stops the bench as it stops training (after the timing)
+        losses.append(float(loss))
     return times, losses
 
 
@@ -240,6 +241,7 @@ def max_context(
                 return False
             finally:
                 trainer.optimizer.zero_grad(set_to_none=True)  # what a step that ran out of memory left behind
+                trainer.pending.clear()
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -140,3 +140,12 @@ def test_fused_adamw_only_for_cuda_float_parameters() -> None:
     half_on_cpu = SimpleNamespace(device=torch.device("cpu"), is_floating_point=lambda: True)
     assert fused_adamw_option([on_cuda, on_cuda]) == {"fused": True}
     assert fused_adamw_option([on_cuda, half_on_cpu]) == {} and fused_adamw_option([]) == {}
+
+
+def test_bench_under_deferred_sync_reports_plain_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftctl.train.bench import bench
+
+    monkeypatch.setattr(loop, "defer_host_sync", lambda device, dist: True)
+    result = bench(["recipe=tiny_lora", "train.batch_size=2"], warmup=0, steps=2, seq_len=16).as_dict()
+    assert len(result["losses"]) == 2 and all(isinstance(v, float) for v in result["losses"])
+    json.dumps(result)

@@ -91,3 +91,14 @@ def test_train_with_offload_logs_the_losses_of_plain_checkpointing(
 def test_bad_gradient_checkpointing_value_names_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="train.gradient_checkpointing"):
         train(["train.gradient_checkpointing=sometimes", f"output_dir={tmp_path}"], quiet=True)
+
+
+def test_bench_with_offload_reports_what_went_to_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftctl.train.bench import bench
+
+    monkeypatch.setattr(ActivationOffloader, "MIN_BYTES", 0)
+    overrides = ["recipe=tiny_lora", "train.batch_size=2", "train.gradient_checkpointing=offload"]
+    result = bench(overrides, warmup=0, steps=1, seq_len=16)
+    # at least the two decoder layers' inputs (2 x 16 x 128 fp32 each) per step
+    assert result.offloaded_gib_per_step is not None and result.offloaded_gib_per_step * 2**30 >= 2 * 2 * 16 * 128 * 4
+    assert bench(overrides[:2], warmup=0, steps=1, seq_len=16).offloaded_gib_per_step is None
