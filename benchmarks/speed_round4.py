@@ -73,11 +73,14 @@ def llama_config(shape: str, smoke: bool) -> Any:
 
 
 def write_random_llama(config: Any, directory: Path, device: str) -> Path:
-    """A random bf16 Llama built on ``device``, saved with the byte-level tokenizer (a local model dir)."""
+    """A random bf16 Llama built on ``device``, saved with the byte-level tokenizer (a local model dir);
+    one already written there (an earlier call with the same --models-dir) is reused."""
     from transformers import LlamaForCausalLM
 
     from peftctl.models.tokenizer import build_byte_tokenizer
 
+    if (directory / "tokenizer_config.json").is_file():
+        return directory
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 straight away (8B: 16 GB, not 32)
@@ -309,7 +312,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-ctx-limit", type=int, default=524288)
     parser.add_argument("--max-ctx-granularity", type=int, default=65536)
     parser.add_argument("--max-search-s", type=float, default=None, help="maxctx: start no trial after this long")
-    parser.add_argument("--models-dir", default=None, help="where the random models are written (default: a temp dir)")
+    parser.add_argument(
+        "--models-dir", default=None, help="keep the random models here and reuse them (default: a temp dir, deleted)"
+    )
     parser.add_argument("--out", default=None, help="write the JSON here too")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: the whole script in < 1 min")
     args = parser.parse_args()
@@ -329,11 +334,12 @@ def main() -> None:
     cases = [c for c in ALL_CASES if c in args.cases.split(",")]
     results: list[dict[str, Any]] = []
     skipped: list[str] = []
-    with tempfile.TemporaryDirectory(dir=args.models_dir) as scratch:
-        dirs = {"8b": Path(scratch) / "llama-3-8b-random"}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(args.models_dir or scratch) / ("smoke" if args.smoke else "full")
+        dirs = {"8b": root / "llama-3-8b-random"}
         write_random_llama(llama_config("8b", args.smoke), dirs["8b"], args.device)
         if "lora_1b" in cases:
-            dirs["1b"] = write_random_llama(llama_config("1b", args.smoke), Path(scratch) / "llama-3.2-1b", args.device)
+            dirs["1b"] = write_random_llama(llama_config("1b", args.smoke), root / "llama-3.2-1b", args.device)
         print(f"models written in {time.perf_counter() - started:.0f} s", flush=True)
         for index, case in enumerate(cases):
             left = args.budget_s - (time.perf_counter() - started)
