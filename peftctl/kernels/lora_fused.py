@@ -21,8 +21,10 @@ Estimated saving, Llama-3-8B shape, batch 1 × 2048, bf16, LoRA on all 7 project
 no checkpointing (per layer: q/k/v/gate/up read 2048 × 4096, o reads 2048 × 4096, down 2048 × 14336):
     plain:  u copies 6 × 16 MiB + 56 MiB = 152 MiB, masks 76 MiB        -> 228 MiB per layer
     fused:  bit masks 9.5 MiB                                            ->   9.5 MiB per layer
-    => about 218 MiB per layer, 6.8 GiB over 32 layers (under torch.compile the partitioner may already
-       drop some of the plain path's copies; the measured figure is in benchmarks/RESULTS.md).
+    => about 218 MiB per layer, 6.8 GiB over 32 layers, if the plain path keeps its u copies. Under
+       torch.compile the partitioner may already recompute u from x and a byte mask; then what is
+       left to save is the masks' 7/8: ≈66 MiB per layer, ≈2.1 GiB. So 2.1-6.8 GiB off the 29.2 GiB
+       measured for that step (benchmarks/speed_round4.py measures it).
 With gradient checkpointing only one layer's activations are live at a time: ≈0.2 GiB.
 
 Dtypes: the matmuls run in ``compute_dtype`` (the autocast dtype under autocast, else the adapter
