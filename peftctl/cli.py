@@ -278,11 +278,29 @@ def bench(
         None, "--memory-gib", help="cap this process's GPU memory (e.g. 80 for an 80 GB card)"
     ),
     as_json: bool = typer.Option(False, "--json", help="one JSON object instead of text"),
+    start_seq: int = typer.Option(4096, "--start-seq", help="--max-context: the first length tried (then doubled)"),
+    granularity: int = typer.Option(1024, "--granularity", help="--max-context: the answer is a multiple of this"),
+    max_search_s: Optional[float] = typer.Option(
+        None, "--max-search-s", help="--max-context: start no trial after this many seconds (a lower bound then)"
+    ),
 ) -> None:
     """Time the training step of a recipe on synthetic batches: tokens/s, step time, peak memory, MFU."""
     from peftctl.train.bench import run_bench
 
-    _run(lambda: run_bench(list(overrides or []), warmup, steps, seq_len, find_max_context, memory_gib, as_json))
+    _run(
+        lambda: run_bench(
+            list(overrides or []),
+            warmup,
+            steps,
+            seq_len,
+            find_max_context,
+            memory_gib,
+            as_json,
+            start_seq,
+            granularity,
+            max_search_s,
+        )
+    )
 
 
 @app.command("data")

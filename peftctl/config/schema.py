@@ -173,7 +173,9 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     max_grad_norm: Optional[float] = 1.0
-    gradient_checkpointing: bool = False
+    # true: recompute each decoder layer in the backward; offload: also keep the layers' saved inputs in
+    # pinned CPU memory (train/offload.py)
+    gradient_checkpointing: Union[bool, Literal["offload"]] = False
     # auto: the CUDA fast path (peftctl/kernels) where it applies, the eager path elsewhere; off: always eager
     kernels: Literal["auto", "off"] = "auto"
     log_every: int = 10

@@ -1,13 +1,15 @@
 """The training fast path on CUDA (``train.kernels=auto``), with the exact eager path everywhere else.
 
-What it does today: every decoder layer of a Llama / Mistral / Qwen2-style model is put under
-``torch.compile``. One compiled layer fuses what eager PyTorch runs as dozens of small kernels per
-projection (RMSNorm, RoPE, SwiGLU, the LoRA path's dropout / scale / add and dtype casts) and launches
-far fewer kernels, which is where a LoRA step at batch 1 x 2k tokens loses its time. The layer's
-arithmetic is unchanged (same matmuls, same dtypes); fused elementwise code rounds differently, so the
-fast path is checked against an fp32 run: it must be no further from fp32 than the eager bf16 path is
-(tests/gpu/test_fast_path_gpu.py; measured: closer, for LoRA and QLoRA). ``train.kernels=off`` gives the
-eager path exactly.
+What it does today: every LoRA projection on an nn.Linear-layout weight (also bitsandbytes 4-bit) computes its
+low-rank branch through one autograd function that keeps x and a bit-packed dropout mask instead of a dropped-
+out copy of x per projection (kernels/lora_fused.py), and every decoder layer of a Llama / Mistral /
+Qwen2-style model is put under ``torch.compile``. One compiled layer fuses what eager PyTorch runs as dozens
+of small kernels per projection (RMSNorm, RoPE, SwiGLU, the LoRA path's dropout / scale / add and dtype casts)
+and launches far fewer kernels, which is where a LoRA step at batch 1 x 2k tokens loses its time. The layer's
+arithmetic is unchanged (same matmuls, same dtypes); fused elementwise code rounds differently, so the fast
+path is checked against an fp32 run: it must be no further from fp32 than the eager bf16 path is
+(tests/gpu/test_fast_path_gpu.py; measured: closer, for LoRA and QLoRA). ``train.kernels=off`` gives the eager
+path exactly.
 
 It applies only where it was measured (benchmarks/fast_path.py): CUDA, a supported decoder layer,
 and LoRA (also QLoRA's LoRA on bitsandbytes layers). Other methods run eager, and so does DoRA: its
@@ -53,10 +55,22 @@ def apply_fast_path(model: nn.Module, device: torch.device, adapter_config: Any 
     if reason is not None:
         return f"off ({reason})"
     layers = decoder_layers(model)
+    fused = enable_fused_lora(model)
     allow_one_graph_per_layer(len(layers))
     for layer in layers:
         layer.compile()
-    return f"on: {len(layers)} x {type(layers[0]).__name__} under torch.compile"
+    return f"on: {len(layers)} x {type(layers[0]).__name__} under torch.compile, fused LoRA branch in {fused} layers"
+
+
+def enable_fused_lora(model: nn.Module) -> int:
+    """Switch the LoRA layers that support it to the fused branch (kernels/lora_fused.py); how many."""
+    count = 0
+    for module in model.modules():
+        supports = getattr(module, "supports_fused_lora", None)
+        if supports is not None and supports():
+            module.fused_lora = True
+            count += 1
+    return count
 
 
 def allow_one_graph_per_layer(n_layers: int) -> None:

@@ -20,9 +20,10 @@ import json
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -50,6 +51,7 @@ class BenchResult:
     gpu: str | None = None
     fast_path: str = ""
     losses: list[float] = field(default_factory=list)
+    offloaded_gib_per_step: float | None = None  # train.gradient_checkpointing=offload: host memory per step
 
     @property
     def median_step_s(self) -> float:
@@ -83,6 +85,7 @@ class BenchResult:
             "gpu": self.gpu,
             "fast_path": self.fast_path,
             "losses": self.losses,
+            "offloaded_gib_per_step": self.offloaded_gib_per_step,
         }
 
 
@@ -137,34 +140,39 @@ def time_steps(trainer: Any, examples: list[Any], warmup: int, steps: int) -> tu
         _synchronize(trainer.device)
         if step >= warmup:
             times.append(time.perf_counter() - started)
-        losses.append(loss)
+        trainer.check_pending()  # a non-finite loss stops the bench as it stops training (after the timing)
+        losses.append(float(loss))
     return times, losses
 
 
-def bench(
-    overrides: list[str], warmup: int = 3, steps: int = 10, seq_len: int | None = None, memory_gib: float | None = None
-) -> BenchResult:
-    """Build the run as `peftctl train` would, then time ``steps`` optimizer steps after ``warmup``."""
-    if warmup < 0 or steps < 1:
-        raise ConfigError(f"--warmup={warmup} / --steps={steps}: expected warmup >= 0 and steps >= 1")
+@contextmanager
+def bench_trainer(overrides: list[str], memory_gib: float | None = None) -> Iterator[tuple[Any, str]]:
+    """(the loop's Trainer for the run `peftctl train` would build, the fast-path note), built once."""
     cfg = compose_config(overrides)
     if cfg.model.task_type != "causal_lm":
         raise ConfigError(f"model.task_type={cfg.model.task_type}: peftctl bench times causal-LM training only")
     device = pick_device(cfg.train.device)
     cap_memory(device, memory_gib)
-    seq = seq_len or cfg.dataset.max_seq_len
     model, tokenizer, _ = build_model_and_data(cfg, device)
     move_to_device(model, device)
     fast_path = apply_kernels(model, cfg, device)
+    examples = synthetic_examples(cfg.train.batch_size * cfg.train.grad_accum, 8, 2, cfg.train.seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        yield (
+            Trainer(model, ADAPTER_NAME, examples, [], cfg, Path(scratch), device, tokenizer.pad_token_id, True),
+            (fast_path),
+        )
+
+
+def measure(trainer: Any, fast_path: str, seq: int, warmup: int, steps: int) -> BenchResult:
+    """Time ``steps`` optimizer steps after ``warmup`` on synthetic batches of ``seq`` tokens."""
+    cfg, device, model = trainer.cfg, trainer.device, trainer.model
     vocab = model.model.get_input_embeddings().weight.shape[0]
     examples = synthetic_examples(cfg.train.batch_size * cfg.train.grad_accum, seq, vocab, cfg.train.seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = Trainer(
-            model, ADAPTER_NAME, examples, [], cfg, Path(scratch), device, tokenizer.pad_token_id, quiet=True
-        )
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times, losses = time_steps(trainer, examples, warmup, steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    offloaded_before = trainer.offloader.offloaded_bytes if trainer.offloader is not None else 0
+    times, losses = time_steps(trainer, examples, warmup, steps)
     result = BenchResult(
         seq_len=seq,
         batch_size=cfg.train.batch_size * cfg.train.grad_accum,
@@ -175,10 +183,24 @@ def bench(
         fast_path=fast_path,
         losses=losses,
     )
+    if trainer.offloader is not None:
+        result.offloaded_gib_per_step = (
+            (trainer.offloader.offloaded_bytes - offloaded_before) / 2**30 / (warmup + steps)
+        )
     if device.type == "cuda":
         result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
         result.gpu = torch.cuda.get_device_name(device)
     return result
+
+
+def bench(
+    overrides: list[str], warmup: int = 3, steps: int = 10, seq_len: int | None = None, memory_gib: float | None = None
+) -> BenchResult:
+    """Build the run as `peftctl train` would, then time ``steps`` optimizer steps after ``warmup``."""
+    if warmup < 0 or steps < 1:
+        raise ConfigError(f"--warmup={warmup} / --steps={steps}: expected warmup >= 0 and steps >= 1")
+    with bench_trainer(overrides, memory_gib) as (trainer, fast_path):
+        return measure(trainer, fast_path, seq_len or trainer.cfg.dataset.max_seq_len, warmup, steps)
 
 
 def cap_memory(device: torch.device, memory_gib: float | None) -> None:
@@ -194,30 +216,48 @@ def cap_memory(device: torch.device, memory_gib: float | None) -> None:
 
 
 def max_context(
-    overrides: list[str], memory_gib: float | None, start: int = 4096, limit: int = 1 << 20, granularity: int = 1024
+    overrides: list[str],
+    memory_gib: float | None,
+    start: int = 4096,
+    limit: int = 1 << 20,
+    granularity: int = 1024,
+    max_seconds: float | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """The longest sequence (a multiple of ``granularity``) whose training step fits: doubling from
-    ``start`` until a step runs out of memory, then bisection. Each trial is a fresh build and one step."""
+    ``start`` until a step runs out of memory, then bisection. The run is built once; each trial is one
+    optimizer step. ``max_seconds``: no new trial starts after that long (the answer is then a lower
+    bound, marked by a trial ``{"stopped": "time"}``)."""
     trials: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with bench_trainer(overrides, memory_gib) as (trainer, fast_path):
 
-    def fits(seq: int) -> bool:
-        try:
-            result = bench(overrides, warmup=0, steps=1, seq_len=seq, memory_gib=memory_gib)
-            trials.append({"seq_len": seq, "fits": True, **result.as_dict()})
-            return True
-        except torch.OutOfMemoryError:
-            trials.append({"seq_len": seq, "fits": False})
-            return False
-        finally:
-            gc.collect()
-            torch.cuda.empty_cache()
+        def fits(seq: int) -> bool:
+            try:
+                result = measure(trainer, fast_path, seq, warmup=0, steps=1)
+                trials.append({"fits": True, **result.as_dict()})
+                return True
+            except torch.OutOfMemoryError:
+                trials.append({"seq_len": seq, "fits": False})
+                return False
+            finally:
+                trainer.optimizer.zero_grad(set_to_none=True)  # what a step that ran out of memory left behind
+                trainer.pending.clear()
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
-    low, high = 0, start
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    while high - low > granularity:
-        middle = (low + high) // 2 // granularity * granularity
-        low, high = (middle, high) if fits(middle) else (low, middle)
+        def out_of_time() -> bool:
+            over = max_seconds is not None and time.perf_counter() - started > max_seconds
+            if over:
+                trials.append({"stopped": "time", "after_s": round(time.perf_counter() - started, 1)})
+            return over
+
+        low, high = 0, start
+        while high <= limit and not out_of_time() and fits(high):
+            low, high = high, high * 2
+        while high - low > granularity and not (trials and trials[-1].get("stopped")) and not out_of_time():
+            middle = (low + high) // 2 // granularity * granularity
+            low, high = (middle, high) if fits(middle) else (low, middle)
     return low, trials
 
 
@@ -242,10 +282,17 @@ def run_bench(
     find_max_context: bool,
     memory_gib: float | None,
     as_json: bool,
+    start_seq: int = 4096,
+    granularity: int = 1024,
+    max_search_s: float | None = None,
 ) -> dict[str, Any]:
     """What the CLI's `peftctl bench` prints (text, or one JSON object with --json)."""
     if find_max_context:
-        longest, trials = max_context(overrides, memory_gib)
+        if start_seq < 1 or granularity < 1:
+            raise ConfigError(f"--start-seq={start_seq} / --granularity={granularity}: expected integers >= 1")
+        longest, trials = max_context(
+            overrides, memory_gib, start_seq, granularity=granularity, max_seconds=max_search_s
+        )
         report = {"max_context": longest, "memory_gib": memory_gib, "trials": trials}
         print(
             json.dumps(report)

@@ -32,6 +32,7 @@ from peftctl.train.early_stop import BestTracker
 from peftctl.train.losses import causal_lm_loss_sum, label_count, loss_fn
 from peftctl.train.metrics_log import MetricsLog, Progress
 from peftctl.train.objectives import build_objective, evaluate_objective, finish_metrics
+from peftctl.train.offload import ActivationOffloader, offload_context
 from peftctl.train.optim import build_optimizer, build_scheduler
 from peftctl.train.trackers import NullTracker, eval_scalars, train_scalars
 
@@ -84,7 +85,25 @@ def label_tokens(batch: list[Example], task_type: str = "causal_lm") -> int:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on ``device``; to CUDA through pinned host memory, so the copy does not block the host."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def defer_host_sync(device: torch.device, dist: DistInfo) -> bool:
+    """Whether the loop keeps each step's figures on the device until a log step (Trainer.deferred_sync)."""
+    return device.type == "cuda" and not dist.enabled
+
+
+@dataclass
+class PendingStep:
+    """A step whose loss / grad norm / non-finite flag are still on the device (deferred sync)."""
+
+    step: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    non_finite: torch.Tensor
 
 
 @torch.no_grad()
@@ -151,6 +170,13 @@ class Trainer:
         # fp16 needs loss scaling; otherwise the scaler is switched off (every call passes through)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         self.hooks = model.method_of(adapter_name).training_hooks(model, adapter_name, self.total_steps)
+        # train.gradient_checkpointing=offload: the checkpointed layer inputs go to host memory
+        self.offloader = ActivationOffloader() if cfg.train.gradient_checkpointing == "offload" else None
+        # CUDA, one process: a step's loss, grad norm and non-finite check stay on the GPU until a log
+        # step (or eval / checkpoint / the end) reads them, so the host never waits for the GPU
+        # mid-step. Elsewhere (CPU, several ranks, which exchange them anyway) they are read each step.
+        self.deferred_sync = defer_host_sync(device, dist)
+        self.pending: list[PendingStep] = []
         self.state = LoopState()
         self.last_checkpoint: Path | None = None
         self.tracker: NullTracker = NullTracker()  # train.report_to's trackers (run.py sets them on rank 0)
@@ -254,15 +280,17 @@ class Trainer:
             )
         }
 
-    def _optimizer_step(self, group: list[list[Example]], n_tokens: int) -> tuple[float, float]:
+    def _optimizer_step(self, group: list[list[Example]], n_tokens: int) -> tuple[Any, Any]:
         """Forward/backward over this rank's micro-batches of the step, gradients summed across
         ranks, then one optimizer step. ``n_tokens``: label tokens of the whole (global) step.
-        Returns (loss, grad norm)."""
+        Returns (loss, grad norm): floats, or 0-d device tensors under ``deferred_sync``."""
+        if self.deferred_sync:
+            return self._deferred_optimizer_step(group, n_tokens)
         loss_total, tokens, bad_loss = 0.0, 0, None
         self.step_metrics: dict[str, float] = {}
         for micro in group:
             batch = to_device(self.objective.collate(micro, self.pad_id), self.device)
-            with autocast(self.device, self.cfg.train.precision):
+            with autocast(self.device, self.cfg.train.precision), offload_context(self.offloader):
                 loss_sum, _, metrics = self.objective.loss(self.model, batch)
             for key, value in metrics.items():
                 self.step_metrics[key] = self.step_metrics.get(key, 0.0) + float(value)
@@ -295,18 +323,70 @@ class Trainer:
             error.reported_elsewhere = not self.dist.is_main  # type: ignore[attr-defined]  # rank 0 says why
             raise error
         self.state.tokens += int(tokens)
+        return loss_total, float(self._clip_and_step())
+
+    def _clip_and_step(self) -> torch.Tensor:
+        """Sum gradients across ranks, clip, optimizer / scheduler step; the grad norm (a 0-d tensor)."""
         params = self._trainable()
         sum_gradients(params, self.dist)
         self._hook("after_backward", self.state.step)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.scaler.step(self.optimizer)  # a disabled scaler just calls optimizer.step()
         self.scaler.update()
         self.scheduler.step()
         self._hook("after_step", self.state.step)
         self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _deferred_optimizer_step(self, group: list[list[Example]], n_tokens: int) -> tuple[Any, Any]:
+        """_optimizer_step without reading anything back from the device (``deferred_sync``).
+
+        The loss is summed on the device and a non-finite loss raises a device flag instead of an
+        immediate error; ``check_pending`` (at the next log step, eval, checkpoint or the end) raises
+        the same TrainingError naming the first step whose loss was non-finite. Such a step's
+        backward and update have run by then (they cannot be skipped without reading the flag), but
+        nothing is saved: every save checks first. Token counts come from the host-side batch."""
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # as the exact path's float sum
+        non_finite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.step_metrics = {}
+        for micro in group:
+            host_batch = self.objective.collate(micro, self.pad_id)
+            self.state.tokens += int(host_batch["attention_mask"].numpy().sum())  # counted on the host
+            batch = to_device(host_batch, self.device)
+            with autocast(self.device, self.cfg.train.precision), offload_context(self.offloader):
+                loss_sum, _, metrics = self.objective.loss(self.model, batch)
+            for key, value in metrics.items():  # preference objectives' metrics: read each step
+                self.step_metrics[key] = self.step_metrics.get(key, 0.0) + float(value)
+            loss = self._hook("on_loss", loss_sum / n_tokens, self.state.step)
+            non_finite = non_finite | ~torch.isfinite(loss.detach())
+            self.scaler.scale(loss).backward()
+            loss_total = loss_total + loss.detach().double()
+        if self.step_metrics:
+            self.step_metrics = finish_metrics(self.step_metrics, n_tokens)
+        grad_norm = self._clip_and_step()
+        self.pending.append(PendingStep(self.state.step + 1, loss_total, grad_norm, non_finite))
         return loss_total, grad_norm
+
+    def check_pending(self) -> None:
+        """Read the deferred steps' non-finite flags (one transfer); TrainingError for the first bad one."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        flags = torch.stack([p.non_finite for p in pending]).cpu()
+        if not bool(flags.any()):
+            return
+        first = pending[int(flags.to(torch.int8).argmax())]
+        where = (
+            f"the last good checkpoint is {self.last_checkpoint}"
+            if self.last_checkpoint
+            else "no checkpoint was written yet"
+        )
+        raise TrainingError(
+            f"loss became {float(first.loss)} at step {first.step}; training stopped at step {self.state.step} "
+            f"({where}). Try a lower train.lr or train.precision=fp32"
+        )
 
     def _checkpoint(self) -> None:
         self._settled(self._require_finite, "a checkpoint")  # every rank holds the same weights: every rank stops
@@ -398,6 +478,19 @@ class Trainer:
                 self.state.step += 1
                 step = self.state.step
                 kill_point(f"step:{step}")
+                log_now = train_cfg.log_every > 0 and (step % train_cfg.log_every == 0 or step == self.total_steps)
+                eval_now = bool(
+                    self.eval_data
+                    and train_cfg.eval_every
+                    and step % train_cfg.eval_every == 0
+                    and step < self.total_steps
+                )
+                save_now = bool(train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps)
+                stop_now = stop_after_step is not None and step >= stop_after_step
+                if self.deferred_sync and not (log_now or eval_now or save_now or stop_now or step == self.total_steps):
+                    continue  # nothing reads this step's figures: no device sync (the bar moves at log steps)
+                self.check_pending()
+                loss, grad_norm = float(loss), float(grad_norm)
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step,
@@ -410,28 +503,22 @@ class Trainer:
                 record.update(self.step_metrics)
                 if self.device.type == "cuda":
                     record["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                log_now = train_cfg.log_every > 0 and (step % train_cfg.log_every == 0 or step == self.total_steps)
                 if log_now and log is not None:
                     log.write(record)
                     self.tracker.log(train_scalars(record), step)
                     window_start, window_tokens = time.perf_counter(), self.state.tokens
                 progress.update(step, {"loss": loss, "lr": lr, "tok/s": round(record["tokens_per_s"])}, log_now)
-                if (
-                    self.eval_data
-                    and train_cfg.eval_every
-                    and step % train_cfg.eval_every == 0
-                    and step < self.total_steps
-                ):
+                if eval_now:
                     evaluation = self._evaluate_on_main(log)
                     if main:
                         progress.message(f"step {step}  eval_loss {evaluation['eval_loss']:.4f}")
                     stopped_early = self._stop_early()
-                if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
+                if save_now:
                     self._checkpoint()
                 if stopped_early:
                     progress.message(self.best.stop_message(train_cfg.early_stopping_metric, step))
                     break
-                if stop_after_step is not None and step >= stop_after_step:
+                if stop_now:
                     return {"stopped_at": step, "completed": False}
         finally:
             progress.close()

@@ -21,6 +21,7 @@ from peftctl.adapters.core.layer_utils import is_gpt2_conv1d
 from peftctl.adapters.lora import dora
 from peftctl.adapters.lora.variant import LoraVariant
 from peftctl.errors import ConfigError
+from peftctl.kernels.lora_fused import fused_lora_branch
 from peftctl.models.quantized import read_weight
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ class LoraLayer(AdapterLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dropout")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_variant")
     dora_variant: LoraVariant = dora.DORA  # the variant use_dora selects for this layer type
+    # the fused LoRA branch (kernels/lora_fused.py): switched on per layer by the CUDA fast path only
+    fused_lora: bool = False
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
@@ -110,6 +113,8 @@ class LoraLayer(AdapterLayer):
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
         dropout = self.lora_dropout[adapter_name]
+        if self.fused_lora and adapter_name not in self.lora_variant:
+            return result + self.fused_update(x, adapter_name).to(result.dtype)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick the dtype
             x = x.to(self.lora_A[adapter_name].weight.dtype)
         variant = self.lora_variant.get(adapter_name)
@@ -139,6 +144,17 @@ class LoraLinear(LoraLayer):
 
     def base_no_bias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.oriented_weight().to(x.dtype))
+
+    def supports_fused_lora(self) -> bool:
+        """The fused branch covers plain nn.Linear-layout weights (also bitsandbytes 4-bit layers)."""
+        return not self.fan_in_fan_out
+
+    def fused_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """s · B(A(dropout(x))) through one autograd function that saves x, not dropout(x)."""
+        dropout = self.lora_dropout[adapter_name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        weight_a, weight_b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        return fused_lora_branch(x, weight_a, weight_b, self.scaling[adapter_name], p)
 
 
 class LoraConv(LoraLayer):

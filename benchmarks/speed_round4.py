@@ -1,0 +1,369 @@
+"""Issue 12, side by side in one process: peftctl (through `peftctl bench`'s own code) vs transformers + peft.
+
+A random-weight Llama-3-8B (and a Llama-3.2-1B shape) is built on the GPU in bf16 from its config
+(no hub), saved to disk with a byte-level tokenizer, and both stacks load that directory as a user
+would: peftctl through `peftctl.train.bench.bench` (the function behind `peftctl bench`: the recipe's
+model, adapter, fast path, checkpointing, optimizer and the training loop's own optimizer step on
+synthetic batches), transformers + peft through `from_pretrained` + `get_peft_model` and a plain
+loop (bf16 autocast, the same optimizer, grad clipping, HF's loss). LoRA r=16, alpha=32, dropout
+0.05 on all linear layers. Median step time -> tokens/s; peak = max_memory_allocated over the steps
+(weights included) on both sides. Which stack goes first alternates from case to case.
+
+Cases (in this order; --cases picks (default: the five side-by-side ones), --budget-s skips what
+would not finish in time):
+  lora        8B LoRA bf16, batch 1 x 2048, no checkpointing
+  lora_ckpt   8B LoRA bf16, batch 1 x 2048, gradient checkpointing
+  qlora       8B QLoRA nf4 (recipe qlora_llama, r=16), checkpointing, paged AdamW 8-bit
+  dora        8B DoRA bf16, checkpointing
+  lora_1b     Llama-3.2-1B shape, LoRA, batch 4 x 2048, no checkpointing
+  offload64k  8B QLoRA r=32 at 64k tokens: checkpointing vs offloaded checkpointing (peftctl only)
+  maxctx      8B QLoRA r=32: `bench --max-context --memory-gib 80` with offload (search capped)
+
+  python benchmarks/speed_round4.py --out benchmarks/results/round4.json          # the table (~7 min on an H200)
+  python benchmarks/speed_round4.py --cases offload64k,maxctx --max-ctx-start 262144 \
+      --max-ctx-granularity 262144 --max-search-s 150 --out benchmarks/results/round4_long.json   # ~8 min
+  python benchmarks/speed_round4.py --smoke --cases lora,lora_ckpt,qlora,dora,lora_1b,offload64k,maxctx  # CPU, tiny
+
+One 8B QLoRA step at 256k tokens is ~9e16 FLOPs (attention dominates): minutes on one H200, so the
+long-context cases have their own call; --max-search-s stops the search from starting another trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GiB = 2**30
+ADAPTER = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+ALL_CASES = ("lora", "lora_ckpt", "qlora", "dora", "lora_1b", "offload64k", "maxctx")
+# rough seconds each case takes on an H200 (load + compile + steps, both stacks), for --budget-s
+EXPECTED_S = {"lora": 75, "lora_ckpt": 70, "qlora": 95, "dora": 60, "lora_1b": 45, "offload64k": 120, "maxctx": 150}
+
+
+def llama_config(shape: str, smoke: bool) -> Any:
+    from transformers import LlamaConfig
+
+    if smoke:
+        dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        return LlamaConfig(vocab_size=512, num_key_value_heads=2, tie_word_embeddings=False, **dims)
+    if shape == "8b":
+        dims = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, tie_word_embeddings=False)
+    else:  # Llama-3.2-1B
+        dims = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, tie_word_embeddings=True)
+    return LlamaConfig(
+        vocab_size=128256,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072 * 4,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        **dims,
+    )
+
+
+def write_random_llama(config: Any, directory: Path, device: str) -> Path:
+    """A random bf16 Llama built on ``device``, saved with the byte-level tokenizer (a local model dir);
+    one already written there (an earlier call with the same --models-dir) is reused."""
+    from transformers import LlamaForCausalLM
+
+    from peftctl.models.tokenizer import build_byte_tokenizer
+
+    if (directory / "tokenizer_config.json").is_file():
+        return directory
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 straight away (8B: 16 GB, not 32)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(directory)
+    build_byte_tokenizer().save_pretrained(directory)
+    del model
+    free_memory()
+    return directory
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------ peftctl: `peftctl bench`'s code
+def peftctl_overrides(case: str, model_dir: Path, device: str) -> list[str]:
+    lora = [f"adapter.r={ADAPTER['r']}", f"adapter.lora_alpha={ADAPTER['lora_alpha']}", "adapter.lora_dropout=0.05"]
+    common = [f"model.name_or_path={model_dir}", "model.dtype=bfloat16", f"train.device={device}", "train.grad_accum=1"]
+    bf16 = ["recipe=qlora_llama", "quant=none", "train.optimizer=adamw", "train.max_grad_norm=1.0", *lora, *common]
+    long_qlora = ["recipe=qlora_llama", "adapter.r=32", "adapter.lora_alpha=16", *common]
+    if device == "cpu":
+        long_qlora += ["quant.compute_dtype=bfloat16"]
+    return {
+        "lora": [*bf16, "train.batch_size=1", "train.gradient_checkpointing=false"],
+        "lora_ckpt": [*bf16, "train.batch_size=1", "train.gradient_checkpointing=true"],
+        "qlora": ["recipe=qlora_llama", *lora, *common, "train.batch_size=1"],
+        "dora": [*bf16, "adapter.use_dora=true", "train.batch_size=1", "train.gradient_checkpointing=true"],
+        "lora_1b": [*bf16, "train.batch_size=4", "train.gradient_checkpointing=false"],
+        "offload64k": long_qlora,
+        "maxctx": [*long_qlora, "train.gradient_checkpointing=offload"],
+    }[case]
+
+
+def run_peftctl(case: str, model_dir: Path, device: str, seq: int, warmup: int, steps: int) -> dict[str, Any]:
+    from peftctl.train.bench import bench
+
+    started = time.perf_counter()
+    result = bench(peftctl_overrides(case, model_dir, device), warmup=warmup, steps=steps, seq_len=seq).as_dict()
+    result.update(stack="peftctl", case=case, wall_s=time.perf_counter() - started)
+    free_memory()
+    return result
+
+
+# ------------------------------------------------------------------ transformers + peft
+def peft_model(case: str, model_dir: Path, device: str) -> tuple[Any, Any, float]:
+    """(peft model, optimizer, clip norm) as a transformers + peft user sets them up."""
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if case == "qlora":
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        placement = {"": torch.cuda.current_device()} if device == "cuda" else None
+        base = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, quantization_config=quant, device_map=placement
+        )
+        base = peft.prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
+        if case in ("lora_ckpt", "dora"):
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+    config = peft.LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", use_dora=case == "dora", **ADAPTER)
+    model = peft.get_peft_model(base, config)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if case == "qlora" and device == "cuda":
+        import bitsandbytes as bnb
+
+        return model, bnb.optim.PagedAdamW8bit(params, lr=2e-4), 0.3
+    return model, torch.optim.AdamW(params, lr=2e-4, fused=device == "cuda"), 1.0
+
+
+def run_peft(case: str, model_dir: Path, device: str, seq: int, batch: int, warmup: int, steps: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    model, optimizer, clip = peft_model(case, model_dir, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(warmup + steps):
+        synchronize(device)
+        began = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        synchronize(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - began)
+    result = {
+        "stack": "peft",
+        "case": case,
+        "seq_len": seq,
+        "batch_size": batch,
+        "tokens_per_s": batch * seq / statistics.median(times),
+        "median_step_s": statistics.median(times),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / GiB if device == "cuda" else None,
+        "losses": losses,
+        "wall_s": time.perf_counter() - started,
+    }
+    del model, optimizer, params
+    free_memory()
+    return result
+
+
+# ------------------------------------------------------------------ cases
+def side_by_side(case: str, index: int, dirs: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
+    model_dir = dirs["1b" if case == "lora_1b" else "8b"]
+    batch = 4 if case == "lora_1b" else 1
+    runs: list[Callable[[], dict[str, Any]]] = [
+        lambda: run_peftctl(case, model_dir, args.device, args.seq, args.warmup, args.steps),
+        lambda: run_peft(case, model_dir, args.device, args.seq, batch, args.warmup, args.steps),
+    ]
+    if index % 2:
+        runs.reverse()  # alternate which stack runs first
+    return [run() for run in runs]
+
+
+def offload_at_64k(dirs: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The same long step with plain and with offloaded checkpointing (acceptance: offload >= 0.8x)."""
+    results = []
+    for mode in ("true", "offload"):
+        from peftctl.train.bench import bench
+
+        overrides = [*peftctl_overrides("offload64k", dirs["8b"], args.device), f"train.gradient_checkpointing={mode}"]
+        result = bench(overrides, warmup=1, steps=1, seq_len=args.long_seq).as_dict()
+        result.update(stack="peftctl", case=f"offload64k:{mode}")
+        results.append(result)
+        free_memory()
+    return results
+
+
+def max_context_search(dirs: dict[str, Path], args: argparse.Namespace, seconds: float) -> dict[str, Any]:
+    from peftctl.train.bench import max_context
+
+    memory = None if args.device == "cpu" else args.memory_gib
+    longest, trials = max_context(
+        peftctl_overrides("maxctx", dirs["8b"], args.device),
+        memory,
+        start=args.max_ctx_start,
+        limit=args.max_ctx_limit,
+        granularity=args.max_ctx_granularity,
+        max_seconds=seconds,
+    )
+    return {"stack": "peftctl", "case": "maxctx", "max_context": longest, "memory_gib": memory, "trials": trials}
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| case | transformers + peft | peftctl | speed ratio | memory ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for case in dict.fromkeys(r["case"] for r in results if r["stack"] == "peft"):
+        theirs = next(r for r in results if r["case"] == case and r["stack"] == "peft")
+        ours = next(r for r in results if r["case"] == case and r["stack"] == "peftctl")
+        speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
+        memory = f"{ours['peak_memory_gib'] / theirs['peak_memory_gib']:.2f}x" if theirs["peak_memory_gib"] else "n/a"
+        lines.append(
+            f"| {case} | {theirs['tokens_per_s']:,.0f} tok/s, {_gib(theirs)} | {ours['tokens_per_s']:,.0f} tok/s, "
+            f"{_gib(ours)} | {speed:.2f}x | {memory} |"
+        )
+    for r in results:
+        if r["case"].startswith("offload64k:"):
+            lines.append(
+                f"| 8B QLoRA r=32, {r['seq_len']:,} tokens, ckpt={r['case'].split(':')[1]} | | "
+                f"{r['tokens_per_s']:,.0f} tok/s, {_gib(r)} | | |"
+            )
+        if r["case"] == "maxctx":
+            lines.append(
+                f"| 8B QLoRA r=32, longest context in {r['memory_gib']} GiB (offload) | | "
+                f"{r['max_context']:,} tokens | | |"
+            )
+    return "\n".join(lines)
+
+
+def _gib(result: dict[str, Any]) -> str:
+    return f"{result['peak_memory_gib']:.2f} GiB" if result.get("peak_memory_gib") is not None else "- GiB"
+
+
+def environment() -> dict[str, Any]:
+    import peft
+    import transformers
+
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "command": " ".join(sys.argv),
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="lora,lora_ckpt,qlora,dora,lora_1b")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--long-seq", type=int, default=65536)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, default=450.0, help="skip cases that would not finish in time")
+    parser.add_argument("--memory-gib", type=float, default=80.0)
+    parser.add_argument("--max-ctx-start", type=int, default=131072)
+    parser.add_argument("--max-ctx-limit", type=int, default=524288)
+    parser.add_argument("--max-ctx-granularity", type=int, default=65536)
+    parser.add_argument("--max-search-s", type=float, default=None, help="maxctx: start no trial after this long")
+    parser.add_argument(
+        "--models-dir", default=None, help="keep the random models here and reuse them (default: a temp dir, deleted)"
+    )
+    parser.add_argument("--out", default=None, help="write the JSON here too")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: the whole script in < 1 min")
+    args = parser.parse_args()
+    args.device = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        args.seq, args.long_seq, args.warmup, args.steps = 32, 64, 1, 1
+        args.max_ctx_start, args.max_ctx_limit, args.max_ctx_granularity = 32, 64, 32
+    unknown = set(args.cases.split(",")) - set(ALL_CASES)
+    if unknown:
+        parser.error(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(ALL_CASES)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.perf_counter()
+    cases = [c for c in ALL_CASES if c in args.cases.split(",")]
+    results: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(args.models_dir or scratch) / ("smoke" if args.smoke else "full")
+        dirs = {"8b": root / "llama-3-8b-random"}
+        write_random_llama(llama_config("8b", args.smoke), dirs["8b"], args.device)
+        if "lora_1b" in cases:
+            dirs["1b"] = write_random_llama(llama_config("1b", args.smoke), root / "llama-3.2-1b", args.device)
+        print(f"models written in {time.perf_counter() - started:.0f} s", flush=True)
+        for index, case in enumerate(cases):
+            left = args.budget_s - (time.perf_counter() - started)
+            if not args.smoke and left < EXPECTED_S[case] and case != "maxctx":
+                skipped.append(case)
+                print(f"skipping {case}: {left:.0f} s left of --budget-s, it takes about {EXPECTED_S[case]} s")
+                continue
+            if case == "offload64k":
+                new = offload_at_64k(dirs, args)
+            elif case == "maxctx":
+                seconds = args.max_search_s if args.max_search_s is not None else max(left - 30, 0.0)
+                new = [max_context_search(dirs, args, seconds)]
+            else:
+                new = side_by_side(case, index, dirs, args)
+            for result in new:
+                print(json.dumps(result), flush=True)
+            results.extend(new)
+    report = {"env": environment(), "results": results, "skipped": skipped, "wall_s": time.perf_counter() - started}
+    print("\n" + markdown_table(results))
+    print(json.dumps({k: v for k, v in report.items() if k != "results"}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
