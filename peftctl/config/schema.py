@@ -453,6 +453,10 @@ def _check_packing(dataset: DatasetConfig, task_type: str, method: str) -> None:
 # what FSDP2 sharding cannot run (train/fsdp.py): the reason after each name
 FSDP_METHODS_REFUSED = {
     "adalora": "its rank allocator reads and masks whole tensors between steps",
+    **{
+        name: "its virtual tokens are embedded outside the sharded forward"
+        for name in ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2")
+    },
 }
 FSDP_INITS_REFUSED = ("pissa", "olora", "corda")  # the final adapter is converted against the whole initial one
 FSDP_OPTIMIZERS = ("adamw",)  # bitsandbytes' optimizers take plain tensors, FSDP2 hands them sharded DTensors

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,8 @@ def shard_model(model: nn.Module, precision: str, device: torch.device) -> int:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # the root returns logits that the loss slices (views) but never changes in place; FSDP2 warns on every step
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = mixed_precision(precision)
     blocks = decoder_blocks(model)
