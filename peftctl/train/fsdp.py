@@ -105,7 +105,8 @@ def _sum_gradients_over_ranks(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
+            if hasattr(module, "set_force_sum_reduction_for_comms"):  # older torch: NCCL's pre-multiplied sum
+                module.set_force_sum_reduction_for_comms(True)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -109,7 +109,6 @@ def train_losses(config: object, device: torch.device, precision: str, quantized
     prepare_model_for_kbit_training(model, gradient_checkpointing=True)  # freezes the base; checkpointing
     torch.manual_seed(1)
     adapted = get_adapted_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
-    adapted.to(device)
     cfg = compose_config(
         [
             f"train.max_steps={STEPS}",
@@ -190,6 +189,7 @@ TINY = [
     "train.device=cuda",
     "dataset.max_samples=96",
     "adapter.lora_dropout=0",
+    "train.kernels=off",  # the compiled fast path rounds differently; it is off under fsdp anyway
 ]
 
 
@@ -209,7 +209,14 @@ def test_torchrun_one_rank_fsdp_cli_run_checkpoints_and_resumes(tmp_path: Path) 
 @pytest.mark.multigpu
 @pytest.mark.parametrize(
     "recipe, extra, tolerance",
-    [("tiny_lora", [], 1e-4), ("qlora_tiny_cpu", ["train.optimizer=adamw", "train.gradient_checkpointing=true"], 1e-3)],
+    [
+        ("tiny_lora", [], 1e-4),
+        (
+            "qlora_tiny_cpu",
+            ["train.optimizer=adamw", "train.gradient_checkpointing=true", "quant.quant_storage=compute"],
+            1e-3,
+        ),
+    ],
 )
 def test_two_gpus_fsdp_take_the_steps_of_one_plain_process_and_resume_on_one(
     recipe: str, extra: list[str], tolerance: float, tmp_path: Path
