@@ -50,6 +50,7 @@ def llama_config(layers: int, smoke: bool = False) -> object:
         tie_word_embeddings=False,
         attn_implementation="sdpa",
         use_cache=False,
+        dtype="float32" if smoke else "bfloat16",
     )
 
 

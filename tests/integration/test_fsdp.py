@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,10 @@ def _launch(out: Path, plan: dict[str, Any]) -> subprocess.Popen[str]:
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += [_fsdp_ranks.__file__, str(out), str(out / "plan.json")]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # its own session: on a timeout the whole group (torchrun and both ranks) is killed, not torchrun alone
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +89,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         }
         log, _ = launched.communicate(timeout=HANG)
     finally:
-        launched.kill()
+        if launched.poll() is None:
+            os.killpg(launched.pid, signal.SIGKILL)
     assert launched.returncode == 0, log[-5000:]
     ranks = [{r["case"]: r for r in json.loads((root / f"rank{i}.json").read_text())} for i in range(2)]
     return {"runs": root / "runs", "references": references, "ranks": ranks, "log": log}
