@@ -187,6 +187,9 @@ class TrainConfig:
     nproc: int = (
         1  # > 1: `peftctl train` validates the config, then starts torchrun with this many ranks (train/launch.py)
     )
+    # several ranks: ddp = every rank holds the model, adapter grads all-reduced (train/distributed.py);
+    # fsdp = FSDP2, the model sharded over the ranks, sharded checkpoints (train/fsdp.py)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     dist_timeout_s: int = 600  # data parallel: a collective waiting longer than this fails the run instead of hanging
     report_to: Union[str, list] = "none"  # none | tensorboard | wandb | mlflow, or a list of them (train/trackers.py)
     # early stopping on an eval metric (every train.eval_every steps): stop after `patience` evals without
@@ -430,6 +433,7 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
         problem = streaming_config_problem(built["dataset"], built["model"].task_type, adapter, built["train"])
         if problem:
             raise ConfigError(problem)
+    _check_fsdp(built["train"], built["quant"], adapter)
     scalars = {k: values[k] for k in ("recipe", "description", "output_dir") if k in values}
     for key, value in scalars.items():
         if value is not None and not isinstance(value, str):
@@ -454,6 +458,42 @@ def _check_packing(dataset: DatasetConfig, task_type: str, method: str) -> None:
             f"dataset.packing=true is not valid with adapter={method}: its virtual tokens assume one example per row; "
             "set dataset.packing=false"
         )
+
+
+# what FSDP2 sharding cannot run (train/fsdp.py): the reason after each name
+FSDP_METHODS_REFUSED = {
+    "adalora": "its rank allocator reads and masks whole tensors between steps",
+    **{
+        name: "its virtual tokens are embedded outside the sharded forward"
+        for name in ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2")
+    },
+}
+FSDP_INITS_REFUSED = ("pissa", "olora", "corda")  # the final adapter is converted against the whole initial one
+FSDP_OPTIMIZERS = ("adamw",)  # bitsandbytes' optimizers take plain tensors, FSDP2 hands them sharded DTensors
+
+
+def _check_fsdp(train: TrainConfig, quant: QuantConfig, adapter: Any) -> None:
+    """train.distributed=fsdp: the combinations that cannot shard, each one line naming the field."""
+    if train.distributed != "fsdp":
+        return
+    why = FSDP_METHODS_REFUSED.get(adapter.method)
+    if why:
+        raise ConfigError(f"adapter={adapter.method} does not work with train.distributed=fsdp ({why}); use ddp")
+    init = str(getattr(adapter, "init_lora_weights", "")).split("_")[0].lower()
+    if init in FSDP_INITS_REFUSED:
+        raise ConfigError(
+            f"adapter.init_lora_weights={adapter.init_lora_weights} does not work with train.distributed=fsdp "
+            "(the final adapter is converted against the whole initial one); use ddp"
+        )
+    if train.optimizer not in FSDP_OPTIMIZERS:
+        raise ConfigError(
+            f"train.optimizer={train.optimizer} does not work with train.distributed=fsdp (bitsandbytes optimizers "
+            "take whole tensors, FSDP2 shards them); use train.optimizer=adamw"
+        )
+    if quant.method == "int8":
+        raise ConfigError("quant=int8 does not work with train.distributed=fsdp; use quant=nf4 or quant=fp4 (4-bit)")
+    if train.save_best:
+        raise ConfigError("train.save_best=true does not work with train.distributed=fsdp yet; use ddp")
 
 
 def _check_format_fits_task(dataset_format: str, task_type: str) -> None:

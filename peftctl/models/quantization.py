@@ -32,9 +32,12 @@ def bnb_config(quant_cfg: Any) -> Any:
     )
 
 
-def quantize_linear(linear: Any, method: str = "nf4", compute_dtype: Any = None, double_quant: bool = True) -> Any:
+def quantize_linear(
+    linear: Any, method: str = "nf4", compute_dtype: Any = None, double_quant: bool = True, quant_storage: Any = None
+) -> Any:
     """A bitsandbytes layer holding ``linear``'s weight quantized (nf4 / fp4: Linear4bit; int8:
-    Linear8bitLt), on ``linear``'s device. The float weight is not kept."""
+    Linear8bitLt), on ``linear``'s device. The float weight is not kept. ``quant_storage``: the dtype
+    4-bit weights are packed into (default uint8; the compute dtype for FSDP, train/fsdp.py)."""
     import bitsandbytes as bnb  # optional dependency (quant=nf4 / int8 only)
 
     weight = linear.weight.data
@@ -55,6 +58,7 @@ def quantize_linear(linear: Any, method: str = "nf4", compute_dtype: Any = None,
             compute_dtype=compute_dtype,
             compress_statistics=double_quant,
             quant_type=method,
+            quant_storage=quant_storage or torch.uint8,
             device="meta",
         )
         params = bnb.nn.Params4bit(
@@ -62,6 +66,7 @@ def quantize_linear(linear: Any, method: str = "nf4", compute_dtype: Any = None,
             requires_grad=False,
             compress_statistics=double_quant,
             quant_type=method,
+            quant_storage=quant_storage or torch.uint8,
             module=layer,
         )
         layer.weight = params._quantize(device)

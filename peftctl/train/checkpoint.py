@@ -4,6 +4,9 @@ checkpoints/step-000200/
   adapter/ (adapter_config.json, adapter_model.safetensors) · optimizer.pt · scheduler.pt · rng.pt
   (+ rng-rank<r>.pt per further rank of a data-parallel run)
   trainer_state.json (step, epoch, position in the epoch, metrics so far)
+  sharded/ instead of optimizer.pt and trainable.safetensors with train.distributed=fsdp: every rank's
+      shards of the trainable tensors and the optimizer state (torch.distributed.checkpoint, train/fsdp.py;
+      adapter/ is still the whole adapter, gathered)
   hooks/<i>-<HookClass>.json + .safetensors   state of the method's training hooks that have
       state_dict() / load_state_dict() (AdaLoRA's rank allocator): tensors and JSON values apart
   manifest.json   every other file's relative path, size and sha256, written last
@@ -39,6 +42,7 @@ TRAINABLE_NAME = "trainable.safetensors"
 HOOKS_DIR = "hooks"
 MANIFEST_NAME = "manifest.json"
 REQUIRED_FILES = (STATE_NAME, "optimizer.pt", "scheduler.pt", "rng.pt")
+SHARDED_METADATA = "sharded/.metadata"  # an FSDP checkpoint's optimizer state: torch.distributed.checkpoint's index
 # Test-only fault injection (tests/integration/test_kill_anywhere.py): with PEFTCTL_TEST_KILL_AT=<point>
 # the process SIGKILLs itself where kill_point(<point>) is called, e.g. "checkpoint:8:optimizer"
 KILL_ENV = "PEFTCTL_TEST_KILL_AT"
@@ -148,17 +152,23 @@ def save_checkpoint(
     keep: int,
     hooks: Sequence[Any] = (),
     rank_rngs: list[dict[str, Any]] | None = None,
+    sharded: tuple[dict[str, torch.Tensor], Any] | None = None,
 ) -> Path:
-    """``rank_rngs``: every rank's RNG state in rank order (data-parallel runs); default: this process's."""
+    """``rank_rngs``: every rank's RNG state in rank order (data-parallel runs); default: this process's.
+    ``sharded`` (FSDP): (the gathered adapter tensors, a function that moves the ranks' written shards
+    into the folder it is given) in place of the model's own tensors and the optimizer's state."""
     target = checkpoint_dir(run_dir, state["step"])
     stage = f"checkpoint:{state['step']}"
     # a re-run from an earlier checkpoint replaces the abandoned later one of the same step
     with atomic_directory(target, overwrite=True) as tmp:
-        save_adapter_dir(model, tmp / "adapter", adapter_name)
+        save_adapter_dir(model, tmp / "adapter", adapter_name, tensors=sharded[0] if sharded else None)
         kill_point(f"{stage}:adapter")
-        save_file(trainable_state(model), str(tmp / TRAINABLE_NAME))
-        kill_point(f"{stage}:trainable")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if sharded is not None:
+            sharded[1](tmp)
+        else:
+            save_file(trainable_state(model), str(tmp / TRAINABLE_NAME))
+            kill_point(f"{stage}:trainable")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         kill_point(f"{stage}:optimizer")
         torch.save(
             {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}},
@@ -194,6 +204,8 @@ def checkpoint_problem(path: Path) -> str | None:
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         return f"{manifest} is not a valid manifest"
     for name in REQUIRED_FILES:
+        if name == "optimizer.pt" and SHARDED_METADATA in listed:
+            continue  # an FSDP checkpoint: the optimizer state is in sharded/
         if name not in listed:
             return f"{manifest} does not list {name}"
     for name, (size, digest) in listed.items():
@@ -276,6 +288,16 @@ def clean_torn_writes(run_dir: Path) -> None:
                 remove_path(entry)
 
 
+def _load_model_and_optimizer(path: Path, model: Any, adapter_name: str, optimizer: Any) -> None:
+    if (path / TRAINABLE_NAME).is_file():
+        restore_trainable_state(model, load_file(str(path / TRAINABLE_NAME)), path)
+    else:  # a checkpoint from before trainable.safetensors existed
+        set_adapter_state_dict(
+            model, adapter_name, read_adapter_weights(path / "adapter"), source=str(path / "adapter")
+        )
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+
+
 def load_checkpoint(
     path: Path,
     model: Any,
@@ -285,16 +307,13 @@ def load_checkpoint(
     scaler: Any,
     hooks: Sequence[Any] = (),
     rank: int = 0,
+    sharded: bool = False,
 ) -> dict[str, Any]:
+    """``sharded``: the caller has read the tensors and optimizer state of an FSDP checkpoint (train/fsdp.py)."""
     if not (path / STATE_NAME).is_file():
         raise ConfigError(f"train.resume={str(path)!r} is not a checkpoint folder ({STATE_NAME} not found)")
-    if (path / TRAINABLE_NAME).is_file():
-        restore_trainable_state(model, load_file(str(path / TRAINABLE_NAME)), path)
-    else:  # a checkpoint from before trainable.safetensors existed
-        set_adapter_state_dict(
-            model, adapter_name, read_adapter_weights(path / "adapter"), source=str(path / "adapter")
-        )
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if not sharded:
+        _load_model_and_optimizer(path, model, adapter_name, optimizer)
     saved = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved["scaler"]:

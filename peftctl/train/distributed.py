@@ -52,19 +52,24 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device_kind: str, timeout_s: float = 600) -> DistInfo:
+def init_distributed(device_kind: str, timeout_s: float = 600, group_of_one: bool = False) -> DistInfo:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); SINGLE when not launched so.
 
     On CUDA the group is bound to this rank's GPU (``device_id``), so NCCL never guesses a device for a
     barrier; every collective has a finite ``timeout_s``, so a rank left waiting fails instead of hanging.
     Control messages (objects, barriers, the status exchanges of ``settle``) go over a separate gloo
-    group: they never touch a GPU stream and gloo's timeouts interrupt a blocked wait."""
+    group: they never touch a GPU stream and gloo's timeouts interrupt a blocked wait.
+
+    ``group_of_one``: a single process still gets a process group (of one rank), for code that needs one
+    (FSDP2 sharding over one rank, train/fsdp.py); the returned DistInfo is SINGLE all the same."""
     import datetime
 
     import torch.distributed as dist
 
-    global _CONTROL
+    global _CONTROL, _OWN_GROUP
     if launched_world_size() <= 1:
+        if group_of_one and not dist.is_initialized():
+            _init_group_of_one(device_kind, datetime.timedelta(seconds=timeout_s))
         return SINGLE
     info = DistInfo(
         rank=int(os.environ["RANK"]),
@@ -79,20 +84,37 @@ def init_distributed(device_kind: str, timeout_s: float = 600) -> DistInfo:
             dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
         else:
             dist.init_process_group(backend="gloo", timeout=timeout)
+        _OWN_GROUP = True
     _CONTROL = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
     return info
 
 
 _CONTROL: Any = None  # the gloo group of control messages (None: the default group is gloo already)
+_OWN_GROUP = False  # whether init_distributed created the default group (then shutdown destroys it)
+
+
+def _init_group_of_one(device_kind: str, timeout: Any) -> None:
+    """A one-rank default group: torchrun's rendezvous when launched with one rank, else an in-memory store."""
+    import torch.distributed as dist
+
+    global _OWN_GROUP
+    if device_kind == "cuda":
+        torch.cuda.set_device(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    if "MASTER_ADDR" in os.environ and "RANK" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    _OWN_GROUP = True
 
 
 def shutdown(info: DistInfo) -> None:
     import torch.distributed as dist
 
-    global _CONTROL
-    if info.enabled and dist.is_initialized():
+    global _CONTROL, _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():  # a group the caller set up stays theirs
         dist.destroy_process_group()
-    _CONTROL = None
+    _CONTROL, _OWN_GROUP = None, False
 
 
 def barrier(info: DistInfo) -> None:

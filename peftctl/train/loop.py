@@ -15,6 +15,7 @@ from peftctl.adapters.core.model import AdaptedModel
 from peftctl.config.schema import RunConfig, TrainConfig
 from peftctl.data.tokenize import Example, collate
 from peftctl.errors import ConfigError, TrainingError
+from peftctl.train import fsdp
 from peftctl.train.checkpoint import checkpoint_dir, kill_point, load_checkpoint, rng_state, save_checkpoint
 from peftctl.train.distributed import (
     SINGLE,
@@ -67,12 +68,15 @@ def micro_batches(examples: list[Example], batch_size: int, seed: int, state: Lo
         state.position = 0
 
 
-def total_optimizer_steps(n_examples: int, train_cfg: TrainConfig, world_size: int = 1) -> int:
+def total_optimizer_steps(
+    n_examples: int, train_cfg: TrainConfig, world_size: int = 1, grad_accum: int | None = None
+) -> int:
     """train.max_steps, or the steps of train.epochs epochs (each step takes grad_accum micro-batches per rank)."""
     if train_cfg.max_steps > 0:
         return train_cfg.max_steps
     per_epoch = math.ceil(n_examples / train_cfg.batch_size)
-    return max(1, math.ceil(train_cfg.epochs * per_epoch / (train_cfg.grad_accum * world_size)))
+    accum = grad_accum or train_cfg.grad_accum
+    return max(1, math.ceil(train_cfg.epochs * per_epoch / (accum * world_size)))
 
 
 def task_loss(task_type: str) -> Any:
@@ -140,7 +144,10 @@ class Trainer:
 
     With ``dist`` (several ranks, train/distributed.py) each optimizer step's micro-batches are
     dealt round-robin to the ranks and the adapter's gradients summed across them; rank 0 alone
-    logs, evaluates and writes checkpoints."""
+    logs, evaluates and writes checkpoints. A model sharded with FSDP2 (train/fsdp.py) reduces its own
+    gradients; every rank then runs every forward (evaluation too) and writes its checkpoint shards.
+    ``grad_accum``: micro-batches per rank and step (default train.grad_accum; a sharded run resumed on
+    another number of ranks keeps the global batch, see fsdp_accumulation in train/run.py)."""
 
     def __init__(
         self,
@@ -154,6 +161,7 @@ class Trainer:
         pad_id: int,
         quiet: bool = False,
         dist: DistInfo = SINGLE,
+        grad_accum: int | None = None,
     ) -> None:
         self.dist = dist
         self.model, self.adapter_name, self.cfg = model, adapter_name, cfg
@@ -161,11 +169,14 @@ class Trainer:
         # dataset.streaming: a TrainStream (data/streaming.py) that deals its own micro-batches and saves its position
         self.stream = train_data if hasattr(train_data, "micro_batches") else None
         self.run_dir, self.device, self.pad_id, self.quiet = run_dir, device, pad_id, quiet
+        self.sharded = fsdp.is_sharded(model)
+        self.grad_accum = grad_accum or cfg.train.grad_accum
         n_examples = 0 if self.stream is not None else len(train_data)  # a stream: train.max_steps (checked)
-        self.total_steps = total_optimizer_steps(n_examples, cfg.train, dist.world_size)
+        self.total_steps = total_optimizer_steps(n_examples, cfg.train, dist.world_size, self.grad_accum)
         self.task_type = cfg.model.task_type
         self.optimizer = build_optimizer(model.parameters(), cfg.train)
-        broadcast_parameters(self._trainable(), dist)
+        if not self.sharded:  # sharded: run.py broadcast rank 0's weights before sharding
+            broadcast_parameters(self._trainable(), dist)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)
         # fp16 needs loss scaling; otherwise the scaler is switched off (every call passes through)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
@@ -175,7 +186,7 @@ class Trainer:
         # CUDA, one process: a step's loss, grad norm and non-finite check stay on the GPU until a log
         # step (or eval / checkpoint / the end) reads them, so the host never waits for the GPU
         # mid-step. Elsewhere (CPU, several ranks, which exchange them anyway) they are read each step.
-        self.deferred_sync = defer_host_sync(device, dist)
+        self.deferred_sync = defer_host_sync(device, dist) and not self.sharded  # FSDP: stop before the update
         self.pending: list[PendingStep] = []
         self.state = LoopState()
         self.last_checkpoint: Path | None = None
@@ -196,6 +207,8 @@ class Trainer:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def resume_from(self, checkpoint: Path) -> None:
+        if self.sharded:
+            fsdp.load_shards(checkpoint, self.model, self.optimizer)  # every rank: its shards
         saved = load_checkpoint(
             checkpoint,
             self.model,
@@ -205,6 +218,7 @@ class Trainer:
             self.scaler,
             self.hooks,
             rank=self.dist.rank,
+            sharded=self.sharded,
         )
         self.state = LoopState(
             step=saved["step"], epoch=saved["epoch"], position=saved["position"], tokens=saved["tokens"]
@@ -228,14 +242,14 @@ class Trainer:
     def _first_non_finite(self) -> str | None:
         """The name of the first trainable tensor (or optimizer state) holding NaN / inf, or None."""
         for name, param in self.model.named_parameters():
-            if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
+            if param.requires_grad and not bool(torch.isfinite(fsdp.local(param.detach())).all()):
                 return name
         for param_state in self.optimizer.state.values():
             for key, value in param_state.items():
                 if (
                     isinstance(value, torch.Tensor)
                     and value.is_floating_point()
-                    and not bool(torch.isfinite(value).all())
+                    and not bool(torch.isfinite(fsdp.local(value)).all())
                 ):
                     return f"the optimizer state ({key})"
         return None
@@ -298,9 +312,10 @@ class Trainer:
             loss = self._hook("on_loss", loss, self.state.step)
             if not torch.isfinite(loss):
                 bad_loss = float(loss.detach())
-                continue  # no backward of a non-finite loss; every rank stops below
+                if not self.sharded:  # sharded: the backward's collectives need every rank; the step never happens
+                    continue  # no backward of a non-finite loss; every rank stops below
             self.scaler.scale(loss).backward()
-            loss_total += float(loss.detach())
+            loss_total += float(loss.detach()) if bad_loss is None else 0.0
             tokens += int(batch["attention_mask"].sum())
         loss_total, tokens, n_bad = sum_values(
             [loss_total, tokens, float(bad_loss is not None)], self.device, self.dist
@@ -328,7 +343,8 @@ class Trainer:
     def _clip_and_step(self) -> torch.Tensor:
         """Sum gradients across ranks, clip, optimizer / scheduler step; the grad norm (a 0-d tensor)."""
         params = self._trainable()
-        sum_gradients(params, self.dist)
+        if not self.sharded:  # FSDP2 reduce-scattered them during the backward
+            sum_gradients(params, self.dist)
         self._hook("after_backward", self.state.step)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
@@ -399,7 +415,10 @@ class Trainer:
         }
         if self.stream is not None:
             state["stream"] = self.stream.state_dict()  # file position, packer carry-over, items not yet batched
+        if self.sharded:  # resumable on another number of ranks with the same global batch
+            state.update(world_size=self.dist.world_size, grad_accum=self.grad_accum)
         rank_rngs = gather_objects(rng_state(), self.dist)  # every rank's dropout stream, for resume
+        sharded = self._write_shards() if self.sharded else None
 
         def save() -> Path:
             fail_point("checkpoint", self.dist)
@@ -414,6 +433,7 @@ class Trainer:
                 self.cfg.train.keep_checkpoints,
                 self.hooks,
                 rank_rngs=rank_rngs,
+                sharded=sharded,
             )
 
         on_main(save, self.dist)  # a failed write on rank 0 ends every rank
@@ -423,6 +443,15 @@ class Trainer:
         if self.stream is not None:
             return self.stream.epoch_progress()
         return self.state.epoch + self.state.position * self.cfg.train.batch_size / len(self.train_data)
+
+    def _write_shards(self) -> tuple[dict[str, torch.Tensor], Callable[[Path], None]]:
+        """FSDP, every rank: the gathered adapter, and each rank's shards written to a staging folder
+        that rank 0's checkpoint write then moves in. Returns (adapter tensors, that move)."""
+        tensors = fsdp.full_adapter_tensors(self.model, self.adapter_name)
+        staging = fsdp.staging_dir(self.run_dir, self.state.step)
+        on_main(lambda: fsdp.clear_staging(staging), self.dist)
+        self._settled(fsdp.save_shards, staging, self.model, self.optimizer)
+        return tensors, lambda checkpoint_tmp: fsdp.move_shards_into(staging, checkpoint_tmp)
 
     def _settled(self, check: Any, *args: Any) -> None:
         """``check(*args)`` on every rank; if it raises on any rank, every rank raises (distributed.settle)."""
@@ -435,16 +464,24 @@ class Trainer:
 
     def _evaluate_on_main(self, log: Any, final: bool = False) -> dict[str, float] | None:
         """Rank 0 evaluates: metrics.jsonl, the trackers, the best step so far; every rank enters (and
-        leaves, or raises) together. The evaluation (eval_loss, eval_rewards/...) on rank 0."""
+        leaves, or raises) together. The evaluation (eval_loss, eval_rewards/...) on rank 0. Sharded (FSDP),
+        every rank evaluates, since each forward gathers every block from every rank; rank 0 records it."""
 
-        def run() -> dict[str, float]:
-            fail_point("eval", self.dist)
-            evaluation = self._evaluate()
+        def record(evaluation: dict[str, float]) -> dict[str, float]:
             log.write({"step": self.state.step, **evaluation})
             self.tracker.log(eval_scalars(evaluation), self.state.step)
             if self.best.update(evaluation["eval_loss"], self.state.step) and self.on_best is not None and not final:
                 self.on_best(self.state.step)  # the final adapter is saved anyway
             return evaluation
+
+        if self.sharded:
+            self._settled(fail_point, "eval", self.dist)
+            evaluation = self._evaluate()
+            return on_main(lambda: record(evaluation), self.dist)
+
+        def run() -> dict[str, float]:
+            fail_point("eval", self.dist)
+            return record(self._evaluate())
 
         return on_main(run, self.dist)
 
@@ -471,7 +508,7 @@ class Trainer:
         try:
             while self.state.step < self.total_steps:
                 # the step's micro-batches, dealt round-robin to the ranks (one rank: all of them)
-                step_batches = [next(batches) for _ in range(train_cfg.grad_accum * self.dist.world_size)]
+                step_batches = [next(batches) for _ in range(self.grad_accum * self.dist.world_size)]
                 n_tokens = max(sum(self.objective.count(b) for b in step_batches), 1)
                 lr = self.scheduler.get_last_lr()[0]
                 loss, grad_norm = self._optimizer_step(step_batches[self.dist.rank :: self.dist.world_size], n_tokens)

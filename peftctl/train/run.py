@@ -22,6 +22,7 @@ from torch import nn
 from peftctl.adapters.core.config import AdapterConfig
 from peftctl.adapters.core.method import AdapterMethod, RunSetup
 from peftctl.adapters.core.model import AdaptedModel, get_adapted_model
+from peftctl.adapters.core.persistence import save_adapter_dir
 from peftctl.adapters.core.registry import get_method
 from peftctl.config.compose import compose_config, config_to_yaml
 from peftctl.config.schema import RunConfig
@@ -33,8 +34,8 @@ from peftctl.errors import ConfigError
 from peftctl.kernels import apply_fast_path
 from peftctl.models.kbit import prepare_model_for_kbit_training
 from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
-from peftctl.train import distributed
-from peftctl.train.checkpoint import clean_torn_writes, kill_point
+from peftctl.train import distributed, fsdp
+from peftctl.train.checkpoint import STATE_NAME, clean_torn_writes, kill_point
 from peftctl.train.distributed import broadcast_object, fail_point, on_main, settle
 from peftctl.train.loop import Trainer
 from peftctl.train.metrics_log import MetricsLog, plot_metrics
@@ -51,6 +52,8 @@ def apply_kernels(model: nn.Module, cfg: RunConfig, device: torch.device) -> str
     """The CUDA fast path where ``train.kernels=auto`` and it applies (peftctl/kernels); a one-line note."""
     if cfg.train.kernels == "off":
         return "off (train.kernels=off)"
+    if fsdp.uses_fsdp(cfg):  # compiled blocks under FSDP2's hooks are not measured
+        return "off (train.distributed=fsdp)"
     if compares_with_reference(cfg.train):
         # The reference pass runs with the adapter off: under torch.compile that is another graph, fused
         # differently, and in bf16 its summed log-probs drift from the policy's by a few nats over 2k
@@ -147,8 +150,10 @@ def train(
     if resume_requested(cfg):  # read-only: the saved config and the overrides' check
         override_list = None if isinstance(overrides, RunConfig) else list(overrides or [])
         cfg, notes = resume_config(cfg, override_list, resume_run_dir(cfg))
+    fsdp.prepare_config(cfg)
     device = pick_device(cfg.train.device)
-    dist = distributed.init_distributed(device.type, cfg.train.dist_timeout_s)
+    # FSDP2 needs a process group even on one rank
+    dist = distributed.init_distributed(device.type, cfg.train.dist_timeout_s, group_of_one=fsdp.uses_fsdp(cfg))
     try:
         for note in notes if dist.is_main else []:
             print(note, file=sys.stderr, flush=True)
@@ -213,16 +218,30 @@ def _train_locked(
         fail_point("inputs", dist)
         checkpoint = find_checkpoint(cfg, run_dir) if resume_requested(cfg) else None
         _check_run_dir_is_free(run_dir, checkpoint)
+        grad_accum = fsdp_accumulation(cfg, checkpoint, dist.world_size)
         model, tokenizer, data = build_model_and_data(cfg, device)
-        move_to_device(model, device)
+        if not fsdp.uses_fsdp(cfg):  # FSDP: fully_shard moves the model to the device block by block
+            move_to_device(model, device)
         if cfg.dataset.packing:
-            check_packed_attention(model, device, len(tokenizer))
+            check_packed_attention(model, next(model.parameters()).device, len(tokenizer))
         fast_path = apply_kernels(model, cfg, device)
     except Exception as exc:
         failure = exc
     settle(failure, dist)
+    if fsdp.uses_fsdp(cfg):
+        fast_path += f"  |  {_shard(model, cfg, device, dist)}"
     trainer = Trainer(
-        model, ADAPTER_NAME, data.train, data.eval, cfg, run_dir, device, tokenizer.pad_token_id, quiet=quiet, dist=dist
+        model,
+        ADAPTER_NAME,
+        data.train,
+        data.eval,
+        cfg,
+        run_dir,
+        device,
+        tokenizer.pad_token_id,
+        quiet=quiet,
+        dist=dist,
+        grad_accum=grad_accum,
     )
     try:
         if checkpoint is not None:
@@ -270,11 +289,13 @@ def _train_locked(
     finally:
         trainer.tracker.close()
     elapsed = time.perf_counter() - started
+    # FSDP: the whole adapter, gathered from every rank's shards (every rank takes part), for rank 0 to write
+    gathered = fsdp.full_adapter_tensors(model, ADAPTER_NAME) if trainer.sharded and result["completed"] else None
 
     def write_run_end() -> None:
         plot_metrics(trainer_records(run_dir), run_dir / "plots" / "loss.png")
         if result["completed"]:
-            adapter_step = _save_final_adapter(cfg, trainer, model, tokenizer, run_dir, initial_adapter)
+            adapter_step = _save_final_adapter(cfg, trainer, model, tokenizer, run_dir, initial_adapter, gathered)
             summary = run_summary(result, trainer, adapter_step)
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
@@ -291,18 +312,58 @@ def _train_locked(
     return run_dir
 
 
+def fsdp_accumulation(cfg: RunConfig, checkpoint: Path | None, world_size: int) -> int:
+    """Micro-batches per rank and step: train.grad_accum, except for an FSDP checkpoint resumed on another
+    number of ranks, which keeps the run's global batch (saved ranks x saved accumulation)."""
+    if checkpoint is None or not fsdp.is_sharded_checkpoint(checkpoint):
+        return cfg.train.grad_accum
+    saved = json.loads((checkpoint / STATE_NAME).read_text())
+    per_step = int(saved.get("world_size", 1)) * int(saved.get("grad_accum", cfg.train.grad_accum))
+    if per_step % world_size:
+        raise ConfigError(
+            f"train.resume: {checkpoint} was written by {saved.get('world_size')} ranks taking {per_step} "
+            f"micro-batches per step; {world_size} ranks cannot split them evenly"
+            f" (use a number of ranks that divides {per_step})"
+        )
+    return per_step // world_size
+
+
+def _shard(model: Any, cfg: RunConfig, device: torch.device, dist: Any) -> str:
+    """FSDP2: every rank starts from rank 0's adapter weights, then the model is sharded (train/fsdp.py)."""
+    failure, blocks = None, 0
+    distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad], dist)
+    try:
+        blocks = fsdp.shard_model(model, cfg.train.precision, device)
+    except Exception as exc:
+        failure = exc
+    settle(failure, dist)
+    return f"fsdp: {blocks} blocks + root sharded over {max(dist.world_size, 1)} rank(s)"
+
+
 BEST_ADAPTER = "best_adapter"  # train.save_best: the best eval step's adapter, while training runs
 
 
-def _save_adapter(model: Any, tokenizer: Any, directory: Path, initial_adapter: Path | None) -> None:
+def _save_adapter(
+    model: Any, tokenizer: Any, directory: Path, initial_adapter: Path | None, tensors: dict | None = None
+) -> None:
+    """``tensors``: the adapter's tensors gathered from the ranks' shards (FSDP), else the model's own."""
     with atomic_directory(directory, overwrite=True) as tmp:  # adapter + tokenizer appear together
-        model.save_pretrained(tmp, path_initial_model_for_weight_conversion=initial_adapter)
+        if tensors is not None:
+            save_adapter_dir(model, tmp, ADAPTER_NAME, tensors=tensors)
+        else:
+            model.save_pretrained(tmp, path_initial_model_for_weight_conversion=initial_adapter)
         kill_point(f"final:{directory.name}")
         tokenizer.save_pretrained(tmp)
 
 
 def _save_final_adapter(
-    cfg: RunConfig, trainer: Any, model: Any, tokenizer: Any, run_dir: Path, initial_adapter: Path | None
+    cfg: RunConfig,
+    trainer: Any,
+    model: Any,
+    tokenizer: Any,
+    run_dir: Path,
+    initial_adapter: Path | None,
+    gathered: dict | None = None,
 ) -> int:
     """adapter/: the last step's adapter, or with train.save_best the best eval step's. Returns its step."""
     best_step, best_dir = trainer.best.best_step, run_dir / BEST_ADAPTER
@@ -311,7 +372,7 @@ def _save_final_adapter(
             shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
         shutil.rmtree(best_dir)
         return best_step
-    _save_adapter(model, tokenizer, run_dir / "adapter", initial_adapter)
+    _save_adapter(model, tokenizer, run_dir / "adapter", initial_adapter, gathered)
     if best_dir.is_dir():
         shutil.rmtree(best_dir)
     return trainer.state.step
