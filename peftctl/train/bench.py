@@ -133,6 +133,7 @@ def time_steps(trainer: Any, examples: list[Any], warmup: int, steps: int) -> tu
     group = micro[:per_step]
     n_tokens = max(sum(label_tokens(b, trainer.task_type) for b in group), 1)
     times, losses = [], []
+    trainer.model.train()  # as the loop does: dropout and gradient checkpointing act in training mode only
     for step in range(warmup + steps):
         _synchronize(trainer.device)
         started = time.perf_counter()

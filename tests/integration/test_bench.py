@@ -97,3 +97,22 @@ def test_kernels_auto_is_the_exact_eager_path_on_cpu(tmp_path: Path) -> None:
     }
     auto, off = (load_file(str(runs[k] / "adapter" / "adapter_model.safetensors")) for k in ("auto", "off"))
     assert auto.keys() == off.keys() and all(torch.equal(auto[k], off[k]) for k in auto)
+
+
+def test_bench_steps_in_training_mode_so_checkpointing_and_dropout_act() -> None:
+    """The loaded model is in eval mode; the bench must switch it to training mode as the loop does, or
+    gradient checkpointing (and dropout) silently drop out of the timed step (seen on an H200: the
+    checkpointed step used the memory of the plain one)."""
+    from peftctl.train.bench import bench_trainer, measure
+
+    overrides = ["recipe=tiny_lora", "train.gradient_checkpointing=true", "adapter.lora_dropout=0.1"]
+    with bench_trainer(overrides) as (trainer, fast_path):
+        layers = decoder_layers(trainer.model)
+        calls = []
+        for layer in layers:
+            inner = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, _inner=inner, **k: calls.append(1) or _inner(*a, **k)
+        dropouts = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.1]
+        measure(trainer, fast_path, seq=16, warmup=1, steps=1)
+    assert len(calls) == 2 * len(layers)  # every layer checkpointed in each of the 2 steps
+    assert dropouts and all(m.training for m in dropouts)
