@@ -176,8 +176,9 @@ class TrainConfig:
     # true: recompute each decoder layer in the backward; offload: also keep the layers' saved inputs in
     # pinned CPU memory (train/offload.py)
     gradient_checkpointing: Union[bool, Literal["offload"]] = False
-    # auto: the CUDA fast path (peftctl/kernels) where it applies, the eager path elsewhere; off: always eager
-    kernels: Literal["auto", "off"] = "auto"
+    # auto: the CUDA fast path (peftctl/kernels) where it applies, the eager path elsewhere; off: always eager;
+    # fused: auto plus the fused LoRA branch (kernels/lora_fused.py; opt-in until its GPU numerics test passes)
+    kernels: Literal["auto", "fused", "off"] = "auto"
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only the final adapter

@@ -49,17 +49,22 @@ def fast_path_reason_off(model: nn.Module, device: torch.device, adapter_config:
     return None
 
 
-def apply_fast_path(model: nn.Module, device: torch.device, adapter_config: Any = None) -> str:
-    """Compile every supported decoder layer in place; returns a one-line description of what ran."""
+def apply_fast_path(
+    model: nn.Module, device: torch.device, adapter_config: Any = None, fused_lora: bool = False
+) -> str:
+    """Compile every supported decoder layer in place (``fused_lora``: the LoRA branch through
+    kernels/lora_fused.py too, ``train.kernels=fused``); returns a one-line description of what ran."""
     reason = fast_path_reason_off(model, torch.device(device), adapter_config)
     if reason is not None:
         return f"off ({reason})"
     layers = decoder_layers(model)
-    fused = enable_fused_lora(model)
     allow_one_graph_per_layer(len(layers))
     for layer in layers:
         layer.compile()
-    return f"on: {len(layers)} x {type(layers[0]).__name__} under torch.compile, fused LoRA branch in {fused} layers"
+    note = f"on: {len(layers)} x {type(layers[0]).__name__} under torch.compile"
+    if fused_lora:
+        note += f", fused LoRA branch in {enable_fused_lora(model)} layers"
+    return note
 
 
 def enable_fused_lora(model: nn.Module) -> int:

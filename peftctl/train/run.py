@@ -59,7 +59,7 @@ def apply_kernels(model: nn.Module, cfg: RunConfig, device: torch.device) -> str
         # differently, and in bf16 its summed log-probs drift from the policy's by a few nats over 2k
         # tokens (8B QLoRA DPO on an H200: step-1 loss 0.88 instead of ln 2). Eager layers keep them equal.
         return f"off (train.objective={cfg.train.objective} compares the policy with a reference pass)"
-    return apply_fast_path(model, device, cfg.adapter)
+    return apply_fast_path(model, device, cfg.adapter, fused_lora=cfg.train.kernels == "fused")
 
 
 def default_run_dir(cfg: RunConfig) -> Path:

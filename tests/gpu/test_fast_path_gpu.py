@@ -108,7 +108,7 @@ def test_fast_path_with_dropout_follows_the_eager_loss_curve(tmp_path: Path, cap
     its own), so the curves differ by dropout noise only: within 1e-2 relative at every step."""
     runs = {}
     schedule = [s for s in SCHEDULE if not s.startswith("adapter.lora_dropout")] + ["adapter.lora_dropout=0.05"]
-    for kernels in ("off", "auto"):
+    for kernels in ("off", "fused"):
         runs[kernels] = torch.tensor(
             _losses(
                 train(
@@ -117,7 +117,7 @@ def test_fast_path_with_dropout_follows_the_eager_loss_curve(tmp_path: Path, cap
             )
         )
     assert "fused LoRA branch in 28 layers" in capsys.readouterr().out  # 4 layers x 7 projections
-    eager, fast = runs["off"], runs["auto"]
+    eager, fast = runs["off"], runs["fused"]
     deviation = _relative_deviation(fast, eager)
     print(
         f"dropout 0.05: loss {eager[0]:.4f} -> {eager[-1]:.4f} eager, {fast[0]:.4f} -> {fast[-1]:.4f} fast; "
