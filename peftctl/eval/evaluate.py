@@ -17,6 +17,7 @@ from peftctl.data.packing import check_packed_attention, pack_examples
 from peftctl.data.pipeline import prepare_data
 from peftctl.data.tokenize import Example
 from peftctl.devices import pick_device
+from peftctl.eval.harness import HarnessRequest, evaluate_harness, prepare_harness
 from peftctl.eval.metrics import exact_match, task_scores
 from peftctl.eval.preference import preference_scores
 from peftctl.runs import load_adapted, open_source
@@ -69,9 +70,15 @@ def score(
 
 
 def evaluate(
-    path: str | Path, overrides: list[str] | None = None, quiet: bool = False, trust_remote_code: bool = False
+    path: str | Path,
+    overrides: list[str] | None = None,
+    quiet: bool = False,
+    trust_remote_code: bool = False,
+    harness: HarnessRequest | None = None,
 ) -> dict[str, Any]:
-    """Evaluate base and adapted model on the run's held-out data; writes eval.json next to PATH's adapter."""
+    """Evaluate base and adapted model on the run's held-out data (and, with ``harness``, on lm_eval
+    tasks); writes eval.json next to PATH's adapter."""
+    manager = prepare_harness(harness) if harness is not None else None
     source = open_source(path, overrides, trust_remote_code=trust_remote_code)
     cfg = source.config
     device = pick_device(cfg.train.device)
@@ -99,6 +106,8 @@ def evaluate(
         "base": base,
         "adapted": adapted,
     }
+    if harness is not None:
+        report["lm_eval"] = evaluate_harness(model, tokenizer, harness, manager, cfg.eval.batch_size)
     out_dir = Path(path) if (Path(path) / "config.yaml").is_file() else source.adapter_dir
     atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     if not quiet:
@@ -113,4 +122,19 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_column("adapted", justify="right")
     for metric in report["adapted"]:
         table.add_row(metric, f"{report['base'][metric]:.4f}", f"{report['adapted'][metric]:.4f}")
+    Console().print(table)
+    if "lm_eval" in report:
+        print_harness_report(report["lm_eval"])
+
+
+def print_harness_report(results: dict[str, Any]) -> None:
+    shots = "" if results["num_fewshot"] is None else f", {results['num_fewshot']}-shot"
+    limit = "" if results["limit"] is None else f", at most {results['limit']} examples per task"
+    table = Table(title=f"lm-evaluation-harness{shots}{limit}")
+    for column in ("task", "metric", "base", "adapted"):
+        table.add_column(column, justify="right" if column in ("base", "adapted") else "left")
+    for task, metrics in results["adapted"].items():
+        for metric, value in metrics.items():
+            base = results["base"].get(task, {}).get(metric, float("nan"))
+            table.add_row(task, metric, f"{base:.4f}", f"{value:.4f}")
     Console().print(table)
