@@ -18,38 +18,12 @@ from peftctl.data.pipeline import prepare_data
 from peftctl.data.tokenize import Example
 from peftctl.devices import pick_device
 from peftctl.eval.harness import HarnessRequest, evaluate_harness, prepare_harness
-from peftctl.eval.metrics import exact_match, task_scores
+from peftctl.eval.metrics import task_scores
 from peftctl.eval.preference import preference_scores
 from peftctl.runs import load_adapted, open_source
 from peftctl.train.loop import evaluate_loss
+from peftctl.train.task_metrics import task_metric_values
 from peftctl.utils import atomic_write_text
-
-
-@torch.no_grad()
-def greedy_responses(
-    model: Any, tokenizer: Any, examples: list[Example], batch_size: int, max_new_tokens: int, device: torch.device
-) -> list[str]:
-    """Greedy generation from each example's prompt (left-padded batches), cut at EOS."""
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    outputs: list[str] = []
-    try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            prompts = [(tokenizer.bos_token or "") + e.prompt for e in chunk]
-            encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            generated = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens)
-    finally:
-        tokenizer.padding_side = previous_side
-    return outputs
 
 
 def score(
@@ -60,13 +34,9 @@ def score(
         check_packed_attention(model, device, len(tokenizer))
         loss_items = pack_examples(examples, cfg.dataset.max_seq_len, cfg.dataset.packing_split)
     loss = evaluate_loss(model, loss_items, cfg.eval.batch_size, tokenizer.pad_token_id, device)
-    sample = examples[: cfg.eval.num_generate]
-    predictions = greedy_responses(model, tokenizer, sample, cfg.eval.batch_size, cfg.eval.max_new_tokens, device)
-    return {
-        "eval_loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-        "exact_match": exact_match(predictions, [e.response for e in sample]),
-    }
+    scores = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    scores.update(task_metric_values(model, tokenizer, examples, cfg, device, label_names=None))
+    return scores
 
 
 def evaluate(
