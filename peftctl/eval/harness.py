@@ -101,7 +101,14 @@ class _HarnessModel(torch.nn.Module):
         """The loaded model is already tied; HFLM calls this on every model it gets."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.adapted(*args, **kwargs)
+        output = self.adapted(*args, **kwargs)
+        if getattr(self.config, "is_encoder_decoder", False):
+            return output
+        input_ids = args[0] if args else kwargs["input_ids"]
+        virtual = output.logits.shape[1] - input_ids.shape[1]
+        if virtual > 0:  # prompt-family methods return the virtual tokens' logits first (PEFT's layout)
+            output.logits = output.logits[:, virtual:]
+        return output
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.adapted.generate(*args, **kwargs)

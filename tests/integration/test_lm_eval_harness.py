@@ -139,8 +139,16 @@ def _assert_one_line_error(code: int, output: str, *fragments: str) -> None:
         assert fragment in lines[0], output
 
 
-def test_unknown_task_name_is_one_line_before_any_model_loads(tmp_path: Path) -> None:
-    code, output = _cli(["eval", str(tmp_path / "no-run"), "--tasks", "no_such_task_xyz"])
+def test_unknown_task_name_is_one_line_before_any_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lm_eval.tasks
+
+    # lm_eval's own index of names, over one local task instead of its hundreds (indexing those takes
+    # a minute on a shared 2-core runner)
+    (tasks := tmp_path / "tasks").mkdir()
+    _write_tasks(tasks)
+    real = lm_eval.tasks.TaskManager
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **_: real(include_path=str(tasks), include_defaults=False))
+    code, output = _cli(["eval", str(tmp_path / "no-run"), "--tasks", "review_choice,no_such_task_xyz"])
     _assert_one_line_error(code, output, "unknown lm_eval task 'no_such_task_xyz'")
 
 
@@ -153,3 +161,27 @@ def test_missing_lm_eval_names_the_extra(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     code, output = _cli(["eval", str(tmp_path), "--tasks", "hellaswag"])
     _assert_one_line_error(code, output, "pip install 'peftctl[lmeval]'")
+
+
+def test_prompt_tuning_logits_line_up_with_the_tokens_lm_eval_scores() -> None:
+    """A prompt-family adapter's forward returns its virtual tokens' logits first (PEFT's layout);
+    lm_eval's model call must get one row per real token, the adapted ones."""
+    import torch
+
+    from peftctl.adapters import get_adapted_model
+    from peftctl.adapters.prompt.prompt_tuning import PromptTuningConfig
+    from peftctl.eval.harness import harness_lm
+    from peftctl.models.tokenizer import build_byte_tokenizer
+    from tests.unit._method_checks import input_ids, tiny_llama
+
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    adapted = get_adapted_model(tiny_llama(), config).eval()
+    lm = harness_lm(adapted, build_byte_tokenizer(), batch_size=2)
+    ids = input_ids()
+    with torch.no_grad():
+        got = lm._model_call(ids)
+        expected = adapted(ids).logits[:, 3:]
+        with adapted.disable_adapter():
+            base = lm._model_call(ids)
+    assert got.shape == (*ids.shape, 300) and torch.equal(got, expected)
+    assert torch.equal(base, tiny_llama()(ids).logits) and not torch.allclose(got, base)
