@@ -17,7 +17,7 @@ from peftctl.data.packing import check_packed_attention, pack_examples
 from peftctl.data.pipeline import prepare_data
 from peftctl.data.tokenize import Example
 from peftctl.devices import pick_device
-from peftctl.eval.harness import HarnessRequest, evaluate_harness, prepare_harness
+from peftctl.eval.harness import HarnessRequest, check_harness_task_type, evaluate_harness, prepare_harness
 from peftctl.eval.metrics import task_scores
 from peftctl.eval.preference import preference_scores
 from peftctl.runs import load_adapted, open_source
@@ -51,6 +51,8 @@ def evaluate(
     manager = prepare_harness(harness) if harness is not None else None
     source = open_source(path, overrides, trust_remote_code=trust_remote_code)
     cfg = source.config
+    if harness is not None:
+        check_harness_task_type(cfg.model.task_type)
     device = pick_device(cfg.train.device)
     model, tokenizer = load_adapted(source, device)
     data = prepare_data(cfg.dataset, tokenizer)

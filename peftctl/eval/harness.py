@@ -50,6 +50,14 @@ def parse_tasks(spec: str, limit: int | None = None, num_fewshot: int | None = N
     return HarnessRequest(tasks, limit, num_fewshot)
 
 
+def check_harness_task_type(task_type: str) -> None:
+    """lm_eval scores language models (next-token log-likelihoods, generation), not classifier heads."""
+    if task_type not in ("causal_lm", "seq2seq_lm"):
+        raise ConfigError(
+            f"--tasks needs a language model (model.task_type causal_lm or seq2seq_lm); this run is {task_type}"
+        )
+
+
 def import_lm_eval() -> Any:
     """The lm_eval module, or one line naming the extra to install."""
     try:

@@ -157,6 +157,16 @@ def test_missing_task_file_is_one_line(tmp_path: Path) -> None:
     _assert_one_line_error(code, output, "missing.yaml does not exist")
 
 
+def test_a_classifier_run_is_refused(tmp_path: Path) -> None:
+    from peftctl.config.compose import compose_config, config_to_yaml
+
+    run = tmp_path / "cls-run"
+    (run / "adapter").mkdir(parents=True)  # refused from config.yaml, before the adapter is read
+    (run / "config.yaml").write_text(config_to_yaml(compose_config(["recipe=bert_lora_cls"])))
+    code, output = _cli(["eval", str(run), "--tasks", str(_write_tasks(tmp_path)[0])])
+    _assert_one_line_error(code, output, "--tasks needs a language model", "this run is seq_cls")
+
+
 def test_missing_lm_eval_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     code, output = _cli(["eval", str(tmp_path), "--tasks", "hellaswag"])
