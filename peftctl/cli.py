@@ -104,12 +104,25 @@ def eval_command(
         "--trust-remote-code",
         help="let the base model run its own code (transformers' trust_remote_code); never taken from RUN/config.yaml",
     ),
+    tasks: Optional[str] = typer.Option(
+        None,
+        "--tasks",
+        help="lm-evaluation-harness tasks too: names and/or task .yaml paths, comma-separated "
+        "(pip install peftctl[lmeval])",
+    ),
+    limit: Optional[int] = typer.Option(None, "--limit", help="--tasks: at most this many examples per task"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="--tasks: few-shot examples per prompt"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Base vs adapted on held-out data: loss, perplexity, exact match; writes eval.json."""
+    """Base vs adapted on held-out data: loss, perplexity, exact match (and lm_eval tasks); writes eval.json."""
     from peftctl.eval.evaluate import evaluate
+    from peftctl.eval.harness import parse_tasks
 
-    _run(lambda: evaluate(path, list(overrides or []), quiet=quiet, trust_remote_code=trust_remote_code))
+    def action() -> Any:
+        harness = None if tasks is None else parse_tasks(tasks, limit, num_fewshot)
+        return evaluate(path, list(overrides or []), quiet=quiet, trust_remote_code=trust_remote_code, harness=harness)
+
+    _run(action)
 
 
 @app.command()

@@ -197,7 +197,7 @@ class TrainConfig:
     # an improvement of more than min_delta; 0 turns it off
     early_stopping_patience: int = 0
     early_stopping_min_delta: float = 0.0
-    early_stopping_metric: Literal["eval_loss"] = "eval_loss"
+    early_stopping_metric: str = "eval_loss"  # or eval_<m> for a metric m in eval.metrics (higher is better)
     save_best: bool = False  # adapter/ is the best eval step's adapter (the step is in summary.json)
     # what the loop minimises (train/objectives.py): next-token loss, or a preference objective
     objective: Literal["sft", "dpo", "orpo", "kto", "reward"] = "sft"
@@ -261,12 +261,31 @@ class TrainConfig:
             )
 
 
+# the task metrics the training loop can log at each eval (`eval.metrics`), per model.task_type; all
+# are computed as `peftctl eval` computes them (train/task_metrics.py) and higher is better
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("exact_match",),
+    "seq2seq_lm": ("exact_match",),
+    "seq_cls": ("accuracy", "macro_f1"),
+    "token_cls": ("token_accuracy", "entity_f1"),
+}
+
+
+def metric_names(value: Any) -> list[str]:
+    """eval.metrics as a list: `exact_match` or `[exact_match]`; none / [] -> []."""
+    if value in (None, "none"):
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 @dataclass
 class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 16
     num_generate: int = 64  # held-out examples scored by exact match of greedy generation
     max_eval_samples: Optional[int] = None
+    # task metrics logged at every train.eval_every step too (TASK_METRICS); none: eval_loss only
+    metrics: Union[str, list] = field(default_factory=list)
 
     def validate(self) -> None:
         check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "expected an integer >= 1")
@@ -434,12 +453,39 @@ def build_run_config(values: dict[str, Any]) -> RunConfig:
         problem = streaming_config_problem(built["dataset"], built["model"].task_type, adapter, built["train"])
         if problem:
             raise ConfigError(problem)
-    _check_fsdp(built["train"], built["quant"], adapter)
+    _check_fsdp(built["train"], built["quant"], adapter, built["eval"])
+    _check_eval_metrics(built["eval"], built["train"], built["model"].task_type, built["dataset"].format)
     scalars = {k: values[k] for k in ("recipe", "description", "output_dir") if k in values}
     for key, value in scalars.items():
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{key}={value!r} is not valid; expected a string")
     return RunConfig(adapter=adapter, **scalars, **built)
+
+
+def _check_eval_metrics(eval_cfg: EvalConfig, train: TrainConfig, task_type: str, data_format: str) -> None:
+    """eval.metrics fit the task; train.early_stopping_metric is eval_loss or one of them."""
+    names = metric_names(eval_cfg.metrics)
+    valid = () if data_format in ("preference", "kto") else TASK_METRICS[task_type]
+    for name in names:
+        if not isinstance(name, str) or name not in valid:
+            what = (
+                f"one or more of {', '.join(valid)} (model.task_type={task_type}), or none"
+                if valid
+                else f"none: a dataset.format={data_format} run logs its eval rewards/* metrics already"
+            )
+            raise ConfigError(f"eval.metrics: {name!r} is not valid; expected {what}")
+    choices = ["eval_loss"] + [f"eval_{name}" for name in names]
+    check(
+        train.early_stopping_metric in choices,
+        "train.early_stopping_metric",
+        train.early_stopping_metric,
+        "expected " + " or ".join(choices) + " (a metric named in eval.metrics, prefixed eval_)",
+    )
+
+
+def higher_is_better(metric: str) -> bool:
+    """eval_loss is minimised; every eval.metrics task metric (accuracy, exact match, F1) is maximised."""
+    return metric != "eval_loss"
 
 
 def _check_packing(dataset: DatasetConfig, task_type: str, method: str) -> None:
@@ -473,7 +519,7 @@ FSDP_INITS_REFUSED = ("pissa", "olora", "corda")  # the final adapter is convert
 FSDP_OPTIMIZERS = ("adamw",)  # bitsandbytes' optimizers take plain tensors, FSDP2 hands them sharded DTensors
 
 
-def _check_fsdp(train: TrainConfig, quant: QuantConfig, adapter: Any) -> None:
+def _check_fsdp(train: TrainConfig, quant: QuantConfig, adapter: Any, eval_cfg: Any = None) -> None:
     """train.distributed=fsdp: the combinations that cannot shard, each one line naming the field."""
     if train.distributed != "fsdp":
         return
@@ -495,6 +541,9 @@ def _check_fsdp(train: TrainConfig, quant: QuantConfig, adapter: Any) -> None:
         raise ConfigError("quant=int8 does not work with train.distributed=fsdp; use quant=nf4 or quant=fp4 (4-bit)")
     if train.save_best:
         raise ConfigError("train.save_best=true does not work with train.distributed=fsdp yet; use ddp")
+    if eval_cfg is not None and eval_cfg.metrics:
+        # task metrics run on rank 0 alone (greedy generation / predictions); a sharded forward needs every rank
+        raise ConfigError("eval.metrics does not work with train.distributed=fsdp yet; use eval.metrics=[] or ddp")
 
 
 def _check_format_fits_task(dataset_format: str, task_type: str) -> None:

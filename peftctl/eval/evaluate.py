@@ -17,40 +17,15 @@ from peftctl.data.packing import check_packed_attention, pack_examples
 from peftctl.data.pipeline import prepare_data
 from peftctl.data.tokenize import Example
 from peftctl.devices import pick_device
-from peftctl.eval.metrics import exact_match, task_scores
+from peftctl.eval.harness import HarnessRequest, check_harness_task_type, evaluate_harness, prepare_harness
+from peftctl.eval.metrics import task_scores
 from peftctl.eval.preference import preference_scores
 from peftctl.runs import load_adapted, open_source
 from peftctl.train.loop import evaluate_loss
+from peftctl.train.task_metrics import task_metric_values
 from peftctl.utils import atomic_write_text
 
 STREAM_EVAL_EXAMPLES = 200  # a streamed run without dataset.eval_holdout: eval on the first 200 training examples
-
-
-@torch.no_grad()
-def greedy_responses(
-    model: Any, tokenizer: Any, examples: list[Example], batch_size: int, max_new_tokens: int, device: torch.device
-) -> list[str]:
-    """Greedy generation from each example's prompt (left-padded batches), cut at EOS."""
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    outputs: list[str] = []
-    try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            prompts = [(tokenizer.bos_token or "") + e.prompt for e in chunk]
-            encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            generated = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens)
-    finally:
-        tokenizer.padding_side = previous_side
-    return outputs
 
 
 def score(
@@ -61,21 +36,25 @@ def score(
         check_packed_attention(model, device, len(tokenizer))
         loss_items = pack_examples(examples, cfg.dataset.max_seq_len, cfg.dataset.packing_split)
     loss = evaluate_loss(model, loss_items, cfg.eval.batch_size, tokenizer.pad_token_id, device)
-    sample = examples[: cfg.eval.num_generate]
-    predictions = greedy_responses(model, tokenizer, sample, cfg.eval.batch_size, cfg.eval.max_new_tokens, device)
-    return {
-        "eval_loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-        "exact_match": exact_match(predictions, [e.response for e in sample]),
-    }
+    scores = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    scores.update(task_metric_values(model, tokenizer, examples, cfg, device, label_names=None))
+    return scores
 
 
 def evaluate(
-    path: str | Path, overrides: list[str] | None = None, quiet: bool = False, trust_remote_code: bool = False
+    path: str | Path,
+    overrides: list[str] | None = None,
+    quiet: bool = False,
+    trust_remote_code: bool = False,
+    harness: HarnessRequest | None = None,
 ) -> dict[str, Any]:
-    """Evaluate base and adapted model on the run's held-out data; writes eval.json next to PATH's adapter."""
+    """Evaluate base and adapted model on the run's held-out data (and, with ``harness``, on lm_eval
+    tasks); writes eval.json next to PATH's adapter."""
+    manager = prepare_harness(harness) if harness is not None else None
     source = open_source(path, overrides, trust_remote_code=trust_remote_code)
     cfg = source.config
+    if harness is not None:
+        check_harness_task_type(cfg.model.task_type)
     device = pick_device(cfg.train.device)
     model, tokenizer = load_adapted(source, device)
     data = prepare_data(cfg.dataset, tokenizer)
@@ -103,6 +82,8 @@ def evaluate(
         "base": base,
         "adapted": adapted,
     }
+    if harness is not None:
+        report["lm_eval"] = evaluate_harness(model, tokenizer, harness, manager, cfg.eval.batch_size)
     out_dir = Path(path) if (Path(path) / "config.yaml").is_file() else source.adapter_dir
     atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     if not quiet:
@@ -117,4 +98,19 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_column("adapted", justify="right")
     for metric in report["adapted"]:
         table.add_row(metric, f"{report['base'][metric]:.4f}", f"{report['adapted'][metric]:.4f}")
+    Console().print(table)
+    if "lm_eval" in report:
+        print_harness_report(report["lm_eval"])
+
+
+def print_harness_report(results: dict[str, Any]) -> None:
+    shots = "" if results["num_fewshot"] is None else f", {results['num_fewshot']}-shot"
+    limit = "" if results["limit"] is None else f", at most {results['limit']} examples per task"
+    table = Table(title=f"lm-evaluation-harness{shots}{limit}")
+    for column in ("task", "metric", "base", "adapted"):
+        table.add_column(column, justify="right" if column in ("base", "adapted") else "left")
+    for task, metrics in results["adapted"].items():
+        for metric, value in metrics.items():
+            base = results["base"].get(task, {}).get(metric, float("nan"))
+            table.add_row(task, metric, f"{base:.4f}", f"{value:.4f}")
     Console().print(table)

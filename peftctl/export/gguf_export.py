@@ -1,8 +1,9 @@
 """`peftctl export --format gguf`: the merged model as one GGUF file for llama.cpp.
 
-Supported: Llama, Mistral and Qwen2 causal LMs. The mapping follows llama.cpp's convert_hf_to_gguf.py:
-Llama and Mistral go out as the `llama` architecture (q/k rows permuted for ggml's rope), Qwen2 as
-`qwen2` (NeoX-style rope: no permutation). Tensor names come from the `gguf` package's own
+Supported: Llama, Mistral, Qwen2, Gemma and Gemma 2 causal LMs. The mapping follows llama.cpp's
+convert_hf_to_gguf.py: Llama and Mistral go out as the `llama` architecture (q/k rows permuted for
+ggml's rope), Qwen2 as `qwen2`, Gemma as `gemma` / `gemma2` (NeoX-style rope: no permutation; Gemma's
+RMSNorm weights written as 1 + w, see `GEMMA_NORM_OFFSET`). Tensor names come from the `gguf` package's own
 TensorNameMap; hyper-parameter and tokenizer keys as llama.cpp writes them. `--outtype q8_0`
 quantizes the matrices with the package's Python quantizer (gguf.quants). The file itself is written
 by ggml-org's `gguf` package (optional dependency: `pip install peftctl[gguf]`).
@@ -29,15 +30,24 @@ from peftctl.utils import check_output_path, honour_umask
 
 OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")
 # HF model_type -> (gguf MODEL_ARCH member, HF class, q/k rows permuted), as llama.cpp's converter:
-# MistralForCausalLM is converted by its LlamaModel, Qwen2ForCausalLM by Qwen2Model (NeoX rope)
+# MistralForCausalLM is converted by its LlamaModel, Qwen2ForCausalLM by Qwen2Model (NeoX rope),
+# GemmaForCausalLM / Gemma2ForCausalLM by GemmaModel / Gemma2Model (NeoX rope)
 ARCHITECTURES = {
     "llama": ("LLAMA", "LlamaForCausalLM", True),
     "mistral": ("LLAMA", "MistralForCausalLM", True),
     "qwen2": ("QWEN2", "Qwen2ForCausalLM", False),
+    "gemma": ("GEMMA", "GemmaForCausalLM", False),
+    "gemma2": ("GEMMA2", "Gemma2ForCausalLM", False),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 SUPPORTED_CLASSES = tuple(cls for _, cls, _ in ARCHITECTURES.values())
-SUPPORTED_TEXT = "Llama, Mistral and Qwen2 causal LMs (" + ", ".join(SUPPORTED_CLASSES) + ")"
+SUPPORTED_TEXT = "Llama, Mistral, Qwen2, Gemma and Gemma 2 causal LMs (" + ", ".join(SUPPORTED_CLASSES) + ")"
+# HF's GemmaRMSNorm computes x / rms(x) * (1 + w) and stores w; ggml's rms_norm multiplies by the stored
+# weight, so llama.cpp's converter writes w + 1 (transformers' GGUF loader subtracts it again). The
+# embedding scale sqrt(hidden_size) and the tied output embedding need nothing in the file: llama.cpp's
+# gemma graphs scale token_embd themselves and use it as the output matrix when `output` is absent.
+GEMMA_ARCHITECTURES = ("gemma", "gemma2")
+GEMMA_NORM_OFFSET = 1.0
 Q8_BLOCK = 32  # Q8_0 quantizes rows in blocks of 32 values; other rows go out as f16, as llama.cpp does
 
 # the pre-tokenizer split regexes llama.cpp knows by name (tokenizer.ggml.pre)
@@ -135,6 +145,8 @@ def model_tensors(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise ConfigError(f"GGUF export: no llama.cpp name for tensor {name}")
+        if cfg.model_type in GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
+            tensor = tensor + GEMMA_NORM_OFFSET
         if permute and re.search(r"\.self_attn\.q_proj\.", name):
             tensor = permute_rotary(tensor, n_head)
         elif permute and re.search(r"\.self_attn\.k_proj\.", name):
@@ -218,12 +230,14 @@ def add_hparams(writer: Any, gguf: Any, model: Any, outtype: str, name: str) -> 
     writer.add_rope_freq_base(rope_theta(cfg))
     dim = head_dim(cfg)
     writer.add_rope_dimension_count(dim)
-    if dim != cfg.hidden_size // cfg.num_attention_heads:
-        writer.add_key_length(dim)
+    if dim != cfg.hidden_size // cfg.num_attention_heads or cfg.model_type in GEMMA_ARCHITECTURES:
+        writer.add_key_length(dim)  # llama.cpp's Gemma converters always write them
         writer.add_value_length(dim)
     writer.add_vocab_size(int(cfg.vocab_size))
     params = _rope_parameters(cfg)
     rope_type = str(params.get("rope_type", params.get("type", "default"))).lower()
+    if cfg.model_type in GEMMA_ARCHITECTURES:
+        add_gemma_hparams(writer, cfg)
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(params["factor"]))
@@ -238,6 +252,40 @@ def add_hparams(writer: Any, gguf: Any, model: Any, outtype: str, name: str) -> 
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }
     writer.add_file_type(int(file_types[outtype]))
+
+
+def add_gemma_hparams(writer: Any, cfg: Any) -> None:
+    """What llama.cpp's Gemma 2 converter adds: the logit soft-caps and the sliding window of its local layers."""
+    if cfg.model_type != "gemma2":
+        return
+    check_gemma2_attention(cfg)
+    writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
+    writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    writer.add_sliding_window(int(cfg.sliding_window))
+
+
+def check_gemma2_attention(cfg: Any) -> None:
+    """Refuse a Gemma 2 that llama.cpp's gemma2 graph would compute differently: it scales queries by
+    1/sqrt(head_dim) (1/sqrt(hidden / heads) for the 27B shape), soft-caps both logits, and alternates
+    sliding-window (even) and global (odd) layers."""
+    scalars = (head_dim(cfg), cfg.hidden_size // cfg.num_attention_heads)
+    if cfg.query_pre_attn_scalar not in scalars:
+        raise ConfigError(
+            f"GGUF export: Gemma 2 with query_pre_attn_scalar={cfg.query_pre_attn_scalar} is not what llama.cpp "
+            f"computes (it scales queries by head_dim={scalars[0]} or hidden_size / heads={scalars[1]})"
+        )
+    if cfg.attn_logit_softcapping is None or cfg.final_logit_softcapping is None:
+        raise ConfigError(
+            "GGUF export: Gemma 2 without attn_logit_softcapping / final_logit_softcapping is not what llama.cpp "
+            "computes (its gemma2 graph always soft-caps)"
+        )
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(int(cfg.num_hidden_layers))]
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and list(layer_types) != alternating:
+        raise ConfigError(
+            "GGUF export: this Gemma 2's layer_types are not llama.cpp's gemma2 pattern "
+            "(sliding-window attention in even layers, global in odd ones)"
+        )
 
 
 def _has(component: dict | None, kind: str) -> bool:

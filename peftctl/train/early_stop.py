@@ -8,22 +8,31 @@ from dataclasses import dataclass
 
 @dataclass
 class BestTracker:
-    """Follows an eval metric where lower is better (eval_loss).
+    """Follows an eval metric: lower is better (eval_loss), or higher with ``higher_is_better``
+    (an eval.metrics task metric such as eval_exact_match).
 
     ``patience``: stop after that many evals in a row without an improvement of more than
     ``min_delta`` on the best value so far (0: never stop)."""
 
     patience: int = 0
     min_delta: float = 0.0
-    best_value: float = math.inf
+    higher_is_better: bool = False
+    best_value: float = math.nan
     best_step: int | None = None
     evals_without_improvement: int = 0
     last_value: float = math.nan
 
+    def _improves(self, value: float) -> bool:
+        if self.best_step is None:
+            return not math.isnan(value)
+        if self.higher_is_better:
+            return value > self.best_value + self.min_delta
+        return value < self.best_value - self.min_delta
+
     def update(self, value: float, step: int) -> bool:
         """Record one eval; True when it is the new best."""
         self.last_value = value
-        if value < self.best_value - self.min_delta:
+        if self._improves(value):
             self.best_value, self.best_step, self.evals_without_improvement = value, step, 0
             return True
         self.evals_without_improvement += 1

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from peftctl.adapters.core.model import AdaptedModel
-from peftctl.config.schema import RunConfig, TrainConfig
+from peftctl.config.schema import RunConfig, TrainConfig, higher_is_better, metric_names
 from peftctl.data.tokenize import Example, collate
 from peftctl.errors import ConfigError, TrainingError
 from peftctl.train import fsdp
@@ -35,6 +35,7 @@ from peftctl.train.metrics_log import MetricsLog, Progress
 from peftctl.train.objectives import build_objective, evaluate_objective, finish_metrics
 from peftctl.train.offload import ActivationOffloader, offload_context
 from peftctl.train.optim import build_optimizer, build_scheduler
+from peftctl.train.task_metrics import step_task_metrics
 from peftctl.train.trackers import NullTracker, eval_scalars, train_scalars
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -139,6 +140,22 @@ def autocast(device: torch.device, precision: str) -> Any:
     return nullcontext()
 
 
+@dataclass
+class MetricsInputs:
+    """What eval.metrics need beyond the loss's eval data: the tokenizer (generation), the unpacked
+    held-out examples (prompts and responses) and a tagging task's label names."""
+
+    tokenizer: Any
+    examples: list[Example]
+    label_names: list[str] | None = None
+
+
+def eval_summary(evaluation: dict[str, float]) -> str:
+    """`eval_loss 0.1234  eval_exact_match 0.9000` (loss and task metrics; not the rewards/* detail)."""
+    shown = [k for k in evaluation if k == "eval_loss" or not k.startswith(("eval_rewards", "eval_logps"))]
+    return "  ".join(f"{key} {evaluation[key]:.4f}" for key in shown)
+
+
 class Trainer:
     """Runs the loop for one adapter of an AdaptedModel. Construct, then ``fit()``.
 
@@ -162,8 +179,10 @@ class Trainer:
         quiet: bool = False,
         dist: DistInfo = SINGLE,
         grad_accum: int | None = None,
+        metrics_inputs: MetricsInputs | None = None,
     ) -> None:
         self.dist = dist
+        self.metrics_inputs = metrics_inputs  # eval.metrics: what computing them needs beyond eval_data
         self.model, self.adapter_name, self.cfg = model, adapter_name, cfg
         self.train_data, self.eval_data = train_data, eval_data
         # dataset.streaming: a TrainStream (data/streaming.py) that deals its own micro-batches and saves its position
@@ -191,7 +210,12 @@ class Trainer:
         self.state = LoopState()
         self.last_checkpoint: Path | None = None
         self.tracker: NullTracker = NullTracker()  # train.report_to's trackers (run.py sets them on rank 0)
-        self.best = BestTracker(cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta)
+        self.best = BestTracker(
+            cfg.train.early_stopping_patience,
+            cfg.train.early_stopping_min_delta,
+            higher_is_better(cfg.train.early_stopping_metric),
+        )
+        self.last_evaluation: dict[str, float] = {}
         self.on_best: Callable[[int], None] | None = None  # called with the step of each new best eval (save_best)
         if (cfg.train.early_stopping_patience or cfg.train.save_best) and not eval_data:
             raise ConfigError(
@@ -277,6 +301,18 @@ class Trainer:
         return value
 
     def _evaluate(self) -> dict[str, float]:
+        """eval_loss (a preference objective's eval_rewards/... metrics), then the eval.metrics task metrics."""
+        evaluation = self._evaluate_loss()
+        inputs = self.metrics_inputs
+        if metric_names(self.cfg.eval.metrics) and inputs is not None:
+            evaluation.update(
+                step_task_metrics(
+                    self.model, inputs.tokenizer, inputs.examples, self.cfg, self.device, inputs.label_names
+                )
+            )
+        return evaluation
+
+    def _evaluate_loss(self) -> dict[str, float]:
         """eval_loss (and a preference objective's eval_rewards/... metrics) on the held-out data."""
         if self.objective.name != "sft":
             return evaluate_objective(
@@ -470,7 +506,9 @@ class Trainer:
         def record(evaluation: dict[str, float]) -> dict[str, float]:
             log.write({"step": self.state.step, **evaluation})
             self.tracker.log(eval_scalars(evaluation), self.state.step)
-            if self.best.update(evaluation["eval_loss"], self.state.step) and self.on_best is not None and not final:
+            self.last_evaluation = evaluation
+            metric = evaluation[self.cfg.train.early_stopping_metric]
+            if self.best.update(metric, self.state.step) and self.on_best is not None and not final:
                 self.on_best(self.state.step)  # the final adapter is saved anyway
             return evaluation
 
@@ -548,7 +586,7 @@ class Trainer:
                 if eval_now:
                     evaluation = self._evaluate_on_main(log)
                     if main:
-                        progress.message(f"step {step}  eval_loss {evaluation['eval_loss']:.4f}")
+                        progress.message(f"step {step}  " + eval_summary(evaluation))
                     stopped_early = self._stop_early()
                 if save_now:
                     self._checkpoint()
@@ -566,5 +604,5 @@ class Trainer:
             if main:
                 result.update(evaluation)
         elif main and stopped_early:
-            result["eval_loss"] = self.best.last_value  # the eval that stopped the run, at this step
+            result.update(self.last_evaluation)  # the eval that stopped the run, at this step
         return result

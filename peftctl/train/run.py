@@ -37,7 +37,7 @@ from peftctl.models.loader import load_model, load_tokenizer, move_to_device, re
 from peftctl.train import distributed, fsdp
 from peftctl.train.checkpoint import STATE_NAME, clean_torn_writes, kill_point
 from peftctl.train.distributed import broadcast_object, fail_point, on_main, settle
-from peftctl.train.loop import Trainer
+from peftctl.train.loop import MetricsInputs, Trainer
 from peftctl.train.metrics_log import MetricsLog, plot_metrics
 from peftctl.train.objectives import compares_with_reference
 from peftctl.train.resume import find_checkpoint, resume_config, resume_requested, resume_run_dir
@@ -242,6 +242,7 @@ def _train_locked(
         quiet=quiet,
         dist=dist,
         grad_accum=grad_accum,
+        metrics_inputs=MetricsInputs(tokenizer, data.eval_examples, data.label_names),
     )
     try:
         if checkpoint is not None:
@@ -388,7 +389,8 @@ def run_summary(result: dict[str, Any], trainer: Any, adapter_step: int) -> dict
     if "eval_loss" in result:
         summary["eval_loss"] = result["eval_loss"]
     if trainer.best.best_step is not None:
-        summary["best_step"], summary["best_eval_loss"] = trainer.best.best_step, trainer.best.best_value
+        metric = trainer.cfg.train.early_stopping_metric
+        summary["best_step"], summary[f"best_{metric}"] = trainer.best.best_step, trainer.best.best_value
     return summary
 
 

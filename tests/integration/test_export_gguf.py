@@ -338,3 +338,126 @@ def test_missing_gguf_package(llama_run: Path, tmp_path: Path, monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
     code, output = _cli(["export", str(llama_run), "--format", "gguf", "--out", str(tmp_path / "g.gguf")])
     _assert_one_line_error(code, output, "pip install peftctl[gguf]")
+
+
+# ---------------------------------------------------------------- Gemma-style models
+
+
+def _tiny_gemma(model_type: str, vocab_size: int, lora_scale: float = 0.02) -> Any:
+    """A tiny Gemma / Gemma 2 with a peftctl LoRA on every linear layer, perturbed and merged. Gemma 2:
+    head_dim = query_pre_attn_scalar = 256, because transformers' GGUF loader leaves
+    query_pre_attn_scalar at its default (256) while llama.cpp scales queries by head_dim."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
+
+    from peftctl.adapters import get_adapted_model
+    from peftctl.adapters.lora import LoraConfig
+    from tests.unit._method_checks import perturb
+
+    torch.manual_seed(0)
+    shape = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if model_type == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=256, query_pre_attn_scalar=256))
+    else:
+        model = GemmaForCausalLM(GemmaConfig(**shape, head_dim=16))
+    with torch.no_grad():  # HF inits Gemma's norm weights at 0 (a multiplier of 1): make them matter
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.2)
+    adapted = get_adapted_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    perturb(adapted, scale=lora_scale)
+    return adapted.merge_and_unload().eval()
+
+
+def _spm_tokenizer() -> Any:
+    from transformers import LlamaTokenizer
+
+    vocab, merges, _ = _train_bpe(byte_level=False)
+    return LlamaTokenizer(vocab=vocab, merges=merges)
+
+
+@pytest.mark.parametrize(("outtype", "tolerance"), [("f32", 1e-4), ("q8_0", 2e-2)])
+def test_gemma2_gguf_loads_back_as_the_merged_model(outtype: str, tolerance: float, tmp_path: Path) -> None:
+    """Gemma 2 goes out as llama.cpp's `gemma2` (norms as 1 + w, soft-caps, sliding window, tied output);
+    transformers' GGUF loader (which subtracts the 1 again) gives the merged model's logits."""
+    from peftctl.export.gguf_export import write_gguf
+
+    tokenizer = _spm_tokenizer()
+    model = _tiny_gemma("gemma2", len(tokenizer))
+    file = write_gguf(model, tokenizer, tmp_path / "gemma2.gguf", outtype)
+    loaded, _ = _load_gguf(file)
+    assert type(loaded).__name__ == "Gemma2ForCausalLM"
+    ids = torch.tensor([tokenizer("the quick brown fox, hello world")["input_ids"]])
+    with torch.no_grad():
+        reference, got = model(ids).logits, loaded(ids).logits
+    assert (got - reference).norm().item() <= tolerance * reference.norm().item()
+    if outtype == "q8_0":  # exactly gguf's own Q8_0 round trip of every merged matrix (norms: 1 + w - 1)
+        with torch.no_grad():
+            assert torch.allclose(got, _q8_0_matrices(model)(ids).logits, rtol=0, atol=1e-5)
+    fields, tensors = _fields(file)
+    assert fields["general.architecture"] == "gemma2"
+    assert fields["gemma2.attn_logit_softcapping"] == pytest.approx(model.config.attn_logit_softcapping)
+    assert fields["gemma2.final_logit_softcapping"] == pytest.approx(model.config.final_logit_softcapping)
+    assert fields["gemma2.attention.sliding_window"] == model.config.sliding_window
+    assert fields["gemma2.attention.key_length"] == 256
+    assert "output.weight" not in tensors and "blk.1.post_ffw_norm.weight" in tensors
+    if outtype == "q8_0":
+        assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
+def _q8_0_matrices(model: Any) -> Any:
+    import copy
+
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in copy_.parameters():
+            if param.ndim == 2:
+                blocks = gguf.quants.quantize(param.numpy(), gguf.GGMLQuantizationType.Q8_0)
+                param.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)))
+    return copy_
+
+
+def test_gemma_gguf_tensors_follow_llama_cpps_gemma_converter(tmp_path: Path) -> None:
+    """Gemma (1): transformers' GGUF loader does not read the `gemma` architecture (only gemma2 / gemma3),
+    so the file is checked against what llama.cpp's GemmaModel converter writes: every tensor under the
+    gguf package's name for it, RMSNorm weights as 1 + w, q/k not permuted, no `output` (tied)."""
+    from peftctl.export.gguf_export import write_gguf
+
+    tokenizer = _spm_tokenizer()
+    model = _tiny_gemma("gemma", len(tokenizer))
+    fields, tensors = _fields(write_gguf(model, tokenizer, tmp_path / "gemma.gguf", "f32"))
+    assert fields["general.architecture"] == "gemma" and fields["tokenizer.ggml.model"] == "llama"
+    assert (fields["gemma.attention.key_length"], fields["gemma.attention.value_length"]) == (16, 16)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA, 2)
+    expected = {}
+    for name, weight in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        offset = 1.0 if name.endswith("norm.weight") else 0.0
+        expected[names.get_name(name, try_suffixes=(".weight", ".bias"))] = weight + offset
+    assert set(tensors) == set(expected)
+    for name, reference in expected.items():
+        # the reader gives ggml's order (shape reversed): numpy's row-major data is the HF layout
+        data = torch.from_numpy(tensors[name].data.copy()).reshape(reference.shape)
+        assert torch.equal(data, reference), name
+
+
+def test_gemma2_that_llama_cpp_would_compute_differently_is_refused(tmp_path: Path) -> None:
+    from peftctl.errors import ConfigError
+    from peftctl.export.gguf_export import write_gguf
+
+    tokenizer = _spm_tokenizer()
+    model = _tiny_gemma("gemma2", len(tokenizer))
+    model.config.query_pre_attn_scalar = 100
+    with pytest.raises(ConfigError, match="query_pre_attn_scalar=100 is not what llama.cpp computes"):
+        write_gguf(model, tokenizer, tmp_path / "bad.gguf", "f32")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written

@@ -158,6 +158,7 @@ def test_every_collective_path_under_fsdp_ends_all_ranks(runs: dict[str, Any], c
         ("train.optimizer=paged_adamw_8bit", "train.optimizer"),
         ("quant=int8", "quant=int8"),
         ("train.save_best=true", "train.save_best"),
+        ("eval.metrics=[exact_match]", "eval.metrics"),
     ],
 )
 def test_fsdp_refuses_what_cannot_shard_in_one_line(override: str, field: str) -> None:
