@@ -58,6 +58,24 @@ def chunked_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Mod
     return total
 
 
+def _chunk_token_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def chunked_token_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, vocab_size: int) -> torch.Tensor:
+    """Per-token CE(head(hidden), labels) (0 where ignored), chunk by chunk as chunked_lm_loss_sum."""
+    rows = max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
+    parts = []
+    for start in range(0, hidden.size(0), rows):
+        h, y = hidden[start : start + rows], labels[start : start + rows]
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            parts.append(checkpoint(_chunk_token_nll, h, y, head, use_reentrant=False))
+        else:
+            parts.append(_chunk_token_nll(h, y, head))
+    return torch.cat(parts)
+
+
 def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over label tokens, and their count."""
     labels = batch["labels"]

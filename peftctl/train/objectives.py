@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from peftctl.data.preference import collate_kto, collate_pairs
 from peftctl.data.tokenize import IGNORE_INDEX, collate
+from peftctl.train.chunked_ce import chunked_token_nll, head_as_identity
 from peftctl.train.losses import label_count
 
 Metrics = dict[str, torch.Tensor]
@@ -129,16 +130,22 @@ def bradley_terry_losses(chosen_scores: torch.Tensor, rejected_scores: torch.Ten
 def sequence_logps(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ log p(token) over each row's label tokens, their count), next-token shifted, in fp32."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logits = logits[:, -labels.shape[1] :]  # prompt-family methods prepend virtual-token positions
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    token_nll = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
+    """(Σ log p(token) over each row's label tokens, their count), next-token shifted, in fp32. The head
+    and log-softmax run chunk by chunk (train/chunked_ce.py): the full fp32 logits of chosen + rejected
+    (2 x 1024 x 128k = 1 GiB, and as much for their log-softmax) are never alive at once."""
+    shift_labels = labels[:, 1:]
+    with head_as_identity(model) as head:
+        output = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        output = output[:, -labels.shape[1] :]  # prompt-family methods prepend virtual-token positions
+        if head is not None and output.size(-1) == getattr(head, "in_features", -1):
+            hidden = output[:, :-1].reshape(-1, output.size(-1))
+            token_nll = chunked_token_nll(hidden, shift_labels.reshape(-1), head, head.out_features)
+        else:
+            logits = (output if head is None else head(output))[:, :-1].float()
+            flat_labels = shift_labels.reshape(-1)
+            token_nll = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), flat_labels, ignore_index=IGNORE_INDEX, reduction="none"
+            )
     mask = shift_labels != IGNORE_INDEX
     return -(token_nll.view_as(shift_labels) * mask).sum(-1), mask.sum(-1)
 

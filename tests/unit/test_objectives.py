@@ -203,3 +203,37 @@ def test_fast_path_stays_off_where_policy_meets_reference(overrides: list[str], 
 
     note = apply_kernels(torch.nn.Linear(2, 2), compose_config(overrides), torch.device("cuda"))
     assert ("compares the policy with a reference pass" in note) is compared, note
+
+
+def test_sequence_logps_in_chunks_equal_the_full_logits_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preference log-probs never hold the whole fp32 logits; values and adapter gradients must equal
+    log_softmax over the full logits, summed over each row's label tokens (chunks of 7 token rows here)."""
+    from peftctl.adapters.core.model import get_adapted_model
+    from peftctl.adapters.lora import LoraConfig
+    from peftctl.train import chunked_ce
+    from peftctl.train.objectives import sequence_logps
+    from tests.unit._method_checks import tiny_llama
+
+    torch.manual_seed(0)
+    model = get_adapted_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    vocab = model.model.get_output_embeddings().out_features
+    monkeypatch.setattr(chunked_ce, "CHUNK_ELEMENTS", 7 * vocab)
+    ids = torch.randint(0, vocab, (3, 12))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt
+    labels[2, 9:] = -100  # a shorter completion
+    chunked, counts = sequence_logps(model, ids, mask, labels)
+    chunked.sum().backward()
+    chunked_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+    target = labels[:, 1:]
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != -100)
+    picked.sum(-1).sum().backward()
+    full_grads = [p.grad for p in model.parameters() if p.requires_grad]
+    torch.testing.assert_close(chunked, picked.sum(-1).detach(), rtol=1e-6, atol=1e-5)
+    assert counts.tolist() == [8, 8, 5]
+    for mine, reference in zip(chunked_grads, full_grads):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
