@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -282,48 +281,29 @@ def test_a_run_that_creates_the_dir_while_another_loads_is_refused_at_creation(
 
 def test_concurrent_train_processes_on_one_output_dir(tmp_path: Path) -> None:
     """A real second process: while a forked `peftctl train` runs, another one on its dir gets exit 2."""
+    from tests.integration.test_kill_anywhere import start_forked_train
+
     run = tmp_path / "run"
-    pid = os.fork()
-    if pid == 0:  # the first run, in a child process
-        code = 1
-        try:
-            code = (
-                CliRunner()
-                .invoke(
-                    app,
-                    [
-                        "train",
-                        "train.max_steps=400",
-                        "train.save_every=0",
-                        "train.batch_size=2",
-                        "dataset.max_samples=64",
-                        "train.eval_every=0",
-                        f"output_dir={run}",
-                        "--quiet",
-                    ],
-                )
-                .exit_code
-            )
-        finally:
-            os._exit(code)
+    args = ["train.max_steps=400", "train.save_every=0", "train.batch_size=2", "dataset.max_samples=64"]
+    first = start_forked_train([*args, "train.eval_every=0", f"output_dir={run}"])  # the first run, a child process
     try:
         for _ in range(1200):  # it holds the lock once config.yaml is written
             if (run / "config.yaml").is_file():
                 break
-            assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the first run ended early"
+            assert first.is_alive(), "the first run ended early"
             import time
 
             time.sleep(0.05)
         before_config = (run / "config.yaml").read_bytes()
         _one_line_error(
-            *_cli(["train", f"output_dir={run}", "--quiet"]), f"is in use by another peftctl train (pid {pid})"
+            *_cli(["train", f"output_dir={run}", "--quiet"]), f"is in use by another peftctl train (pid {first.pid})"
         )
-        _one_line_error(*_cli(["train", f"output_dir={run}", "train.resume=true", "--quiet"]), f"(pid {pid})")
+        _one_line_error(*_cli(["train", f"output_dir={run}", "train.resume=true", "--quiet"]), f"(pid {first.pid})")
         assert (run / "config.yaml").read_bytes() == before_config
-        assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # the first run was not disturbed
+        assert first.is_alive()  # the first run was not disturbed
     finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        first.kill()
+        first.join()
 
 
 # ---------------------------------------------------------------------------- resume under the saved config

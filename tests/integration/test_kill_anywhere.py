@@ -11,6 +11,7 @@ killed by the test with SIGKILL from outside.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -38,19 +39,39 @@ SCHEDULE = [
 ]
 
 
+# Children are forked from multiprocessing's fork server (a clean single-threaded process with peftctl
+# imported once), not from the test process: under pytest-xdist the test process has threads, and a fork
+# of a threaded process can deadlock the child on a lock one of them held (seen once in CI: a hung child).
+multiprocessing.set_forkserver_preload(["peftctl.cli", "tests.integration.test_kill_anywhere"])
+
+
+def _train_in_child(args: list[str], kill_at: str | None, env: dict[str, str], cwd: str) -> None:
+    os.environ.clear()
+    os.environ.update(env)  # the fork server's environment is from when it started: use the test's
+    os.chdir(cwd)
+    code = 1
+    try:
+        if kill_at:
+            os.environ[KILL_ENV] = kill_at
+        code = CliRunner().invoke(app, ["train", *args, "--quiet"]).exit_code
+    finally:
+        os._exit(code)
+
+
+def start_forked_train(args: list[str], kill_at: str | None = None) -> multiprocessing.Process:
+    """`peftctl train ARGS` (killing itself at ``kill_at``) in a child forked from the fork server."""
+    child = multiprocessing.get_context("forkserver").Process(
+        target=_train_in_child, args=(args, kill_at, dict(os.environ), os.getcwd())
+    )
+    child.start()
+    return child
+
+
 def _forked_train(args: list[str], kill_at: str | None) -> int:
     """`peftctl train ARGS` in a forked child; returns its exit code, or -SIGKILL if it was killed."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            if kill_at:
-                os.environ[KILL_ENV] = kill_at
-            code = CliRunner().invoke(app, ["train", *args, "--quiet"]).exit_code
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    child = start_forked_train(args, kill_at)
+    child.join()
+    return child.exitcode
 
 
 def _cli_killed_after_line(args: list[str], line_start: str) -> int:
