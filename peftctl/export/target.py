@@ -55,6 +55,11 @@ def check_output_target(
                 f"{flag}={str(out)!r} {what} the source {str(source)!r}; write to another path (--overwrite never "
                 "replaces the source)"
             )
+    if target.is_dir() and (_contains(target, Path.cwd().resolve()) or target == Path.home().resolve()):
+        raise ConfigError(
+            f"{flag}={str(out)!r} is the home directory, the current directory or one of its parents; "
+            "write to a new path (--overwrite never replaces these)"
+        )
     if not (target.exists() or target.is_symlink()):
         return
     if kind == "file" and target.is_dir():

@@ -90,3 +90,20 @@ def test_unknown_combination_is_a_one_line_error(two_runs: list[Path], tmp_path:
         result.output.startswith("error: ") and "svd" in result.output and len(result.output.strip().splitlines()) == 1
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_overwrite_never_replaces_the_current_directory_or_a_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peftctl.errors import ConfigError
+    from peftctl.export.target import check_output_target
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (work, tmp_path, Path(".")):
+        with pytest.raises(ConfigError, match="never replaces these") as error:
+            check_output_target(out, [], overwrite=True)
+        assert "\n" not in str(error.value)
+    assert (work / "keep.txt").read_text() == "mine"
