@@ -17,7 +17,7 @@ would not finish in time):
   dora        8B DoRA bf16, checkpointing
   lora_1b     Llama-3.2-1B shape, LoRA, batch 4 x 2048, no checkpointing
   offload64k  8B QLoRA r=32 at 64k tokens: checkpointing vs offloaded checkpointing (peftctl only)
-  maxctx      8B QLoRA r=32: `bench --max-context --memory-gib 80` with offload (search capped)
+  maxctx      8B QLoRA r=32: `bench --max-context --memory-gib 80` with offload + tiled MLP (search capped)
 
   python benchmarks/speed_round4.py --out benchmarks/results/round4.json          # the table (~7 min on an H200)
   python benchmarks/speed_round4.py --cases offload64k,maxctx --max-ctx-start 262144 \
@@ -124,7 +124,8 @@ def peftctl_overrides(case: str, model_dir: Path, device: str) -> list[str]:
         "dora": [*bf16, "adapter.use_dora=true", "train.batch_size=1", "train.gradient_checkpointing=true"],
         "lora_1b": [*bf16, "train.batch_size=4", "train.gradient_checkpointing=false"],
         "offload64k": long_qlora,
-        "maxctx": [*long_qlora, "train.gradient_checkpointing=offload"],
+        # the longest context: layer inputs offloaded to host memory, MLPs in 16k-token tiles
+        "maxctx": [*long_qlora, "train.gradient_checkpointing=offload", "train.mlp_tile_tokens=16384"],
     }[case]
 
 

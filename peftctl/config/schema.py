@@ -176,6 +176,9 @@ class TrainConfig:
     # true: recompute each decoder layer in the backward; offload: also keep the layers' saved inputs in
     # pinned CPU memory (train/offload.py)
     gradient_checkpointing: Union[bool, Literal["offload"]] = False
+    # > 0: every decoder layer's MLP runs over tiles of this many tokens, each recomputed in the backward, so
+    # a long-context step never holds a whole sequence's MLP intermediates (train/tiled_mlp.py); 0: off
+    mlp_tile_tokens: int = 0
     # auto: the CUDA fast path (peftctl/kernels) where it applies, the eager path elsewhere; off: always eager;
     # fused: auto plus the fused LoRA branch (kernels/lora_fused.py; opt-in until its GPU numerics test passes)
     kernels: Literal["auto", "fused", "off"] = "auto"
@@ -227,6 +230,12 @@ class TrainConfig:
             check(self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm, "expected a number > 0 or null")
         for name in ("log_every", "eval_every", "save_every"):
             check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "expected an integer >= 0")
+        check(
+            isinstance(self.mlp_tile_tokens, int) and self.mlp_tile_tokens >= 0,
+            "train.mlp_tile_tokens",
+            self.mlp_tile_tokens,
+            "expected an integer >= 0 (tokens per MLP tile; 0: off)",
+        )
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "expected an integer >= 1")
         check(
             isinstance(self.resume, (bool, str)),

@@ -210,10 +210,11 @@ def cap_memory(device: torch.device, memory_gib: float | None) -> None:
         return
     if device.type != "cuda":
         raise ConfigError("--memory-gib caps GPU memory; this run is on the CPU (train.device=cuda)")
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" names no index
+    total = torch.cuda.get_device_properties(index).total_memory / 2**30
     if not 0 < memory_gib <= total:
         raise ConfigError(f"--memory-gib={memory_gib}: expected a number in (0, {total:.0f}] (this GPU's memory)")
-    torch.cuda.set_per_process_memory_fraction(memory_gib / total, device)
+    torch.cuda.set_per_process_memory_fraction(memory_gib / total, index)
 
 
 def max_context(

@@ -42,6 +42,7 @@ from peftctl.train.metrics_log import MetricsLog, plot_metrics
 from peftctl.train.objectives import compares_with_reference
 from peftctl.train.resume import find_checkpoint, resume_config, resume_requested, resume_run_dir
 from peftctl.train.runlock import RunLock
+from peftctl.train.tiled_mlp import tile_mlps
 from peftctl.train.trackers import build_trackers
 from peftctl.utils import atomic_directory, atomic_write_text, check_output_path, seed_everything
 
@@ -92,6 +93,11 @@ def build_model_and_data(cfg: RunConfig, device: torch.device | None = None) -> 
     method.prepare_base(model, adapter_config, setup)
     adapted = get_adapted_model(model, adapter_config, ADAPTER_NAME)
     method.after_inject(adapted, ADAPTER_NAME, setup)
+    if cfg.train.mlp_tile_tokens and not tile_mlps(adapted, cfg.train.mlp_tile_tokens):
+        raise ConfigError(
+            f"train.mlp_tile_tokens={cfg.train.mlp_tile_tokens}: {type(model).__name__} has no decoder-layer MLP "
+            "to tile (Llama / Mistral / Qwen / Gemma-style blocks); expected 0"
+        )
     return adapted, tokenizer, data
 
 
