@@ -217,6 +217,16 @@ def on_main(action: Any, info: DistInfo) -> Any:
     return value
 
 
+def on_all_ranks(action: Any, info: DistInfo) -> None:
+    """``action()`` on every rank, then ``settle``: if it raised on any rank, every rank raises."""
+    failure = None
+    try:
+        action()
+    except Exception as exc:  # handed to settle, which re-raises it here
+        failure = exc
+    settle(failure, info)
+
+
 def broadcast_parameters(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Start every rank from rank 0's trainable weights (inits with randomness or GPU nondeterminism)."""
     if not info.enabled:
