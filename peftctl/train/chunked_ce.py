@@ -174,11 +174,13 @@ def chunked_token_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Modul
     return torch.cat(parts)
 
 
-def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over label tokens, and their count."""
+def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over label tokens, and their count: a 0-dim int64 tensor on the
+    labels' device, not read back (on CUDA ``int()`` would wait for the GPU every micro-step; the training
+    loop takes its token counts from the host-side batch, evaluation calls ``int()``)."""
     labels = batch["labels"]
     shift_labels = labels[:, 1:]
-    count = int((shift_labels != IGNORE_INDEX).sum())
+    count = (shift_labels != IGNORE_INDEX).sum()
     with head_as_identity(model) as head:
         output = model(**model_inputs(batch)).logits  # packed rows: position_ids instead of the mask
         output = output[:, -labels.shape[1] :]  # prompt-family methods prepend virtual-token positions

@@ -140,3 +140,24 @@ def test_per_token_nll_with_per_token_gradient_weights(dtype: torch.dtype, monke
     torch.testing.assert_close(grad, ref_grad, **tolerance)
     total = chunked_lm_loss_sum(hidden, labels, head, 50)
     torch.testing.assert_close(total, nll.detach().sum(), rtol=1e-6, atol=1e-5)
+
+
+def test_the_causal_lm_count_is_not_read_back_to_the_host() -> None:
+    """On CUDA each int() / item() waits for the GPU: the loss code adds none beyond the model's own forward."""
+    model, batch = _model(), _batch()
+    conversions = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+    originals = {name: getattr(torch.Tensor, name) for name in conversions}
+    made: list[str] = []
+
+    def counting(name: str) -> Any:
+        return lambda self, *args: made.append(name) or originals[name](self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in conversions:
+            patch.setattr(torch.Tensor, name, counting(name))
+        model(**model_inputs(batch))
+        by_forward = len(made)
+        loss, count = causal_lm_loss_sum(model, batch)
+        by_loss = len(made) - by_forward
+    assert by_loss == by_forward  # the forward inside causal_lm_loss_sum, nothing more
+    assert isinstance(count, torch.Tensor) and int(count) == 12 + 7  # shifted label positions 4..15 and 4..10
