@@ -176,6 +176,9 @@ class TrainConfig:
     # true: recompute each decoder layer in the backward; offload: also keep the layers' saved inputs in
     # pinned CPU memory (train/offload.py)
     gradient_checkpointing: Union[bool, Literal["offload"]] = False
+    # null: every decoder layer is checkpointed; N: only the first N of them (the last ones keep their
+    # activations and skip the recompute: faster, more memory; train/layer_checkpointing.py)
+    gradient_checkpointing_layers: Optional[int] = None
     # auto: the CUDA fast path (peftctl/kernels) where it applies, the eager path elsewhere; off: always eager;
     # fused: auto plus the fused LoRA branch (kernels/lora_fused.py; opt-in until its GPU numerics test passes)
     kernels: Literal["auto", "fused", "off"] = "auto"
@@ -227,6 +230,20 @@ class TrainConfig:
             check(self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm, "expected a number > 0 or null")
         for name in ("log_every", "eval_every", "save_every"):
             check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "expected an integer >= 0")
+        if self.gradient_checkpointing_layers is not None:
+            check(
+                self.gradient_checkpointing_layers >= 0,
+                "train.gradient_checkpointing_layers",
+                self.gradient_checkpointing_layers,
+                "expected null (every decoder layer) or an integer >= 0 (how many layers to checkpoint)",
+            )
+            check(
+                self.gradient_checkpointing is not False,
+                "train.gradient_checkpointing_layers",
+                self.gradient_checkpointing_layers,
+                "it limits gradient checkpointing: set train.gradient_checkpointing=true (or offload), or leave it "
+                "null",
+            )
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "expected an integer >= 1")
         check(
             isinstance(self.resume, (bool, str)),

@@ -30,6 +30,7 @@ CHANGEABLE_ON_RESUME = (
     "train.eval_every",
     "train.device",
     "train.gradient_checkpointing",
+    "train.gradient_checkpointing_layers",
     "train.report_to",
     "train.early_stopping_patience",
     "train.early_stopping_min_delta",
