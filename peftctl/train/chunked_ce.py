@@ -90,8 +90,9 @@ def _nll_and_hidden_grad(
             nll[start : start + rows] = (lse - logits.gather(1, target).squeeze(1)) * valid
             probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
             probs.scatter_add_(1, target, -valid.unsqueeze(1).to(probs.dtype))  # p - onehot(label)
-            probs.mul_(valid.unsqueeze(1))  # ignored rows: no gradient
-            torch.matmul(probs.to(dtype), weight, out=grad[start : start + rows])
+            rows_grad = grad[start : start + rows]
+            torch.matmul(probs.to(dtype), weight, out=rows_grad)
+            rows_grad.mul_(valid.unsqueeze(1))  # ignored rows: no gradient (zeroed here: hidden << vocab)
     return nll, grad
 
 
