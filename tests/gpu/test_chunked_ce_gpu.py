@@ -2,12 +2,14 @@
 (hidden 2048, vocabulary 128256, 4 x 2048 tokens, bf16 autocast): its loss and hidden-state gradient are
 no further from an fp32 full-logits reference than the checkpointed chunks are (within 1.5x, plus 1e-3),
 and it is faster than them (the head matmul runs once, not twice). Also: partial activation checkpointing
-(train.gradient_checkpointing_layers) on CUDA under the fast path gives full checkpointing's gradients.
+(train.gradient_checkpointing_layers) on CUDA under the fast path, with and without offloading, gives
+full checkpointing's gradients, and offloading then moves only the checkpointed layers' inputs.
 Run with `pytest -m "gpu and not multigpu" tests/gpu/test_chunked_ce_gpu.py -s` (about 1 minute)."""
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -89,6 +91,7 @@ def test_partial_checkpointing_under_the_fast_path_gives_full_checkpointings_gra
     from peftctl.kernels import apply_fast_path
     from peftctl.train.chunked_ce import causal_lm_loss_sum
     from peftctl.train.layer_checkpointing import limit_checkpointed_layers
+    from peftctl.train.offload import ActivationOffloader
 
     config = LlamaConfig(
         vocab_size=1024,
@@ -101,20 +104,28 @@ def test_partial_checkpointing_under_the_fast_path_gives_full_checkpointings_gra
     ids = torch.randint(0, 1024, (2, 256), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     torch._dynamo.reset()  # fresh recompile budgets: earlier tests' graphs must not push these layers to eager
-    grads = {}
-    for n in (None, 2):
+    grads, moved = {}, {}
+    for n, offload in ((None, False), (2, False), (None, True), (2, True)):
         torch.manual_seed(0)
         base = LlamaForCausalLM(config).cuda()
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
         lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
         model = get_adapted_model(base, lora)
-        limit_checkpointed_layers(model, n)
+        limit_checkpointed_layers(model, n, offload=offload)
         assert apply_fast_path(model, torch.device("cuda"), model.peft_config["default"]).startswith("on")
         model.train()
-        loss_sum, count = causal_lm_loss_sum(model, batch)
+        offloader = ActivationOffloader(min_bytes=2 * 256 * 512 * 4)  # a layer input and larger
+        with offloader.active() if offload else nullcontext():
+            loss_sum, count = causal_lm_loss_sum(model, batch)
         (loss_sum / count).backward()
-        grads[n] = [p.grad.float() for p in model.parameters() if p.requires_grad]
-    worst = max(float((g - r).norm() / r.norm()) for g, r in zip(grads[2], grads[None]))
-    print(f"\n2 of 4 layers checkpointed vs all, compiled fp32: worst relative gradient difference {worst:.2e}")
-    assert worst < 1e-4
+        grads[n, offload] = [p.grad.float() for p in model.parameters() if p.requires_grad]
+        moved[n, offload] = offloader.offloaded_bytes
+    reference = grads[None, False]
+    for key in ((2, False), (None, True), (2, True)):
+        worst = max(float((g - r).norm() / r.norm()) for g, r in zip(grads[key], reference))
+        print(f"\n(checkpointed layers, offload) = {key} vs all checkpointed: worst gradient difference {worst:.2e}")
+        assert worst < 1e-4, key
+    # the two un-checkpointed layers keep everything on the GPU: at least their inputs less goes to the host
+    print(f"offloaded bytes: all layers {moved[None, True]:,}, 2 of 4 {moved[2, True]:,}")
+    assert 0 < moved[2, True] <= moved[None, True] - 2 * 2 * 256 * 512 * 4
