@@ -23,6 +23,8 @@ would not finish in time):
   python benchmarks/speed_round4.py --cases offload64k,maxctx --max-ctx-start 262144 \
       --max-ctx-granularity 262144 --max-search-s 150 --out benchmarks/results/round4_long.json   # ~8 min
   python benchmarks/speed_round4.py --smoke --cases lora,lora_ckpt,qlora,dora,lora_1b,offload64k,maxctx  # CPU, tiny
+  python benchmarks/speed_round4.py --cases lora_ckpt --ckpt-layers 16,24      # + peftctl with 16 / 24 of 32 layers
+      checkpointed (train.gradient_checkpointing_layers), against transformers + peft's full checkpointing
 
 One 8B QLoRA step at 256k tokens is ~9e16 FLOPs (attention dominates): minutes on one H200, so the
 long-context cases have their own call; --max-search-s stops the search from starting another trial.
@@ -48,6 +50,7 @@ GiB = 2**30
 ADAPTER = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 ALL_CASES = ("lora", "lora_ckpt", "qlora", "dora", "lora_1b", "offload64k", "maxctx")
 # rough seconds each case takes on an H200 (load + compile + steps, both stacks), for --budget-s
+PARTIAL_CKPT_S = 35  # each --ckpt-layers run (peftctl only)
 EXPECTED_S = {"lora": 75, "lora_ckpt": 70, "qlora": 95, "dora": 60, "lora_1b": 45, "offload64k": 120, "maxctx": 150}
 
 
@@ -129,12 +132,22 @@ def peftctl_overrides(case: str, model_dir: Path, device: str) -> list[str]:
     }[case]
 
 
-def run_peftctl(case: str, model_dir: Path, device: str, seq: int, warmup: int, steps: int) -> dict[str, Any]:
+def run_peftctl(
+    case: str,
+    model_dir: Path,
+    device: str,
+    seq: int,
+    warmup: int,
+    steps: int,
+    extra: tuple[str, ...] = (),
+    label: str | None = None,
+) -> dict[str, Any]:
     from peftctl.train.bench import bench
 
     started = time.perf_counter()
-    result = bench(peftctl_overrides(case, model_dir, device), warmup=warmup, steps=steps, seq_len=seq).as_dict()
-    result.update(stack="peftctl", case=case, wall_s=time.perf_counter() - started)
+    overrides = [*peftctl_overrides(case, model_dir, device), *extra]
+    result = bench(overrides, warmup=warmup, steps=steps, seq_len=seq).as_dict()
+    result.update(stack="peftctl", case=label or case, wall_s=time.perf_counter() - started)
     free_memory()
     return result
 
@@ -226,6 +239,24 @@ def side_by_side(case: str, index: int, dirs: dict[str, Path], args: argparse.Na
     return [run() for run in runs]
 
 
+def partial_checkpointing(dirs: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """lora_ckpt through peftctl with only N of the layers checkpointed (--ckpt-layers), one run per N."""
+    layers = llama_config("8b", args.smoke).num_hidden_layers
+    return [
+        run_peftctl(
+            "lora_ckpt",
+            dirs["8b"],
+            args.device,
+            args.seq,
+            args.warmup,
+            args.steps,
+            extra=(f"train.gradient_checkpointing_layers={n}",),
+            label=f"lora_ckpt:{n}of{layers}",
+        )
+        for n in args.ckpt_layers
+    ]
+
+
 def offload_at_64k(dirs: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
     """The same long step with plain and with offloaded checkpointing (acceptance: offload >= 0.8x)."""
     results = []
@@ -270,6 +301,19 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             f"{_gib(ours)} | {speed:.2f}x | {memory} |"
         )
     for r in results:
+        if r["case"].startswith("lora_ckpt:"):  # peftctl with N of L layers checkpointed vs peft's full checkpointing
+            theirs = next((t for t in results if t["case"] == "lora_ckpt" and t["stack"] == "peft"), None)
+            n, layers = r["case"].split(":")[1].split("of")
+            speed = f"{r['tokens_per_s'] / theirs['tokens_per_s']:.2f}x" if theirs else "n/a"
+            memory = (
+                f"{r['peak_memory_gib'] / theirs['peak_memory_gib']:.2f}x"
+                if theirs and theirs["peak_memory_gib"]
+                else "n/a"
+            )
+            lines.append(
+                f"| lora_ckpt, peftctl with {n} of {layers} layers checkpointed | (full checkpointing above) | "
+                f"{r['tokens_per_s']:,.0f} tok/s, {_gib(r)} | {speed} | {memory} |"
+            )
         if r["case"].startswith("offload64k:"):
             lines.append(
                 f"| 8B QLoRA r=32, {r['seq_len']:,} tokens, ckpt={r['case'].split(':')[1]} | | "
@@ -317,6 +361,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--models-dir", default=None, help="keep the random models here and reuse them (default: a temp dir, deleted)"
     )
+    parser.add_argument(
+        "--ckpt-layers",
+        default="",
+        help="lora_ckpt: also run peftctl with only these many decoder layers checkpointed (comma-separated, "
+        "e.g. 16,24; train.gradient_checkpointing_layers)",
+    )
     parser.add_argument("--out", default=None, help="write the JSON here too")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: the whole script in < 1 min")
     args = parser.parse_args()
@@ -324,6 +374,12 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:
         args.seq, args.long_seq, args.warmup, args.steps = 32, 64, 1, 1
         args.max_ctx_start, args.max_ctx_limit, args.max_ctx_granularity = 32, 64, 32
+    try:
+        args.ckpt_layers = [int(n) for n in args.ckpt_layers.split(",") if n.strip()]
+    except ValueError:
+        parser.error(f"--ckpt-layers: expected comma-separated integers, got {args.ckpt_layers!r}")
+    if args.smoke:  # the smoke model has 2 layers
+        args.ckpt_layers = [min(n, 2) for n in args.ckpt_layers]
     unknown = set(args.cases.split(",")) - set(ALL_CASES)
     if unknown:
         parser.error(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(ALL_CASES)}")
@@ -345,9 +401,10 @@ def main() -> None:
         print(f"models written in {time.perf_counter() - started:.0f} s", flush=True)
         for index, case in enumerate(cases):
             left = args.budget_s - (time.perf_counter() - started)
-            if not args.smoke and left < EXPECTED_S[case] and case != "maxctx":
+            expected = EXPECTED_S[case] + (PARTIAL_CKPT_S * len(args.ckpt_layers) if case == "lora_ckpt" else 0)
+            if not args.smoke and left < expected and case != "maxctx":
                 skipped.append(case)
-                print(f"skipping {case}: {left:.0f} s left of --budget-s, it takes about {EXPECTED_S[case]} s")
+                print(f"skipping {case}: {left:.0f} s left of --budget-s, it takes about {expected} s")
                 continue
             if case == "offload64k":
                 new = offload_at_64k(dirs, args)
@@ -356,6 +413,8 @@ def main() -> None:
                 new = [max_context_search(dirs, args, seconds)]
             else:
                 new = side_by_side(case, index, dirs, args)
+                if case == "lora_ckpt":
+                    new += partial_checkpointing(dirs, args)
             for result in new:
                 print(json.dumps(result), flush=True)
             results.extend(new)

@@ -179,6 +179,9 @@ class TrainConfig:
     # > 0: every decoder layer's MLP runs over tiles of this many tokens, each recomputed in the backward, so
     # a long-context step never holds a whole sequence's MLP intermediates (train/tiled_mlp.py); 0: off
     mlp_tile_tokens: int = 0
+    # null: every decoder layer is checkpointed; N: only the first N of them (the last ones keep their
+    # activations and skip the recompute: faster, more memory; train/layer_checkpointing.py)
+    gradient_checkpointing_layers: Optional[int] = None
     # auto: the CUDA fast path (peftctl/kernels) where it applies, the eager path elsewhere; off: always eager;
     # fused: auto plus the fused LoRA branch (kernels/lora_fused.py; opt-in until its GPU numerics test passes)
     kernels: Literal["auto", "fused", "off"] = "auto"
@@ -236,6 +239,20 @@ class TrainConfig:
             self.mlp_tile_tokens,
             "expected an integer >= 0 (tokens per MLP tile; 0: off)",
         )
+        if self.gradient_checkpointing_layers is not None:
+            check(
+                self.gradient_checkpointing_layers >= 0,
+                "train.gradient_checkpointing_layers",
+                self.gradient_checkpointing_layers,
+                "expected null (every decoder layer) or an integer >= 0 (how many layers to checkpoint)",
+            )
+            check(
+                self.gradient_checkpointing is not False,
+                "train.gradient_checkpointing_layers",
+                self.gradient_checkpointing_layers,
+                "it limits gradient checkpointing: set train.gradient_checkpointing=true (or offload), or leave it "
+                "null",
+            )
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "expected an integer >= 1")
         check(
             isinstance(self.resume, (bool, str)),

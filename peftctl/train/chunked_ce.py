@@ -2,15 +2,24 @@
 
 For a 128k vocabulary and 2048 tokens the logits are 1 GiB in fp32 (plus as much again for their
 gradient). Here the model runs with its output head swapped for an identity, so it returns hidden
-states; the head and the cross-entropy then run over chunks of tokens, each chunk recomputed in the
-backward pass (activation checkpointing), so at most one chunk of logits is alive at a time.
-The sum is the same as ``cross_entropy(logits.float(), labels, reduction="sum")``.
+states; the head and the cross-entropy then run over chunks of tokens, so at most one chunk of logits
+is alive at a time. The sum is the same as ``cross_entropy(logits.float(), labels, reduction="sum")``.
+
+Two ways to get the gradient of the hidden states:
+
+* a frozen ``nn.Linear`` head (the usual PEFT case): each chunk's gradient is computed right away in
+  the forward ("fused linear cross-entropy"): with p = softmax(logits), d loss / d logits = p - onehot(label)
+  (0 on ignored rows), so d loss / d hidden = (p - onehot) @ W. Only that (tokens x hidden) gradient is
+  kept; the backward scales it by the incoming gradient. The head's matmul runs once per step.
+* a trainable head (LoRA on lm_head, modules_to_save, a tied trainable embedding) or another kind of
+  head: each chunk runs under activation checkpointing and is recomputed in the backward, so the head
+  matmul runs twice.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +49,90 @@ def head_as_identity(model: nn.Module) -> Iterator[nn.Module | None]:
         setattr(hf, name, head)
 
 
+def frozen_linear_head(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of a head that computes exactly ``F.linear(x, weight, bias)`` and takes no gradient;
+    None for anything else (trainable, quantized, sharded, wrapped or hooked heads take the checkpointed path)."""
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward or "forward" in vars(head):
+        return None
+    if head._forward_hooks or head._forward_pre_hooks or getattr(head, "_hf_hook", None) is not None:
+        return None
+    weight, bias = head.weight, head.bias
+    if any(p is not None and (type(p) is not nn.Parameter or p.requires_grad) for p in (weight, bias)):
+        return None
+    return weight, bias
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's where it is on, else the weight's (as nn.Linear)."""
+    kind = hidden.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
+
+
+def _nll_and_hidden_grad(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row CE(hidden @ W.T + b, label) in fp32 (0 on ignored rows) and its gradient with respect to
+    ``hidden`` (in the head's compute dtype), chunk by chunk."""
+    dtype = _compute_dtype(hidden, weight)
+    weight = weight.to(dtype)  # cast once, not per chunk
+    bias = bias.to(dtype) if bias is not None else None
+    nll = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+    grad = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.size(0), rows):
+            h, y = hidden[start : start + rows].to(dtype), labels[start : start + rows]
+            logits = F.linear(h, weight, bias).float()  # fp32, as the plain path's logits.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = y != IGNORE_INDEX
+            target = torch.where(valid, y, 0).unsqueeze(1)
+            nll[start : start + rows] = (lse - logits.gather(1, target).squeeze(1)) * valid
+            probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+            probs.scatter_add_(1, target, -valid.unsqueeze(1).to(probs.dtype))  # p - onehot(label)
+            rows_grad = grad[start : start + rows]
+            torch.matmul(probs.to(dtype), weight, out=rows_grad)
+            rows_grad.mul_(valid.unsqueeze(1))  # ignored rows: no gradient (zeroed here: hidden << vocab)
+    return nll, grad
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """CE over a frozen linear head whose hidden-state gradient is computed in the forward (module docstring)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        rows: int,
+        per_token: bool,
+    ) -> torch.Tensor:
+        nll, grad = _nll_and_hidden_grad(hidden, labels, weight, bias, rows)
+        ctx.save_for_backward(grad)  # through saved-tensor hooks: offloaded under gradient_checkpointing=offload
+        ctx.hidden_dtype, ctx.per_token = hidden.dtype, per_token
+        return nll if per_token else nll.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        scale = grad_output.unsqueeze(1) if ctx.per_token else grad_output
+        return (grad * scale.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None, None, None
+
+
+def _fused_if_frozen(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, rows: int, per_token: bool
+) -> torch.Tensor | None:
+    """The fused loss when a gradient is wanted and the head is a frozen linear layer; else None."""
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        return None
+    frozen = frozen_linear_head(head)
+    if frozen is None:
+        return None
+    return _FrozenHeadCrossEntropy.apply(hidden, labels, *frozen, rows, per_token)
+
+
 def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
     logits = head(hidden).float()
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -48,6 +141,9 @@ def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> 
 def chunked_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, vocab_size: int) -> torch.Tensor:
     """Σ CE(head(hidden), labels) over rows, computed chunk by chunk (hidden: (N, H), labels: (N,))."""
     rows = max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
+    fused = _fused_if_frozen(hidden, labels, head, rows, per_token=False)
+    if fused is not None:
+        return fused
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.size(0), rows):
         h, y = hidden[start : start + rows], labels[start : start + rows]
@@ -66,6 +162,9 @@ def _chunk_token_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module
 def chunked_token_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, vocab_size: int) -> torch.Tensor:
     """Per-token CE(head(hidden), labels) (0 where ignored), chunk by chunk as chunked_lm_loss_sum."""
     rows = max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
+    fused = _fused_if_frozen(hidden, labels, head, rows, per_token=True)
+    if fused is not None:
+        return fused
     parts = []
     for start in range(0, hidden.size(0), rows):
         h, y = hidden[start : start + rows], labels[start : start + rows]
@@ -76,11 +175,13 @@ def chunked_token_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Modul
     return torch.cat(parts)
 
 
-def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over label tokens, and their count."""
+def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over label tokens, and their count: a 0-dim int64 tensor on the
+    labels' device, not read back (on CUDA ``int()`` would wait for the GPU every micro-step; the training
+    loop takes its token counts from the host-side batch, evaluation calls ``int()``)."""
     labels = batch["labels"]
     shift_labels = labels[:, 1:]
-    count = int((shift_labels != IGNORE_INDEX).sum())
+    count = (shift_labels != IGNORE_INDEX).sum()
     with head_as_identity(model) as head:
         output = model(**model_inputs(batch)).logits  # packed rows: position_ids instead of the mask
         output = output[:, -labels.shape[1] :]  # prompt-family methods prepend virtual-token positions

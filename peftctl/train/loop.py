@@ -85,7 +85,7 @@ def evaluate_loss(
         batch = to_device(collate(examples[start : start + batch_size], pad_id), device)
         with autocast(device, precision):
             loss, n = task_loss(task_type)(model, batch)
-        total, count = total + float(loss), count + n
+        total, count = total + float(loss), count + int(n)
     model.train(was_training)
     return total / max(count, 1)
 

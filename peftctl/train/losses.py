@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from peftctl.data.tokenize import IGNORE_INDEX
 from peftctl.train.chunked_ce import causal_lm_loss_sum  # chunked over the vocabulary
 
-LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+# (loss sum, count); the causal-LM count is a device tensor (no host sync): int() it where a number is needed
+LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, int | torch.Tensor]]
 
 
 def _last(logits: torch.Tensor, length: int) -> torch.Tensor:

@@ -193,7 +193,8 @@ class SFTObjective:
     def count(self, examples: list[Any]) -> int:
         return sum(label_count(e.labels, self.task_type) for e in examples)
 
-    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, Metrics]:
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any, Metrics]:
+        """(loss sum, count: an int or a device tensor (causal LM: not read back), metric sums)."""
         loss_sum, count = self.task_loss(self.task_type)(model, batch)
         return loss_sum, count, {}
 
@@ -385,7 +386,7 @@ def evaluate_objective(
         batch = {k: v.to(device) for k, v in objective.collate(examples[start : start + batch_size], pad_id).items()}
         batch.pop("ref_logps", None)  # eval computes its reference in-step
         loss, n, metrics = objective.loss(model, batch)
-        total, count = total + float(loss), count + n
+        total, count = total + float(loss), count + int(n)
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value)
     model.train(was_training)

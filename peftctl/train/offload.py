@@ -13,8 +13,10 @@ for a Llama-3-8B). Under offloading those saved inputs live in pinned CPU memory
   copy back and starts copying the previous layer's input on the side stream, so that transfer
   overlaps this layer's recompute and backward.
 
-Parameters (frozen base weights, quantized or not) and small tensors (< MIN_BYTES) stay where they
-are. A tensor saved by several consumers (position embeddings, shared across layers) is offloaded once.
+Parameters (frozen base weights, quantized or not), small tensors (< MIN_BYTES) and what the layers
+left un-checkpointed by ``train.gradient_checkpointing_layers`` save (``keep_saved_activations_on_device``:
+their backward comes first, so a trip to the host would only add a wait) stay where they are. A tensor
+saved by several consumers (position embeddings, shared across layers) is offloaded once.
 On the CPU the "offload" is a plain copy (same values: the losses and gradients are those of plain
 checkpointing); ``offloaded_bytes`` counts what went through the hooks.
 """
@@ -27,6 +29,28 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+
+class _DeviceOnly:
+    """How many forwards of layers whose saved activations stay on the device are running now."""
+
+    depth = 0
+
+
+@torch.compiler.disable  # run eagerly around a compiled layer, not traced into its graph
+def _enter_device_only(module: nn.Module, args: Any) -> None:
+    _DeviceOnly.depth += 1
+
+
+@torch.compiler.disable
+def _leave_device_only(module: nn.Module, args: Any, output: Any) -> None:
+    _DeviceOnly.depth = max(_DeviceOnly.depth - 1, 0)
+
+
+def keep_saved_activations_on_device(layer: nn.Module) -> None:
+    """What autograd saves during ``layer``'s forward is never offloaded (an un-checkpointed layer)."""
+    layer.register_forward_pre_hook(_enter_device_only)
+    layer.register_forward_hook(_leave_device_only, always_call=True)
 
 
 @dataclass
@@ -54,7 +78,11 @@ class ActivationOffloader:
 
     # -- the hooks
     def pack(self, tensor: torch.Tensor) -> Any:
-        if isinstance(tensor, nn.Parameter) or tensor.numel() * tensor.element_size() < self.min_bytes:
+        if (
+            _DeviceOnly.depth
+            or isinstance(tensor, nn.Parameter)
+            or tensor.numel() * tensor.element_size() < self.min_bytes
+        ):
             return tensor
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor._version)
         if key in self._by_storage:
@@ -76,6 +104,7 @@ class ActivationOffloader:
     def active(self) -> Iterator[None]:
         """Offload what autograd saves in this block (one forward; its backward may run later)."""
         self._order, self._by_storage = [], {}
+        _DeviceOnly.depth = 0  # a forward that raised inside a kept layer does not leak into this one
         with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
             yield
         self._by_storage = {}  # the forward is over: nothing more to share

@@ -31,6 +31,7 @@ CHANGEABLE_ON_RESUME = (
     "train.device",
     "train.gradient_checkpointing",
     "train.mlp_tile_tokens",  # memory only: the same values
+    "train.gradient_checkpointing_layers",
     "train.report_to",
     "train.early_stopping_patience",
     "train.early_stopping_min_delta",

@@ -37,6 +37,7 @@ from peftctl.models.loader import load_model, load_tokenizer, move_to_device, re
 from peftctl.train import distributed, fsdp
 from peftctl.train.checkpoint import STATE_NAME, clean_torn_writes, kill_point
 from peftctl.train.distributed import broadcast_object, fail_point, on_main, settle
+from peftctl.train.layer_checkpointing import limit_checkpointed_layers
 from peftctl.train.loop import MetricsInputs, Trainer
 from peftctl.train.metrics_log import MetricsLog, plot_metrics
 from peftctl.train.objectives import compares_with_reference
@@ -98,6 +99,10 @@ def build_model_and_data(cfg: RunConfig, device: torch.device | None = None) -> 
             f"train.mlp_tile_tokens={cfg.train.mlp_tile_tokens}: {type(model).__name__} has no decoder-layer MLP "
             "to tile (Llama / Mistral / Qwen / Gemma-style blocks); expected 0"
         )
+    # last: a setup hook may have enabled checkpointing again on every layer
+    limit_checkpointed_layers(
+        adapted, cfg.train.gradient_checkpointing_layers, offload=cfg.train.gradient_checkpointing == "offload"
+    )
     return adapted, tokenizer, data
 
 

@@ -144,6 +144,16 @@ CASES = [
     Case("max grad norm 0", [*TRAIN, "train.max_grad_norm=0"], ["train.max_grad_norm=0"]),
     Case("max grad norm nan", [*TRAIN, "train.max_grad_norm=nan"], ["train.max_grad_norm=nan", "finite"]),
     Case("epochs 0", [*TRAIN, "train.epochs=0"], ["train.epochs=0"]),
+    Case(
+        "checkpointed layers negative",
+        [*TRAIN, "train.gradient_checkpointing=true", "train.gradient_checkpointing_layers=-2"],
+        ["train.gradient_checkpointing_layers=-2", "integer >= 0"],
+    ),
+    Case(
+        "checkpointed layers without checkpointing",
+        [*TRAIN, "train.gradient_checkpointing_layers=4"],
+        ["train.gradient_checkpointing_layers=4", "train.gradient_checkpointing=true"],
+    ),
     Case("eval size 1", [*TRAIN, "dataset.eval_size=1.0"], ["dataset.eval_size=1.0"]),
     Case("max_seq_len 2", [*TRAIN, "dataset.max_seq_len=2"], ["dataset.max_seq_len=2"]),
     Case("eval batch size 0", [*TRAIN, "eval.batch_size=0"], ["eval.batch_size=0"]),
