@@ -169,8 +169,10 @@ class LoraLinear(LoraLayer):
         return F.linear(x, weight.to(x.dtype))
 
     def supports_fused_lora(self) -> bool:
-        """The fused branch covers plain nn.Linear-layout weights (also bitsandbytes 4-bit layers)."""
-        return not self.fan_in_fan_out
+        """The fused branch covers plain LoRA on nn.Linear-layout weights (also bitsandbytes 4-bit layers);
+        a layer whose adapters are all DoRA never takes it."""
+        plain = any(name not in self.lora_variant for name in self.adapter_configs)
+        return not self.fan_in_fan_out and plain
 
     def fused_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """s · B(A(dropout(x))) through one autograd function that saves x, not dropout(x)."""
