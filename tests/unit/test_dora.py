@@ -394,3 +394,22 @@ def test_compiled_eval_recomputes_the_norm_after_an_update() -> None:
         expected = F.linear(x, _reference_weight(layer), layer.base_layer.bias)
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_norms_follow_base_weights_loaded_in_place() -> None:
+    """Loading writes tensors through .data (version counters unchanged), here with an embedding's base
+    table as PEFT saves it next to the adapter: the DoRA norms kept per layer (eval cache, ‖W_i‖²) follow."""
+    from peftctl.adapters.core.persistence import get_adapter_state_dict, set_adapter_state_dict
+    from tests.unit._method_checks import input_ids, perturb, tiny_llama
+
+    adapted = get_adapted_model(tiny_llama(), _emb_config(target_modules=["embed_tokens"]))
+    perturb(adapted)
+    emb = adapted.model.model.embed_tokens
+    x = input_ids()
+    out(adapted, x)  # fills the eval cache and ‖W_i‖²
+    state = get_adapter_state_dict(adapted, "default")
+    base_key = next(k for k, v in adapted.state_dict(keep_vars=True).items() if v is emb.base_layer.weight)
+    state[base_key] = emb.base_layer.weight.detach() * 1.5
+    set_adapter_state_dict(adapted, "default", state)
+    torch.testing.assert_close(emb.base_layer.weight, state[base_key])
+    torch.testing.assert_close(emb(x), F.embedding(x, _emb_reference_table(emb)), rtol=1e-5, atol=1e-6)

@@ -85,8 +85,9 @@ class DoraNormCache:
 
     The checks below read data pointers and version counters: Python bookkeeping that must not run
     inside a torch.compile graph. Inside one, ‖W_i‖² is the tensor filled eagerly beforehand
-    (``LoraLayer.prime_dora_cache``, which the fast path calls before compiling; merge and unmerge
-    refill it) and the full norm is always recomputed."""
+    (``LoraLayer.prime_dora_cache``, which the fast path calls before compiling, and
+    ``on_weights_changed`` after merge, unmerge, loading: writes through .data that the version counters
+    miss) and the full norm is always recomputed."""
 
     def __init__(self) -> None:
         self.weight_sq: torch.Tensor | None = None

@@ -120,10 +120,8 @@ class LoraLayer(AdapterLayer):
             own = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
             self.base_layer.weight = own
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        self.prime_dora_cache()  # the base weight changed (a .data write: its version counter did not)
 
-    def unmerge(self) -> None:
-        super().unmerge()
+    def on_weights_changed(self) -> None:
         self.prime_dora_cache()
 
     def lora_path(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
