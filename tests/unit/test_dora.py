@@ -413,3 +413,20 @@ def test_norms_follow_base_weights_loaded_in_place() -> None:
     set_adapter_state_dict(adapted, "default", state)
     torch.testing.assert_close(emb.base_layer.weight, state[base_key])
     torch.testing.assert_close(emb(x), F.embedding(x, _emb_reference_table(emb)), rtol=1e-5, atol=1e-6)
+
+
+def test_the_cuda_fast_path_takes_dora_layers() -> None:
+    """The fast path's decision (no GPU needed to make it): DoRA compiles with the decoder layers on CUDA
+    (it was excluded before), the CPU runs eager, and the fused LoRA branch, which DoRA adapters never
+    take, is not switched on for DoRA-only layers."""
+    from _lora_fixtures import tiny_llama
+
+    from peftctl.kernels import enable_fused_lora, fast_path_reason_off
+
+    config = LoraConfig(r=4, use_dora=True, target_modules="all-linear")
+    adapted = get_adapted_model(tiny_llama(layers=1), config)
+    assert fast_path_reason_off(adapted, torch.device("cuda"), config) is None
+    assert fast_path_reason_off(adapted, torch.device("cpu"), config).startswith("device cpu")
+    assert enable_fused_lora(adapted) == 0
+    adapted.add_adapter("plain", LoraConfig(r=4, target_modules="all-linear"))
+    assert enable_fused_lora(adapted) == 7  # a plain LoRA adapter next to DoRA takes it
