@@ -14,7 +14,10 @@ would not finish in time):
   lora        8B LoRA bf16, batch 1 x 2048, no checkpointing
   lora_ckpt   8B LoRA bf16, batch 1 x 2048, gradient checkpointing
   qlora       8B QLoRA nf4 (recipe qlora_llama, r=16), checkpointing, paged AdamW 8-bit
-  dora        8B DoRA bf16, checkpointing
+  dora        8B DoRA bf16, checkpointing (compiled with the decoder layers on CUDA, as LoRA)
+  dora_nodrop 8B DoRA bf16, checkpointing, lora_dropout 0 on both sides (not in the default set): with
+              dropout > 0 DoRA recomputes W·dropout(x) (one more matmul per projection in the forward, the
+              checkpointed recompute and the backward, in both stacks); without it the base output is reused
   lora_1b     Llama-3.2-1B shape, LoRA, batch 4 x 2048, no checkpointing
   offload64k  8B QLoRA r=32 at 64k tokens: checkpointing vs offloaded checkpointing (peftctl only)
   maxctx      8B QLoRA r=32: `bench --max-context --memory-gib 80` with offload + tiled MLP (search capped)
@@ -22,9 +25,12 @@ would not finish in time):
   python benchmarks/speed_round4.py --out benchmarks/results/round4.json          # the table (~7 min on an H200)
   python benchmarks/speed_round4.py --cases offload64k,maxctx --max-ctx-start 262144 \
       --max-ctx-granularity 262144 --max-search-s 150 --out benchmarks/results/round4_long.json   # ~8 min
-  python benchmarks/speed_round4.py --smoke --cases lora,lora_ckpt,qlora,dora,lora_1b,offload64k,maxctx  # CPU, tiny
   python benchmarks/speed_round4.py --cases lora_ckpt --ckpt-layers 16,24      # + peftctl with 16 / 24 of 32 layers
       checkpointed (train.gradient_checkpointing_layers), against transformers + peft's full checkpointing
+  python benchmarks/speed_round4.py --cases lora_ckpt,dora,dora_nodrop --budget-s 400 \
+      --out benchmarks/results/round5_dora.json                                     # DoRA compiled: ~5 min
+  python benchmarks/speed_round4.py --smoke \
+      --cases lora,lora_ckpt,qlora,dora,dora_nodrop,lora_1b,offload64k,maxctx    # CPU, tiny
 
 One 8B QLoRA step at 256k tokens is ~9e16 FLOPs (attention dominates): minutes on one H200, so the
 long-context cases have their own call; --max-search-s stops the search from starting another trial.
@@ -48,10 +54,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GiB = 2**30
 ADAPTER = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
-ALL_CASES = ("lora", "lora_ckpt", "qlora", "dora", "lora_1b", "offload64k", "maxctx")
+ALL_CASES = ("lora", "lora_ckpt", "qlora", "dora", "dora_nodrop", "lora_1b", "offload64k", "maxctx")
 # rough seconds each case takes on an H200 (load + compile + steps, both stacks), for --budget-s
 PARTIAL_CKPT_S = 35  # each --ckpt-layers run (peftctl only)
-EXPECTED_S = {"lora": 75, "lora_ckpt": 70, "qlora": 95, "dora": 60, "lora_1b": 45, "offload64k": 120, "maxctx": 150}
+EXPECTED_S = {
+    "lora": 75,
+    "lora_ckpt": 70,
+    "qlora": 95,
+    "dora": 90,
+    "dora_nodrop": 80,
+    "lora_1b": 45,
+    "offload64k": 120,
+    "maxctx": 150,
+}
 
 
 def llama_config(shape: str, smoke: bool) -> Any:
@@ -125,6 +140,13 @@ def peftctl_overrides(case: str, model_dir: Path, device: str) -> list[str]:
         "lora_ckpt": [*bf16, "train.batch_size=1", "train.gradient_checkpointing=true"],
         "qlora": ["recipe=qlora_llama", *lora, *common, "train.batch_size=1"],
         "dora": [*bf16, "adapter.use_dora=true", "train.batch_size=1", "train.gradient_checkpointing=true"],
+        "dora_nodrop": [
+            *[o for o in bf16 if not o.startswith("adapter.lora_dropout")],
+            "adapter.lora_dropout=0",
+            "adapter.use_dora=true",
+            "train.batch_size=1",
+            "train.gradient_checkpointing=true",
+        ],
         "lora_1b": [*bf16, "train.batch_size=4", "train.gradient_checkpointing=false"],
         "offload64k": long_qlora,
         # the longest context: layer inputs offloaded to host memory, MLPs in 16k-token tiles
@@ -174,10 +196,13 @@ def peft_model(case: str, model_dir: Path, device: str) -> tuple[Any, Any, float
         )
     else:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
-        if case in ("lora_ckpt", "dora"):
+        if case in ("lora_ckpt", "dora", "dora_nodrop"):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
-    config = peft.LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", use_dora=case == "dora", **ADAPTER)
+    adapter = {**ADAPTER, "lora_dropout": 0.0} if case == "dora_nodrop" else ADAPTER
+    config = peft.LoraConfig(
+        target_modules="all-linear", task_type="CAUSAL_LM", use_dora=case.startswith("dora"), **adapter
+    )
     model = peft.get_peft_model(base, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -6,17 +6,20 @@ projection (RMSNorm, RoPE, SwiGLU, the LoRA path's dropout / scale / add and dty
 far fewer kernels, which is where a LoRA step at batch 1 x 2k tokens loses its time. The layer's
 arithmetic is unchanged (same matmuls, same dtypes); fused elementwise code rounds differently, so the
 fast path is checked against an fp32 run: it must be no further from fp32 than the eager bf16 path is
-(tests/gpu/test_fast_path_gpu.py; measured: closer, for LoRA and QLoRA). ``train.kernels=off`` gives the
-eager path exactly.
+(tests/gpu/test_fast_path_gpu.py; measured: closer, for LoRA and QLoRA; DoRA is in the same test, not yet
+run on a GPU). ``train.kernels=off`` gives the eager path exactly.
+
+DoRA compiles inside the block without graph breaks: its norm ‖W + s·BA‖ is computed from ‖W_i‖², W Aᵀ and
+A Aᵀ (adapters/lora/dora.py, no out × in temporary), and ‖W_i‖² of the frozen base is filled eagerly
+before compiling (``prime_dora_caches``), so no cache bookkeeping runs inside a graph.
 
 ``train.kernels=fused`` (opt-in) also switches every LoRA projection on an nn.Linear-layout weight (also
 bitsandbytes 4-bit) to one autograd function that keeps x and a bit-packed dropout mask instead of a
 dropped-out copy of x per projection (kernels/lora_fused.py). It stays opt-in until its 50-step bf16
 loss-curve GPU test passes (it failed once on the H200, not yet diagnosed; benchmarks/RESULTS.md).
 
-It applies only where it was measured (benchmarks/fast_path.py): CUDA, a supported decoder layer,
-and LoRA (also QLoRA's LoRA on bitsandbytes layers). Other methods run eager, and so does DoRA: its
-first GPU comparison (against eager bf16 instead of fp32) failed and it has not been measured since.
+It applies where the blocks compile cleanly: CUDA, a supported decoder layer, and LoRA (also QLoRA's
+LoRA on bitsandbytes layers, and DoRA on either). Other methods run eager.
 """
 
 from __future__ import annotations
@@ -44,9 +47,6 @@ def fast_path_reason_off(model: nn.Module, device: torch.device, adapter_config:
     method = getattr(adapter_config, "method", None)
     if adapter_config is not None and method not in SUPPORTED_METHODS:
         return f"adapter {method}: the fast path covers {', '.join(SUPPORTED_METHODS)}"
-    if getattr(adapter_config, "use_dora", False):
-        # not yet measured against fp32 under the fast path (see the module docstring), so off
-        return "DoRA runs eager"
     if not decoder_layers(model):
         return "no supported decoder layer (Llama, Mistral, Qwen2/3)"
     return None
@@ -62,12 +62,27 @@ def apply_fast_path(
         return f"off ({reason})"
     layers = decoder_layers(model)
     allow_one_graph_per_layer(len(layers))
+    dora_layers = prime_dora_caches(model)
     for layer in layers:
         layer.compile()
     note = f"on: {len(layers)} x {type(layers[0]).__name__} under torch.compile"
+    if dora_layers:
+        note += f", DoRA in {dora_layers} projections"
     if fused_lora:
         note += f", fused LoRA branch in {enable_fused_lora(model)} layers"
     return note
+
+
+def prime_dora_caches(model: nn.Module) -> int:
+    """Fill every DoRA layer's ‖W_i‖² of the base weight eagerly (compiled code reads it as it is); how
+    many layers have DoRA adapters."""
+    count = 0
+    for module in model.modules():
+        prime = getattr(module, "prime_dora_cache", None)
+        if prime is not None:
+            prime()
+            count += bool(getattr(module, "lora_variant", None))
+    return count
 
 
 def enable_fused_lora(model: nn.Module) -> int:

@@ -138,6 +138,35 @@ def test_inplace_merge_into_4bit_requantizes_and_unmerge_restores(llama_dir: Pat
     assert _rel(read_weight(layer.base_layer), before) < 0.15
 
 
+def test_qdora_norm_and_training_forward_match_the_dequantized_reference(llama_dir: Path) -> None:
+    """DoRA over Linear4bit (training, dropout 0.2): the norm from ‖W_i‖², W Aᵀ, A Aᵀ of the dequantized
+    weight equals ‖deq(W) + s·BA‖, and y = base(x) + (m/‖·‖ − 1)·deq(W) u + (m/‖·‖)·s·B(A(u)), with the
+    weight dequantized once for both the norm and W u."""
+    from peftctl.adapters.lora import dora
+
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, lora_dropout=0.2, target_modules=["down_proj"], init_lora_weights=False
+    )
+    adapted = get_adapted_model(_load_nf4(llama_dir), config).train()
+    layer = adapted.base_model.model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(0.02)  # a trained-size update
+        layer.lora_magnitude_vector["default"].mul_(1 + 0.1 * torch.randn(64))  # m away from the norm
+    w = dequantize(layer.base_layer, torch.float32)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    norm = (w + 2.0 * b.detach() @ a.detach()).norm(dim=1)
+    torch.testing.assert_close(dora.dora_norm(layer, "default"), norm, rtol=1e-6, atol=0)
+    x = torch.randn(3, 7, 128)
+    torch.manual_seed(4)
+    ours = layer(x)
+    torch.manual_seed(4)
+    u = torch.nn.functional.dropout(x, 0.2, training=True)
+    factor = layer.lora_magnitude_vector["default"] / norm
+    expected = x @ w.T + (factor - 1) * (u @ w.T) + factor * 2.0 * (u @ a.T @ b.T)
+    assert _rel(ours.detach(), expected.detach()) <= 1e-5
+
+
 def test_int8_dequantize_and_write() -> None:
     torch.manual_seed(0)
     w = torch.randn(32, 64)

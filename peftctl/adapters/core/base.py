@@ -59,6 +59,11 @@ class AdapterLayer(nn.Module):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} does not define an additive weight delta")
 
+    def on_weights_changed(self) -> None:
+        """Called after base or adapter tensors were written in place through ``.data`` (merge, unmerge,
+        loading, inits that rewrite the base), which leaves their version counters alone: a layer that
+        keeps values derived from them (DoRA's norms) recomputes them here."""
+
     def adapted_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The base weight with this adapter folded in (additive by default)."""
         return weight + self.get_delta_weight(adapter_name).to(weight.dtype)
@@ -171,12 +176,14 @@ class AdapterLayer(nn.Module):
                     )
                 write_weight(self.base_layer, new_weight)
             self.merged_adapters.append(name)
+        self.on_weights_changed()
 
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
                 write_weight(self.base_layer, self.unadapted_weight(read_weight(self.base_layer), name))
+        self.on_weights_changed()
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"

@@ -91,6 +91,9 @@ def set_adapter_state_dict(
                     f"expects {tuple(target.shape)}"
                 )
             target.data.copy_(tensor.to(device=target.device, dtype=target.dtype))
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            module.on_weights_changed()
 
 
 def save_adapter_dir(

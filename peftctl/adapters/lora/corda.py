@@ -296,6 +296,7 @@ def apply_corda(layer: "LoraLayer", adapter_name: str, config: "LoraConfig") -> 
     layer.weight.data.copy_((residual.T if layer.fan_in_fan_out else residual).to(layer.weight.dtype))
     layer.lora_A[adapter_name].weight.data.copy_(a)
     layer.lora_B[adapter_name].weight.data.copy_(b)
+    layer.on_weights_changed()  # the base weight is the residual now
     if hasattr(base, EIGENS_ATTR):
         delattr(base, EIGENS_ATTR)
 

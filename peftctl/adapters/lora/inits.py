@@ -138,6 +138,7 @@ def _mutating_init(layer: "LoraLayer", adapter_name: str, init: str) -> None:
         layer.weight.data.copy_((residual.T if layer.fan_in_fan_out else residual).to(layer.weight.dtype))
         layer.lora_A[adapter_name].weight.data.copy_(a)
         layer.lora_B[adapter_name].weight.data.copy_(b)
+    layer.on_weights_changed()  # the base weight is the residual now
 
 
 def convert_state(current: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

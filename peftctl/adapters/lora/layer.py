@@ -22,7 +22,7 @@ from peftctl.adapters.lora import dora
 from peftctl.adapters.lora.variant import LoraVariant
 from peftctl.errors import ConfigError
 from peftctl.kernels.lora_fused import fused_lora_branch
-from peftctl.models.quantized import read_weight
+from peftctl.models.quantized import dequantize, is_quantized, read_weight
 
 if TYPE_CHECKING:
     from peftctl.adapters.lora.config import LoraConfig
@@ -76,6 +76,23 @@ class LoraLayer(AdapterLayer):
         weight = read_weight(self.base_layer)
         return weight.T if self.fan_in_fan_out else weight
 
+    def dora_weight(self) -> torch.Tensor:
+        """The base weight as the forward computes with it, in (out, in, ...) layout, for DoRA's norm and
+        recomputed W x: the parameter itself (a transposed view for fan_in_fan_out), no copy; bitsandbytes
+        layers dequantized once, in the dtype their own forward dequantizes to."""
+        weight = dequantize(self.base_layer) if is_quantized(self.base_layer) else self.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def dora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as matrices, r × K and out × r, with s · B @ A = lora_delta flattened to (out, K)."""
+        return self.lora_A[adapter_name].weight.flatten(1), self.lora_B[adapter_name].weight.flatten(1)
+
+    def prime_dora_cache(self) -> None:
+        """Fill ‖W_i‖² for DoRA eagerly (before torch.compile traces the layer: the graph reads it as is)."""
+        self.dora_norm_cache.clear()
+        if self.lora_variant:
+            self.dora_norm_cache.squared_weight_norms(self)
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         delta = self.lora_delta(adapter_name)
         return delta.T if self.fan_in_fan_out else delta
@@ -104,11 +121,15 @@ class LoraLayer(AdapterLayer):
             self.base_layer.weight = own
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
+    def on_weights_changed(self) -> None:
+        self.prime_dora_cache()
+
     def lora_path(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """B(A(x)) for an already dropped-out x (unscaled)."""
         return self.lora_B[adapter_name](self.lora_A[adapter_name](x))
 
-    def base_no_bias(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def base_no_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The base layer's output without bias, for ``weight`` = dora_weight()."""
         raise NotImplementedError
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
@@ -142,12 +163,14 @@ class LoraLinear(LoraLayer):
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         return (b.float() @ a.float()) * self.scaling[adapter_name]
 
-    def base_no_bias(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.oriented_weight().to(x.dtype))
+    def base_no_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight.to(x.dtype))
 
     def supports_fused_lora(self) -> bool:
-        """The fused branch covers plain nn.Linear-layout weights (also bitsandbytes 4-bit layers)."""
-        return not self.fan_in_fan_out
+        """The fused branch covers plain LoRA on nn.Linear-layout weights (also bitsandbytes 4-bit layers);
+        a layer whose adapters are all DoRA never takes it."""
+        plain = any(name not in self.lora_variant for name in self.adapter_configs)
+        return not self.fan_in_fan_out and plain
 
     def fused_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """s · B(A(dropout(x))) through one autograd function that saves x, not dropout(x)."""
@@ -192,9 +215,8 @@ class LoraConv(LoraLayer):
         delta = b.flatten(1).float() @ a.flatten(1).float()
         return delta.reshape(self.weight.shape) * self.scaling[adapter_name]
 
-    def base_no_bias(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        return base._conv_forward(x, base.weight.to(x.dtype), None)
+    def base_no_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, weight.to(x.dtype), None)
 
 
 class LoraEmbedding(LoraLayer):
@@ -223,6 +245,9 @@ class LoraEmbedding(LoraLayer):
     def lora_delta(self, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
         return (b.float() @ a.float()) * self.scaling[adapter_name]  # (dim, vocab) = (out, in)
+
+    def dora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
 
     def lora_path(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """B(A(x)) for token ids x (unscaled): the rows of Aᵀ picked by x, times Bᵀ."""

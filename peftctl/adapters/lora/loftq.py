@@ -102,6 +102,7 @@ def apply_loftq(layer: Any, adapter_name: str, loftq_config: dict[str, Any]) -> 
         lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         lora_a.copy_(a.to(lora_a.dtype))
         lora_b.copy_(b.to(lora_b.dtype))
+    layer.on_weights_changed()
     return errors
 
 
