@@ -23,6 +23,7 @@ checkpointing); ``offloaded_bytes`` counts what went through the hooks.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -73,7 +74,8 @@ class ActivationOffloader:
         self.min_bytes = self.MIN_BYTES if min_bytes is None else min_bytes
         self.offloaded_bytes = 0  # total moved to host (a counter over the offloader's life)
         self._order: list[Offloaded] = []  # this forward's handles in the order they were saved
-        self._by_storage: dict[tuple[int, int, tuple[int, ...], int], Offloaded] = {}
+        # (address, offset, shape, version) -> (the saved tensor, weakly, and its handle); see pack
+        self._by_storage: dict[tuple[int, int, tuple[int, ...], int], tuple[Any, Offloaded]] = {}
         self._stream: Any = None
 
     # -- the hooks
@@ -85,10 +87,14 @@ class ActivationOffloader:
         ):
             return tensor
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor._version)
-        if key in self._by_storage:
-            return self._by_storage[key]
+        seen = self._by_storage.get(key)
+        # the same tensor saved again (shared position embeddings): one copy. Only while the first one is
+        # alive: once offloaded its memory is freed, and the allocator may hand the same address to the
+        # next layer's input (same shape, version 0), which must not be taken for it
+        if seen is not None and seen[0]() is not None:
+            return seen[1]
         handle = self._to_host(tensor)
-        self._by_storage[key] = handle
+        self._by_storage[key] = (weakref.ref(tensor), handle)
         self._order.append(handle)
         self.offloaded_bytes += tensor.numel() * tensor.element_size()
         return handle

@@ -102,3 +102,23 @@ def test_bench_with_offload_reports_what_went_to_host_memory(monkeypatch: pytest
     # at least the two decoder layers' inputs (2 x 16 x 128 fp32 each) per step
     assert result.offloaded_gib_per_step is not None and result.offloaded_gib_per_step * 2**30 >= 2 * 2 * 16 * 128 * 4
     assert bench(overrides[:2], warmup=0, steps=1, seq_len=16).offloaded_gib_per_step is None
+
+
+def test_a_new_tensor_at_a_freed_tensors_address_is_offloaded_on_its_own() -> None:
+    """Once a saved tensor is offloaded its memory is freed and the allocator may give the address to
+    the next layer's input, with the same shape and version: that tensor must get its own copy
+    (sharing the first one's handle gave the backward the wrong layer input: wrong gradients on CUDA)."""
+    offloader = ActivationOffloader(min_bytes=0)
+    storage = torch.empty(64).untyped_storage()
+    first = torch.empty(0).set_(storage, 0, (8, 8)).copy_(torch.full((8, 8), 1.0))
+    with offloader.active():
+        handle = offloader.pack(first)
+        assert offloader.pack(first) is handle  # saved twice while alive: one copy
+        key = (first.untyped_storage().data_ptr(), first.storage_offset(), tuple(first.shape), first._version)
+        del first  # freed: its address can be reused
+        reused = torch.empty(0).set_(storage, 0, (8, 8)).copy_(torch.full((8, 8), 2.0))
+        assert (reused.untyped_storage().data_ptr(), 0, (8, 8), reused._version) == key  # what the allocator did
+        second = offloader.pack(reused)
+    assert second is not handle
+    assert torch.equal(offloader.unpack(second), torch.full((8, 8), 2.0))
+    assert torch.equal(offloader.unpack(handle), torch.full((8, 8), 1.0))
