@@ -257,8 +257,11 @@ def max_context(
         low, high = 0, start
         while high <= limit and not out_of_time() and fits(high):
             low, high = high, high * 2
+        high = min(high, (limit // granularity + 1) * granularity)  # no trial beyond the limit
         while high - low > granularity and not (trials and trials[-1].get("stopped")) and not out_of_time():
             middle = (low + high) // 2 // granularity * granularity
+            if middle <= low:  # low is not a multiple of the granularity: nothing left between them
+                break
             low, high = (middle, high) if fits(middle) else (low, middle)
     return low, trials
 

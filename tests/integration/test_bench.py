@@ -118,3 +118,27 @@ def test_bench_steps_in_training_mode_so_checkpointing_and_dropout_act() -> None
         measure(trainer, fast_path, seq=16, warmup=1, steps=1)
     assert len(calls) == 2 * len(layers)  # every layer checkpointed in each of the 2 steps
     assert dropouts and all(m.training for m in dropouts)
+
+
+def test_max_context_search_finds_the_longest_fitting_length_and_stays_within_its_limit(monkeypatch) -> None:
+    """The search on a tiny run, with the memory limit played by a fake step that runs out of memory
+    above 300 tokens: doubling, then bisection to the granularity; and no trial beyond --limit."""
+    from peftctl.train import bench as bench_module
+
+    tried: list[int] = []
+    real_measure = bench_module.measure
+
+    def step_that_fits_up_to_300(trainer, fast_path, seq, warmup, steps):  # noqa: ANN001
+        tried.append(seq)
+        if seq > 300:
+            raise torch.OutOfMemoryError("fake: over 300 tokens")
+        return real_measure(trainer, fast_path, 8, warmup, steps)  # a real (short) step
+
+    monkeypatch.setattr(bench_module, "measure", step_that_fits_up_to_300)
+    overrides = ["recipe=tiny_lora", "train.batch_size=1"]
+    longest, trials = bench_module.max_context(overrides, None, start=64, limit=1024, granularity=32)
+    assert longest == 288 and tried == [64, 128, 256, 512, 384, 320, 288]
+    assert [t["fits"] for t in trials] == [True, True, True, False, False, False, True]
+    tried.clear()
+    longest, _ = bench_module.max_context(overrides, None, start=64, limit=256, granularity=32)
+    assert longest == 256 and max(tried) == 256  # everything up to the limit fits: the limit, nothing beyond
