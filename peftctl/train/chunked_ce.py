@@ -10,7 +10,9 @@ Two ways to get the gradient of the hidden states:
 * a frozen ``nn.Linear`` head (the usual PEFT case): each chunk's gradient is computed right away in
   the forward ("fused linear cross-entropy"): with p = softmax(logits), d loss / d logits = p - onehot(label)
   (0 on ignored rows), so d loss / d hidden = (p - onehot) @ W. Only that (tokens x hidden) gradient is
-  kept; the backward scales it by the incoming gradient. The head's matmul runs once per step.
+  kept; the backward scales it by the incoming gradient. The head's matmul runs once per step. Without
+  a gradient (evaluation, a preference objective's reference pass) the same code computes the values,
+  so the reference and the policy pass round alike (equal log-probs: DPO's first step is exactly ln 2).
 * a trainable head (LoRA on lm_head, modules_to_save, a tied trainable embedding) or another kind of
   head: each chunk runs under activation checkpointing and is recomputed in the backward, so the head
   matmul runs twice.
@@ -70,16 +72,22 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _nll_and_hidden_grad(
-    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row CE(hidden @ W.T + b, label) in fp32 (0 on ignored rows) and its gradient with respect to
-    ``hidden`` (in the head's compute dtype), chunk by chunk."""
+def _frozen_head_nll(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row CE(hidden @ W.T + b, label) in fp32 (0 on ignored rows) and, ``with_grad``, its gradient with
+    respect to ``hidden`` (in the head's compute dtype), chunk by chunk. The values do not depend on
+    ``with_grad``: a preference objective's reference pass (no gradient) rounds exactly like its policy pass."""
     dtype = _compute_dtype(hidden, weight)
     weight = weight.to(dtype)  # cast once, not per chunk
     bias = bias.to(dtype) if bias is not None else None
     nll = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
-    grad = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
+    grad = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if with_grad else None
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.size(0), rows):
             h, y = hidden[start : start + rows].to(dtype), labels[start : start + rows]
@@ -88,6 +96,8 @@ def _nll_and_hidden_grad(
             valid = y != IGNORE_INDEX
             target = torch.where(valid, y, 0).unsqueeze(1)
             nll[start : start + rows] = (lse - logits.gather(1, target).squeeze(1)) * valid
+            if grad is None:
+                continue
             probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
             probs.scatter_add_(1, target, -valid.unsqueeze(1).to(probs.dtype))  # p - onehot(label)
             rows_grad = grad[start : start + rows]
@@ -109,7 +119,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         rows: int,
         per_token: bool,
     ) -> torch.Tensor:
-        nll, grad = _nll_and_hidden_grad(hidden, labels, weight, bias, rows)
+        nll, grad = _frozen_head_nll(hidden, labels, weight, bias, rows, with_grad=True)
         ctx.save_for_backward(grad)  # through saved-tensor hooks: offloaded under gradient_checkpointing=offload
         ctx.hidden_dtype, ctx.per_token = hidden.dtype, per_token
         return nll if per_token else nll.sum()
@@ -121,16 +131,17 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         return (grad * scale.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None, None, None
 
 
-def _fused_if_frozen(
+def _frozen_head_loss(
     hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, rows: int, per_token: bool
 ) -> torch.Tensor | None:
-    """The fused loss when a gradient is wanted and the head is a frozen linear layer; else None."""
-    if not (torch.is_grad_enabled() and hidden.requires_grad):
-        return None
+    """The loss over a frozen linear head (with or without a gradient wanted); None for other heads."""
     frozen = frozen_linear_head(head)
     if frozen is None:
         return None
-    return _FrozenHeadCrossEntropy.apply(hidden, labels, *frozen, rows, per_token)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _FrozenHeadCrossEntropy.apply(hidden, labels, *frozen, rows, per_token)
+    nll, _ = _frozen_head_nll(hidden.detach(), labels, *frozen, rows, with_grad=False)
+    return nll if per_token else nll.sum()
 
 
 def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
@@ -141,9 +152,9 @@ def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> 
 def chunked_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, vocab_size: int) -> torch.Tensor:
     """Σ CE(head(hidden), labels) over rows, computed chunk by chunk (hidden: (N, H), labels: (N,))."""
     rows = max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
-    fused = _fused_if_frozen(hidden, labels, head, rows, per_token=False)
-    if fused is not None:
-        return fused
+    frozen_head = _frozen_head_loss(hidden, labels, head, rows, per_token=False)
+    if frozen_head is not None:
+        return frozen_head
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.size(0), rows):
         h, y = hidden[start : start + rows], labels[start : start + rows]
@@ -162,9 +173,9 @@ def _chunk_token_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module
 def chunked_token_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, vocab_size: int) -> torch.Tensor:
     """Per-token CE(head(hidden), labels) (0 where ignored), chunk by chunk as chunked_lm_loss_sum."""
     rows = max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
-    fused = _fused_if_frozen(hidden, labels, head, rows, per_token=True)
-    if fused is not None:
-        return fused
+    frozen_head = _frozen_head_loss(hidden, labels, head, rows, per_token=True)
+    if frozen_head is not None:
+        return frozen_head
     parts = []
     for start in range(0, hidden.size(0), rows):
         h, y = hidden[start : start + rows], labels[start : start + rows]

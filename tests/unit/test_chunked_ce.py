@@ -120,7 +120,8 @@ def test_trainable_head_keeps_the_checkpointed_path(monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_token_nll_with_per_token_gradient_weights(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """chunked_token_nll (preference objectives) on a frozen head with a bias: each row's gradient is
-    scaled by its own incoming gradient; chunked_lm_loss_sum on the same rows gives their sum."""
+    scaled by its own incoming gradient; chunked_lm_loss_sum on the same rows gives their sum; without a
+    gradient the values are exactly the same (DPO compares the policy with such a reference pass)."""
     monkeypatch.setattr(chunked_ce, "CHUNK_ELEMENTS", 4 * 50)
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50).to(dtype).requires_grad_(False)
@@ -140,6 +141,8 @@ def test_per_token_nll_with_per_token_gradient_weights(dtype: torch.dtype, monke
     torch.testing.assert_close(grad, ref_grad, **tolerance)
     total = chunked_lm_loss_sum(hidden, labels, head, 50)
     torch.testing.assert_close(total, nll.detach().sum(), rtol=1e-6, atol=1e-5)
+    with torch.no_grad():  # a preference objective's reference pass: bit for bit the policy pass's values
+        assert torch.equal(chunked_token_nll(hidden, labels, head, 50), nll.detach())
 
 
 def test_the_causal_lm_count_is_not_read_back_to_the_host() -> None:
