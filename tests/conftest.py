@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# every process a test starts (CLI runs, torchrun ranks, sweep workers) inherits one thread too: two
+# xdist workers on 2 cores, each starting 2-thread children, would otherwise oversubscribe the cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The suite's models are tiny: one intra-op thread avoids thread hand-off costs that dominate at this
 # size (measured ~20x faster per forward on a 2-core machine), and keeps timings steady in CI.
@@ -25,6 +28,24 @@ QUICK = [
     "train.log_every=10",
     "eval.num_generate=24",
 ]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `--dist loadgroup` (make test) every test is scheduled on its own, except that the tests of a
+    module with a module-scoped fixture of its own (a shared training run, a torchrun launch) form one
+    group on one worker: the fixture then runs once, not once per worker that gets one of its tests."""
+    for item in items:
+        module = item.getparent(pytest.Module)
+        fixtures = getattr(item, "_fixtureinfo", None)
+        if module is None or fixtures is None:
+            continue
+        if any(
+            definition.scope == "module" and definition.baseid == module.nodeid
+            for definitions in fixtures.name2fixturedefs.values()
+            for definition in definitions
+        ):
+            item.add_marker(pytest.mark.xdist_group(module.nodeid))
 
 
 @pytest.fixture(scope="session", autouse=True)
