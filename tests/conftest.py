@@ -30,24 +30,6 @@ QUICK = [
 ]
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under `--dist loadgroup` (make test) every test is scheduled on its own, except that the tests of a
-    module with a module-scoped fixture of its own (a shared training run, a torchrun launch) form one
-    group on one worker: the fixture then runs once, not once per worker that gets one of its tests."""
-    for item in items:
-        module = item.getparent(pytest.Module)
-        fixtures = getattr(item, "_fixtureinfo", None)
-        if module is None or fixtures is None:
-            continue
-        if any(
-            definition.scope == "module" and definition.baseid == module.nodeid
-            for definitions in fixtures.name2fixturedefs.values()
-            for definition in definitions
-        ):
-            item.add_marker(pytest.mark.xdist_group(module.nodeid))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["PEFTCTL_CACHE"] = str(tmp_path_factory.mktemp("peftctl-cache"))
