@@ -12,7 +12,7 @@ PINNED := -c constraints.txt --build-constraint constraints.txt
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 DEMO_DIR ?= runs/demo
-TEST_CMD = python -m pytest -m "not gpu" -n auto --dist worksteal tests
+TEST_CMD = python -m pytest -m "not gpu" -n auto --dist loadscope --no-loadscope-reorder tests
 
 .PHONY: install demo test lint test-latest lock clean
 

@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# every process a test starts (CLI runs, torchrun ranks, sweep workers) inherits one thread too: two
+# xdist workers on 2 cores, each starting 2-thread children, would otherwise oversubscribe the cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The suite's models are tiny: one intra-op thread avoids thread hand-off costs that dominate at this
 # size (measured ~20x faster per forward on a 2-core machine), and keeps timings steady in CI.

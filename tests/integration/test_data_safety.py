@@ -70,13 +70,21 @@ def _assert_same_adapter(a: Path, b: Path) -> None:
 
 # ---------------------------------------------------------------------------- merge / export targets
 def _fail_if_a_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The target is checked before any model is loaded: loading one here fails the test."""
+    """The target is checked before any model is loaded: loading one here fails the test.
+
+    The modules that bind ``load_model`` at import are imported first and patched too: imported for the first
+    time under the patch, they would keep ``refuse`` for the rest of the worker's tests (seen: a later merge
+    test in the same xdist worker failed on it)."""
+    import peftctl.export.merge as merge
     import peftctl.models.loader as loader
+    import peftctl.runs as runs
+    import peftctl.train.run as run
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was loaded before the output target was checked")
 
-    monkeypatch.setattr(loader, "load_model", refuse)
+    for module in (loader, merge, runs, run):
+        monkeypatch.setattr(module, "load_model", refuse)
 
 
 @pytest.mark.parametrize(

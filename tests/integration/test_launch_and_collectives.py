@@ -1,7 +1,9 @@
 """`peftctl train ... train.nproc=2` (torchrun started by peftctl after one config check) and every
 collective path of a data-parallel run on CPU (gloo, 2 processes): checkpoint save, eval, the
 non-finite-loss stop, and bad input or a failure on one rank each end BOTH ranks, with one error
-line, instead of leaving one rank waiting. Each case runs under a timeout: a hang fails the test."""
+line, instead of leaving one rank waiting. Each case runs under a timeout: a hang fails the test.
+The four collective-path cases share ONE torchrun launch (tests/integration/_ddp_ranks.py: each case through
+the CLI's train command on both ranks, with its stderr and exit code), one start-up instead of four."""
 
 from __future__ import annotations
 
@@ -9,12 +11,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from peftctl.train.run import train
-from tests.integration.test_distributed import REPO, SCHEDULE, _adapter, _losses
+from tests.integration.test_distributed import REPO, SCHEDULE, _adapter, _losses, ranks_results, start_ranks
 
 HANG = 300  # seconds: far above a 4-step tiny run with 2 ranks on 2 shared cores
 
@@ -81,30 +84,41 @@ def test_nproc_2_with_bad_input_is_one_line_and_exit_2_before_torchrun_starts(
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize(
-    "case, extra, fail_at, expect",
-    [
-        (
-            "checkpoint write fails on rank 0",
-            ["train.save_every=2"],
-            "checkpoint:0",
-            "injected failure at checkpoint on rank 0",
-        ),
-        ("eval fails on rank 0", ["train.eval_every=2"], "eval:0", "injected failure at eval on rank 0"),
-        ("bad input on rank 1 only", [], "inputs:1", "injected bad input on rank 1"),
-        ("non-finite loss", ["train.lr=1e30", "train.max_grad_norm=null", "train.save_every=0"], None, "loss became"),
-    ],
-)
-def test_every_collective_path_ends_all_ranks(
-    tmp_path: Path, case: str, extra: list[str], fail_at: str | None, expect: str
-) -> None:
-    run = tmp_path / "run"
-    result = _peftctl(
-        "train.nproc=2", *SCHEDULE, *extra, f"output_dir={run}", fail_at=fail_at
-    )  # times out (fails) on a hang
-    assert result.returncode != 0, case
-    errors = _error_lines(result)
-    assert len(errors) == 1 and expect in errors[0], (case, result.stderr[-3000:])  # the failing rank's line, once
+COLLECTIVE_CASES = {  # case -> (extra overrides, PEFTCTL_TEST_FAIL_AT, the error line's text)
+    "checkpoint write fails on rank 0": (
+        ["train.save_every=2"],
+        "checkpoint:0",
+        "injected failure at checkpoint on rank 0",
+    ),
+    "eval fails on rank 0": (["train.eval_every=2"], "eval:0", "injected failure at eval on rank 0"),
+    "bad input on rank 1 only": ([], "inputs:1", "injected bad input on rank 1"),
+    "non-finite loss": (["train.lr=1e30", "train.max_grad_norm=null", "train.save_every=0"], None, "loss became"),
+}
+
+
+@pytest.fixture(scope="module")
+def collective_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("collectives")
+    plan = [
+        {
+            "name": case,
+            "overrides": [*SCHEDULE, *extra],
+            "fail_at": fail_at,
+            "output_dir": str(root / case.replace(" ", "_")),
+        }
+        for case, (extra, fail_at, _) in COLLECTIVE_CASES.items()
+    ]
+    return {"root": root, "ranks": ranks_results(start_ranks(root, plan), root)}
+
+
+@pytest.mark.parametrize("case", list(COLLECTIVE_CASES))
+def test_every_collective_path_ends_all_ranks(collective_cases: dict[str, Any], case: str) -> None:
+    _, fail_at, expect = COLLECTIVE_CASES[case]
+    outcomes = [rank[case] for rank in collective_cases["ranks"]]
+    assert all(o["exit_code"] != 0 for o in outcomes), outcomes  # every rank ended with the failure (no hang: 60 s)
+    errors = [line for o in outcomes for line in o["stderr"].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expect in errors[0], (case, outcomes)  # the failing rank's line, once
+    run = collective_cases["root"] / case.replace(" ", "_")
     assert not (run / "adapter").exists()
     if fail_at == "inputs:1":
         assert not run.exists()  # checked by every rank before rank 0 creates anything

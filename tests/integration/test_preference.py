@@ -19,6 +19,10 @@ from peftctl.train.run import build_model_and_data, train
 
 SMALL = [
     "dataset.max_samples=64",
+    # 8 of those held out: the loop's final eval runs on them, not on the 200 pairs of the test split (these runs
+    # check losses, steps and adapters, not held-out numbers)
+    "dataset.eval_split=null",
+    "dataset.eval_size=0.125",
     "train.batch_size=4",
     "train.log_every=1",
     "train.eval_every=0",
@@ -160,14 +164,15 @@ def test_dpo_resume_is_exact(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "recipe, extra",
     [
-        ("tiny_orpo", []),
-        ("tiny_kto", []),
-        ("tiny_reward", []),
-        ("tiny_dpo", ["train.dpo.loss_type=simpo", "train.dpo.beta=2.0"]),  # the reference-free path
+        ("tiny_orpo", ["train.batch_size=8"]),
+        ("tiny_kto", ["train.batch_size=8"]),
+        ("tiny_reward", []),  # the recipe's 16 pairs a step: with 8, 40 steps reach only ~0.66 held-out accuracy
+        ("tiny_dpo", ["train.batch_size=8", "train.dpo.loss_type=simpo", "train.dpo.beta=2.0"]),  # reference-free
     ],
 )
 def test_objective_recipes_learn_the_preference(recipe: str, extra: list[str], tmp_path: Path) -> None:
-    """A short run of each objective moves the held-out reward margin the right way (eval metrics)."""
+    """A short run of each objective moves the held-out reward margin the right way (eval metrics). 40 steps,
+    of 8 pairs where that suffices (ORPO then reaches ~0.8 held-out accuracy on the 200 test pairs)."""
     run = train(
         [
             "train.max_steps=40",
