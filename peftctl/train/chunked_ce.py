@@ -117,52 +117,27 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         rows: int,
-        per_token: bool,
     ) -> torch.Tensor:
         nll, grad = _frozen_head_nll(hidden, labels, weight, bias, rows, with_grad=True)
         ctx.save_for_backward(grad)  # through saved-tensor hooks: offloaded under gradient_checkpointing=offload
-        ctx.hidden_dtype, ctx.per_token = hidden.dtype, per_token
-        return nll if per_token else nll.sum()
+        ctx.hidden_dtype = hidden.dtype
+        return nll
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        scale = grad_output.unsqueeze(1) if ctx.per_token else grad_output
-        return (grad * scale.to(grad.dtype)).to(ctx.hidden_dtype), None, None, None, None, None
+        (grad,) = ctx.saved_tensors  # d nll_i / d hidden_i, one row per token: scaled by each token's weight
+        return (grad * grad_output.unsqueeze(1).to(grad.dtype)).to(ctx.hidden_dtype), None, None, None, None
 
 
-def _frozen_head_loss(
-    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, rows: int, per_token: bool
-) -> torch.Tensor | None:
-    """The loss over a frozen linear head (with or without a gradient wanted); None for other heads."""
+def _frozen_head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, rows: int) -> torch.Tensor | None:
+    """Per-token loss over a frozen linear head (with or without a gradient wanted); None for other heads."""
     frozen = frozen_linear_head(head)
     if frozen is None:
         return None
     if torch.is_grad_enabled() and hidden.requires_grad:
-        return _FrozenHeadCrossEntropy.apply(hidden, labels, *frozen, rows, per_token)
+        return _FrozenHeadCrossEntropy.apply(hidden, labels, *frozen, rows)
     nll, _ = _frozen_head_nll(hidden.detach(), labels, *frozen, rows, with_grad=False)
-    return nll if per_token else nll.sum()
-
-
-def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    logits = head(hidden).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def chunked_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, vocab_size: int) -> torch.Tensor:
-    """Σ CE(head(hidden), labels) over rows, computed chunk by chunk (hidden: (N, H), labels: (N,))."""
-    rows = max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
-    frozen_head = _frozen_head_loss(hidden, labels, head, rows, per_token=False)
-    if frozen_head is not None:
-        return frozen_head
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.size(0), rows):
-        h, y = hidden[start : start + rows], labels[start : start + rows]
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            total = total + checkpoint(_chunk_loss, h, y, head, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h, y, head)
-    return total
+    return nll
 
 
 def _chunk_token_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
@@ -171,9 +146,10 @@ def _chunk_token_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module
 
 
 def chunked_token_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, vocab_size: int) -> torch.Tensor:
-    """Per-token CE(head(hidden), labels) (0 where ignored), chunk by chunk as chunked_lm_loss_sum."""
+    """Per-token CE(head(hidden), labels) over rows (0 where ignored), chunk by chunk (hidden: (N, H),
+    labels: (N,)): the frozen-head path where it applies, else each chunk checkpointed."""
     rows = max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
-    frozen_head = _frozen_head_loss(hidden, labels, head, rows, per_token=True)
+    frozen_head = _frozen_head_loss(hidden, labels, head, rows)
     if frozen_head is not None:
         return frozen_head
     parts = []
@@ -184,6 +160,11 @@ def chunked_token_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Modul
         else:
             parts.append(_chunk_token_nll(h, y, head))
     return torch.cat(parts)
+
+
+def chunked_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, vocab_size: int) -> torch.Tensor:
+    """Σ CE(head(hidden), labels) over rows: the per-token values of chunked_token_nll, summed."""
+    return chunked_token_nll(hidden, labels, head, vocab_size).sum()
 
 
 def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
