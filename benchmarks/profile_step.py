@@ -4,6 +4,12 @@ by total time and how busy the GPU was (kernel time / wall time).
 
   python benchmarks/profile_step.py --cases qlora,dora,lora_1b --models-dir /tmp/peftctl-random-llama
   python benchmarks/profile_step.py --smoke --cases qlora      # CPU, tiny model: the code path only
+  python benchmarks/profile_step.py --memory --cases qlora     # also what is alive at the step's peak
+
+--memory then records the CUDA caching allocator's history over one step (torch.cuda.memory._record_memory_history),
+replays it to the moment of peak allocated memory and prints the live tensors there, grouped by the line of
+peftctl / transformers / bitsandbytes / compiled code that allocated them; what was allocated before the
+recording started (weights, adapter, optimizer state) is one line.
 """
 
 from __future__ import annotations
@@ -20,33 +26,110 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from speed_round4 import free_memory, llama_config, peftctl_overrides, write_random_llama  # noqa: E402
 
 
-def profile_case(case: str, model_dir: Path, device: str, seq: int, steps: int, top: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
+def profile_case(
+    case: str, model_dir: Path, device: str, seq: int, steps: int, top: int, extra: list[str], memory: bool
+) -> None:
+    """Profile ``steps`` steps (after 3 warm-up), then with ``memory`` record one more step's allocations."""
     from peftctl.train.bench import bench_trainer, synthetic_examples, time_steps
 
-    overrides = peftctl_overrides(case, model_dir, device) + ["train.max_steps=100"]
+    overrides = peftctl_overrides(case, model_dir, device) + ["train.max_steps=100", *extra]
     with bench_trainer(overrides) as (trainer, fast_path):
         vocab = trainer.model.model.get_input_embeddings().weight.shape[0]
-        batch = trainer.cfg.train.batch_size
-        examples = synthetic_examples(batch, seq, vocab, 0)
+        examples = synthetic_examples(trainer.cfg.train.batch_size, seq, vocab, 0)
         times, _ = time_steps(trainer, examples, warmup=3, steps=2)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        started = time.perf_counter()
-        with profile(activities=activities) as prof:
-            time_steps(trainer, examples, warmup=0, steps=steps)
-        wall = time.perf_counter() - started
+        print(f"\n=== {case}: {fast_path}; step {sum(times) / len(times):.3f} s unprofiled")
+        print_profile(trainer, examples, device, steps, top)
+        if memory:
+            print_memory_at_peak(trainer, examples, top)
+    free_memory()
+
+
+def print_profile(trainer, examples, device: str, steps: int, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from peftctl.train.bench import time_steps
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        time_steps(trainer, examples, warmup=0, steps=steps)
+    wall = time.perf_counter() - started
     events = prof.key_averages()
     device_attr = "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total"
     kernels = [e for e in events if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")]
     kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in kernels)
-    print(f"\n=== {case}: {fast_path}; step {sum(times) / len(times):.3f} s unprofiled; profiled {steps} steps")
-    print(f"wall {wall:.3f} s, CUDA kernel time {kernel_us / 1e6:.3f} s ({100 * kernel_us / 1e6 / wall:.0f}% busy)")
+    print(f"profiled {steps} steps: wall {wall:.3f} s, CUDA kernel time {kernel_us / 1e6:.3f} s ", end="")
+    print(f"({100 * kernel_us / 1e6 / wall:.0f}% busy)")
     sort = "self_device_time_total" if device_attr == "device_time_total" else "self_cuda_time_total"
     if device != "cuda":
         sort = "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=top, max_name_column_width=70))
-    free_memory()
+    if device == "cuda":  # where the host's time goes (a step the host cannot launch fast enough is CPU-bound)
+        print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70))
+
+
+def _allocation_site(frames: list[dict]) -> str:
+    """The first frame of interest in an allocation's stack: our code, transformers, bitsandbytes, or compiled."""
+    keys = ("peftctl/", "transformers/", "bitsandbytes/", "torchinductor", "torch/utils/checkpoint", "torch/optim")
+    for frame in frames:
+        name = frame.get("filename", "")
+        if any(k in name for k in keys):
+            short = name.split("site-packages/")[-1].split("peftctl/", 1)[-1]
+            return f"{short}:{frame.get('line')} {frame.get('name')}"
+    return "other: " + (f"{frames[0].get('filename', '?')}:{frames[0].get('line')}" if frames else "no stack")
+
+
+def peak_breakdown(snapshot: dict, baseline: int, top: int) -> tuple[int, list[tuple[str, int, int]]]:
+    """Replay the allocator trace: (peak bytes, [(site, bytes, count)] live at the peak), largest first."""
+    live: dict[int, tuple[int, str]] = {}
+    current = peak = baseline
+    freed_before = 0  # blocks allocated before the recording and freed during it
+    at_peak: dict[int, tuple[int, str]] = {}
+    for trace in snapshot["device_traces"]:
+        for event in trace:
+            action, addr, size = event["action"], event["addr"], event["size"]
+            if action == "alloc":
+                live[addr] = (size, _allocation_site(event.get("frames", [])))
+                current += size
+            elif action == "free_completed":
+                if addr in live:
+                    current -= live.pop(addr)[0]
+                else:
+                    freed_before += size
+                    current -= size
+            if current > peak:
+                peak, at_peak = current, dict(live)
+    sites: dict[str, list[int]] = {}
+    for size, site in at_peak.values():
+        entry = sites.setdefault(site, [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    rows = sorted(((k, v[0], v[1]) for k, v in sites.items()), key=lambda r: -r[1])
+    rows.insert(0, ("allocated before the step (weights, adapter, optimizer state, ...)", baseline - freed_before, 0))
+    return peak, rows[:top]
+
+
+def print_memory_at_peak(trainer, examples, top: int) -> None:
+    import torch
+
+    from peftctl.train.bench import time_steps
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    # Python stacks only: recording C++ stacks too broke a compiled layer's recompute (torch 2.11)
+    torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=1_000_000)
+    try:
+        time_steps(trainer, examples, warmup=0, steps=1)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    measured = torch.cuda.max_memory_allocated()
+    peak, rows = peak_breakdown(snapshot, baseline, top)
+    gib = 2**30
+    print(f"peak allocated {measured / gib:.2f} GiB (replayed {peak / gib:.2f} GiB); live at the peak:")
+    for site, size, count in rows:
+        print(f"  {size / gib:7.3f} GiB  {count:5d} x  {site}")
 
 
 def main() -> None:
@@ -57,14 +140,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model")
+    parser.add_argument("--memory", action="store_true", help="also: live tensors at a step's peak GPU memory")
+    parser.add_argument("--set", action="append", default=[], help="an extra override for peftctl (repeatable)")
+    parser.add_argument(
+        "--bitsandbytes-ops", action="store_true", help="nf4 layers through bitsandbytes' ops (before kernels/nf4.py)"
+    )
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
+    if args.bitsandbytes_ops:
+        import peftctl.kernels
+
+        peftctl.kernels.enable_nf4_linears = lambda layers: 0
     seq = 32 if args.smoke else args.seq
     models = args.models_dir or Path(tempfile.mkdtemp(prefix="peftctl-profile-"))
     for case in args.cases.split(","):
         shape = "1b" if case == "lora_1b" else "8b"
         model_dir = write_random_llama(llama_config(shape, args.smoke), models / shape, device)
-        profile_case(case, model_dir, device, seq, args.steps, args.top)
+        profile_case(case, model_dir, device, seq, args.steps, args.top, args.set, args.memory and device == "cuda")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@ What it does today: every decoder layer of a Llama / Mistral / Qwen2-style model
 ``torch.compile``. One compiled layer fuses what eager PyTorch runs as dozens of small kernels per
 projection (RMSNorm, RoPE, SwiGLU, the LoRA path's dropout / scale / add and dtype casts) and launches
 far fewer kernels, which is where a LoRA step at batch 1 x 2k tokens loses its time. The layer's
-arithmetic is unchanged (same matmuls, same dtypes); fused elementwise code rounds differently, so the
-fast path is checked against an fp32 run: it must be no further from fp32 than the eager bf16 path is
-(tests/gpu/test_fast_path_gpu.py; measured: closer, for LoRA and QLoRA; DoRA is in the same test, not yet
-run on a GPU). ``train.kernels=off`` gives the eager path exactly.
+arithmetic is unchanged (same matmuls, same dtypes), and the fused elementwise code rounds its bf16
+intermediates where eager does (``round_like_eager``), so the loss curve follows the eager one
+(tests/gpu/test_fast_path_gpu.py, also against an fp32 run). ``train.kernels=off`` gives the eager path exactly.
 
 DoRA compiles inside the block without graph breaks: its norm ‖W + s·BA‖ is computed from ‖W_i‖², W Aᵀ and
 A Aᵀ (adapters/lora/dora.py, no out × in temporary), and ‖W_i‖² of the frozen base is filled eagerly
@@ -17,6 +16,9 @@ before compiling (``prime_dora_caches``), so no cache bookkeeping runs inside a 
 bitsandbytes 4-bit) to one autograd function that keeps x and a bit-packed dropout mask instead of a
 dropped-out copy of x per projection (kernels/lora_fused.py). It stays opt-in until its 50-step bf16
 loss-curve GPU test passes (it failed once on the H200, not yet diagnosed; benchmarks/RESULTS.md).
+
+QLoRA's nf4 base projections inside those layers dequantize in torch ops the compiler fuses
+(kernels/nf4.py: bit-for-bit bitsandbytes' own dequantize and matmul, without its per-call host cost).
 
 It applies where the blocks compile cleanly: CUDA, a supported decoder layer, and LoRA (also QLoRA's
 LoRA on bitsandbytes layers, and DoRA on either). Other methods run eager.
@@ -28,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from peftctl.kernels.nf4 import enable_nf4_linears
 
 # decoder blocks whose code was compiled and measured; others run eager
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
@@ -62,15 +66,49 @@ def apply_fast_path(
         return f"off ({reason})"
     layers = decoder_layers(model)
     allow_one_graph_per_layer(len(layers))
+    round_like_eager()
     dora_layers = prime_dora_caches(model)
-    for layer in layers:
-        layer.compile()
+    nf4_layers = enable_nf4_linears(layers)
+    for index, layer in enumerate(layers):
+        compile_layer(layer, index)
     note = f"on: {len(layers)} x {type(layers[0]).__name__} under torch.compile"
     if dora_layers:
         note += f", DoRA in {dora_layers} projections"
+    if nf4_layers:
+        note += f", nf4 dequantize compiled in {nf4_layers} projections"
     if fused_lora:
         note += f", fused LoRA branch in {enable_fused_lora(model)} layers"
     return note
+
+
+def compile_layer(layer: nn.Module, index: int) -> None:
+    """``layer.compile()``, but under a code object of the layer's own.
+
+    Dynamo keeps its compiled graphs, with their guards, in a cache per code object, and
+    ``Module.compile`` makes every layer enter through the one ``Module._call_impl``. The layers each
+    need their own graph (their guards tell them apart), so the 32 layers of an 8B model would share one
+    cache of 32 entries, and each call would test the guards of the entries ahead of its own first:
+    about 0.2 ms of host time per layer call, measured (benchmarks/RESULTS.md, round 6 profile). A
+    fresh code object per layer keeps each cache to its own entries."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return layer._call_impl(*args, **kwargs)
+
+    call.__code__ = call.__code__.replace(co_name=f"{type(layer).__name__}_{index}")
+    layer._compiled_call_impl = torch.compile(call)
+
+
+def round_like_eager() -> None:
+    """Have Inductor round bf16 / fp16 intermediates where eager PyTorch rounds them.
+
+    Fused code otherwise keeps an elementwise chain in fp32 and rounds once, which is closer to fp32 but
+    moves a bf16 loss curve by as much as eager bf16 itself differs from fp32 (about 2% after 50 steps in
+    tests/gpu/test_fast_path_gpu.py): the on/off curves then differ by rounding noise, not by any error.
+    With the casts kept, the fast path follows the eager curve (3.4e-3 relative, LoRA, measured) and
+    stays as close to fp32 as eager is; the casts cost no memory traffic (they happen in registers)."""
+    import torch._inductor.config as inductor_config  # lazy: only when the fast path compiles
+
+    inductor_config.emulate_precision_casts = True
 
 
 def prime_dora_caches(model: nn.Module) -> int:

@@ -237,11 +237,47 @@ def test_optimizers(name: str, cls: object) -> None:
     cfg = SimpleNamespace(optimizer=name, lr=1e-2, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0)
     opt = build_optimizer(params, cfg)
     expected = cls if isinstance(cls, type) else getattr(bnb.optim, cls)
-    assert type(opt) is expected
+    assert isinstance(opt, expected) and type(opt).__name__ == expected.__name__
     before = params[0].detach().clone()
     params[0].grad = torch.ones_like(params[0])
     opt.step()
     assert (params[0] < before).all()  # every weight moved against its positive gradient
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_bitsandbytes_optimizers_update_as_bitsandbytes_does_without_a_sync_per_parameter(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our step of a bitsandbytes optimizer gives its own step's weights bit for bit, and never calls the
+    device synchronize bitsandbytes issues after every parameter (bitsandbytes.optim.optimizer.sync_gpu)."""
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+
+    from peftctl.train.optim import build_optimizer
+
+    cfg = SimpleNamespace(optimizer=name, lr=1e-2, adam_beta1=0.9, adam_beta2=0.99, adam_eps=1e-8, weight_decay=0.01)
+    syncs = {"n": 0}
+    real_sync = bnb_optimizer.sync_gpu
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: (syncs.__setitem__("n", syncs["n"] + 1), real_sync(t)))
+
+    def train(make) -> tuple[list[torch.Tensor], int]:
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in [(96, 80), (7,), (64, 128)]]
+        optimizer = make(params)
+        syncs["n"] = 0
+        for _ in range(3):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator)
+            optimizer.step()
+        return [p.detach().clone() for p in params], syncs["n"]
+
+    ours, our_syncs = train(lambda params: build_optimizer(params, cfg))
+    bnb_class = type(build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)).__mro__[2]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    theirs, their_syncs = train(lambda params: bnb_class(params, **kwargs))
+    assert bnb_class.__module__.startswith("bitsandbytes")
+    assert their_syncs >= 9 and our_syncs == 0  # theirs: one per parameter per step
+    for got, want in zip(ours, theirs):
+        assert torch.equal(got, want)
 
 
 def test_cpu_qlora_recipe_trains_evals_and_merges(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
