@@ -69,8 +69,8 @@ def apply_fast_path(
     round_like_eager()
     dora_layers = prime_dora_caches(model)
     nf4_layers = enable_nf4_linears(layers)
-    for index, layer in enumerate(layers):
-        compile_layer(layer, index)
+    for layer in layers:
+        layer.compile()
     note = f"on: {len(layers)} x {type(layers[0]).__name__} under torch.compile"
     if dora_layers:
         note += f", DoRA in {dora_layers} projections"
@@ -79,23 +79,6 @@ def apply_fast_path(
     if fused_lora:
         note += f", fused LoRA branch in {enable_fused_lora(model)} layers"
     return note
-
-
-def compile_layer(layer: nn.Module, index: int) -> None:
-    """``layer.compile()``, but under a code object of the layer's own.
-
-    Dynamo keeps its compiled graphs, with their guards, in a cache per code object, and
-    ``Module.compile`` makes every layer enter through the one ``Module._call_impl``. The layers each
-    need their own graph (their guards tell them apart), so the 32 layers of an 8B model would share one
-    cache of 32 entries, and each call would test the guards of the entries ahead of its own first:
-    about 0.2 ms of host time per layer call, measured (benchmarks/RESULTS.md, round 6 profile). A
-    fresh code object per layer keeps each cache to its own entries."""
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return layer._call_impl(*args, **kwargs)
-
-    call.__code__ = call.__code__.replace(co_name=f"{type(layer).__name__}_{index}")
-    layer._compiled_call_impl = torch.compile(call)
 
 
 def round_like_eager() -> None:
