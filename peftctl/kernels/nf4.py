@@ -16,7 +16,9 @@ Dequantization (Dettmers et al., 2023, "QLoRA", §3: 4-bit NormalFloat with doub
                                                rounded once to the compute dtype
 q_i is a 4-bit code, two per byte, the even element in the high nibble. These are bitsandbytes' own
 operations in its own order, so W is bit-for-bit its ``dequantize_4bit`` and the projection's forward
-is its ``gemm_4bit`` at training sizes (dequantize, then F.linear); tests/unit/test_nf4.py checks both.
+is its ``gemm_4bit`` wherever that dequantizes and calls F.linear: above 1536 tokens per call on CUDA (a
+training step's 2k+ tokens); shorter calls keep bitsandbytes' own forward (``fast_class``).
+tests/unit/test_nf4.py and tests/gpu/test_nf4_gpu.py check both.
 
 The backward dequantizes again rather than keeping W (as bitsandbytes does): autograd keeps only the
 packed 4-bit weight, which the model holds anyway.
@@ -154,13 +156,27 @@ def supports_nf4_fast_path(module: nn.Module) -> bool:
     return not state.nested or state.state2.blocksize == BLOCK_SCALES_PER_SCALE
 
 
+# bitsandbytes 0.50 (backends/cuda/ops.py, _gemm_4bit_custom_max_m): up to this many tokens per call it may pick
+# its own fused 4-bit kernel, beyond it it always dequantizes and calls F.linear, which nf4_forward reproduces
+BITSANDBYTES_OWN_KERNEL_MAX_TOKENS = 1536
+
 _FAST_CLASSES: dict[type, type] = {}
 
 
 def fast_class(cls: type) -> type:
-    """A subclass of a bitsandbytes 4-bit layer class whose forward is nf4_forward (made once per class)."""
+    """A subclass of a bitsandbytes 4-bit layer class whose forward is nf4_forward where bitsandbytes would
+    itself dequantize and call F.linear (made once per class). On CUDA calls of at most
+    BITSANDBYTES_OWN_KERNEL_MAX_TOKENS tokens (short sequences, generation) bitsandbytes' own forward runs:
+    its fused kernel is faster there and rounds differently, so the result stays bitsandbytes' on every shape."""
     if cls not in _FAST_CLASSES:
-        _FAST_CLASSES[cls] = type(cls.__name__ + "NF4", (cls,), {"forward": nf4_forward, "__module__": __name__})
+
+        def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            tokens = x.numel() // max(x.shape[-1], 1)
+            if x.device.type == "cuda" and tokens <= BITSANDBYTES_OWN_KERNEL_MAX_TOKENS:
+                return cls.forward(self, x)
+            return nf4_forward(self, x)
+
+        _FAST_CLASSES[cls] = type(cls.__name__ + "NF4", (cls,), {"forward": forward, "__module__": __name__})
     return _FAST_CLASSES[cls]
 
 

@@ -54,3 +54,17 @@ def test_nf4_projection_on_cuda_is_bitsandbytes_bit_for_bit_and_compiles_whole(n
     grad_error = ((compiled_grad.float() - expected_grad.float()).norm() / expected_grad.float().norm()).item()
     print(f"nested={nested}: compiled vs bitsandbytes, relative error out {out_error:.2e}, grad {grad_error:.2e}")
     assert out_error <= 1e-3 and grad_error <= 1e-3  # the same matmuls; at most rounding in a fused cast
+
+
+def test_short_calls_keep_bitsandbytes_own_forward() -> None:
+    """At most 1536 tokens per call bitsandbytes may run its own fused kernel (rounding differently from
+    dequantize + F.linear): the switched layer then runs exactly bitsandbytes' forward."""
+    torch.manual_seed(0)
+    layer = quantize_linear(
+        nn.Linear(4096, 1024, bias=False, device="cuda", dtype=torch.bfloat16), "nf4", torch.bfloat16
+    )
+    for tokens in (1, 7, 64, 1536):
+        x = torch.randn(1, tokens, 4096, device="cuda", dtype=torch.bfloat16)
+        expected = bnb.nn.Linear4bit.forward(layer, x)
+        enable_nf4_linears([layer])
+        assert torch.equal(layer(x), expected), tokens
