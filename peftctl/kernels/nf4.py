@@ -3,11 +3,12 @@
 bitsandbytes runs each 4-bit projection of a training step as opaque custom ops: ``gemm_4bit`` in the
 forward (dequantize the 8-bit block scales, dequantize the weight, F.linear) and ``dequantize_4bit`` +
 matmul in the backward. Every call goes through bitsandbytes' Python dispatch, tens of microseconds of
-host time each, 7 projections x 32 layers x (forward, recompute, backward) per step: at batch 1 x 2k
-tokens the host, not the GPU, sets the pace of an 8B QLoRA step (benchmarks/RESULTS.md, round 5
-profile). On the fast path (``train.kernels=auto|fused``) the nf4 ``Linear4bit`` layers inside the
-compiled decoder layers dequantize with the same arithmetic in torch ops instead: Inductor turns each
-weight's dequantization into one fused kernel launched from the compiled graph, next to the matmul.
+host time each (a profiled 8B QLoRA step: 142 µs per ``gemm_4bit``), 7 projections x 32 layers x
+(forward, recompute, backward) per step, while the GPU idled a quarter of the step
+(benchmarks/RESULTS.md, round 5 profile). On the fast path (``train.kernels=auto|fused``) the nf4
+``Linear4bit`` layers inside the compiled decoder layers dequantize with the same arithmetic in torch
+ops instead: Inductor turns each weight's dequantization into one fused kernel launched from the
+compiled graph, next to the matmul.
 
 Dequantization (Dettmers et al., 2023, "QLoRA", §3: 4-bit NormalFloat with double quantization):
     s_b = code2[c_b] · t_⌊b/256⌋ + offset     block scale b (one per 64 weights), itself stored as an 8-bit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterable
 
@@ -43,9 +44,9 @@ class _StepWithoutPerParameterSync:
     """bitsandbytes' Optimizer8bit.step, the same updates in the same order, without the
     ``torch.cuda.synchronize()`` it issues after every parameter.
 
-    Each of those waits for the GPU to drain, so the host launches one ~5 µs update kernel per
-    parameter and then idles: for QLoRA on all linear layers of an 8B model (448 adapter tensors) that
-    is tens of milliseconds of an idle GPU per optimizer step (benchmarks/RESULTS.md, round 6 profile).
+    Each of those waits for the GPU to drain before the next ~5 µs update kernel is launched: 448 per
+    step for QLoRA on all linear layers of an 8B model (a profile counted 903 device synchronizes in two
+    steps; benchmarks/RESULTS.md, round 6), and no overlap of the host's launches with the GPU's work.
     The update kernels are ordered on the stream like any other, so the next forward sees the new
     weights without them. Paged states (unified memory) keep one synchronize at the end of the step,
     as bitsandbytes has, before the host could touch them."""
@@ -78,6 +79,7 @@ class _StepWithoutPerParameterSync:
 _BITSANDBYTES_STEP_PARTS = ("check_overrides", "to_gpu", "init_state", "prefetch_state", "update_step")
 
 
+@functools.cache
 def without_per_parameter_sync(cls: type) -> type:
     """``cls`` (a bitsandbytes optimizer) with _StepWithoutPerParameterSync's step, when ``cls`` has the
     parts that step calls (else ``cls`` itself: another bitsandbytes version keeps its own step)."""

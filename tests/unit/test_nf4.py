@@ -62,6 +62,17 @@ def test_switched_layer_gives_bitsandbytes_outputs_and_gradients_bit_for_bit(nes
         assert torch.equal(got, want)
 
 
+def test_weights_packed_in_another_storage_dtype_dequantize_the_same() -> None:
+    """quant_storage=bfloat16 (how FSDP shards 4-bit weights): the same bytes, read as bytes."""
+    torch.manual_seed(0)
+    layer = quantize_linear(nn.Linear(64, 48, bias=False), "nf4", torch.bfloat16, True, quant_storage=torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    expected = layer(x)
+    assert enable_nf4_linears([layer]) == 1
+    assert torch.equal(layer(x), expected)
+
+
 def test_qlora_layer_on_the_switched_base_trains_exactly_as_on_bitsandbytes() -> None:
     def adapter_grads(switch: bool) -> list[torch.Tensor]:
         layer = LoraLinear(_quantized(32, 40, torch.bfloat16, True, bias=False), "proj")
