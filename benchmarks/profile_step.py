@@ -1,6 +1,8 @@
 """Where a peftctl training step spends its GPU time (issue 12): torch.profiler over a few optimizer
 steps of `peftctl bench`'s trainer, for the cases of speed_round4.py, printing the top CUDA kernels
-by total time and how busy the GPU was (kernel time / wall time).
+by total time, the top host ops by their own time, and where the GPU waits: its kernel time per step,
+its idle gaps, and what the host was doing when each gap began (the innermost host op then running, and
+that op's outermost caller), so a step bound by the host shows which host work to cut.
 
   python benchmarks/profile_step.py --cases qlora,dora,lora_1b --models-dir /tmp/peftctl-random-llama
   python benchmarks/profile_step.py --smoke --cases qlora      # CPU, tiny model: the code path only
@@ -56,16 +58,78 @@ def print_profile(trainer, examples, device: str, steps: int, top: int) -> None:
     wall = time.perf_counter() - started
     events = prof.key_averages()
     device_attr = "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total"
-    kernels = [e for e in events if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")]
-    kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in kernels)
-    print(f"profiled {steps} steps: wall {wall:.3f} s, CUDA kernel time {kernel_us / 1e6:.3f} s ", end="")
-    print(f"({100 * kernel_us / 1e6 / wall:.0f}% busy)")
     sort = "self_device_time_total" if device_attr == "device_time_total" else "self_cuda_time_total"
     if device != "cuda":
         sort = "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=top, max_name_column_width=70))
     if device == "cuda":  # where the host's time goes (a step the host cannot launch fast enough is CPU-bound)
         print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70))
+        print_gpu_idle(prof.events(), wall, steps, top)
+
+
+def _is_kernel(event) -> bool:
+    """A GPU kernel or copy on the timeline (GPU-side user annotations, like "Optimizer.step#...", are ranges)."""
+    if not str(getattr(event, "device_type", "")).endswith("CUDA"):
+        return False
+    return not getattr(event, "is_user_annotation", False) and not event.name.startswith(("Optimizer.", "ProfilerStep"))
+
+
+def merged_intervals(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of (start, end) intervals, as sorted disjoint intervals."""
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def idle_by_host_op(raw_events, min_gap_us: float = 5.0) -> tuple[float, float, dict[str, float], dict[str, float]]:
+    """(GPU busy µs, GPU idle µs, idle µs by the innermost host op running when each gap began, idle µs by
+    that op's outermost ancestor): where the GPU waits for the host, between its first and last kernel."""
+    import bisect
+
+    busy = merged_intervals([(e.time_range.start, e.time_range.end) for e in raw_events if _is_kernel(e)])
+    host = sorted(
+        (e.time_range.start, e.time_range.end, e) for e in raw_events if not str(e.device_type).endswith("CUDA")
+    )
+    starts = [h[0] for h in host]
+    innermost: dict[str, float] = {}
+    outermost: dict[str, float] = {}
+    idle = 0.0
+    for (_, gap_start), (gap_end, _) in zip(busy, busy[1:]):
+        gap = gap_end - gap_start
+        if gap < min_gap_us:
+            continue
+        idle += gap
+        index = bisect.bisect_right(starts, gap_start) - 1
+        while index >= 0 and host[index][1] < gap_start:  # the latest-starting host op still running: innermost
+            index -= 1
+        if index < 0:
+            name = root = "(no host op)"
+        else:
+            event = host[index][2]
+            name, root = event.name, event
+            while getattr(root, "cpu_parent", None) is not None:
+                root = root.cpu_parent
+            root = root.name
+        innermost[name] = innermost.get(name, 0.0) + gap
+        outermost[root] = outermost.get(root, 0.0) + gap
+    return sum(b - a for a, b in busy), idle, innermost, outermost
+
+
+def print_gpu_idle(raw_events, wall: float, steps: int, top: int) -> None:
+    busy, idle, innermost, outermost = idle_by_host_op(raw_events)
+    per_step = 1e3 / steps
+    print(
+        f"GPU kernels {busy / 1e3 * per_step / 1e3:.1f} ms per step ({100 * busy / 1e6 / wall:.0f}% of the wall "
+        f"time), idle gaps of >= 5 us {idle / 1e3 * per_step / 1e3:.1f} ms per step; the host meanwhile was in:"
+    )
+    for title, table in (("innermost op", innermost), ("outermost op", outermost)):
+        print(f"  by {title}:")
+        for name, gap in sorted(table.items(), key=lambda item: -item[1])[:top]:
+            print(f"    {gap / 1e3 * per_step / 1e3:8.2f} ms per step  {name[:110]}")
 
 
 def _allocation_site(frames: list[dict]) -> str:
