@@ -25,7 +25,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speed_round4 import free_memory, llama_config, peftctl_overrides, write_random_llama  # noqa: E402
+from speed_round4 import (  # noqa: E402
+    free_memory,
+    llama_config,
+    peftctl_overrides,
+    set_inductor_config,
+    write_random_llama,
+)
 
 
 def profile_case(
@@ -209,8 +215,12 @@ def main() -> None:
     parser.add_argument(
         "--bitsandbytes-ops", action="store_true", help="nf4 layers through bitsandbytes' ops (before kernels/nf4.py)"
     )
+    parser.add_argument(
+        "--inductor-config", action="append", default=[], help="KEY=VALUE of torch._inductor.config (repeatable)"
+    )
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
+    set_inductor_config(args.inductor_config)
     if args.bitsandbytes_ops:
         import peftctl.kernels
 

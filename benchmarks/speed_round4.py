@@ -370,6 +370,39 @@ def environment() -> dict[str, Any]:
     }
 
 
+def set_inductor_config(pairs: list[str]) -> None:
+    """``KEY=VALUE`` settings of ``torch._inductor.config`` (VALUE a Python literal; KEY may be dotted, e.g.
+    ``triton.cudagraphs``) for an A/B of compiler options, e.g. ``combo_kernels=True``. They are applied
+    right after the fast path's own setting (kernels.round_like_eager), so they can also undo it
+    (``emulate_precision_casts=False``)."""
+    if not pairs:
+        return
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    import peftctl.kernels as kernels
+
+    settings = []
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        *path, leaf = key.split(".")
+        target = inductor_config
+        for part in path:
+            target = getattr(target, part, None)
+        if target is None or not hasattr(target, leaf):
+            raise SystemExit(f"--inductor-config {pair}: torch._inductor.config has no {key}")
+        settings.append((target, leaf, ast.literal_eval(raw)))
+    own_setting = kernels.round_like_eager
+
+    def round_like_eager_then_overrides() -> None:
+        own_setting()
+        for target, leaf, value in settings:
+            setattr(target, leaf, value)
+
+    kernels.round_like_eager = round_like_eager_then_overrides
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="lora,lora_ckpt,qlora,dora,lora_1b")
@@ -383,6 +416,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-ctx-limit", type=int, default=524288)
     parser.add_argument("--max-ctx-granularity", type=int, default=65536)
     parser.add_argument("--max-search-s", type=float, default=None, help="maxctx: start no trial after this long")
+    parser.add_argument(
+        "--inductor-config", action="append", default=[], help="KEY=VALUE of torch._inductor.config (repeatable)"
+    )
     parser.add_argument(
         "--models-dir", default=None, help="keep the random models here and reuse them (default: a temp dir, deleted)"
     )
@@ -413,6 +449,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    set_inductor_config(args.inductor_config)
     started = time.perf_counter()
     cases = list(dict.fromkeys(args.cases.split(",")))  # in the order given: the first ones fit --budget-s
     results: list[dict[str, Any]] = []
