@@ -35,13 +35,30 @@ from speed_round4 import (  # noqa: E402
 
 
 def profile_case(
-    case: str, model_dir: Path, device: str, seq: int, steps: int, top: int, extra: list[str], memory: bool
+    case: str,
+    model_dir: Path,
+    device: str,
+    seq: int,
+    steps: int,
+    top: int,
+    extra: list[str],
+    memory: bool,
+    reentrant: bool = False,
 ) -> None:
-    """Profile ``steps`` steps (after 3 warm-up), then with ``memory`` record one more step's allocations."""
+    """Profile ``steps`` steps (after 3 warm-up), then with ``memory`` record one more step's allocations;
+    ``reentrant``: transformers' reentrant checkpointing instead of the run's (an A/B: its first forward
+    runs without autograd, so a compiled layer runs an inference graph and no saved-tensor hooks)."""
     from peftctl.train.bench import bench_trainer, synthetic_examples, time_steps
 
     overrides = peftctl_overrides(case, model_dir, device) + ["train.max_steps=100", *extra]
     with bench_trainer(overrides) as (trainer, fast_path):
+        if reentrant:
+            from peftctl.models.modules import find_hf_model
+
+            find_hf_model(trainer.model).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": True}
+            )
+            fast_path += "; reentrant checkpointing"
         vocab = trainer.model.model.get_input_embeddings().weight.shape[0]
         examples = synthetic_examples(trainer.cfg.train.batch_size, seq, vocab, 0)
         times, _ = time_steps(trainer, examples, warmup=3, steps=2)
@@ -218,6 +235,7 @@ def main() -> None:
     parser.add_argument(
         "--inductor-config", action="append", default=[], help="KEY=VALUE of torch._inductor.config (repeatable)"
     )
+    parser.add_argument("--reentrant-checkpointing", action="store_true", help="transformers' reentrant variant")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     set_inductor_config(args.inductor_config)
@@ -230,7 +248,8 @@ def main() -> None:
     for case in args.cases.split(","):
         shape = "1b" if case == "lora_1b" else "8b"
         model_dir = write_random_llama(llama_config(shape, args.smoke), models / shape, device)
-        profile_case(case, model_dir, device, seq, args.steps, args.top, args.set, args.memory and device == "cuda")
+        memory = args.memory and device == "cuda"
+        profile_case(case, model_dir, device, seq, args.steps, args.top, args.set, memory, args.reentrant_checkpointing)
 
 
 if __name__ == "__main__":
