@@ -65,6 +65,34 @@ def dequantize_nf4(
     return (code[codes.long()] * scales[blocks]).to(dtype).view(shape)
 
 
+# The tensors of a bitsandbytes 4-bit weight that dequantization reads, in this order: the packed codes, the
+# block scales (fp32, or 8-bit codes when nested), the nested scales' code table, their fp32 scales and
+# offset (these three None when not nested), and the 16-value nf4 code table.
+QuantTensors = tuple[torch.Tensor | None, ...]
+
+
+def quant_tensors(weight: torch.Tensor) -> QuantTensors:
+    """The dequantization inputs of a bitsandbytes nf4 ``Params4bit`` (QuantTensors' order)."""
+    state = weight.quant_state
+    nested = state.nested
+    return (
+        weight.data,
+        state.absmax,
+        state.state2.code if nested else None,
+        state.state2.absmax if nested else None,
+        state.offset if nested else None,
+        state.code,
+    )
+
+
+def dequantize_weight(tensors: QuantTensors, layout: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
+    """W from quant_tensors(...) and (out_features, in_features, blocksize)."""
+    packed, absmax, absmax_code, absmax_scale, offset, code = tensors
+    out_features, in_features, blocksize = layout
+    scales = block_scales(absmax, absmax_code, absmax_scale, offset)
+    return dequantize_nf4(packed, scales, code, (out_features, in_features), blocksize, dtype)
+
+
 class NF4Linear(torch.autograd.Function):
     """y = x Wᵀ + b with W dequantized from nf4 in the forward and again in the backward (never saved)."""
 
@@ -73,67 +101,36 @@ class NF4Linear(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         bias: torch.Tensor | None,
-        packed: torch.Tensor,
-        absmax: torch.Tensor,
-        absmax_code: torch.Tensor | None,
-        absmax_scale: torch.Tensor | None,
-        offset: torch.Tensor | None,
-        code: torch.Tensor,
         layout: tuple[int, int, int],
         weight_dtype: torch.dtype,
+        *tensors: torch.Tensor | None,
     ) -> torch.Tensor:
         # only tensors the model holds anyway are saved; the scales are decoded again in the backward
-        ctx.save_for_backward(packed, absmax, absmax_code, absmax_scale, offset, code)
+        ctx.save_for_backward(*tensors)
         ctx.layout, ctx.weight_dtype = layout, weight_dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x, _weight(packed, absmax, absmax_code, absmax_scale, offset, code, layout, x.dtype), bias)
+        return F.linear(x, dequantize_weight(tensors, layout, x.dtype), bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             # as bitsandbytes' MatMul4Bit.backward: W in the quantization's dtype, then the gradient's
-            weight = _weight(*ctx.saved_tensors, ctx.layout, ctx.weight_dtype)
+            weight = dequantize_weight(ctx.saved_tensors, ctx.layout, ctx.weight_dtype)
             grad_x = grad_out @ weight.to(grad_out.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
             # bitsandbytes sums the leading dimension, autograd the others after it: the same order here
             grad_bias = grad_out.sum(0, dtype=ctx.bias_dtype)
             while grad_bias.dim() > 1:
                 grad_bias = grad_bias.sum(0)
-        return (grad_x, grad_bias) + (None,) * 8
-
-
-def _weight(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax_code: torch.Tensor | None,
-    absmax_scale: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    code: torch.Tensor,
-    layout: tuple[int, int, int],
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    out_features, in_features, blocksize = layout
-    scales = block_scales(absmax, absmax_code, absmax_scale, offset)
-    return dequantize_nf4(packed, scales, code, (out_features, in_features), blocksize, dtype)
+        return (grad_x, grad_bias, None, None) + (None,) * len(ctx.saved_tensors)
 
 
 def nf4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x Wᵀ + b for a bitsandbytes nf4 ``Params4bit`` weight (x already in the compute dtype)."""
     state = weight.quant_state
-    nested = state.nested
-    return NF4Linear.apply(
-        x,
-        bias,
-        weight.data,
-        state.absmax,
-        state.state2.code if nested else None,
-        state.state2.absmax if nested else None,
-        state.offset if nested else None,
-        state.code,
-        (int(state.shape[0]), int(state.shape[1]), int(state.blocksize)),
-        state.dtype,
-    )
+    layout = (int(state.shape[0]), int(state.shape[1]), int(state.blocksize))
+    return NF4Linear.apply(x, bias, layout, state.dtype, *quant_tensors(weight))
 
 
 def nf4_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

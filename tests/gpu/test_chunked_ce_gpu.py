@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
+from _small_llama import small_llama_config
 
 from peftctl.train import chunked_ce
 from peftctl.train.chunked_ce import chunked_lm_loss_sum
@@ -84,7 +85,7 @@ def test_frozen_head_loss_matches_fp32_and_is_faster_than_the_checkpointed_chunk
 
 
 def test_partial_checkpointing_under_the_fast_path_gives_full_checkpointings_gradients() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from peftctl.adapters.core.model import get_adapted_model
     from peftctl.adapters.lora import LoraConfig
@@ -93,14 +94,7 @@ def test_partial_checkpointing_under_the_fast_path_gives_full_checkpointings_gra
     from peftctl.train.layer_checkpointing import limit_checkpointed_layers
     from peftctl.train.offload import ActivationOffloader
 
-    config = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-    )
+    config = small_llama_config()
     ids = torch.randint(0, 1024, (2, 256), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     torch._dynamo.reset()  # fresh recompile budgets: earlier tests' graphs must not push these layers to eager

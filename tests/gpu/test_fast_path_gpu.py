@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _small_llama import small_llama_config
 from torch._dynamo.utils import counters
 
 from peftctl.adapters.core.model import get_adapted_model
@@ -197,18 +198,10 @@ def test_dora_norm_and_step_never_hold_an_out_by_in_temporary() -> None:
 
 
 def _llama(dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        attn_implementation="sdpa",
-    )
+    config = small_llama_config(attn_implementation="sdpa")
     return LlamaForCausalLM(config).to("cuda", dtype)
 
 
