@@ -238,7 +238,10 @@ def main() -> None:
     parser.add_argument("--reentrant-checkpointing", action="store_true", help="transformers' reentrant variant")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
-    set_inductor_config(args.inductor_config)
+    try:
+        set_inductor_config(args.inductor_config)
+    except ValueError as error:
+        parser.error(str(error))
     if args.bitsandbytes_ops:
         import peftctl.kernels
 

@@ -374,7 +374,7 @@ def set_inductor_config(pairs: list[str]) -> None:
     """``KEY=VALUE`` settings of ``torch._inductor.config`` (VALUE a Python literal; KEY may be dotted, e.g.
     ``triton.cudagraphs``) for an A/B of compiler options, e.g. ``combo_kernels=True``. They are applied
     right after the fast path's own setting (kernels.round_like_eager), so they can also undo it
-    (``emulate_precision_casts=False``)."""
+    (``emulate_precision_casts=False``). ValueError names a bad key or value."""
     if not pairs:
         return
     import ast
@@ -391,8 +391,11 @@ def set_inductor_config(pairs: list[str]) -> None:
         for part in path:
             target = getattr(target, part, None)
         if target is None or not hasattr(target, leaf):
-            raise SystemExit(f"--inductor-config {pair}: torch._inductor.config has no {key}")
-        settings.append((target, leaf, ast.literal_eval(raw)))
+            raise ValueError(f"--inductor-config {pair}: torch._inductor.config has no {key}")
+        try:
+            settings.append((target, leaf, ast.literal_eval(raw)))
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--inductor-config {pair}: expected KEY=VALUE with a Python literal, e.g. True") from None
     own_setting = kernels.round_like_eager
 
     def round_like_eager_then_overrides() -> None:
@@ -444,12 +447,15 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.cases.split(",")) - set(ALL_CASES)
     if unknown:
         parser.error(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(ALL_CASES)}")
+    try:
+        set_inductor_config(args.inductor_config)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
 def main() -> None:
     args = parse_args()
-    set_inductor_config(args.inductor_config)
     started = time.perf_counter()
     cases = list(dict.fromkeys(args.cases.split(",")))  # in the order given: the first ones fit --budget-s
     results: list[dict[str, Any]] = []
