@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
 from peftctl.config.schema import TrainConfig
 from peftctl.errors import ConfigError
+from peftctl.train.optim_8bit import lean_bitsandbytes_optimizer
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -37,55 +37,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: TrainConfig
         "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
         "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
     }
-    return without_per_parameter_sync(classes[train_cfg.optimizer])(params, **kwargs)
-
-
-class _StepWithoutPerParameterSync:
-    """bitsandbytes' Optimizer8bit.step, the same updates in the same order, without the
-    ``torch.cuda.synchronize()`` it issues after every parameter.
-
-    Each of those waits for the GPU to drain before the next ~5 µs update kernel is launched: 448 per
-    step for QLoRA on all linear layers of an 8B model (a profile counted 903 device synchronizes in two
-    steps; benchmarks/RESULTS.md, round 6), and no overlap of the host's launches with the GPU's work.
-    The update kernels are ordered on the stream like any other, so the next forward sees the new
-    weights without them. Paged states (unified memory) keep one synchronize at the end of the step,
-    as bitsandbytes has, before the host could touch them."""
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if not self.initialized:
-            self.check_overrides()
-            self.to_gpu()
-            self.initialized = True
-        last = None
-        for group_index, group in enumerate(self.param_groups):
-            for param_index, param in enumerate(group["params"]):
-                if param.grad is None:
-                    continue
-                if len(self.state[param]) == 0:
-                    self.init_state(group, param, group_index, param_index)
-                self.prefetch_state(param)
-                self.update_step(group, param, group_index, param_index)
-                last = param
-        if self.is_paged and last is not None and last.device.type == "cuda":
-            torch.cuda.synchronize(last.device)
-        return loss
-
-
-_BITSANDBYTES_STEP_PARTS = ("check_overrides", "to_gpu", "init_state", "prefetch_state", "update_step")
-
-
-@functools.cache
-def without_per_parameter_sync(cls: type) -> type:
-    """``cls`` (a bitsandbytes optimizer) with _StepWithoutPerParameterSync's step, when ``cls`` has the
-    parts that step calls (else ``cls`` itself: another bitsandbytes version keeps its own step)."""
-    if not all(hasattr(cls, part) for part in _BITSANDBYTES_STEP_PARTS):
-        return cls
-    return type(cls.__name__, (_StepWithoutPerParameterSync, cls), {"__module__": __name__})
+    return lean_bitsandbytes_optimizer(classes[train_cfg.optimizer])(params, **kwargs)
 
 
 def fused_adamw_option(params: list[torch.Tensor]) -> dict[str, bool]:

@@ -72,12 +72,18 @@ def _loss_and_grads(model: Any, chunked: bool, bf16: bool, factor: float) -> tup
     return loss.detach(), list(grads)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_frozen_head_loss_and_gradients_equal_the_full_logits_formula(
-    bf16: bool, monkeypatch: pytest.MonkeyPatch
+    bf16: bool, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``fused``: the fast path's per-chunk functions (row_nll, logit_grad; compiled on CUDA, here eager:
+    their math and plumbing; tests/gpu/test_chunked_ce_gpu.py compiles them)."""
     monkeypatch.setattr(chunked_ce, "CHUNK_ELEMENTS", ROWS_PER_CHUNK * VOCAB)
     model = _model()
+    if fused:
+        monkeypatch.setattr(chunked_ce, "compiled_chunk_functions", lambda: (chunked_ce.row_nll, chunked_ce.logit_grad))
+        assert chunked_ce.enable_fused_cross_entropy(model)
     assert frozen_linear_head(model.model.lm_head) is not None  # the fused path applies
     loss, grads = _loss_and_grads(model, chunked=True, bf16=bf16, factor=0.37)
     ref_loss, ref_grads = _loss_and_grads(model, chunked=False, bf16=bf16, factor=0.37)

@@ -4,6 +4,7 @@ and the CPU qlora recipe end to end."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -244,40 +245,109 @@ def test_optimizers(name: str, cls: object) -> None:
     assert (params[0] < before).all()  # every weight moved against its positive gradient
 
 
-@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
-def test_bitsandbytes_optimizers_update_as_bitsandbytes_does_without_a_sync_per_parameter(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Our step of a bitsandbytes optimizer gives its own step's weights bit for bit, and never calls the
-    device synchronize bitsandbytes issues after every parameter (bitsandbytes.optim.optimizer.sync_gpu)."""
-    import bitsandbytes.optim.optimizer as bnb_optimizer
+BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit"}
+# 8-bit state for all but (7,) (< min_8bit_size 4096): 7680 elements fill 30 blocks of 256, 4500 end in a partial block
+OPTIMIZER_SHAPES = [(96, 80), (7,), (50, 90), (64, 128)]
+OPTIMIZER_CFG = SimpleNamespace(lr=1e-2, adam_beta1=0.9, adam_beta2=0.99, adam_eps=1e-8, weight_decay=0.01)
 
+
+def _bnb_reference(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    cfg = OPTIMIZER_CFG
+    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    return getattr(bnb.optim, BNB_CLASSES[name])(params, **kwargs)
+
+
+def _ours(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     from peftctl.train.optim import build_optimizer
 
-    cfg = SimpleNamespace(optimizer=name, lr=1e-2, adam_beta1=0.9, adam_beta2=0.99, adam_eps=1e-8, weight_decay=0.01)
-    syncs = {"n": 0}
-    real_sync = bnb_optimizer.sync_gpu
-    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: (syncs.__setitem__("n", syncs["n"] + 1), real_sync(t)))
+    return build_optimizer(params, SimpleNamespace(optimizer=name, **vars(OPTIMIZER_CFG)))
 
-    def train(make) -> tuple[list[torch.Tensor], int]:
-        generator = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in [(96, 80), (7,), (64, 128)]]
-        optimizer = make(params)
-        syncs["n"] = 0
-        for _ in range(3):
-            for param in params:
-                param.grad = torch.randn(param.shape, generator=generator)
-            optimizer.step()
-        return [p.detach().clone() for p in params], syncs["n"]
 
-    ours, our_syncs = train(lambda params: build_optimizer(params, cfg))
-    bnb_class = getattr(
-        bnb.optim, {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}.get(name, "PagedAdamW32bit")
-    )
-    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    theirs, their_syncs = train(lambda params: bnb_class(params, **kwargs))
-    assert their_syncs >= 9 and our_syncs == 0  # theirs: one per parameter per step
+def _run_steps(optimizer, params, generator, steps, skip_grad=None) -> None:
+    """``steps`` optimizer steps on random gradients (parameter ``skip_grad`` gets none in the second step)."""
+    for step in range(steps):
+        for index, param in enumerate(params):
+            grad = torch.randn(param.shape, generator=generator)
+            param.grad = None if (index == skip_grad and step == 1) else grad
+        optimizer.step()
+
+
+def _fresh_params(seed: int = 0) -> tuple[list[torch.nn.Parameter], torch.Generator]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in OPTIMIZER_SHAPES], generator
+
+
+@pytest.mark.parametrize("name", sorted(BNB_CLASSES))
+def test_bitsandbytes_optimizers_update_as_bitsandbytes_does_in_one_call_without_syncs(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our step of a bitsandbytes optimizer gives its own step's weights bit for bit; it never calls the
+    device synchronize bitsandbytes issues after every parameter, and the 8-bit ones update all their
+    8-bit parameters in one bitsandbytes call (blocks aligned in one flat buffer, train/optim_8bit.py)."""
+    import bitsandbytes.functional as bnb_functional
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+
+    counts = {"sync": 0, "8bit": 0}
+    real_sync, real_update = bnb_optimizer.sync_gpu, bnb_functional.optimizer_update_8bit_blockwise
+
+    def count(key, function):
+        return lambda *a, **k: (counts.__setitem__(key, counts[key] + 1), function(*a, **k))[1]
+
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", count("sync", real_sync))
+    monkeypatch.setattr(bnb_functional, "optimizer_update_8bit_blockwise", count("8bit", real_update))
+
+    def train(make) -> tuple[list[torch.Tensor], dict[str, int]]:
+        params, generator = _fresh_params()
+        optimizer = make(name, params)
+        counts.update(sync=0, **{"8bit": 0})
+        _run_steps(optimizer, params, generator, steps=3)
+        return [p.detach().clone() for p in params], dict(counts)
+
+    ours, our_counts = train(_ours)
+    theirs, their_counts = train(_bnb_reference)
+    assert their_counts["sync"] >= 12 and our_counts["sync"] == 0  # theirs: one per parameter per step
+    if name != "paged_adamw_32bit":
+        assert their_counts["8bit"] == 9 and our_counts["8bit"] == 3  # 3 steps x 3 parameters with 8-bit state
     for got, want in zip(ours, theirs):
+        assert torch.equal(got, want)
+
+
+def test_8bit_optimizer_in_one_call_takes_a_step_without_a_gradient_and_replaced_weights_as_bitsandbytes() -> None:
+    """A parameter without a gradient in one step is skipped (as bitsandbytes does, its step count stays
+    behind), and a weight whose .data was replaced between steps is updated where it now lives."""
+    results = []
+    for make in (_ours, _bnb_reference):
+        params, generator = _fresh_params()
+        optimizer = make("adamw_8bit", params)
+        _run_steps(optimizer, params, generator, steps=2, skip_grad=2)
+        params[3].data = params[3].data.clone() * 0.5
+        _run_steps(optimizer, params, generator, steps=2)
+        results.append([p.detach().clone() for p in params])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("source", ["ours", "bitsandbytes"])
+def test_8bit_optimizer_state_dict_resumes_bit_for_bit(source: str) -> None:
+    """A state dict saved after 2 steps (ours, or bitsandbytes' own per-parameter one) loads into our
+    optimizer on fresh parameters, and the 3rd step equals an uninterrupted run's."""
+    params, generator = _fresh_params()
+    uninterrupted = _ours("paged_adamw_8bit", params)
+    _run_steps(uninterrupted, params, generator, steps=3)
+
+    saved_params, generator = _fresh_params()
+    first = (_ours if source == "ours" else _bnb_reference)("paged_adamw_8bit", saved_params)
+    _run_steps(first, saved_params, generator, steps=2)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert len(state["state"]) == len(OPTIMIZER_SHAPES)  # bitsandbytes' per-parameter format
+
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in saved_params]
+    resumed = _ours("paged_adamw_8bit", resumed_params)
+    resumed.load_state_dict(state)
+    _run_steps(resumed, resumed_params, generator, steps=1)
+    for got, want in zip(resumed_params, params):
         assert torch.equal(got, want)
 
 
