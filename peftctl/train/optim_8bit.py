@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 BLOCK = 256  # bitsandbytes' blocksize for 8-bit optimizer states
-_UINT8 = torch.empty(0, dtype=torch.uint8)  # stands in for a state entry not created yet
 
 
 def block_aligned_offsets(sizes: list[int]) -> tuple[list[int], int]:
@@ -191,7 +190,8 @@ class _StepInOneCall(_StepWithoutPerParameterSync):
         already initialised state is copied in; a parameter without state starts at step 0)."""
         if self._flat_state is not None:
             return
-        if any(self.state[p].get("state1", _UINT8).dtype != torch.uint8 for p in layout.params):
+        loaded = [self.state[p].get("state1") for p in layout.params]
+        if any(state1 is not None and state1.dtype != torch.uint8 for state1 in loaded):
             self._flat_layout = None  # a loaded state kept in 32 bits: bitsandbytes' own loop from here
             return
         if "dynamic" not in self.name2qmap:
