@@ -7,7 +7,8 @@ model, adapter, fast path, checkpointing, optimizer and the training loop's own 
 synthetic batches), transformers + peft through `from_pretrained` + `get_peft_model` and a plain
 loop (bf16 autocast, the same optimizer, grad clipping, HF's loss). LoRA r=16, alpha=32, dropout
 0.05 on all linear layers. Median step time -> tokens/s; peak = max_memory_allocated over the steps
-(weights included) on both sides. Which stack goes first alternates from case to case.
+(weights included) on both sides. Which stack goes first alternates from case to case, and with --rounds N
+each side-by-side case runs N times, alternating, with the median ratio in the table.
 
 Cases (--cases picks them, run in the order given (default: the five side-by-side ones); --budget-s skips
 what would not finish in time, so put the one that matters most first):
@@ -317,14 +318,27 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|",
     ]
     for case in dict.fromkeys(r["case"] for r in results if r["stack"] == "peft"):
-        theirs = next(r for r in results if r["case"] == case and r["stack"] == "peft")
-        ours = next(r for r in results if r["case"] == case and r["stack"] == "peftctl")
-        speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
-        memory = f"{ours['peak_memory_gib'] / theirs['peak_memory_gib']:.2f}x" if theirs["peak_memory_gib"] else "n/a"
-        lines.append(
-            f"| {case} | {theirs['tokens_per_s']:,.0f} tok/s, {_gib(theirs)} | {ours['tokens_per_s']:,.0f} tok/s, "
-            f"{_gib(ours)} | {speed:.2f}x | {memory} |"
-        )
+        rounds = sorted({r.get("round", 1) for r in results if r["case"] == case and r["stack"] == "peft"})
+        ratios = []
+        for number in rounds:
+            theirs, ours = (
+                next(r for r in results if r["case"] == case and r["stack"] == stack and r.get("round", 1) == number)
+                for stack in ("peft", "peftctl")
+            )
+            speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
+            memory = ours["peak_memory_gib"] / theirs["peak_memory_gib"] if theirs["peak_memory_gib"] else None
+            ratios.append((speed, memory))
+            label = case if len(rounds) == 1 else f"{case}, round {number}"
+            lines.append(
+                f"| {label} | {theirs['tokens_per_s']:,.0f} tok/s, {_gib(theirs)} | {ours['tokens_per_s']:,.0f} tok/s, "
+                f"{_gib(ours)} | {speed:.2f}x | {_ratio(memory)} |"
+            )
+        if len(rounds) > 1:
+            memories = [m for _, m in ratios if m is not None]
+            lines.append(
+                f"| {case}, median of {len(rounds)} rounds | | | {statistics.median(s for s, _ in ratios):.2f}x | "
+                f"{_ratio(statistics.median(memories) if memories else None)} |"
+            )
     for r in results:
         if r["case"].startswith("lora_ckpt:"):  # peftctl with N of L layers checkpointed vs peft's full checkpointing
             theirs = next((t for t in results if t["case"] == "lora_ckpt" and t["stack"] == "peft"), None)
@@ -350,6 +364,10 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
                 f"{r['max_context']:,} tokens | | |"
             )
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "n/a"
 
 
 def _gib(result: dict[str, Any]) -> str:
@@ -413,6 +431,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--long-seq", type=int, default=65536)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="side-by-side cases: run both stacks this many times, alternating which goes first; the table adds "
+        "the median ratio (transformers + peft's QLoRA step varies most from run to run)",
+    )
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip cases that would not finish in time")
     parser.add_argument("--memory-gib", type=float, default=80.0)
     parser.add_argument("--max-ctx-start", type=int, default=131072)
@@ -444,6 +469,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--ckpt-layers: expected comma-separated integers, got {args.ckpt_layers!r}")
     if args.smoke:  # the smoke model has 2 layers
         args.ckpt_layers = [min(n, 2) for n in args.ckpt_layers]
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected a positive integer, got {args.rounds}")
     unknown = set(args.cases.split(",")) - set(ALL_CASES)
     if unknown:
         parser.error(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(ALL_CASES)}")
@@ -469,7 +496,10 @@ def main() -> None:
         print(f"models written in {time.perf_counter() - started:.0f} s", flush=True)
         for index, case in enumerate(cases):
             left = args.budget_s - (time.perf_counter() - started)
-            expected = EXPECTED_S[case] + (PARTIAL_CKPT_S * len(args.ckpt_layers) if case == "lora_ckpt" else 0)
+            repeats = args.rounds if case not in ("offload64k", "maxctx") else 1
+            expected = EXPECTED_S[case] * repeats + (
+                PARTIAL_CKPT_S * len(args.ckpt_layers) if case == "lora_ckpt" else 0
+            )
             if not args.smoke and left < expected and case != "maxctx":
                 skipped.append(case)
                 print(f"skipping {case}: {left:.0f} s left of --budget-s, it takes about {expected} s")
@@ -480,7 +510,10 @@ def main() -> None:
                 seconds = args.max_search_s if args.max_search_s is not None else max(left - 30, 0.0)
                 new = [max_context_search(dirs, args, seconds)]
             else:
-                new = side_by_side(case, index, dirs, args)
+                new = []
+                for number in range(1, args.rounds + 1):  # which stack goes first alternates round by round
+                    pair = side_by_side(case, index + number - 1, dirs, args)
+                    new += [{**result, "round": number} for result in pair]
                 if case == "lora_ckpt":
                     new += partial_checkpointing(dirs, args)
             for result in new:
