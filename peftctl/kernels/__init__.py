@@ -17,8 +17,9 @@ bitsandbytes 4-bit) to one autograd function that keeps x and a bit-packed dropo
 dropped-out copy of x per projection (kernels/lora_fused.py). It stays opt-in until its 50-step bf16
 loss-curve GPU test passes (it failed once on the H200, not yet diagnosed; benchmarks/RESULTS.md).
 
-The loss over a frozen output head (train/chunked_ce.py) runs its per-chunk logsumexp and logit gradient
-compiled: two kernels per chunk instead of about ten fp32 passes over the (rows x vocab) logits.
+Where the fast path is on, the training loop (train/run.py) also has the loss over a frozen output head
+(train/chunked_ce.py) run its per-chunk logsumexp and logit gradient compiled: two kernels per chunk instead
+of about ten fp32 passes over the (rows x vocab) logits.
 
 QLoRA's nf4 base projections inside those layers dequantize in torch ops the compiler fuses
 (kernels/nf4.py: bit-for-bit bitsandbytes' own dequantize and matmul, without its per-call host cost).
@@ -35,7 +36,6 @@ import torch
 from torch import nn
 
 from peftctl.kernels.nf4 import enable_nf4_linears
-from peftctl.train.chunked_ce import enable_fused_cross_entropy
 
 # decoder blocks whose code was compiled and measured; others run eager
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
@@ -82,8 +82,6 @@ def apply_fast_path(
         note += f", nf4 dequantize compiled in {nf4_layers} projections"
     if fused_lora:
         note += f", fused LoRA branch in {enable_fused_lora(model)} layers"
-    if enable_fused_cross_entropy(model):
-        note += ", compiled cross-entropy chunks"
     return note
 
 

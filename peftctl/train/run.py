@@ -36,6 +36,7 @@ from peftctl.models.kbit import prepare_model_for_kbit_training
 from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
 from peftctl.train import distributed, fsdp
 from peftctl.train.checkpoint import STATE_NAME, clean_torn_writes, kill_point
+from peftctl.train.chunked_ce import enable_fused_cross_entropy
 from peftctl.train.distributed import broadcast_object, fail_point, on_main, settle
 from peftctl.train.layer_checkpointing import limit_checkpointed_layers
 from peftctl.train.loop import MetricsInputs, Trainer
@@ -61,7 +62,10 @@ def apply_kernels(model: nn.Module, cfg: RunConfig, device: torch.device) -> str
         # differently, and in bf16 its summed log-probs drift from the policy's by a few nats over 2k
         # tokens (8B QLoRA DPO on an H200: step-1 loss 0.88 instead of ln 2). Eager layers keep them equal.
         return f"off (train.objective={cfg.train.objective} compares the policy with a reference pass)"
-    return apply_fast_path(model, device, cfg.adapter, fused_lora=cfg.train.kernels == "fused")
+    note = apply_fast_path(model, device, cfg.adapter, fused_lora=cfg.train.kernels == "fused")
+    if note.startswith("on") and enable_fused_cross_entropy(model):
+        note += ", compiled cross-entropy chunks"
+    return note
 
 
 def default_run_dir(cfg: RunConfig) -> Path:

@@ -170,3 +170,17 @@ def test_the_causal_lm_count_is_not_read_back_to_the_host() -> None:
         by_loss = len(made) - by_forward
     assert by_loss == by_forward  # the forward inside causal_lm_loss_sum, nothing more
     assert isinstance(count, torch.Tensor) and int(count) == 12 + 7  # shifted label positions 4..15 and 4..10
+
+
+@pytest.mark.parametrize("fast_path", ["on: 2 x LlamaDecoderLayer under torch.compile", "off (device cpu)"])
+def test_the_loop_compiles_the_cross_entropy_chunks_only_where_the_fast_path_is_on(
+    fast_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peftctl.config.compose import compose_config
+    from peftctl.train import run
+
+    monkeypatch.setattr(run, "apply_fast_path", lambda *args, **kwargs: fast_path)
+    model = _model()
+    note = run.apply_kernels(model, compose_config(["recipe=tiny_lora"]), torch.device("cpu"))
+    marked = getattr(model.model.lm_head, chunked_ce.FUSED_CROSS_ENTROPY, False)
+    assert marked is fast_path.startswith("on") and note.endswith("compiled cross-entropy chunks") is marked, note
