@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from peftctl.train.run import train
@@ -50,6 +51,28 @@ def test_resume_gives_identical_final_adapter(tmp_path: Path) -> None:
         if "loss" in line and "eval" not in line
     ]
     assert steps == list(range(1, 13))
+
+
+def test_resume_with_the_one_call_8bit_optimizer_gives_identical_final_adapter(tmp_path: Path) -> None:
+    """adamw_8bit with adapter tensors big enough for 8-bit state (r=8 x 512: the one-call flat layout of
+    train/optim_8bit.py): its state goes through optimizer.pt and back, and the resumed run ends where an
+    uninterrupted one does, bit for bit."""
+    schedule = [
+        *SCHEDULE,
+        "train.optimizer=adamw_8bit",
+        "model.arch.hidden_size=512",
+        "model.arch.intermediate_size=1024",
+        "adapter.r=8",
+    ]
+    straight = train([*schedule, f"output_dir={tmp_path / 'straight'}"], quiet=True)
+    interrupted = tmp_path / "interrupted"
+    train([*schedule, f"output_dir={interrupted}"], quiet=True, stop_after_step=7)
+    resumed = train([*schedule, f"output_dir={interrupted}", "train.resume=true"], quiet=True)
+    expected = load_file(straight / "adapter" / "adapter_model.safetensors")
+    got = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
 
 
 def test_resume_from_explicit_checkpoint_path(tmp_path: Path) -> None:
