@@ -54,19 +54,21 @@ def test_resume_gives_identical_final_adapter(tmp_path: Path) -> None:
 
 
 def test_resume_with_the_one_call_8bit_optimizer_gives_identical_final_adapter(tmp_path: Path) -> None:
-    """adamw_8bit with adapter tensors big enough for 8-bit state (r=8 x 512: the one-call flat layout of
+    """adamw_8bit with adapter tensors big enough for 8-bit state (r=16 x 256: the one-call flat layout of
     train/optim_8bit.py): its state goes through optimizer.pt and back, and the resumed run ends where an
     uninterrupted one does, bit for bit."""
     schedule = [
         *SCHEDULE,
+        "train.max_steps=8",
+        "train.save_every=4",
         "train.optimizer=adamw_8bit",
-        "model.arch.hidden_size=512",
-        "model.arch.intermediate_size=1024",
-        "adapter.r=8",
+        "model.arch.hidden_size=256",
+        "model.arch.intermediate_size=512",
+        "adapter.r=16",
     ]
     straight = train([*schedule, f"output_dir={tmp_path / 'straight'}"], quiet=True)
     interrupted = tmp_path / "interrupted"
-    train([*schedule, f"output_dir={interrupted}"], quiet=True, stop_after_step=7)
+    train([*schedule, f"output_dir={interrupted}"], quiet=True, stop_after_step=5)
     resumed = train([*schedule, f"output_dir={interrupted}", "train.resume=true"], quiet=True)
     expected = load_file(straight / "adapter" / "adapter_model.safetensors")
     got = load_file(resumed / "adapter" / "adapter_model.safetensors")
