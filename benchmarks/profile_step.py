@@ -7,6 +7,8 @@ that op's outermost caller), so a step bound by the host shows which host work t
   python benchmarks/profile_step.py --cases qlora,dora,lora_1b --models-dir /tmp/peftctl-random-llama
   python benchmarks/profile_step.py --smoke --cases qlora      # CPU, tiny model: the code path only
   python benchmarks/profile_step.py --memory --cases qlora     # also what is alive at the step's peak
+  python benchmarks/profile_step.py --cases qlora --time-only --timed-steps 8 \
+      --inductor-config combo_kernels=True                    # an A/B: the median unprofiled step only
 
 --memory then records the CUDA caching allocator's history over one step (torch.cuda.memory._record_memory_history),
 replays it to the moment of peak allocated memory and prints the live tensors there, grouped by the line of
@@ -17,6 +19,7 @@ recording started (weights, adapter, optimizer state) is one line.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +47,8 @@ def profile_case(
     extra: list[str],
     memory: bool,
     reentrant: bool = False,
+    timed_steps: int = 2,
+    time_only: bool = False,
 ) -> None:
     """Profile ``steps`` steps (after 3 warm-up), then with ``memory`` record one more step's allocations;
     ``reentrant``: transformers' reentrant checkpointing instead of the run's (an A/B: its first forward
@@ -61,8 +66,13 @@ def profile_case(
             fast_path += "; reentrant checkpointing"
         vocab = trainer.model.model.get_input_embeddings().weight.shape[0]
         examples = synthetic_examples(trainer.cfg.train.batch_size, seq, vocab, 0)
-        times, _ = time_steps(trainer, examples, warmup=3, steps=2)
-        print(f"\n=== {case}: {fast_path}; step {sum(times) / len(times):.3f} s unprofiled")
+        times, _ = time_steps(trainer, examples, warmup=3, steps=timed_steps)
+        print(
+            f"\n=== {case}: {fast_path}; step {statistics.median(times):.3f} s unprofiled "
+            f"(median of {len(times)}, min {min(times):.3f}, max {max(times):.3f})"
+        )
+        if time_only:
+            return
         print_profile(trainer, examples, device, steps, top)
         if memory:
             print_memory_at_peak(trainer, examples, top)
@@ -236,6 +246,10 @@ def main() -> None:
         "--inductor-config", action="append", default=[], help="KEY=VALUE of torch._inductor.config (repeatable)"
     )
     parser.add_argument("--reentrant-checkpointing", action="store_true", help="transformers' reentrant variant")
+    parser.add_argument("--timed-steps", type=int, default=2, help="unprofiled steps timed before the profile")
+    parser.add_argument(
+        "--time-only", action="store_true", help="only the unprofiled step time (A/Bs of --inductor-config, --set)"
+    )
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     try:
@@ -252,7 +266,19 @@ def main() -> None:
         shape = "1b" if case == "lora_1b" else "8b"
         model_dir = write_random_llama(llama_config(shape, args.smoke), models / shape, device)
         memory = args.memory and device == "cuda"
-        profile_case(case, model_dir, device, seq, args.steps, args.top, args.set, memory, args.reentrant_checkpointing)
+        profile_case(
+            case,
+            model_dir,
+            device,
+            seq,
+            args.steps,
+            args.top,
+            args.set,
+            memory,
+            args.reentrant_checkpointing,
+            timed_steps=args.timed_steps,
+            time_only=args.time_only,
+        )
 
 
 if __name__ == "__main__":
