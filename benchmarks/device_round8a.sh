@@ -9,7 +9,7 @@ for flags in "" "--inductor-config combo_kernels=True" "--inductor-config cpp_wr
   echo "### flags: ${flags:-none}" >> $OUT/ab.log
   timeout 170 python benchmarks/profile_step.py --cases qlora --models-dir /tmp/m --time-only --timed-steps 8 $flags \
     2>&1 | grep -v "Loading weights\|Writing model" >> $OUT/ab.log
-  echo "rc=$?" >> $OUT/ab.log
+  echo "rc=${PIPESTATUS[0]}" >> $OUT/ab.log
 done
 timeout 200 python benchmarks/speed_round4.py --cases qlora --rounds 2 --budget-s 400 --models-dir /tmp/m \
   --out $OUT/results/round8_qlora_rounds.json > $OUT/qlora.log 2>&1
