@@ -251,6 +251,8 @@ def main() -> None:
         "--time-only", action="store_true", help="only the unprofiled step time (A/Bs of --inductor-config, --set)"
     )
     args = parser.parse_args()
+    if args.timed_steps < 1:
+        parser.error(f"--timed-steps: expected a positive integer, got {args.timed_steps}")
     device = "cpu" if args.smoke else "cuda"
     try:
         set_inductor_config(args.inductor_config)

@@ -37,11 +37,17 @@ CHUNK_ELEMENTS = 2**26  # logits per chunk: 64M fp32 = 256 MiB
 FUSED_CROSS_ENTROPY = "peftctl_fused_cross_entropy"  # head attribute: the fast path's compiled chunks
 
 
+def output_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(the transformers model inside ``model``, its output head); None for what it lacks."""
+    hf = find_hf_model(model)
+    head = hf.get_output_embeddings() if hf is not None and hasattr(hf, "get_output_embeddings") else None
+    return hf, head
+
+
 @contextmanager
 def head_as_identity(model: nn.Module) -> Iterator[nn.Module | None]:
     """Temporarily replace the output head by an identity; yields the head (None: not possible)."""
-    hf = find_hf_model(model)
-    head = hf.get_output_embeddings() if hf is not None and hasattr(hf, "get_output_embeddings") else None
+    hf, head = output_head(model)
     name = next((n for n, m in hf.named_children() if m is head), None) if head is not None else None
     if name is None or getattr(hf.config, "final_logit_softcapping", None) or getattr(hf.config, "logit_scale", None):
         yield None
@@ -187,8 +193,7 @@ def _frozen_head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Modul
 def enable_fused_cross_entropy(model: nn.Module) -> bool:
     """Mark ``model``'s output head for the compiled per-chunk cross-entropy (set by the CUDA fast path);
     whether it has a head to mark."""
-    hf = find_hf_model(model)
-    head = hf.get_output_embeddings() if hf is not None and hasattr(hf, "get_output_embeddings") else None
+    _, head = output_head(model)
     if head is None:
         return False
     setattr(head, FUSED_CROSS_ENTROPY, True)

@@ -6,9 +6,9 @@ a ctypes call) plus a ``torch.cuda.synchronize()``. QLoRA on all linear layers o
 adapter tensors: the round-7 profile (benchmarks/RESULTS.md) found the GPU idle for about 38 ms of each
 0.3 s step inside the optimizer, whose kernels take 2.5 ms. Two changes, each bit-exact:
 
-* no device synchronize per parameter (``_StepWithoutPerParameterSync``): the update kernels are ordered
-  on the stream like any other; paged states keep one synchronize at the end of the step.
-* one update call for all 8-bit parameters (``_StepInOneCall``). The 8-bit update is blockwise: each block
+* no device synchronize per parameter: the update kernels are ordered on the stream like any other; paged
+  states keep one synchronize at the end of the step.
+* one update call for all 8-bit parameters. The 8-bit update is blockwise: each block
   of 256 consecutive elements is dequantized with its own absmax, updated and requantized, independently
   of every other block (Dettmers et al., 2022, "8-bit Optimizers via Block-wise Quantization", sec. 2.1).
   If every parameter starts at a multiple of 256 in one flat buffer, with zero padding after it, one
@@ -111,49 +111,10 @@ def flat_layout_candidates(optimizer: Any) -> list[nn.Parameter]:
     return params
 
 
-class _StepWithoutPerParameterSync:
-    """bitsandbytes' Optimizer8bit.step, the same updates in the same order, without the
-    ``torch.cuda.synchronize()`` it issues after every parameter (module docstring)."""
-
-    def _per_parameter_updates(self, skip: set[int] = frozenset()) -> nn.Parameter | None:
-        """bitsandbytes' loop over the parameters (but those whose id is in ``skip``); the last one updated."""
-        last = None
-        for group_index, group in enumerate(self.param_groups):
-            for param_index, param in enumerate(group["params"]):
-                if param.grad is None or id(param) in skip:
-                    continue
-                if len(self.state[param]) == 0:
-                    self.init_state(group, param, group_index, param_index)
-                self.prefetch_state(param)
-                self.update_step(group, param, group_index, param_index)
-                last = param
-        return last
-
-    def _initialize_once(self) -> None:
-        if not self.initialized:
-            self.check_overrides()
-            self.to_gpu()
-            self.initialized = True
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._initialize_once()
-        last = self._per_parameter_updates()
-        self._sync_paged(last)
-        return loss
-
-    def _sync_paged(self, last: nn.Parameter | None) -> None:
-        if self.is_paged and last is not None and last.device.type == "cuda":
-            torch.cuda.synchronize(last.device)
-
-
-class _StepInOneCall(_StepWithoutPerParameterSync):
-    """One bitsandbytes update call for all 8-bit parameters, through a block-aligned flat layout
-    (module docstring); bit for bit bitsandbytes' per-parameter step."""
+class _StepInOneCall:
+    """bitsandbytes' Optimizer8bit.step, bit for bit: one update call for all 8-bit parameters through a
+    block-aligned flat layout, bitsandbytes' per-parameter updates for the rest, and no device synchronize
+    per parameter (module docstring)."""
 
     def __init__(self, params: Any, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -171,19 +132,47 @@ class _StepInOneCall(_StepWithoutPerParameterSync):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._initialize_once()
-        layout = self._flat_layout
-        if layout is not None and (self.mng.index2config or self.mng.pid2config):
-            layout = self._flat_layout = None  # per-parameter overrides: bitsandbytes' own loop
-        done: set[int] = set()
-        if layout is not None:
-            layout.adopt_weights()  # a parameter whose .data was replaced moves back into the buffer
-            self._ensure_flat_state(layout)
-            if self._flat_layout is not None and self._update_in_one_call(layout):
-                done = {id(p) for p in layout.params}
-        last = self._per_parameter_updates(skip=done)
-        self._sync_paged(last if last is not None else (layout.params[-1] if done else None))
+        if not self.initialized:
+            self.check_overrides()
+            self.to_gpu()
+            self.initialized = True
+        last = self._update_all()
+        if self.is_paged and last is not None and last.device.type == "cuda":
+            torch.cuda.synchronize(last.device)  # paged states: bitsandbytes' one synchronize per step
         return loss
+
+    def _update_all(self) -> nn.Parameter | None:
+        """Every parameter with a gradient updated: the flat ones in one call where this step allows it, the
+        others one by one; the last parameter updated (None: none)."""
+        layout = self._usable_flat_layout()
+        if layout is not None and self._update_in_one_call(layout):
+            last = self._per_parameter_updates(skip={id(p) for p in layout.params})
+            return layout.params[-1] if last is None else last
+        return self._per_parameter_updates()
+
+    def _usable_flat_layout(self) -> FlatLayout | None:
+        """The flat layout with its state ready, or None once bitsandbytes' own loop must take over for good
+        (per-parameter overrides, a loaded 32-bit state)."""
+        if self._flat_layout is not None and (self.mng.index2config or self.mng.pid2config):
+            self._flat_layout = None
+        if self._flat_layout is not None:
+            self._flat_layout.adopt_weights()  # a parameter whose .data was replaced moves back into the buffer
+            self._ensure_flat_state(self._flat_layout)
+        return self._flat_layout
+
+    def _per_parameter_updates(self, skip: set[int] = frozenset()) -> nn.Parameter | None:
+        """bitsandbytes' loop over the parameters (but those whose id is in ``skip``); the last one updated."""
+        last = None
+        for group_index, group in enumerate(self.param_groups):
+            for param_index, param in enumerate(group["params"]):
+                if param.grad is None or id(param) in skip:
+                    continue
+                if len(self.state[param]) == 0:
+                    self.init_state(group, param, group_index, param_index)
+                self.prefetch_state(param)
+                self.update_step(group, param, group_index, param_index)
+                last = param
+        return last
 
     def _ensure_flat_state(self, layout: FlatLayout) -> None:
         """Flat 8-bit states whose per-parameter views are the parameters' state entries (a loaded or

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftctl.train.run import train
+from tests.integration._resume_runs import straight_and_resumed_adapters
 
 SCHEDULE = [
     "train.max_steps=12",
@@ -66,12 +67,7 @@ def test_resume_with_the_one_call_8bit_optimizer_gives_identical_final_adapter(t
         "model.arch.intermediate_size=512",
         "adapter.r=16",
     ]
-    straight = train([*schedule, f"output_dir={tmp_path / 'straight'}"], quiet=True)
-    interrupted = tmp_path / "interrupted"
-    train([*schedule, f"output_dir={interrupted}"], quiet=True, stop_after_step=5)
-    resumed = train([*schedule, f"output_dir={interrupted}", "train.resume=true"], quiet=True)
-    expected = load_file(straight / "adapter" / "adapter_model.safetensors")
-    got = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    expected, got = straight_and_resumed_adapters(schedule, tmp_path, stop_after_step=5)
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key

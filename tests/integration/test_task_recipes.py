@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from peftctl.cli import app
 from peftctl.config.compose import list_recipes
 from peftctl.train.run import train
+from tests.integration._resume_runs import straight_and_resumed_adapters
 
 SHORT = [
     "train.max_steps=4",
@@ -95,8 +96,6 @@ def test_classification_head_is_saved_and_restored(tmp_path: Path) -> None:
 )
 def test_prompt_method_resume_gives_identical_adapter(recipe: str, extra: list[str], tmp_path: Path) -> None:
     """A checkpoint of a prompt method resumes into the same parameters (the optimizer keeps them)."""
-    from safetensors.torch import load_file
-
     schedule = [
         f"recipe={recipe}",
         "train.max_steps=6",
@@ -105,12 +104,7 @@ def test_prompt_method_resume_gives_identical_adapter(recipe: str, extra: list[s
         "dataset.max_samples=24",
         *extra,
     ]
-    straight = train([*schedule, f"output_dir={tmp_path / 'straight'}"], quiet=True)
-    interrupted = tmp_path / "interrupted"
-    train([*schedule, f"output_dir={interrupted}"], quiet=True, stop_after_step=4)
-    resumed = train([*schedule, f"output_dir={interrupted}", "train.resume=true"], quiet=True)
-    expected = load_file(straight / "adapter" / "adapter_model.safetensors")
-    got = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    expected, got = straight_and_resumed_adapters(schedule, tmp_path, stop_after_step=4)
     assert expected.keys() == got.keys()
     for key in expected:
         assert (expected[key] - got[key]).abs().max().item() <= 1e-6, key
