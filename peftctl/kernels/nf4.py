@@ -114,16 +114,18 @@ class NF4Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_x = grad_bias = None
+        # read once: under non-reentrant checkpointing each saved tensor may be unpacked only once
+        tensors = ctx.saved_tensors
         if ctx.needs_input_grad[0]:
             # as bitsandbytes' MatMul4Bit.backward: W in the quantization's dtype, then the gradient's
-            weight = dequantize_weight(ctx.saved_tensors, ctx.layout, ctx.weight_dtype)
+            weight = dequantize_weight(tensors, ctx.layout, ctx.weight_dtype)
             grad_x = grad_out @ weight.to(grad_out.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
             # bitsandbytes sums the leading dimension, autograd the others after it: the same order here
             grad_bias = grad_out.sum(0, dtype=ctx.bias_dtype)
             while grad_bias.dim() > 1:
                 grad_bias = grad_bias.sum(0)
-        return (grad_x, grad_bias, None, None) + (None,) * len(ctx.saved_tensors)
+        return (grad_x, grad_bias, None, None) + (None,) * len(tensors)
 
 
 def nf4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

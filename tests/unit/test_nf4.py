@@ -116,3 +116,15 @@ def test_only_nf4_linear4bit_layers_are_switched() -> None:
     assert type(fp4).__name__ == "Linear4bit"
     assert enable_nf4_linears([root]) == 1  # idempotent: an already switched layer is counted, not wrapped again
     assert type(nf4).__mro__[1] is bnb.nn.Linear4bit
+
+
+def test_switched_layer_under_non_reentrant_checkpointing_gives_the_plain_gradients() -> None:
+    """torch.utils.checkpoint (non-reentrant, how peftctl checkpoints and tiles MLPs) allows each saved tensor
+    to be unpacked once: the backward must read ctx.saved_tensors once (the 256k trial on the H200 failed here)."""
+    layer = _quantized(48, 64, torch.float32, True)
+    assert enable_nf4_linears([layer]) == 1
+    x = torch.randn(3, 64, requires_grad=True)
+    (plain,) = torch.autograd.grad(layer(x).square().sum(), x)
+    checkpointed = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    (recomputed,) = torch.autograd.grad(checkpointed.square().sum(), x)
+    assert torch.equal(recomputed, plain)
