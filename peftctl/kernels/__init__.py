@@ -31,7 +31,6 @@ LoRA on bitsandbytes layers, and DoRA on either). Other methods run eager.
 
 from __future__ import annotations
 
-import os
 import shutil
 from typing import Any
 
@@ -106,8 +105,11 @@ def round_like_eager() -> None:
 
 
 def cxx_compiler() -> str:
-    """The C++ compiler Inductor calls by default ($CXX, else g++)."""
-    return os.environ.get("CXX", "g++")
+    """The C++ compiler Inductor will call (its ``cpp.cxx`` setting: $CXX when torch was imported, else g++)."""
+    import torch._inductor.config as inductor_config  # lazy: only when the fast path compiles
+
+    cxx = inductor_config.cpp.cxx
+    return cxx[-1] if isinstance(cxx, (list, tuple)) else cxx
 
 
 def launch_kernels_from_cpp() -> bool:

@@ -6,21 +6,19 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
 import torch._inductor.config as inductor_config
 
 from peftctl.kernels import launch_kernels_from_cpp
 
 
-def test_cpp_launchers_are_switched_on_where_the_compiler_exists(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CXX", shutil.which("sh"))  # any executable stands in for the compiler: only its presence counts
-    with inductor_config.patch(cpp_wrapper=False):  # restores the setting afterwards
+def test_cpp_launchers_are_switched_on_where_the_compiler_exists() -> None:
+    # any executable stands in for the compiler: only its presence is checked; patch() restores the settings
+    with inductor_config.patch({"cpp_wrapper": False, "cpp.cxx": (None, shutil.which("sh"))}):
         assert launch_kernels_from_cpp() is True
         assert inductor_config.cpp_wrapper is True
 
 
-def test_no_cpp_compiler_keeps_python_launchers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CXX", "no-such-compiler-peftctl")
-    with inductor_config.patch(cpp_wrapper=False):
+def test_no_cpp_compiler_keeps_python_launchers() -> None:
+    with inductor_config.patch({"cpp_wrapper": False, "cpp.cxx": (None, "no-such-compiler-peftctl")}):
         assert launch_kernels_from_cpp() is False
         assert inductor_config.cpp_wrapper is False
