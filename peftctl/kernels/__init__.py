@@ -118,8 +118,8 @@ def launch_kernels_from_cpp() -> bool:
 
     A compiled 8B QLoRA step launches ~7,000 kernels, and the GPU idled ~90 ms per step while the Python
     wrappers launched them (benchmarks/results/round7_profile_qlora.txt). From C++ the step's median went
-    from 0.268 to 0.225 s on the H200 (benchmarks/results/round8_inductor_ab.log). The kernels themselves,
-    are the same."""
+    from 0.268 to 0.225 s on the H200 (benchmarks/results/round8_inductor_ab.log). The kernels are the
+    same."""
     if shutil.which(cxx_compiler()) is None:
         return False
     import torch._inductor.config as inductor_config  # lazy: only when the fast path compiles
