@@ -60,9 +60,11 @@ def profile_case(
         if reentrant:
             from peftctl.models.modules import find_hf_model
 
-            find_hf_model(trainer.model).gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": True}
-            )
+            hf_model = find_hf_model(trainer.model)
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            # reentrant checkpointing passes gradients to the layers' parameters only when the layer's input
+            # requires grad: with a frozen embedding that needs the embedding output to (QLoRA's set-up does it)
+            hf_model.enable_input_require_grads()
             fast_path += "; reentrant checkpointing"
         vocab = trainer.model.model.get_input_embeddings().weight.shape[0]
         examples = synthetic_examples(trainer.cfg.train.batch_size, seq, vocab, 0)
