@@ -73,7 +73,8 @@ def apply_fast_path(
     layers = decoder_layers(model)
     allow_one_graph_per_layer(len(layers))
     round_like_eager()
-    from_cpp = launch_kernels_from_cpp()
+    checkpoint_inside = checkpoint_traced_inside_compiled_call(layers)
+    from_cpp = not checkpoint_inside and launch_kernels_from_cpp()
     dora_layers = prime_dora_caches(model)
     nf4_layers = enable_nf4_linears(layers)
     for layer in layers:
@@ -85,7 +86,9 @@ def apply_fast_path(
         note += f", nf4 dequantize compiled in {nf4_layers} projections"
     if fused_lora:
         note += f", fused LoRA branch in {enable_fused_lora(model)} layers"
-    if not from_cpp:
+    if checkpoint_inside:
+        note += ", kernels launched from Python (the layers' checkpoint is compiled with them)"
+    elif not from_cpp:
         note += f", kernels launched from Python (no C++ compiler {cxx_compiler()!r} on PATH)"
     return note
 
@@ -126,6 +129,24 @@ def launch_kernels_from_cpp() -> bool:
 
     inductor_config.cpp_wrapper = True
     return True
+
+
+def checkpoint_traced_inside_compiled_call(layers: list[nn.Module]) -> bool:
+    """Whether a layer's gradient checkpoint runs inside the call that ``layer.compile()`` compiles.
+
+    transformers' GradientCheckpointingLayer checkpointed around ``__call__`` (4.5x: the compiled call runs
+    inside the checkpoint) and now checkpoints from inside ``forward`` (5.2x), so torch.compile traces the
+    checkpoint into the layer's graph. Inductor's C++ launcher (``cpp_wrapper``) then fails to compile that graph
+    (torch 2.13: an AssertionError on the ``run_and_save_rng_state`` op the checkpoint's recompute carries), so the
+    fast path keeps Python launchers there. tests/unit/test_fast_path_config.py checks this against where the
+    checkpoint function is really called from."""
+    checkpointed = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
+    if not checkpointed:
+        return False
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    around_call = "__call__" in vars(GradientCheckpointingLayer)
+    return not around_call and any(isinstance(layer, GradientCheckpointingLayer) for layer in checkpointed)
 
 
 def prime_dora_caches(model: nn.Module) -> int:
