@@ -9,6 +9,7 @@ that op's outermost caller), so a step bound by the host shows which host work t
   python benchmarks/profile_step.py --memory --cases qlora     # also what is alive at the step's peak
   python benchmarks/profile_step.py --cases qlora --time-only --timed-steps 8 \
       --inductor-config combo_kernels=True                    # an A/B: the median unprofiled step only
+  python benchmarks/profile_step.py --cases qlora --time-only --cpp-launchers-always   # C++ launchers, gate off
 
 --memory then records the CUDA caching allocator's history over one step (torch.cuda.memory._record_memory_history),
 replays it to the moment of peak allocated memory and prints the live tensors there, grouped by the line of
@@ -248,6 +249,11 @@ def main() -> None:
         "--inductor-config", action="append", default=[], help="KEY=VALUE of torch._inductor.config (repeatable)"
     )
     parser.add_argument("--reentrant-checkpointing", action="store_true", help="transformers' reentrant variant")
+    parser.add_argument(
+        "--cpp-launchers-always",
+        action="store_true",
+        help="C++ kernel launchers even where the layers' checkpoint is compiled with them (the fast path's gate off)",
+    )
     parser.add_argument("--timed-steps", type=int, default=2, help="unprofiled steps timed before the profile")
     parser.add_argument(
         "--time-only", action="store_true", help="only the unprofiled step time (A/Bs of --inductor-config, --set)"
@@ -264,6 +270,10 @@ def main() -> None:
         import peftctl.kernels
 
         peftctl.kernels.enable_nf4_linears = lambda layers: 0
+    if args.cpp_launchers_always:
+        import peftctl.kernels
+
+        peftctl.kernels.checkpoint_traced_inside_compiled_call = lambda layers: False
     seq = 32 if args.smoke else args.seq
     models = args.models_dir or Path(tempfile.mkdtemp(prefix="peftctl-profile-"))
     for case in args.cases.split(","):

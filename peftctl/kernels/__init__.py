@@ -7,7 +7,7 @@ far fewer kernels, which is where a LoRA step at batch 1 x 2k tokens loses its t
 arithmetic is unchanged (same matmuls, same dtypes), and the fused elementwise code rounds its bf16
 intermediates where eager does (``round_like_eager``), so the loss curve follows the eager one
 (tests/gpu/test_fast_path_gpu.py, also against an fp32 run). ``train.kernels=off`` gives the eager path exactly.
-The compiled graphs launch their kernels from C++ (``launch_kernels_from_cpp``) where a C++ compiler exists.
+The compiled graphs launch their kernels from C++ where that is safe (``choose_kernel_launchers``).
 
 DoRA compiles inside the block without graph breaks: its norm ‖W + s·BA‖ is computed from ‖W_i‖², W Aᵀ and
 A Aᵀ (adapters/lora/dora.py, no out × in temporary), and ‖W_i‖² of the frozen base is filled eagerly
@@ -73,8 +73,7 @@ def apply_fast_path(
     layers = decoder_layers(model)
     allow_one_graph_per_layer(len(layers))
     round_like_eager()
-    checkpoint_inside = checkpoint_traced_inside_compiled_call(layers)
-    from_cpp = not checkpoint_inside and launch_kernels_from_cpp()
+    python_launchers = choose_kernel_launchers(layers)
     dora_layers = prime_dora_caches(model)
     nf4_layers = enable_nf4_linears(layers)
     for layer in layers:
@@ -86,10 +85,8 @@ def apply_fast_path(
         note += f", nf4 dequantize compiled in {nf4_layers} projections"
     if fused_lora:
         note += f", fused LoRA branch in {enable_fused_lora(model)} layers"
-    if checkpoint_inside:
-        note += ", kernels launched from Python (the layers' checkpoint is compiled with them)"
-    elif not from_cpp:
-        note += f", kernels launched from Python (no C++ compiler {cxx_compiler()!r} on PATH)"
+    if python_launchers:
+        note += f", kernels launched from Python ({python_launchers})"
     return note
 
 
@@ -115,20 +112,25 @@ def cxx_compiler() -> str:
     return cxx[-1] if isinstance(cxx, (list, tuple)) else cxx
 
 
-def launch_kernels_from_cpp() -> bool:
-    """Have Inductor write each compiled graph's host code, the code that launches its kernels, in C++
-    (``cpp_wrapper``) instead of Python; False (and nothing changed) where no C++ compiler is on PATH.
+def choose_kernel_launchers(layers: list[nn.Module]) -> str | None:
+    """Set whether Inductor writes each compiled graph's host code, the code that launches its kernels, in C++
+    (``cpp_wrapper``) rather than Python, for ``layers`` about to compile; returns why the kernels stay launched
+    from Python, None when C++ launches them. Set on every call, so a later run in the same process (a sweep)
+    does not inherit an earlier run's choice.
 
     A compiled 8B QLoRA step launches ~7,000 kernels, and the GPU idled ~90 ms per step while the Python
     wrappers launched them (benchmarks/results/round7_profile_qlora.txt). From C++ the step's median went
     from 0.268 to 0.225 s on the H200 (benchmarks/results/round8_inductor_ab.log). The kernels are the
     same."""
-    if shutil.which(cxx_compiler()) is None:
-        return False
     import torch._inductor.config as inductor_config  # lazy: only when the fast path compiles
 
-    inductor_config.cpp_wrapper = True
-    return True
+    reason = None
+    if checkpoint_traced_inside_compiled_call(layers):
+        reason = "the layers' checkpoint is compiled with them"
+    elif shutil.which(cxx_compiler()) is None:
+        reason = f"no C++ compiler {cxx_compiler()!r} on PATH"
+    inductor_config.cpp_wrapper = reason is None
+    return reason
 
 
 def checkpoint_traced_inside_compiled_call(layers: list[nn.Module]) -> bool:

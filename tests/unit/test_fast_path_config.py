@@ -19,22 +19,35 @@ from peftctl.adapters.lora import LoraConfig
 from peftctl.kernels import (
     apply_fast_path,
     checkpoint_traced_inside_compiled_call,
+    choose_kernel_launchers,
     decoder_layers,
-    launch_kernels_from_cpp,
 )
 
 
 def test_cpp_launchers_are_switched_on_where_the_compiler_exists() -> None:
+    layers = decoder_layers(tiny_llama())  # not checkpointed
     # any executable stands in for the compiler: only its presence is checked; patch() restores the settings
     with inductor_config.patch({"cpp_wrapper": False, "cpp.cxx": (None, shutil.which("sh"))}):
-        assert launch_kernels_from_cpp() is True
+        assert choose_kernel_launchers(layers) is None
         assert inductor_config.cpp_wrapper is True
 
 
 def test_no_cpp_compiler_keeps_python_launchers() -> None:
-    with inductor_config.patch({"cpp_wrapper": False, "cpp.cxx": (None, "no-such-compiler-peftctl")}):
-        assert launch_kernels_from_cpp() is False
-        assert inductor_config.cpp_wrapper is False
+    layers = decoder_layers(tiny_llama())
+    with inductor_config.patch({"cpp_wrapper": True, "cpp.cxx": (None, "no-such-compiler-peftctl")}):
+        assert choose_kernel_launchers(layers) == "no C++ compiler 'no-such-compiler-peftctl' on PATH"
+        assert inductor_config.cpp_wrapper is False  # set on every call: an earlier run's choice is not kept
+
+
+def test_a_checkpoint_compiled_into_the_layers_keeps_python_launchers() -> None:
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    inside = checkpoint_traced_inside_compiled_call(layers)
+    with inductor_config.patch({"cpp_wrapper": True, "cpp.cxx": (None, shutil.which("sh"))}):
+        reason = choose_kernel_launchers(layers)
+        assert (reason == "the layers' checkpoint is compiled with them") is inside
+        assert inductor_config.cpp_wrapper is not inside
 
 
 def _checkpoint_called_inside_the_module_call(model: torch.nn.Module) -> bool:
