@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "gpu"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from test_fast_path_gpu import ARCH, CASES, SCHEDULE  # noqa: E402  (the acceptance test's set-up)
+from test_fast_path_gpu import _losses as losses  # noqa: E402
 
 from peftctl.train.run import train  # noqa: E402
 
@@ -35,19 +36,16 @@ from peftctl.train.run import train  # noqa: E402
 @contextlib.contextmanager
 def eager_variant(name: str) -> Iterator[None]:
     """Run the body with one valid rounding change ("" for none)."""
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_bf16_reduced_precision_reduction
+    matmul, flag = torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction"
     with contextlib.ExitStack() as stack:
+        stack.callback(setattr, matmul, flag, getattr(matmul, flag))  # restored on the way out
         if name == "no_reduced_reduction":
-            matmul.allow_bf16_reduced_precision_reduction = False
+            setattr(matmul, flag, False)
         elif name == "math_sdpa":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        try:
-            yield
-        finally:
-            matmul.allow_bf16_reduced_precision_reduction = saved
+        yield
 
 
 RUNS = {  # name: (overrides, eager variant)
@@ -57,11 +55,6 @@ RUNS = {  # name: (overrides, eager variant)
     "eager_math_sdpa": (["train.kernels=off"], "math_sdpa"),
     "fast": (["train.kernels=auto"], ""),
 }
-
-
-def losses(run_dir: Path) -> list[float]:
-    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 def worst_step(curve: list[float], reference: list[float]) -> tuple[float, int]:

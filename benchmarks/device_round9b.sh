@@ -1,9 +1,8 @@
 #!/bin/bash
-# round 9, call B (written in session 8, not yet run): the GPU tests not yet run with C++ kernel launchers (round 8
-# made them the fast path's default): DoRA's and LoRA's loss curves, the dropout curve (decides whether
+# round 9, call B (written in session 8, not yet run): the GPU tests not yet run with the fast path's current kernel
+# launcher choice (C++ where the checkpoint is not compiled with the layers): DoRA's and LoRA's loss curves, the dropout curve (decides whether
 # train.kernels=fused can be the default), the QLoRA CLI (train, eval under no_grad, merge, DPO)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
+source benchmarks/device_env.sh
 timeout 300 python -m pytest -o addopts="" -m "gpu and not multigpu" -p no:logging -p no:cacheprovider -s -rA --durations=0 \
   "tests/gpu/test_fast_path_gpu.py::test_fast_path_follows_the_eager_loss_curve[dora]" \
   "tests/gpu/test_fast_path_gpu.py::test_fast_path_follows_the_eager_loss_curve[lora]" \

@@ -4,13 +4,9 @@
 # transformers 5.23.0, huggingface_hub 1.33.0, tokenizers 0.23.3 (`pip download --no-deps` of the pinned versions).
 # 5.2x checkpoints inside forward, so the compiled layers trace the checkpoint: the QLoRA step's fast-path note,
 # its time, and QLoRA side by side on this stack.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl-pinned/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
-mkdir -p $OUT/results
-python -c "import transformers, transformers.modeling_layers as m; print('transformers', transformers.__version__, 'checkpoints', 'forward' if '__init_subclass__' in vars(m.GradientCheckpointingLayer) else '__call__')" > $OUT/ab.log 2>&1
-timeout 150 python benchmarks/profile_step.py --cases qlora --models-dir /tmp/m --time-only --timed-steps 8 \
-  2>&1 | grep -v "Loading weights\|Writing model" >> $OUT/ab.log
-echo "rc=${PIPESTATUS[0]}" >> $OUT/ab.log
+source benchmarks/device_env.sh .whl-pinned
+print_checkpoint_layout > $OUT/ab.log 2>&1
+time_only_ab qlora 150 ""
 timeout 300 python benchmarks/speed_round4.py --cases qlora --rounds 2 --budget-s 400 --models-dir /tmp/m \
   --out $OUT/results/round9_qlora_pinned_transformers.json > $OUT/qlora.log 2>&1
 echo "rc=$?" >> $OUT/qlora.log

@@ -127,8 +127,8 @@ def choose_kernel_launchers(layers: list[nn.Module]) -> str | None:
     reason = None
     if checkpoint_traced_inside_compiled_call(layers):
         reason = "the layers' checkpoint is compiled with them"
-    elif shutil.which(cxx_compiler()) is None:
-        reason = f"no C++ compiler {cxx_compiler()!r} on PATH"
+    elif shutil.which(compiler := cxx_compiler()) is None:
+        reason = f"no C++ compiler {compiler!r} on PATH"
     inductor_config.cpp_wrapper = reason is None
     return reason
 

@@ -9,6 +9,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
+from peftctl.adapters import get_adapted_model
+from peftctl.adapters.lora import LoraConfig
+
 
 class TinyAllTypes(nn.Module):
     """One module of every layer type LoRA supports: Embedding, Linear, Conv1d, GPT-2 Conv1D, Conv2d."""
@@ -49,6 +52,25 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
         num_key_value_heads=2,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def checkpointed_lora_llama(layers: int = 2, dropout: float = 0.0) -> nn.Module:
+    """tiny_llama with non-reentrant gradient checkpointing (as `peftctl train` sets it) and an all-linear LoRA
+    (r=4, random B so gradients reach A), in training mode."""
+    base = tiny_llama(layers=layers)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
+    return get_adapted_model(base, config).train()
+
+
+def loss_and_adapter_grads(model: nn.Module, length: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One causal-LM loss on fixed random ids (2 x ``length``, vocabulary 300) and its adapter gradients."""
+    ids = torch.randint(0, 300, (2, length), generator=torch.Generator().manual_seed(2))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 def tiny_llama_cls(seed: int = 0) -> LlamaForSequenceClassification:

@@ -10,12 +10,9 @@ import shutil
 import pytest
 import torch
 import torch._inductor.config as inductor_config
-from _lora_fixtures import tiny_llama
+from _lora_fixtures import checkpointed_lora_llama, loss_and_adapter_grads, tiny_llama
 from torch._dynamo.utils import counters
 
-from peftctl.adapters import get_adapted_model
-from peftctl.adapters.core.model import AdaptedModel
-from peftctl.adapters.lora import LoraConfig
 from peftctl.kernels import (
     apply_fast_path,
     checkpoint_traced_inside_compiled_call,
@@ -40,9 +37,7 @@ def test_no_cpp_compiler_keeps_python_launchers() -> None:
 
 
 def test_a_checkpoint_compiled_into_the_layers_keeps_python_launchers() -> None:
-    model = tiny_llama()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = decoder_layers(model)
+    layers = decoder_layers(checkpointed_lora_llama())
     inside = checkpoint_traced_inside_compiled_call(layers)
     with inductor_config.patch({"cpp_wrapper": True, "cpp.cxx": (None, shutil.which("sh"))}):
         reason = choose_kernel_launchers(layers)
@@ -80,21 +75,6 @@ def test_checkpoint_placement_is_read_as_transformers_really_calls_it() -> None:
     assert checkpoint_traced_inside_compiled_call(decoder_layers(model)) is inside
 
 
-def _checkpointed_lora_llama() -> AdaptedModel:
-    base = tiny_llama(layers=2)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(1)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
-    return get_adapted_model(base, config).train()
-
-
-def _loss_and_adapter_grads(model: AdaptedModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(2))
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
 def test_fast_path_structure_under_checkpointing_trains_like_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     """apply_fast_path on a checkpointed LoRA Llama (its real orchestration: compiled layers, fused LoRA branch,
     the launcher choice), with the compiler's graph capture and autograd partitioning kept and only Inductor's
@@ -103,13 +83,13 @@ def test_fast_path_structure_under_checkpointing_trains_like_eager(monkeypatch: 
     still compose (a transformers release moved the checkpoint into the compiled call)."""
     compile_module = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compile_module(self, backend="aot_eager"))
-    eager_loss, eager_grads = _loss_and_adapter_grads(_checkpointed_lora_llama())
-    model = _checkpointed_lora_llama()
+    eager_loss, eager_grads = loss_and_adapter_grads(checkpointed_lora_llama(), length=12)
+    model = checkpointed_lora_llama()
     torch._dynamo.reset()
     graphs_before = counters["stats"]["unique_graphs"]
     with inductor_config.patch(cpp_wrapper=False, emulate_precision_casts=False):  # apply_fast_path sets them
         note = apply_fast_path(model, torch.device("cuda"), model.peft_config["default"], fused_lora=True)
-        loss, grads = _loss_and_adapter_grads(model)
+        loss, grads = loss_and_adapter_grads(model, length=12)
     assert note.startswith("on: 2 x LlamaDecoderLayer under torch.compile") and "fused LoRA branch in 14" in note
     inside = checkpoint_traced_inside_compiled_call(decoder_layers(model))
     assert ("the layers' checkpoint is compiled with them" in note) is inside

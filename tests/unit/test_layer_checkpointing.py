@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _lora_fixtures import tiny_llama
+from _lora_fixtures import checkpointed_lora_llama, tiny_llama
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from peftctl.adapters import get_adapted_model
@@ -25,14 +25,9 @@ IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
 
 
 def _model(n_checkpointed: int | None, offload: bool = False) -> torch.nn.Module:
-    base = tiny_llama(layers=LAYERS)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base.enable_input_require_grads()
-    torch.manual_seed(1)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear", init_lora_weights=False)
-    model = get_adapted_model(base, config)
+    model = checkpointed_lora_llama(layers=LAYERS, dropout=0.1)
     limit_checkpointed_layers(model, n_checkpointed, offload=offload)
-    return model.train()
+    return model
 
 
 def _run(model: torch.nn.Module, offloader: ActivationOffloader | None = None) -> tuple[torch.Tensor, list, list]:

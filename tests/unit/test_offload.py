@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _lora_fixtures import tiny_llama
+from _lora_fixtures import checkpointed_lora_llama
 
-from peftctl.adapters import get_adapted_model
-from peftctl.adapters.lora import LoraConfig
 from peftctl.errors import ConfigError
 from peftctl.train import loop
 from peftctl.train.offload import ActivationOffloader
@@ -20,14 +18,7 @@ from peftctl.train.run import train
 
 
 def _loss_and_grads(offloader: ActivationOffloader | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    base = tiny_llama(layers=3)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base.enable_input_require_grads()
-    torch.manual_seed(1)
-    model = get_adapted_model(
-        base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear", init_lora_weights=False)
-    )
-    model.train()
+    model = checkpointed_lora_llama(layers=3, dropout=0.1)
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
     torch.manual_seed(3)  # the same dropout draws in the forward (and, through checkpoint, the recompute)
     if offloader is None:

@@ -9,38 +9,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from _lora_fixtures import tiny_llama
+from _lora_fixtures import checkpointed_lora_llama, loss_and_adapter_grads
 
-from peftctl.adapters import get_adapted_model
-from peftctl.adapters.lora import LoraConfig
 from peftctl.errors import ConfigError
 from peftctl.train.run import train
 from peftctl.train.tiled_mlp import TiledForward, decoder_mlps, tile_mlps
 
 
 def _adapted(dropout: float, tile_tokens: int | None) -> torch.nn.Module:
-    base = tiny_llama(layers=2)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base.enable_input_require_grads()
-    torch.manual_seed(1)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
-    model = get_adapted_model(base, config)
+    model = checkpointed_lora_llama(layers=2, dropout=dropout)
     if tile_tokens is not None:
         assert tile_mlps(model, tile_tokens) == 2
-    return model.train()
-
-
-def _loss_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    ids = torch.randint(0, 300, (2, 23), generator=torch.Generator().manual_seed(2))
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return model
 
 
 @pytest.mark.parametrize("tile_tokens", [5, 46, 1000])  # uneven last tile; exactly one sequence; one tile
 def test_tiled_mlp_gives_the_untiled_loss_and_adapter_gradients(tile_tokens: int) -> None:
-    plain_loss, plain_grads = _loss_and_grads(_adapted(0.0, None))
-    loss, grads = _loss_and_grads(_adapted(0.0, tile_tokens))
+    plain_loss, plain_grads = loss_and_adapter_grads(_adapted(0.0, None), length=23)
+    loss, grads = loss_and_adapter_grads(_adapted(0.0, tile_tokens), length=23)
     torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
     assert grads.keys() == plain_grads.keys() and any("mlp" in name for name in grads)
     for name in grads:

@@ -1,0 +1,29 @@
+#!/bin/bash
+# Sourced by the device_round9*.sh scripts (run from the repository root on the device, $OUT set):
+# installs the carried wheels (.whl, plus the folders given as arguments) and sets the environment;
+# defines the helpers those scripts share.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl $(for dir in "$@"; do echo "$dir"/*.whl; done) >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
+mkdir -p "$OUT/results"
+
+# transformers' version, and whether its GradientCheckpointingLayer checkpoints around __call__ (outside a compiled
+# layer) or from inside forward (compiled with it): the rule of peftctl.kernels.checkpoint_traced_inside_compiled_call
+print_checkpoint_layout() {
+  python -c "import transformers, transformers.modeling_layers as m; print('transformers', transformers.__version__, \
+'checkpoints', '__call__ (around a compiled layer)' if '__call__' in vars(m.GradientCheckpointingLayer) \
+else 'inside forward (compiled with the layer)')"
+}
+
+# time_only_ab CASE TIMEOUT_S FLAGS...: each FLAGS argument (split on spaces; "" for none) in a fresh process,
+# `profile_step.py --time-only` (median of 8 unprofiled steps), appended to $OUT/ab.log
+time_only_ab() {
+  local case=$1 limit=$2
+  shift 2
+  for flags in "$@"; do
+    echo "### $case, flags: ${flags:-none}" >> "$OUT/ab.log"
+    timeout "$limit" python benchmarks/profile_step.py --cases "$case" --models-dir /tmp/m --time-only --timed-steps 8 \
+      $flags 2>&1 | grep -v "Loading weights\|Writing model" >> "$OUT/ab.log"
+    echo "rc=${PIPESTATUS[0]}" >> "$OUT/ab.log"
+  done
+}
