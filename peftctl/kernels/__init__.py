@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftctl.kernels.compile_layers import checkpoint_inside_compiled_call, compile_layer
 from peftctl.kernels.nf4 import enable_nf4_linears
 
 # decoder blocks whose code was compiled and measured; others run eager
@@ -73,11 +74,11 @@ def apply_fast_path(
     layers = decoder_layers(model)
     allow_one_graph_per_layer(len(layers))
     round_like_eager()
-    python_launchers = choose_kernel_launchers(layers)
     dora_layers = prime_dora_caches(model)
     nf4_layers = enable_nf4_linears(layers)
     for layer in layers:
-        layer.compile()
+        compile_layer(layer)  # lazy: Inductor reads its settings at the first call
+    python_launchers = choose_kernel_launchers(layers)
     note = f"on: {len(layers)} x {type(layers[0]).__name__} under torch.compile"
     if dora_layers:
         note += f", DoRA in {dora_layers} projections"
@@ -134,21 +135,14 @@ def choose_kernel_launchers(layers: list[nn.Module]) -> str | None:
 
 
 def checkpoint_traced_inside_compiled_call(layers: list[nn.Module]) -> bool:
-    """Whether a layer's gradient checkpoint runs inside the call that ``layer.compile()`` compiles.
-
-    transformers' GradientCheckpointingLayer checkpointed around ``__call__`` (4.5x: the compiled call runs
-    inside the checkpoint) and now checkpoints from inside ``forward`` (5.2x), so torch.compile traces the
-    checkpoint into the layer's graph. Inductor's C++ launcher (``cpp_wrapper``) then fails to compile that graph
-    (torch 2.13: an AssertionError on the ``run_and_save_rng_state`` op the checkpoint's recompute carries), so the
-    fast path keeps Python launchers there. tests/unit/test_fast_path_config.py checks this against where the
-    checkpoint function is really called from."""
-    checkpointed = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
-    if not checkpointed:
-        return False
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    around_call = "__call__" in vars(GradientCheckpointingLayer)
-    return not around_call and any(isinstance(layer, GradientCheckpointingLayer) for layer in checkpointed)
+    """Whether any checkpointing layer runs its gradient checkpoint inside the code ``compile_layer`` compiles
+    (kernels/compile_layers.py keeps it outside wherever it recognises transformers' layout). Inductor's C++
+    launcher (``cpp_wrapper``) fails to compile a traced checkpoint (torch 2.13: an AssertionError on the
+    ``run_and_save_rng_state`` op its recompute carries), so the fast path keeps Python launchers there.
+    tests/unit/test_fast_path_config.py checks this against where the checkpoint function is really called."""
+    return any(
+        getattr(layer, "gradient_checkpointing", False) and checkpoint_inside_compiled_call(layer) for layer in layers
+    )
 
 
 def prime_dora_caches(model: nn.Module) -> int:

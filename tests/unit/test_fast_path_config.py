@@ -1,7 +1,9 @@
-"""The Inductor settings the CUDA fast path sets (peftctl/kernels/__init__.py): C++ kernel launchers only
-where the C++ compiler Inductor would call exists, so a machine without one keeps Python launchers
-instead of failing at the first compiled step, and not where the layers' gradient checkpoint is traced into
-the compiled graph (Inductor's C++ launcher cannot compile the checkpoint's RNG-state op)."""
+"""The Inductor settings the CUDA fast path sets and where it puts the layers' gradient checkpoint
+(peftctl/kernels/__init__.py, kernels/compile_layers.py): C++ kernel launchers only where the C++ compiler
+Inductor would call exists, so a machine without one keeps Python launchers instead of failing at the first
+compiled step; the checkpoint around each compiled layer, as rounds 1-8 measured it, also on transformers 5.2x
+(whose layers checkpoint inside the forward that compiling would trace), and Python launchers where a
+checkpoint does get traced (Inductor's C++ launcher cannot compile the checkpoint's RNG-state op)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,23 @@ from peftctl.kernels import (
     apply_fast_path,
     checkpoint_traced_inside_compiled_call,
     choose_kernel_launchers,
+    compile_layers,
     decoder_layers,
 )
+
+
+@pytest.fixture
+def capture_only_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compile with backend aot_eager: the compiler's graph capture and autograd partitioning, with Inductor's
+    code generation swapped for eager kernels (the CPU has no CUDA)."""
+    monkeypatch.setattr(compile_layers, "COMPILER_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def unrecognised_checkpoint_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if transformers had changed its checkpointing forward beyond what compile_layer recognises."""
+    monkeypatch.setattr(compile_layers, "own_forward_under_checkpoint_wrapper", lambda layer: None)
 
 
 def test_cpp_launchers_are_switched_on_where_the_compiler_exists() -> None:
@@ -36,65 +53,95 @@ def test_no_cpp_compiler_keeps_python_launchers() -> None:
         assert inductor_config.cpp_wrapper is False  # set on every call: an earlier run's choice is not kept
 
 
-def test_a_checkpoint_compiled_into_the_layers_keeps_python_launchers() -> None:
+def test_a_checkpoint_compiled_into_the_layers_keeps_python_launchers(unrecognised_checkpoint_wrapper: None) -> None:
     layers = decoder_layers(checkpointed_lora_llama())
     inside = checkpoint_traced_inside_compiled_call(layers)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    assert inside is ("__call__" not in vars(GradientCheckpointingLayer))  # 5.2x layout: the wrapper would be traced
     with inductor_config.patch({"cpp_wrapper": True, "cpp.cxx": (None, shutil.which("sh"))}):
         reason = choose_kernel_launchers(layers)
         assert (reason == "the layers' checkpoint is compiled with them") is inside
         assert inductor_config.cpp_wrapper is not inside
 
 
-def _checkpoint_called_inside_the_module_call(model: torch.nn.Module) -> bool:
-    """Run a training forward and report where the first decoder layer's checkpoint function was called from:
-    inside the module call that ``layer.compile()`` compiles (its forward pre-hooks have run) or around it."""
+def _checkpoint_called_while_compiling(model: torch.nn.Module) -> bool:
+    """Compile the decoder layers as the fast path does, run a training forward and report whether the first
+    layer's checkpoint function was called while torch.compile traced it (so its graph contains the
+    checkpoint) or eagerly, around the compiled code."""
     layer = decoder_layers(model)[0]
-    entered_call: list[bool] = []
-    called_inside: list[bool] = []
-    layer.register_forward_pre_hook(lambda module, args: entered_call.append(True))
+    while_compiling: list[bool] = []
     checkpoint_function = layer._gradient_checkpointing_func
 
     def recording_checkpoint(*args: object, **kwargs: object) -> object:
-        called_inside.append(bool(entered_call))
+        while_compiling.append(torch.compiler.is_compiling())
         return checkpoint_function(*args, **kwargs)
 
     layer._gradient_checkpointing_func = recording_checkpoint
+    for each in decoder_layers(model):
+        compile_layers.compile_layer(each)
     model.train()
     model(input_ids=torch.randint(0, 300, (1, 8)), use_cache=False)
-    assert called_inside, "the layer was not checkpointed"
-    return called_inside[0]
+    assert while_compiling, "the layer was not checkpointed"
+    return while_compiling[0]
 
 
-def test_checkpoint_placement_is_read_as_transformers_really_calls_it() -> None:
-    """The fast path keeps Python launchers exactly where the checkpoint would be compiled into the layer's
-    graph; the answer must match where this transformers version really calls the checkpoint function."""
+@pytest.mark.parametrize("wrapper", ["recognised", "unrecognised"])
+def test_checkpoint_placement_is_read_as_the_compiled_layers_really_call_it(
+    wrapper: str, capture_only_compiler: None, request: pytest.FixtureRequest
+) -> None:
+    """The fast path keeps Python launchers exactly where the checkpoint is compiled into the layer's graph; the
+    answer must match where the compiled layers of this transformers version really call the checkpoint
+    function. With the wrapper recognised, the checkpoint runs eagerly around the compiled forward."""
+    if wrapper == "unrecognised":
+        request.getfixturevalue("unrecognised_checkpoint_wrapper")
     model = tiny_llama()
     assert checkpoint_traced_inside_compiled_call(decoder_layers(model)) is False  # no checkpointing: nothing traced
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    inside = _checkpoint_called_inside_the_module_call(model)
-    assert checkpoint_traced_inside_compiled_call(decoder_layers(model)) is inside
+    predicted = checkpoint_traced_inside_compiled_call(decoder_layers(model))
+    assert _checkpoint_called_while_compiling(model) is predicted
+    assert checkpoint_traced_inside_compiled_call(decoder_layers(model)) is predicted  # also read after compiling
+    if wrapper == "recognised":
+        assert predicted is False
 
 
-def test_fast_path_structure_under_checkpointing_trains_like_eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    """apply_fast_path on a checkpointed LoRA Llama (its real orchestration: compiled layers, fused LoRA branch,
-    the launcher choice), with the compiler's graph capture and autograd partitioning kept and only Inductor's
-    code generation swapped for eager kernels (backend aot_eager: the CPU has no CUDA): same loss and adapter
-    gradients as the eager model, so the installed transformers' checkpoint placement and torch's tracing of it
-    still compose (a transformers release moved the checkpoint into the compiled call)."""
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compile_module(self, backend="aot_eager"))
+def test_fast_path_structure_under_checkpointing_trains_like_eager(capture_only_compiler: None) -> None:
+    """apply_fast_path on a checkpointed LoRA Llama (its real orchestration: compiled layers with the checkpoint
+    around them, fused LoRA branch, the launcher choice), compiled with capture only: same loss and adapter
+    gradients as the eager model, so the installed transformers' checkpoint and torch's tracing still compose
+    (a transformers release moved the checkpoint into the layers' forward)."""
     eager_loss, eager_grads = loss_and_adapter_grads(checkpointed_lora_llama(), length=12)
     model = checkpointed_lora_llama()
-    torch._dynamo.reset()
     graphs_before = counters["stats"]["unique_graphs"]
     with inductor_config.patch(cpp_wrapper=False, emulate_precision_casts=False):  # apply_fast_path sets them
         note = apply_fast_path(model, torch.device("cuda"), model.peft_config["default"], fused_lora=True)
         loss, grads = loss_and_adapter_grads(model, length=12)
     assert note.startswith("on: 2 x LlamaDecoderLayer under torch.compile") and "fused LoRA branch in 14" in note
-    inside = checkpoint_traced_inside_compiled_call(decoder_layers(model))
-    assert ("the layers' checkpoint is compiled with them" in note) is inside
+    assert "the layers' checkpoint is compiled with them" not in note
     assert counters["stats"]["unique_graphs"] > graphs_before  # the layers really ran compiled
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
     assert grads.keys() == eager_grads.keys() and len(grads) == 28
     for name in grads:
         torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-5, atol=1e-6)
+
+
+def test_cpp_launchers_compile_the_checkpointed_layers_like_eager() -> None:
+    """The whole fast path with Inductor's code generation and C++ launchers (on the CPU, its C++ kernels) on a
+    checkpointed LoRA Llama: the launchers are chosen, the graphs compile, and the loss and adapter gradients
+    are the eager ones. On transformers 5.2x with the checkpoint traced into the layers this raised an
+    AssertionError (run_and_save_rng_state) at the first step."""
+    from peftctl.kernels import cxx_compiler
+
+    if shutil.which(cxx_compiler()) is None:
+        pytest.skip(f"Inductor's C++ compiler {cxx_compiler()!r} is not installed: no CPU code generation here")
+    eager_loss, eager_grads = loss_and_adapter_grads(checkpointed_lora_llama(), length=12)
+    model = checkpointed_lora_llama()
+    torch._dynamo.reset()
+    with inductor_config.patch(cpp_wrapper=False, emulate_precision_casts=False):
+        note = apply_fast_path(model, torch.device("cuda"), model.peft_config["default"])
+        assert inductor_config.cpp_wrapper is True, note
+        loss, grads = loss_and_adapter_grads(model, length=12)
+    assert note == "on: 2 x LlamaDecoderLayer under torch.compile"
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,87 @@
+"""Compile decoder layers with their gradient checkpoint kept outside the compiled code.
+
+transformers' GradientCheckpointingLayer checkpointed around ``__call__`` up to 5.1x: ``layer.compile()``
+then compiles the layer's call and the checkpoint runs around it, eagerly. From 5.2x every subclass's
+``forward`` is wrapped (``forward_with_checkpointing``) and checkpoints from inside ``forward``, so
+``layer.compile()`` would trace the checkpoint into the layer's graph: a different structure from the one
+benchmarks/RESULTS.md measured, and one Inductor's C++ kernel launchers cannot compile (its fallback code for
+the checkpoint's ``run_and_save_rng_state`` op asserts).
+
+``compile_layer`` restores the measured structure on 5.2x: it compiles the layer's own forward (the function
+transformers wrapped) and gives the layer an instance ``forward`` that runs the checkpoint, as transformers'
+wrapper does, around that compiled forward. Where the wrapper is not recognised it falls back to
+``layer.compile()`` and reports that the checkpoint is compiled with the layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+# what compiles the layers; tests swap in "aot_eager" (graph capture and autograd partitioning, no codegen)
+COMPILER_BACKEND = "inductor"
+
+
+class CheckpointAroundCompiledForward:
+    """A decoder layer's instance ``forward``: the layer's own forward compiled, with transformers' gradient
+    checkpoint around it when the layer checkpoints (``gradient_checkpointing`` and ``training``, read per call)."""
+
+    def __init__(self, layer: nn.Module, own_forward: Callable[..., Any]) -> None:
+        self.layer = layer
+        self.compiled_forward = torch.compile(types.MethodType(own_forward, layer), backend=COMPILER_BACKEND)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        layer = self.layer
+        if not (layer.gradient_checkpointing and layer.training):
+            return self.compiled_forward(*args, **kwargs)
+        # as transformers' forward_with_checkpointing: no cache is written under a checkpoint (the recompute would
+        # write it again); the hidden states stay positional, so a reentrant checkpoint sees them
+        kwargs = without_cache(kwargs, keep_cache=getattr(layer, "_can_checkpoint_with_cache", False))
+        return layer._gradient_checkpointing_func(functools.partial(self.compiled_forward, **kwargs), *args)
+
+
+def without_cache(kwargs: dict[str, Any], keep_cache: bool) -> dict[str, Any]:
+    """``kwargs`` with ``use_cache`` off and, unless ``keep_cache``, no past key/values (transformers' names)."""
+    kwargs = dict(kwargs)
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    if not keep_cache:
+        for name in ("past_key_values", "layer_past"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = None
+    return kwargs
+
+
+def own_forward_under_checkpoint_wrapper(layer: nn.Module) -> Callable[..., Any] | None:
+    """The layer's own forward where transformers wrapped it in a checkpointing ``forward`` (5.2x); None where
+    the class forward is not that wrapper (4.5x–5.1x checkpoint around ``__call__``; other layers)."""
+    wrapper = type(layer).forward
+    code = getattr(wrapper, "__code__", None)
+    if code is None or code.co_name != "forward_with_checkpointing":
+        return None
+    return getattr(wrapper, "__wrapped__", None)
+
+
+def compile_layer(layer: nn.Module) -> None:
+    """Compile ``layer`` in place, its gradient checkpoint (if it has one) running around the compiled code."""
+    own_forward = own_forward_under_checkpoint_wrapper(layer)
+    if own_forward is None:
+        layer.compile(backend=COMPILER_BACKEND)
+    else:
+        layer.forward = CheckpointAroundCompiledForward(layer, own_forward)
+
+
+def checkpoint_inside_compiled_call(layer: nn.Module) -> bool:
+    """Whether ``layer``'s gradient checkpoint, if on, runs inside the code ``compile_layer`` compiles (or would)."""
+    if isinstance(vars(layer).get("forward"), CheckpointAroundCompiledForward):
+        return False
+    if own_forward_under_checkpoint_wrapper(layer) is not None:
+        return False  # compile_layer will put it around the compiled forward
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    around_call = "__call__" in vars(GradientCheckpointingLayer)
+    return isinstance(layer, GradientCheckpointingLayer) and not around_call
