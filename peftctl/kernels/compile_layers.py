@@ -22,6 +22,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from peftctl.models.compat import CACHE_NAMES
+
 # what compiles the layers; tests swap in "aot_eager" (graph capture and autograd partitioning, no codegen)
 COMPILER_BACKEND = "inductor"
 
@@ -45,12 +47,12 @@ class CheckpointAroundCompiledForward:
 
 
 def without_cache(kwargs: dict[str, Any], keep_cache: bool) -> dict[str, Any]:
-    """``kwargs`` with ``use_cache`` off and, unless ``keep_cache``, no past key/values (transformers' names)."""
+    """``kwargs`` with ``use_cache`` off and, unless ``keep_cache``, no key/value cache (under any of its names)."""
     kwargs = dict(kwargs)
     if kwargs.get("use_cache"):
         kwargs["use_cache"] = False
     if not keep_cache:
-        for name in ("past_key_values", "layer_past"):
+        for name in (*CACHE_NAMES, "layer_past"):
             if kwargs.get(name) is not None:
                 kwargs[name] = None
     return kwargs

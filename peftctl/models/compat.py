@@ -50,3 +50,14 @@ def replace_cache_in_kwargs(kwargs: dict[str, Any], cache: Any) -> dict[str, Any
 def output_cache(output: Any) -> Any:
     """The cache a model returned (``output.cache`` on new releases, ``output.past_key_values`` before)."""
     return next((output[name] for name in CACHE_NAMES if output.get(name) is not None), None)
+
+
+def enable_activation_checkpointing(model: Any, use_reentrant: bool = False) -> None:
+    """Checkpoint ``model``'s layers through ``activation_checkpointing_enable`` (transformers 5.2x), else the
+    older ``gradient_checkpointing_enable`` (5.2x keeps it, with a deprecation warning, until v6)."""
+    kwargs = {"use_reentrant": use_reentrant}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftctl.models.compat import enable_activation_checkpointing
 from peftctl.models.quantized import compute_dtype, is_quantized
 
 
@@ -41,7 +42,7 @@ def prepare_model_for_kbit_training(
                     param.data = param.data.to(torch.float32)
     if gradient_checkpointing:
         model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
     return model

@@ -32,6 +32,7 @@ from peftctl.data.tokenize import collate
 from peftctl.devices import pick_device
 from peftctl.errors import ConfigError
 from peftctl.kernels import apply_fast_path
+from peftctl.models.compat import enable_activation_checkpointing
 from peftctl.models.kbit import prepare_model_for_kbit_training
 from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
 from peftctl.train import distributed, fsdp
@@ -92,7 +93,7 @@ def build_model_and_data(cfg: RunConfig, device: torch.device | None = None) -> 
     if quantized:
         model = prepare_model_for_kbit_training(model, cfg.train.gradient_checkpointing)
     elif cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     adapter_config = task_adapter_defaults(adapter_config, model, cfg.model.task_type)
     adapter_config = method.run_defaults(adapter_config, path)
     method.prepare_base(model, adapter_config, setup)
