@@ -122,6 +122,12 @@ def free_memory() -> None:
         torch._dynamo.reset()
 
 
+def allocated_gib() -> float | None:
+    """GPU memory still allocated before a run loads its model (what an earlier run in this process left behind
+    counts in the next run's peak: round 9's second runner peaked 2.5-3.4 GiB higher)."""
+    return torch.cuda.memory_allocated() / GiB if torch.cuda.is_available() else None
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -168,9 +174,11 @@ def run_peftctl(
     from peftctl.train.bench import bench
 
     started = time.perf_counter()
+    before = allocated_gib()
     overrides = [*peftctl_overrides(case, model_dir, device), *extra]
     result = bench(overrides, warmup=warmup, steps=steps, seq_len=seq).as_dict()
     result.update(stack="peftctl", case=label or case, wall_s=time.perf_counter() - started)
+    result["allocated_before_gib"] = before
     free_memory()
     return result
 
@@ -216,6 +224,7 @@ def peft_model(case: str, model_dir: Path, device: str) -> tuple[Any, Any, float
 
 def run_peft(case: str, model_dir: Path, device: str, seq: int, batch: int, warmup: int, steps: int) -> dict[str, Any]:
     started = time.perf_counter()
+    before = allocated_gib()
     model, optimizer, clip = peft_model(case, model_dir, device)
     params = [p for p in model.parameters() if p.requires_grad]
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -246,6 +255,7 @@ def run_peft(case: str, model_dir: Path, device: str, seq: int, batch: int, warm
         "peak_memory_gib": torch.cuda.max_memory_allocated() / GiB if device == "cuda" else None,
         "losses": losses,
         "wall_s": time.perf_counter() - started,
+        "allocated_before_gib": before,
     }
     del model, optimizer, params
     free_memory()
