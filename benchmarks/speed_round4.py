@@ -30,6 +30,7 @@ what would not finish in time, so put the one that matters most first):
       checkpointed (train.gradient_checkpointing_layers), against transformers + peft's full checkpointing
   python benchmarks/speed_round4.py --cases lora_ckpt,dora,dora_nodrop --budget-s 400 \
       --out benchmarks/results/round5_dora.json                                     # DoRA compiled: ~5 min
+  python benchmarks/speed_round4.py --cases qlora,lora_ckpt --rounds 3 --fresh-process   # each run in its own process
   python benchmarks/speed_round4.py --smoke \
       --cases lora,lora_ckpt,qlora,dora,dora_nodrop,lora_1b,offload64k,maxctx    # CPU, tiny
 
@@ -43,11 +44,12 @@ import argparse
 import gc
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -265,14 +267,37 @@ def run_peft(case: str, model_dir: Path, device: str, seq: int, batch: int, warm
 # ------------------------------------------------------------------ cases
 def side_by_side(case: str, index: int, dirs: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
     model_dir = dirs["1b" if case == "lora_1b" else "8b"]
-    batch = 4 if case == "lora_1b" else 1
-    runs: list[Callable[[], dict[str, Any]]] = [
-        lambda: run_peftctl(case, model_dir, args.device, args.seq, args.warmup, args.steps),
-        lambda: run_peft(case, model_dir, args.device, args.seq, batch, args.warmup, args.steps),
-    ]
+    stacks = ["peftctl", "peft"]
     if index % 2:
-        runs.reverse()  # alternate which stack runs first
-    return [run() for run in runs]
+        stacks.reverse()  # alternate which stack runs first
+    if args.fresh_process:
+        return [run_in_fresh_process(stack, case, model_dir, args) for stack in stacks]
+    return [run_stack(stack, case, model_dir, args) for stack in stacks]
+
+
+def run_stack(stack: str, case: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One side-by-side case through one stack, in this process."""
+    if stack == "peftctl":
+        return run_peftctl(case, model_dir, args.device, args.seq, args.warmup, args.steps)
+    batch = 4 if case == "lora_1b" else 1
+    return run_peft(case, model_dir, args.device, args.seq, batch, args.warmup, args.steps)
+
+
+ONE_RUN_RESULT = "one-run result: "
+
+
+def run_in_fresh_process(stack: str, case: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """run_stack in a new Python process (--fresh-process): nothing an earlier run left behind (allocated GPU
+    memory, allocator state, compiled graphs, threads) is there. Its result comes back as one stdout line."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--one-run", stack, "--cases", case]
+    command += ["--one-run-model", str(model_dir), "--seq", str(args.seq)]
+    command += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    command += [f"--inductor-config={pair}" for pair in args.inductor_config] + (["--smoke"] if args.smoke else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(ONE_RUN_RESULT)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{stack} {case} in a fresh process exited {done.returncode}:\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len(ONE_RUN_RESULT) :])
 
 
 def partial_checkpointing(dirs: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -467,6 +492,14 @@ def parse_args() -> argparse.Namespace:
         "e.g. 16,24; train.gradient_checkpointing_layers)",
     )
     parser.add_argument("--out", default=None, help="write the JSON here too")
+    parser.add_argument(
+        "--fresh-process",
+        action="store_true",
+        help="side-by-side cases: each stack's run in a new Python process (no memory, allocator state or threads "
+        "left by an earlier run; round 9: peft's QLoRA run leaves 3.4 GiB allocated)",
+    )
+    parser.add_argument("--one-run", choices=("peftctl", "peft"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--one-run-model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: the whole script in < 1 min")
     args = parser.parse_args()
     args.device = "cpu" if args.smoke else "cuda"
@@ -493,6 +526,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.one_run:  # a child of --fresh-process
+        result = run_stack(args.one_run, args.cases, Path(args.one_run_model), args)
+        print(ONE_RUN_RESULT + json.dumps(result), flush=True)
+        return
     started = time.perf_counter()
     cases = list(dict.fromkeys(args.cases.split(",")))  # in the order given: the first ones fit --budget-s
     results: list[dict[str, Any]] = []
