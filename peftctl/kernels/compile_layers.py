@@ -30,7 +30,8 @@ COMPILER_BACKEND = "inductor"
 
 class CheckpointAroundCompiledForward:
     """A decoder layer's instance ``forward``: the layer's own forward compiled, with transformers' gradient
-    checkpoint around it when the layer checkpoints (``gradient_checkpointing`` and ``training``, read per call)."""
+    checkpoint around it when the layer checkpoints (``gradient_checkpointing``, ``training`` and gradients on, read
+    per call)."""
 
     def __init__(self, layer: nn.Module, own_forward: Callable[..., Any]) -> None:
         self.layer = layer
@@ -38,7 +39,8 @@ class CheckpointAroundCompiledForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         layer = self.layer
-        if not (layer.gradient_checkpointing and layer.training):
+        # without gradients there is no backward to replay the layer for (transformers 5.24 skips it too)
+        if not (layer.gradient_checkpointing and layer.training and torch.is_grad_enabled()):
             return self.compiled_forward(*args, **kwargs)
         # as transformers' forward_with_checkpointing: no cache is written under a checkpoint (the recompute would
         # write it again); the hidden states stay positional, so a reentrant checkpoint sees them

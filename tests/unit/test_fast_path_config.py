@@ -105,6 +105,29 @@ def test_checkpoint_placement_is_read_as_the_compiled_layers_really_call_it(
         assert predicted is False
 
 
+def test_compiled_layers_checkpoint_only_in_training_with_gradients(capture_only_compiler: None) -> None:
+    """The checkpoint wrapper around the compiled forward reads the switches per call: training with gradients
+    checkpoints; eval, and a no-grad forward in training mode (generation during a run), run the layer as is."""
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    calls: list[int] = []
+    for layer in layers:
+        checkpoint_function = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, f=checkpoint_function, **k: calls.append(1) or f(*a, **k)
+        compile_layers.compile_layer(layer)
+    ids = torch.randint(0, 300, (1, 8))
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    model.eval()
+    model(input_ids=ids, use_cache=False)
+    assert calls == []
+    model.train()
+    model(input_ids=ids, use_cache=False)
+    assert len(calls) == len(layers) == 2
+
+
 def test_fast_path_structure_under_checkpointing_trains_like_eager(capture_only_compiler: None) -> None:
     """apply_fast_path on a checkpointed LoRA Llama (its real orchestration: compiled layers with the checkpoint
     around them, fused LoRA branch, the launcher choice), compiled with capture only: same loss and adapter
