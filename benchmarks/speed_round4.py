@@ -233,10 +233,10 @@ def run_peft(case: str, model_dir: Path, device: str, seq: int, batch: int, warm
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, host_cpu_times, losses = [], [], []
     for step in range(warmup + steps):
         synchronize(device)
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
         loss.backward()
@@ -247,6 +247,7 @@ def run_peft(case: str, model_dir: Path, device: str, seq: int, batch: int, warm
         synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - began)
+            host_cpu_times.append(time.process_time() - cpu_began)
     result = {
         "stack": "peft",
         "case": case,
@@ -254,6 +255,11 @@ def run_peft(case: str, model_dir: Path, device: str, seq: int, batch: int, warm
         "batch_size": batch,
         "tokens_per_s": batch * seq / statistics.median(times),
         "median_step_s": statistics.median(times),
+        "min_step_s": min(times),
+        "max_step_s": max(times),
+        # CPU seconds the process used per step (all its threads): near the step time, the step is host-bound
+        # (round 9: transformers + peft's LoRA-ckpt step varied 0.30-0.48 s between runs, cause unknown)
+        "median_host_cpu_s": statistics.median(host_cpu_times),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / GiB if device == "cuda" else None,
         "losses": losses,
         "wall_s": time.perf_counter() - started,
