@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -180,6 +181,7 @@ def run_peftctl(
     overrides = [*peftctl_overrides(case, model_dir, device), *extra]
     result = bench(overrides, warmup=warmup, steps=steps, seq_len=seq).as_dict()
     result.update(stack="peftctl", case=label or case, wall_s=time.perf_counter() - started)
+    result["load_average_1min"] = os.getloadavg()[0]
     result["allocated_before_gib"] = before
     free_memory()
     return result
@@ -260,6 +262,7 @@ def run_peft(case: str, model_dir: Path, device: str, seq: int, batch: int, warm
         # CPU seconds the process used per step (all its threads): near the step time, the step is host-bound
         # (round 9: transformers + peft's LoRA-ckpt step varied 0.30-0.48 s between runs, cause unknown)
         "median_host_cpu_s": statistics.median(host_cpu_times),
+        "load_average_1min": os.getloadavg()[0],  # the machine's, at the end: other processes' CPU use shows here
         "peak_memory_gib": torch.cuda.max_memory_allocated() / GiB if device == "cuda" else None,
         "losses": losses,
         "wall_s": time.perf_counter() - started,
