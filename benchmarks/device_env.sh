@@ -8,11 +8,11 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
 mkdir -p "$OUT/results"
 
 # transformers' version, and whether its GradientCheckpointingLayer checkpoints around __call__ (outside a compiled
-# layer) or from inside forward (compiled with it): the rule of peftctl.kernels.checkpoint_traced_inside_compiled_call
+# layer) or from inside forward (where peftctl.kernels.compile_layers compiles the forward it wraps instead)
 print_checkpoint_layout() {
   python -c "import transformers, transformers.modeling_layers as m; print('transformers', transformers.__version__, \
 'checkpoints', '__call__ (around a compiled layer)' if '__call__' in vars(m.GradientCheckpointingLayer) \
-else 'inside forward (compiled with the layer)')"
+else 'inside forward (the fast path compiles the forward it wraps)')"
 }
 
 # time_only_ab CASE TIMEOUT_S FLAGS...: each FLAGS argument (split on spaces; "" for none) in a fresh process,
