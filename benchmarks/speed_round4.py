@@ -523,6 +523,8 @@ def parse_args() -> argparse.Namespace:
         args.ckpt_layers = [min(n, 2) for n in args.ckpt_layers]
     if args.rounds < 1:
         parser.error(f"--rounds: expected a positive integer, got {args.rounds}")
+    if args.one_run and (not args.one_run_model or "," in args.cases):
+        parser.error("--one-run: expected --one-run-model DIR and one case in --cases (set by --fresh-process)")
     unknown = set(args.cases.split(",")) - set(ALL_CASES)
     if unknown:
         parser.error(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(ALL_CASES)}")
