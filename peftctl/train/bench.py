@@ -279,6 +279,24 @@ def format_result(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def format_trials(trials: list[dict[str, Any]]) -> list[str]:
+    """One line per ``max_context`` trial, in the order they ran."""
+    lines = []
+    for trial in trials:
+        if trial.get("stopped"):
+            lines.append(f"  search stopped after {trial['after_s']} s (--max-search-s): the answer is a lower bound")
+        elif not trial["fits"]:
+            lines.append(f"  {trial['seq_len']:,} tokens: out of memory")
+        else:
+            peak = trial["peak_memory_gib"]
+            memory = f"peak {peak:.2f} GiB" if peak is not None else "peak not measured (no CUDA)"
+            lines.append(
+                f"  {trial['seq_len']:,} tokens: fits, {memory}, one step {trial['median_step_s']:.1f} s "
+                "(the first at this length)"
+            )
+    return lines
+
+
 def run_bench(
     overrides: list[str],
     warmup: int,
@@ -299,11 +317,11 @@ def run_bench(
             overrides, memory_gib, start_seq, granularity=granularity, max_seconds=max_search_s
         )
         report = {"max_context": longest, "memory_gib": memory_gib, "trials": trials}
-        print(
-            json.dumps(report)
-            if as_json
-            else f"longest sequence that trains within {memory_gib or 'all'} GiB: {longest:,} tokens"
-        )
+        if as_json:
+            print(json.dumps(report))
+        else:
+            print("\n".join(["trials:", *format_trials(trials)]))
+            print(f"longest sequence that trains within {memory_gib or 'all'} GiB: {longest:,} tokens")
         return report
     result = bench(overrides, warmup, steps, seq_len, memory_gib)
     print(json.dumps(result.as_dict()) if as_json else format_result(result))

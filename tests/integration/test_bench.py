@@ -142,3 +142,29 @@ def test_max_context_search_finds_the_longest_fitting_length_and_stays_within_it
     tried.clear()
     longest, _ = bench_module.max_context(overrides, None, start=64, limit=256, granularity=32)
     assert longest == 256 and max(tried) == 256  # everything up to the limit fits: the limit, nothing beyond
+
+
+def test_max_context_text_output_lists_every_trial(monkeypatch, capsys) -> None:  # noqa: ANN001
+    """`peftctl bench --max-context` without --json: one line per trial (fits with its peak and step, or out of
+    memory), then the answer."""
+    from peftctl.train import bench as bench_module
+
+    real_measure = bench_module.measure
+
+    def step_that_fits_up_to_100(trainer, fast_path, seq, warmup, steps):  # noqa: ANN001
+        if seq > 100:
+            raise torch.OutOfMemoryError("fake: over 100 tokens")
+        result = real_measure(trainer, fast_path, 8, warmup, steps)  # a real (short) step
+        result.seq_len = seq
+        return result
+
+    monkeypatch.setattr(bench_module, "measure", step_that_fits_up_to_100)
+    overrides = ["recipe=tiny_lora", "train.batch_size=1"]
+    report = bench_module.run_bench(overrides, 0, 1, None, True, None, False, start_seq=64, granularity=32)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert report["max_context"] == 96
+    assert lines[0] == "trials:" and lines[-1] == "longest sequence that trains within all GiB: 96 tokens"
+    trial_lines = lines[1:-1]
+    assert [line.split(":")[0].strip() for line in trial_lines] == ["64 tokens", "128 tokens", "96 tokens"]
+    assert trial_lines[1] == "  128 tokens: out of memory"
+    assert trial_lines[0].startswith("  64 tokens: fits, peak not measured (no CUDA), one step ")
