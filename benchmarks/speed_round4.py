@@ -177,12 +177,9 @@ def run_peftctl(
     from peftctl.train.bench import bench
 
     started = time.perf_counter()
-    before = allocated_gib()
     overrides = [*peftctl_overrides(case, model_dir, device), *extra]
     result = bench(overrides, warmup=warmup, steps=steps, seq_len=seq).as_dict()
     result.update(stack="peftctl", case=label or case, wall_s=time.perf_counter() - started)
-    result["load_average_1min"] = os.getloadavg()[0]
-    result["allocated_before_gib"] = before
     free_memory()
     return result
 
@@ -228,7 +225,6 @@ def peft_model(case: str, model_dir: Path, device: str) -> tuple[Any, Any, float
 
 def run_peft(case: str, model_dir: Path, device: str, seq: int, batch: int, warmup: int, steps: int) -> dict[str, Any]:
     started = time.perf_counter()
-    before = allocated_gib()
     model, optimizer, clip = peft_model(case, model_dir, device)
     params = [p for p in model.parameters() if p.requires_grad]
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -262,11 +258,9 @@ def run_peft(case: str, model_dir: Path, device: str, seq: int, batch: int, warm
         # CPU seconds the process used per step (all its threads): near the step time, the step is host-bound
         # (round 9: transformers + peft's LoRA-ckpt step varied 0.30-0.48 s between runs, cause unknown)
         "median_host_cpu_s": statistics.median(host_cpu_times),
-        "load_average_1min": os.getloadavg()[0],  # the machine's, at the end: other processes' CPU use shows here
         "peak_memory_gib": torch.cuda.max_memory_allocated() / GiB if device == "cuda" else None,
         "losses": losses,
         "wall_s": time.perf_counter() - started,
-        "allocated_before_gib": before,
     }
     del model, optimizer, params
     free_memory()
@@ -285,11 +279,16 @@ def side_by_side(case: str, index: int, dirs: dict[str, Path], args: argparse.Na
 
 
 def run_stack(stack: str, case: str, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One side-by-side case through one stack, in this process."""
+    """One side-by-side case through one stack, in this process, with what the process and the machine held
+    around it: GPU memory an earlier run left allocated, and the 1-min load average at the end (other
+    processes' CPU use shows there)."""
+    before = allocated_gib()
     if stack == "peftctl":
-        return run_peftctl(case, model_dir, args.device, args.seq, args.warmup, args.steps)
-    batch = 4 if case == "lora_1b" else 1
-    return run_peft(case, model_dir, args.device, args.seq, batch, args.warmup, args.steps)
+        result = run_peftctl(case, model_dir, args.device, args.seq, args.warmup, args.steps)
+    else:
+        batch = 4 if case == "lora_1b" else 1
+        result = run_peft(case, model_dir, args.device, args.seq, batch, args.warmup, args.steps)
+    return {**result, "allocated_before_gib": before, "load_average_1min": os.getloadavg()[0]}
 
 
 ONE_RUN_RESULT = "one-run result: "

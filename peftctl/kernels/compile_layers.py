@@ -80,11 +80,10 @@ def compile_layer(layer: nn.Module) -> None:
 
 
 def checkpoint_inside_compiled_call(layer: nn.Module) -> bool:
-    """Whether ``layer``'s gradient checkpoint, if on, runs inside the code ``compile_layer`` compiles (or would)."""
-    if isinstance(vars(layer).get("forward"), CheckpointAroundCompiledForward):
-        return False
+    """Whether ``layer``'s gradient checkpoint, if on, runs inside the code ``compile_layer`` compiles (or would);
+    read from the class, so the answer is the same before and after compiling."""
     if own_forward_under_checkpoint_wrapper(layer) is not None:
-        return False  # compile_layer will put it around the compiled forward
+        return False  # compile_layer puts it around the compiled forward
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     around_call = "__call__" in vars(GradientCheckpointingLayer)

@@ -65,19 +65,23 @@ def test_a_checkpoint_compiled_into_the_layers_keeps_python_launchers(unrecognis
         assert inductor_config.cpp_wrapper is not inside
 
 
-def _checkpoint_called_while_compiling(model: torch.nn.Module) -> bool:
-    """Compile the decoder layers as the fast path does, run a training forward and report whether the first
-    layer's checkpoint function was called while torch.compile traced it (so its graph contains the
-    checkpoint) or eagerly, around the compiled code."""
-    layer = decoder_layers(model)[0]
-    while_compiling: list[bool] = []
+def _record_checkpoint_calls(layer: torch.nn.Module, calls: list[bool]) -> None:
+    """Each call of ``layer``'s checkpoint function appends whether torch.compile was tracing it then (so the
+    compiled graph contains the checkpoint) rather than running it eagerly, around the compiled code."""
     checkpoint_function = layer._gradient_checkpointing_func
 
     def recording_checkpoint(*args: object, **kwargs: object) -> object:
-        while_compiling.append(torch.compiler.is_compiling())
+        calls.append(torch.compiler.is_compiling())
         return checkpoint_function(*args, **kwargs)
 
     layer._gradient_checkpointing_func = recording_checkpoint
+
+
+def _checkpoint_called_while_compiling(model: torch.nn.Module) -> bool:
+    """Compile the decoder layers as the fast path does, run a training forward and report whether the first
+    layer's checkpoint function was called while torch.compile traced it or eagerly, around the compiled code."""
+    while_compiling: list[bool] = []
+    _record_checkpoint_calls(decoder_layers(model)[0], while_compiling)
     for each in decoder_layers(model):
         compile_layers.compile_layer(each)
     model.train()
@@ -111,10 +115,9 @@ def test_compiled_layers_checkpoint_only_in_training_with_gradients(capture_only
     model = tiny_llama()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = decoder_layers(model)
-    calls: list[int] = []
+    calls: list[bool] = []
     for layer in layers:
-        checkpoint_function = layer._gradient_checkpointing_func
-        layer._gradient_checkpointing_func = lambda *a, f=checkpoint_function, **k: calls.append(1) or f(*a, **k)
+        _record_checkpoint_calls(layer, calls)
         compile_layers.compile_layer(layer)
     ids = torch.randint(0, 300, (1, 8))
     model.train()
