@@ -1,10 +1,12 @@
 #!/bin/bash
-# Sourced by the device_round9*.sh scripts (run from the repository root on the device, $OUT set):
+# Sourced by the device_round9*.sh and later scripts (run from the repository root on the device, $OUT set):
 # installs the carried wheels (.whl, plus the folders given as arguments) and sets the environment;
 # defines the helpers those scripts share.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .whl/*.whl $(for dir in "$@"; do echo "$dir"/*.whl; done) >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
+# unbuffered: a process that a `timeout` kills still leaves everything it printed in the log (round 10 lost two
+# pytest runs' output that way)
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT/results"
 
 # transformers' version, and whether its GradientCheckpointingLayer checkpoints around __call__ (outside a compiled

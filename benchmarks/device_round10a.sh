@@ -1,5 +1,6 @@
 #!/bin/bash
-# round 10, call A (written in session 9, not yet run; replaces 9c): on the pinned stack (carry [".whl", ".whl-pinned"]),
+# round 10, call A (written in session 9, run in session 10: its three A/B runs hit their 120 s limits while compiling
+# cold, only the profile finished; benchmarks/RESULTS.md round 10): on the pinned stack (carry [".whl", ".whl-pinned"]),
 # LoRA with checkpointing (round 9: 9.5-9.6k tok/s, 1.39x against transformers + peft's best run): the
 # checkpointing flavour A/B (non-reentrant today; transformers' reentrant variant, whose first forward runs an
 # inference graph) and combo_kernels, each in a fresh process; then the first profile of the LoRA ckpt step.

@@ -1,5 +1,6 @@
 #!/bin/bash
-# round 10, call C (session 8's 9b, moved to the pinned stack in session 9; not yet run; carry [".whl", ".whl-pinned"]):
+# round 10, call C (session 8's 9b, moved to the pinned stack in session 9; run in session 10: both pytest processes
+# were killed by their timeouts with their output buffered, results unknown; again as round 11 calls A and B; carry [".whl", ".whl-pinned"]):
 # the GPU tests not yet run with the fast path's current structure: DoRA's loss curve, the dropout curve (decides
 # whether train.kernels=fused can be the default), the QLoRA CLI (train, eval under no_grad, merge, DPO)
 source benchmarks/device_env.sh .whl-pinned

@@ -1,5 +1,5 @@
 #!/bin/bash
-# round 10, call B (written in session 9, not yet run): LoRA with checkpointing, three rounds with each stack in its
+# round 11, call C (written in session 9 as round 10 call B; not yet run): LoRA with checkpointing, three rounds with each stack in its
 # own process (--fresh-process), on the pinned stack (carry [".whl", ".whl-pinned"]); the peft rows now carry min /
 # max step and the process's CPU seconds per step, every row the machine's load average (is its 0.30-0.48 s step
 # host-bound, or is something else using the CPU?)
