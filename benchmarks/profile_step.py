@@ -10,6 +10,7 @@ that op's outermost caller), so a step bound by the host shows which host work t
   python benchmarks/profile_step.py --cases qlora --time-only --timed-steps 8 \
       --inductor-config combo_kernels=True                    # an A/B: the median unprofiled step only
   python benchmarks/profile_step.py --cases qlora --time-only --cpp-launchers-always   # C++ launchers, gate off
+  python benchmarks/profile_step.py --cases lora_ckpt --time-only --per-element-masks    # dropout masks as before
 
 --memory then records the CUDA caching allocator's history over one step (torch.cuda.memory._record_memory_history),
 replays it to the moment of peak allocated memory and prints the live tensors there, grouped by the line of
@@ -254,6 +255,11 @@ def main() -> None:
         action="store_true",
         help="C++ kernel launchers even where the layers' checkpoint is compiled with them (the fast path's gate off)",
     )
+    parser.add_argument(
+        "--per-element-masks",
+        action="store_true",
+        help="the fused LoRA branch draws its dropout mask one uniform per element, then packs it (before round 11)",
+    )
     parser.add_argument("--timed-steps", type=int, default=2, help="unprofiled steps timed before the profile")
     parser.add_argument(
         "--time-only", action="store_true", help="only the unprofiled step time (A/Bs of --inductor-config, --set)"
@@ -274,6 +280,10 @@ def main() -> None:
         import peftctl.kernels
 
         peftctl.kernels.checkpoint_traced_inside_compiled_call = lambda layers: False
+    if args.per_element_masks:
+        import peftctl.kernels.lora_fused
+
+        peftctl.kernels.lora_fused.DRAW_PACKED = False
     seq = 32 if args.smoke else args.seq
     models = args.models_dir or Path(tempfile.mkdtemp(prefix="peftctl-profile-"))
     for case in args.cases.split(","):

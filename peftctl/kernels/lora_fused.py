@@ -39,6 +39,16 @@ from typing import Any
 
 import torch
 
+# Dropout's keep-mask is drawn one byte (8 elements) at a time, already packed: one uniform integer in
+# [0, 2^31) per byte, mapped to the byte's value through the cumulative distribution of the 256 values (bit k
+# keeps element 8j + k with probability 1 - p, the 8 bits independent). Compiled GPU code spends one Philox
+# call per random draw, so this draws 8x fewer than one uniform per element and needs no packing pass. Each
+# byte value's probability is exact up to the 2^-31 grid. False: one torch.rand draw per element, then
+# pack_mask (the draw before round 11; kept as the A/B of `benchmarks/profile_step.py --per-element-masks`
+# until a GPU round has timed both).
+DRAW_PACKED = True
+DRAW_RANGE = 2**31
+
 
 def bit_weights(device: torch.device) -> torch.Tensor:
     """1, 2, 4, ..., 128 as uint8 (the place value of each mask bit in a packed byte), made on the device."""
@@ -62,9 +72,37 @@ def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return bits.reshape(-1)[: shape.numel()].view(shape)
 
 
+def byte_value_bounds(p: float) -> tuple[int, ...]:
+    """For byte values v = 0..254, the exclusive upper bound of the draws in [0, DRAW_RANGE) that give v:
+    the cumulative sum of P(u) = (1 - p)^popcount(u) · p^(8 - popcount(u)) over u <= v, on the 2^-31 grid.
+    Plain Python: under torch.compile it runs once, while tracing, and the bounds become constants."""
+    keep, cumulative, bounds = 1.0 - p, 0.0, []
+    for value in range(255):
+        kept = value.bit_count()
+        cumulative += keep**kept * p ** (8 - kept)
+        bounds.append(min(round(cumulative * DRAW_RANGE), DRAW_RANGE))
+    return tuple(bounds)
+
+
+def draw_packed_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """The keep-mask of ``shape`` for dropout ``p``, packed as pack_mask packs it (DRAW_PACKED's comment)."""
+    draws = torch.randint(0, DRAW_RANGE, ((shape.numel() + 7) // 8,), device=device)
+    bounds = torch.tensor(byte_value_bounds(p), device=device)
+    # right=True: bounds[v - 1] <= draw < bounds[v] gives v (bounds[-1] = 0, bounds[255] = DRAW_RANGE)
+    return torch.bucketize(draws, bounds, right=True).to(torch.uint8)
+
+
+def packed_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Which elements of x dropout keeps, Bernoulli(1 - p) each, packed one bit per element; drawn from the
+    default generator of x's device."""
+    if DRAW_PACKED:
+        return draw_packed_keep_mask(x.shape, p, x.device)
+    return pack_mask(torch.rand(x.shape, device=x.device) >= p)
+
+
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Which elements dropout keeps: Bernoulli(1 - p), drawn from the default generator of x's device."""
-    return torch.rand(x.shape, device=x.device) >= p
+    """packed_keep_mask as a bool tensor of x's shape (the same draw: the same seed gives the same mask)."""
+    return unpack_mask(packed_keep_mask(x, p), x.shape)
 
 
 def dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
@@ -85,11 +123,11 @@ class FusedLoraBranch(torch.autograd.Function):
         p: float,
         compute_dtype: torch.dtype,
     ) -> torch.Tensor:
-        mask = keep_mask(x, p) if p > 0 else None
+        packed = packed_keep_mask(x, p) if p > 0 else None
+        mask = unpack_mask(packed, x.shape) if packed is not None else None
         a, b = weight_a.to(compute_dtype), weight_b.to(compute_dtype)
         u = dropped(x.to(compute_dtype), mask, p)
         h = u @ a.t()
-        packed = pack_mask(mask) if mask is not None else None
         ctx.save_for_backward(x, h, weight_a, weight_b, packed)
         ctx.scale, ctx.p, ctx.compute_dtype = scale, p, compute_dtype
         return (h @ b.t()) * scale
