@@ -35,8 +35,9 @@ def _grads(out: torch.Tensor, leaves: tuple[torch.Tensor, ...], upstream: torch.
     return list(torch.autograd.grad(out, leaves, upstream))
 
 
-@pytest.mark.parametrize("draw_packed", [True, False], ids=["byte_draws", "element_draws"])
-@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize(
+    ("p", "draw_packed"), [(0.0, True), (0.3, True), (0.3, False)], ids=["no_dropout", "byte_draws", "element_draws"]
+)
 def test_fused_branch_matches_autograd_of_the_unfused_math_fp32(
     p: float, draw_packed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -107,7 +108,7 @@ def test_byte_at_a_time_draw_gives_independent_bernoulli_bits(p: float) -> None:
     """The packed draw (8 mask bits from one uniform draw) against the distribution it must have: each byte
     value with probability (1 - p)^kept · p^(8 - kept), on the 2^-31 grid; then 2^20 drawn bytes: every bit
     position keeps 1 - p of its elements, two positions of a byte keep together (1 - p)^2 of the time, and the
-    kept count per byte follows Binomial(8, 1 - p) (tolerances: about 6 standard errors)."""
+    kept count per byte follows Binomial(8, 1 - p) (tolerances: 6 standard errors or more)."""
     bounds = [0, *lora_fused.byte_value_bounds(p), lora_fused.DRAW_RANGE]
     for value in range(256):
         kept = bin(value).count("1")
@@ -127,18 +128,6 @@ def test_byte_at_a_time_draw_gives_independent_bernoulli_bits(p: float) -> None:
     counts = torch.bincount(bits.sum(dim=1).long(), minlength=9).double() / 2**20
     binomial = torch.tensor([math.comb(8, k) * (1 - p) ** k * p ** (8 - k) for k in range(9)], dtype=torch.float64)
     assert (counts - binomial).abs().max() <= tolerance
-
-
-def test_keep_mask_is_the_packed_draw_unpacked() -> None:
-    """keep_mask (the tests' oracle for the fused branch's mask) and the fused branch draw the same bits from
-    the same seed, also where the element count is not a multiple of 8."""
-    x = torch.zeros(3, 5, 7)
-    torch.manual_seed(4)
-    mask = keep_mask(x, 0.3)
-    torch.manual_seed(4)
-    packed = lora_fused.packed_keep_mask(x, 0.3)
-    assert mask.shape == x.shape and packed.numel() == 14
-    assert torch.equal(mask, unpack_mask(packed, x.shape))
 
 
 def _qkv_layers(bits4: bool = False) -> list[LoraLinear]:
