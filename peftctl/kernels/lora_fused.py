@@ -39,14 +39,14 @@ from typing import Any
 
 import torch
 
-# Dropout's keep-mask is drawn one byte (8 elements) at a time, already packed: one uniform integer in
+# How dropout's keep-mask is drawn. False (the draw every GPU round so far has measured): one torch.rand draw
+# per element, then pack_mask. True: one byte (8 elements) at a time, already packed: one uniform integer in
 # [0, 2^31) per byte, mapped to the byte's value through the cumulative distribution of the 256 values (bit k
-# keeps element 8j + k with probability 1 - p, the 8 bits independent). Compiled GPU code spends one Philox
-# call per random draw, so this draws 8x fewer than one uniform per element and needs no packing pass. Each
-# byte value's probability is exact up to the 2^-31 grid. False: one torch.rand draw per element, then
-# pack_mask (the draw before round 11; kept as the A/B of `benchmarks/profile_step.py --per-element-masks`
-# until a GPU round has timed both).
-DRAW_PACKED = True
+# keeps element 8j + k with probability 1 - p, the 8 bits independent; each value's probability exact up to the
+# 2^-31 grid). Compiled GPU code spends one Philox call per random draw, so the byte draw makes 8x fewer and
+# needs no packing pass; it has not yet run on a GPU (`benchmarks/device_round11d.sh` is its test and A/B,
+# `benchmarks/profile_step.py --byte-masks`). Make it the default once that has passed, and drop the other.
+DRAW_MASK_BYTES = False
 DRAW_RANGE = 2**31
 
 
@@ -85,7 +85,7 @@ def byte_value_bounds(p: float) -> tuple[int, ...]:
 
 
 def draw_packed_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """The keep-mask of ``shape`` for dropout ``p``, packed as pack_mask packs it (DRAW_PACKED's comment)."""
+    """The keep-mask of ``shape`` for dropout ``p``, packed as pack_mask packs it (DRAW_MASK_BYTES's comment)."""
     draws = torch.randint(0, DRAW_RANGE, ((shape.numel() + 7) // 8,), device=device)
     bounds = torch.tensor(byte_value_bounds(p), device=device)
     # right=True: bounds[v - 1] <= draw < bounds[v] gives v (bounds[-1] = 0, bounds[255] = DRAW_RANGE)
@@ -95,7 +95,7 @@ def draw_packed_keep_mask(shape: torch.Size, p: float, device: torch.device) -> 
 def packed_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Which elements of x dropout keeps, Bernoulli(1 - p) each, packed one bit per element; drawn from the
     default generator of x's device."""
-    if DRAW_PACKED:
+    if DRAW_MASK_BYTES:
         return draw_packed_keep_mask(x.shape, p, x.device)
     return pack_mask(torch.rand(x.shape, device=x.device) >= p)
 

@@ -130,9 +130,16 @@ def test_fast_path_with_dropout_follows_the_eager_loss_curve(tmp_path: Path, cap
     assert deviation <= 1e-2
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_fused_lora_branch_on_cuda_matches_the_unfused_math_and_compiles_without_graph_breaks(p: float) -> None:
+@pytest.mark.parametrize(
+    ("p", "byte_draws"), [(0.0, False), (0.1, False), (0.1, True)], ids=["no_dropout", "element_draws", "byte_draws"]
+)
+def test_fused_lora_branch_on_cuda_matches_the_unfused_math_and_compiles_without_graph_breaks(
+    p: float, byte_draws: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peftctl.kernels import lora_fused
     from peftctl.kernels.lora_fused import fused_lora_branch, keep_mask
+
+    monkeypatch.setattr(lora_fused, "DRAW_MASK_BYTES", byte_draws)  # byte draws: Inductor's Triton randint + bucketize
 
     generator = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(2, 64, 256, device="cuda", generator=generator, requires_grad=True)

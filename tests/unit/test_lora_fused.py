@@ -36,12 +36,12 @@ def _grads(out: torch.Tensor, leaves: tuple[torch.Tensor, ...], upstream: torch.
 
 
 @pytest.mark.parametrize(
-    ("p", "draw_packed"), [(0.0, True), (0.3, True), (0.3, False)], ids=["no_dropout", "byte_draws", "element_draws"]
+    ("p", "byte_draws"), [(0.0, False), (0.3, False), (0.3, True)], ids=["no_dropout", "element_draws", "byte_draws"]
 )
 def test_fused_branch_matches_autograd_of_the_unfused_math_fp32(
-    p: float, draw_packed: bool, monkeypatch: pytest.MonkeyPatch
+    p: float, byte_draws: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(lora_fused, "DRAW_PACKED", draw_packed)  # both mask draws (the A/B of profile_step.py)
+    monkeypatch.setattr(lora_fused, "DRAW_MASK_BYTES", byte_draws)  # both mask draws (the A/B of profile_step.py)
     x, a, b = _leaves(torch.float32)
     upstream = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)
@@ -75,14 +75,18 @@ def test_fused_branch_bf16_under_autocast_keeps_the_plain_dtypes() -> None:
         assert float((g.detach().float() - w.detach().float()).norm() / w.detach().float().norm()) < 1e-2
 
 
+@pytest.mark.parametrize("byte_draws", [False, True], ids=["element_draws", "byte_draws"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_fused_branch_traces_as_one_graph_and_backward_uses_the_forward_mask(backend: str) -> None:
+def test_fused_branch_traces_as_one_graph_and_backward_uses_the_forward_mask(
+    backend: str, byte_draws: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The fast path compiles whole decoder layers: the fused function must trace without a graph break
-    (fullgraph=True; AOT autograd, and Inductor's real CPU code generation for the packed mask draw) and its
+    (fullgraph=True; AOT autograd, and Inductor's real CPU code generation of either mask draw) and its
     compiled backward must use the forward's dropout mask (the output rebuilt from the mask that x's gradient
     reveals equals the output)."""
     if backend == "inductor" and shutil.which(cxx_compiler()) is None:
         pytest.skip(f"Inductor's C++ compiler {cxx_compiler()!r} is not installed: no CPU code generation here")
+    monkeypatch.setattr(lora_fused, "DRAW_MASK_BYTES", byte_draws)
     torch._dynamo.reset()
     x, a, b = _leaves(torch.float32)
     compiled = torch.compile(lambda x, a, b: fused_lora_branch(x, a, b, 2.0, 0.3), fullgraph=True, backend=backend)
