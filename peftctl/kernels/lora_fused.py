@@ -92,17 +92,19 @@ def draw_packed_keep_mask(shape: torch.Size, p: float, device: torch.device) -> 
     return torch.bucketize(draws, bounds, right=True).to(torch.uint8)
 
 
-def packed_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Which elements of x dropout keeps, Bernoulli(1 - p) each, packed one bit per element; drawn from the
-    default generator of x's device."""
+def draw_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which elements of x dropout keeps, Bernoulli(1 - p) each, drawn from the default generator of x's device:
+    (the bool mask of x's shape, the same mask packed one bit per element), the draw DRAW_MASK_BYTES picks."""
     if DRAW_MASK_BYTES:
-        return draw_packed_keep_mask(x.shape, p, x.device)
-    return pack_mask(torch.rand(x.shape, device=x.device) >= p)
+        packed = draw_packed_keep_mask(x.shape, p, x.device)
+        return unpack_mask(packed, x.shape), packed
+    mask = torch.rand(x.shape, device=x.device) >= p
+    return mask, pack_mask(mask)
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """packed_keep_mask as a bool tensor of x's shape (the same draw: the same seed gives the same mask)."""
-    return unpack_mask(packed_keep_mask(x, p), x.shape)
+    """The bool mask of draw_keep_mask (the same seed gives the fused branch's mask)."""
+    return draw_keep_mask(x, p)[0]
 
 
 def dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
@@ -123,8 +125,7 @@ class FusedLoraBranch(torch.autograd.Function):
         p: float,
         compute_dtype: torch.dtype,
     ) -> torch.Tensor:
-        packed = packed_keep_mask(x, p) if p > 0 else None
-        mask = unpack_mask(packed, x.shape) if packed is not None else None
+        mask, packed = draw_keep_mask(x, p) if p > 0 else (None, None)
         a, b = weight_a.to(compute_dtype), weight_b.to(compute_dtype)
         u = dropped(x.to(compute_dtype), mask, p)
         h = u @ a.t()
