@@ -102,11 +102,6 @@ def draw_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tenso
     return mask, pack_mask(mask)
 
 
-def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The bool mask of draw_keep_mask (the same seed gives the fused branch's mask)."""
-    return draw_keep_mask(x, p)[0]
-
-
 def dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
     """u = x ⊙ m / (1 - p) (x itself without dropout)."""
     return x if mask is None else x * (mask.to(x.dtype) / (1.0 - p))  # the order nn.Dropout rounds in

@@ -137,7 +137,7 @@ def test_fused_lora_branch_on_cuda_matches_the_unfused_math_and_compiles_without
     p: float, byte_draws: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from peftctl.kernels import lora_fused
-    from peftctl.kernels.lora_fused import fused_lora_branch, keep_mask
+    from peftctl.kernels.lora_fused import draw_keep_mask, fused_lora_branch
 
     monkeypatch.setattr(lora_fused, "DRAW_MASK_BYTES", byte_draws)  # byte draws: Inductor's Triton randint + bucketize
 
@@ -150,7 +150,7 @@ def test_fused_lora_branch_on_cuda_matches_the_unfused_math_and_compiles_without
     fused = fused_lora_branch(x, a, b, 2.0, p)
     got = torch.autograd.grad(fused, (x, a, b), upstream)
     torch.manual_seed(5)
-    mask = keep_mask(x, p) if p > 0 else torch.ones_like(x, dtype=torch.bool)
+    mask = draw_keep_mask(x, p)[0] if p > 0 else torch.ones_like(x, dtype=torch.bool)
     reference = ((x * (mask.float() / (1 - p))) @ a.t()) @ b.t() * 2.0
     want = torch.autograd.grad(reference, (x, a, b), upstream)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-4)

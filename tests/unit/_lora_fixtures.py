@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.lora import LoraConfig
+from peftctl.models.compat import enable_activation_checkpointing
 
 
 class TinyAllTypes(nn.Module):
@@ -58,7 +59,7 @@ def checkpointed_lora_llama(layers: int = 2, dropout: float = 0.0) -> nn.Module:
     """tiny_llama with non-reentrant gradient checkpointing (as `peftctl train` sets it) and an all-linear LoRA
     (r=4, random B so gradients reach A), in training mode."""
     base = tiny_llama(layers=layers)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(base)
     base.enable_input_require_grads()
     torch.manual_seed(1)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)

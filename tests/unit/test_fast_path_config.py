@@ -22,6 +22,7 @@ from peftctl.kernels import (
     compile_layers,
     decoder_layers,
 )
+from peftctl.models.compat import enable_activation_checkpointing
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_checkpoint_placement_is_read_as_the_compiled_layers_really_call_it(
         request.getfixturevalue("unrecognised_checkpoint_wrapper")
     model = tiny_llama()
     assert checkpoint_traced_inside_compiled_call(decoder_layers(model)) is False  # no checkpointing: nothing traced
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     predicted = checkpoint_traced_inside_compiled_call(decoder_layers(model))
     assert _checkpoint_called_while_compiling(model) is predicted
     assert checkpoint_traced_inside_compiled_call(decoder_layers(model)) is predicted  # also read after compiling
@@ -113,7 +114,7 @@ def test_compiled_layers_checkpoint_only_in_training_with_gradients(capture_only
     """The checkpoint wrapper around the compiled forward reads the switches per call: training with gradients
     checkpoints; eval, and a no-grad forward in training mode (generation during a run), run the layer as is."""
     model = tiny_llama()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     layers = decoder_layers(model)
     calls: list[bool] = []
     for layer in layers:

@@ -14,7 +14,7 @@ from torch import nn
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.lora import LoraConfig, LoraLinear
 from peftctl.kernels import apply_fast_path, cxx_compiler, enable_fused_lora, lora_fused
-from peftctl.kernels.lora_fused import fused_lora_branch, keep_mask, pack_mask, unpack_mask
+from peftctl.kernels.lora_fused import draw_keep_mask, fused_lora_branch, pack_mask, unpack_mask
 
 
 def _unfused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, mask: torch.Tensor | None, p: float):
@@ -48,7 +48,7 @@ def test_fused_branch_matches_autograd_of_the_unfused_math_fp32(
     fused = fused_lora_branch(x, a, b, 1.5, p)
     fused_grads = _grads(fused, (x, a, b), upstream)
     torch.manual_seed(7)  # the same draw gives the same mask
-    mask = keep_mask(x, p) if p > 0 else None
+    mask = draw_keep_mask(x, p)[0] if p > 0 else None
     reference = _unfused(x, a, b, 1.5, mask, p)
     reference_grads = _grads(reference, (x, a, b), upstream)
     assert mask is None or 0 < int(mask.sum()) < mask.numel()  # dropout really dropped something
@@ -67,7 +67,7 @@ def test_fused_branch_bf16_under_autocast_keeps_the_plain_dtypes() -> None:
         torch.manual_seed(3)
         fused = fused_lora_branch(x, a, b, 2.0, 0.1)
         torch.manual_seed(3)
-        reference = _unfused(x, a.to(torch.bfloat16), b.to(torch.bfloat16), 2.0, keep_mask(x, 0.1), 0.1)
+        reference = _unfused(x, a.to(torch.bfloat16), b.to(torch.bfloat16), 2.0, draw_keep_mask(x, 0.1)[0], 0.1)
     got, want = _grads(fused, (x, a, b), upstream), _grads(reference, (x, a, b), upstream)
     assert fused.dtype == torch.bfloat16
     assert [g.dtype for g in got] == [torch.bfloat16, torch.float32, torch.float32]
