@@ -114,10 +114,14 @@ def pack_examples(examples: list[Example], max_seq_len: int, split: bool = False
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The forward arguments of a collated causal-LM batch: packed batches pass position_ids (and
-    no mask, so transformers builds the per-example mask); padded batches the attention mask."""
+    no mask, so transformers builds the per-example mask); padded batches the attention mask.
+
+    Never a key/value cache: a loss forward reads no earlier keys, and a cache would only cost its
+    bookkeeping and, under the fast path, one compiled graph per decoder layer (dynamo guards on each
+    layer's cache slot and ``layer_idx``: 16 graphs for a 4-layer model, 20-60 s of compiling each)."""
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
 def packing_efficiency(rows: list[PackedRow], max_seq_len: int) -> float:

@@ -15,6 +15,8 @@ import torch._inductor.config as inductor_config
 from _lora_fixtures import checkpointed_lora_llama, loss_and_adapter_grads, tiny_llama
 from torch._dynamo.utils import counters
 
+from peftctl.adapters import get_adapted_model
+from peftctl.adapters.lora import LoraConfig
 from peftctl.kernels import (
     apply_fast_path,
     checkpoint_traced_inside_compiled_call,
@@ -23,6 +25,7 @@ from peftctl.kernels import (
     decoder_layers,
 )
 from peftctl.models.compat import enable_activation_checkpointing
+from peftctl.train.chunked_ce import causal_lm_loss_sum
 
 
 @pytest.fixture
@@ -172,3 +175,35 @@ def test_cpp_launchers_compile_the_checkpointed_layers_like_eager() -> None:
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def _lora_llama_without_checkpointing(layers: int) -> torch.nn.Module:
+    base = tiny_llama(layers=layers)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_adapted_model(base, config).train()
+
+
+def _graphs_for_a_train_and_an_eval_step(layers: int) -> int:
+    """Compiled graphs after one training loss + backward and one no-grad evaluation loss, both through the
+    training loop's loss (causal_lm_loss_sum) on a padded batch, with the fast path on a LoRA Llama."""
+    torch._dynamo.reset()
+    model = _lora_llama_without_checkpointing(layers)
+    with inductor_config.patch(cpp_wrapper=False, emulate_precision_casts=False):  # apply_fast_path sets them
+        apply_fast_path(model, torch.device("cuda"), model.peft_config["default"])
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    graphs_before = counters["stats"]["unique_graphs"]
+    loss, _ = causal_lm_loss_sum(model, batch)
+    loss.backward()
+    with torch.no_grad():
+        causal_lm_loss_sum(model, batch)
+    return counters["stats"]["unique_graphs"] - graphs_before
+
+
+def test_compiled_decoder_layers_share_their_graphs_whatever_the_depth(capture_only_compiler: None) -> None:
+    """The loss forward runs without a key/value cache, so dynamo does not guard on each layer's cache slot and
+    ``layer_idx``: a 2-layer and a 4-layer model compile the same few graphs (the first layer, whose input needs
+    no gradient; the others; the no-grad evaluation), where a cache cost one graph per layer (an 8B model: 32,
+    minutes of compiling)."""
+    shallow, deep = _graphs_for_a_train_and_an_eval_step(2), _graphs_for_a_train_and_an_eval_step(4)
+    assert 1 <= deep <= 3 and deep == shallow, (shallow, deep)
