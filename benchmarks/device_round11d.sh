@@ -5,6 +5,7 @@
 # ~1 - p and its backward uses the forward's mask; the byte draw through Inductor's Triton randint + bucketize),
 # then the LoRA-ckpt step A/B, today's per-element draw against --byte-masks, each in a fresh process with room
 # for a cold compile.
+# (round 11 made the byte draw the only one and removed --byte-masks: this script is the record of that A/B)
 source benchmarks/device_env.sh .whl-pinned
 timeout 150 python -m pytest -o addopts="" -m gpu -p no:logging -p no:cacheprovider -s -rA \
   "tests/gpu/test_fast_path_gpu.py::test_fused_lora_branch_on_cuda_matches_the_unfused_math_and_compiles_without_graph_breaks" \

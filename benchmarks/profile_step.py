@@ -10,7 +10,6 @@ that op's outermost caller), so a step bound by the host shows which host work t
   python benchmarks/profile_step.py --cases qlora --time-only --timed-steps 8 \
       --inductor-config combo_kernels=True                    # an A/B: the median unprofiled step only
   python benchmarks/profile_step.py --cases qlora --time-only --cpp-launchers-always   # C++ launchers, gate off
-  python benchmarks/profile_step.py --cases lora_ckpt --time-only --byte-masks   # dropout masks drawn 8 bits a draw
 
 --memory then records the CUDA caching allocator's history over one step (torch.cuda.memory._record_memory_history),
 replays it to the moment of peak allocated memory and prints the live tensors there, grouped by the line of
@@ -255,11 +254,6 @@ def main() -> None:
         action="store_true",
         help="C++ kernel launchers even where the layers' checkpoint is compiled with them (the fast path's gate off)",
     )
-    parser.add_argument(
-        "--byte-masks",
-        action="store_true",
-        help="the fused LoRA branch draws its dropout mask a byte (8 elements) per random draw (lora_fused.py)",
-    )
     parser.add_argument("--timed-steps", type=int, default=2, help="unprofiled steps timed before the profile")
     parser.add_argument(
         "--time-only", action="store_true", help="only the unprofiled step time (A/Bs of --inductor-config, --set)"
@@ -280,10 +274,6 @@ def main() -> None:
         import peftctl.kernels
 
         peftctl.kernels.checkpoint_traced_inside_compiled_call = lambda layers: False
-    if args.byte_masks:
-        import peftctl.kernels.lora_fused
-
-        peftctl.kernels.lora_fused.DRAW_MASK_BYTES = True
     seq = 32 if args.smoke else args.seq
     models = args.models_dir or Path(tempfile.mkdtemp(prefix="peftctl-profile-"))
     for case in args.cases.split(","):

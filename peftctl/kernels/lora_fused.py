@@ -39,14 +39,12 @@ from typing import Any
 
 import torch
 
-# How dropout's keep-mask is drawn. False (the draw every GPU round so far has measured): one torch.rand draw
-# per element, then pack_mask. True: one byte (8 elements) at a time, already packed: one uniform integer in
-# [0, 2^31) per byte, mapped to the byte's value through the cumulative distribution of the 256 values (bit k
-# keeps element 8j + k with probability 1 - p, the 8 bits independent; each value's probability exact up to the
-# 2^-31 grid). Compiled GPU code spends one Philox call per random draw, so the byte draw makes 8x fewer and
-# needs no packing pass; it has not yet run on a GPU (`benchmarks/device_round11d.sh` is its test and A/B,
-# `benchmarks/profile_step.py --byte-masks`). Make it the default once that has passed, and drop the other.
-DRAW_MASK_BYTES = False
+# Dropout's keep-mask is drawn a byte (8 elements) at a time, already packed: one uniform integer in [0, 2^31) per
+# byte, mapped to the byte's value through the cumulative distribution of the 256 values (bit k keeps element
+# 8j + k with probability 1 - p, the 8 bits independent; each value's probability exact up to the 2^-31 grid).
+# Compiled GPU code spends one Philox call per random draw, so this makes 8x fewer than one torch.rand per
+# element and needs no packing pass: the 8B LoRA-checkpointing step took 0.209 s against 0.228 s with
+# per-element draws (H200, round 11, benchmarks/device_round11d.sh).
 DRAW_RANGE = 2**31
 
 
@@ -57,17 +55,8 @@ def bit_weights(device: torch.device) -> torch.Tensor:
     )
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask as one bit per element (uint8, ceil(numel / 8) bytes)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    padding = (-flat.numel()) % 8
-    if padding:
-        flat = torch.cat([flat, flat.new_zeros(padding)])
-    return (flat.view(-1, 8) * bit_weights(mask.device)).sum(dim=1, dtype=torch.uint8)
-
-
 def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Inverse of pack_mask: the bool mask of ``shape``."""
+    """The bool mask of ``shape`` from its packing: bit k of byte j is element 8j + k."""
     bits = torch.bitwise_and(packed.unsqueeze(1), bit_weights(packed.device)) != 0
     return bits.reshape(-1)[: shape.numel()].view(shape)
 
@@ -85,7 +74,7 @@ def byte_value_bounds(p: float) -> tuple[int, ...]:
 
 
 def draw_packed_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """The keep-mask of ``shape`` for dropout ``p``, packed as pack_mask packs it (DRAW_MASK_BYTES's comment)."""
+    """The keep-mask of ``shape`` for dropout ``p``, packed one bit per element (the comment on DRAW_RANGE)."""
     draws = torch.randint(0, DRAW_RANGE, ((shape.numel() + 7) // 8,), device=device)
     bounds = torch.tensor(byte_value_bounds(p), device=device)
     # right=True: bounds[v - 1] <= draw < bounds[v] gives v (bounds[-1] = 0, bounds[255] = DRAW_RANGE)
@@ -94,12 +83,9 @@ def draw_packed_keep_mask(shape: torch.Size, p: float, device: torch.device) -> 
 
 def draw_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Which elements of x dropout keeps, Bernoulli(1 - p) each, drawn from the default generator of x's device:
-    (the bool mask of x's shape, the same mask packed one bit per element), the draw DRAW_MASK_BYTES picks."""
-    if DRAW_MASK_BYTES:
-        packed = draw_packed_keep_mask(x.shape, p, x.device)
-        return unpack_mask(packed, x.shape), packed
-    mask = torch.rand(x.shape, device=x.device) >= p
-    return mask, pack_mask(mask)
+    (the bool mask of x's shape, the same mask packed one bit per element)."""
+    packed = draw_packed_keep_mask(x.shape, p, x.device)
+    return unpack_mask(packed, x.shape), packed
 
 
 def dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:

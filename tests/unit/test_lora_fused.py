@@ -14,7 +14,7 @@ from torch import nn
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.lora import LoraConfig, LoraLinear
 from peftctl.kernels import apply_fast_path, cxx_compiler, enable_fused_lora, lora_fused
-from peftctl.kernels.lora_fused import draw_keep_mask, fused_lora_branch, pack_mask, unpack_mask
+from peftctl.kernels.lora_fused import draw_keep_mask, fused_lora_branch, unpack_mask
 
 
 def _unfused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, mask: torch.Tensor | None, p: float):
@@ -35,13 +35,8 @@ def _grads(out: torch.Tensor, leaves: tuple[torch.Tensor, ...], upstream: torch.
     return list(torch.autograd.grad(out, leaves, upstream))
 
 
-@pytest.mark.parametrize(
-    ("p", "byte_draws"), [(0.0, False), (0.3, False), (0.3, True)], ids=["no_dropout", "element_draws", "byte_draws"]
-)
-def test_fused_branch_matches_autograd_of_the_unfused_math_fp32(
-    p: float, byte_draws: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(lora_fused, "DRAW_MASK_BYTES", byte_draws)  # both mask draws (the A/B of profile_step.py)
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
+def test_fused_branch_matches_autograd_of_the_unfused_math_fp32(p: float) -> None:
     x, a, b = _leaves(torch.float32)
     upstream = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)
@@ -75,18 +70,14 @@ def test_fused_branch_bf16_under_autocast_keeps_the_plain_dtypes() -> None:
         assert float((g.detach().float() - w.detach().float()).norm() / w.detach().float().norm()) < 1e-2
 
 
-@pytest.mark.parametrize("byte_draws", [False, True], ids=["element_draws", "byte_draws"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_fused_branch_traces_as_one_graph_and_backward_uses_the_forward_mask(
-    backend: str, byte_draws: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fused_branch_traces_as_one_graph_and_backward_uses_the_forward_mask(backend: str) -> None:
     """The fast path compiles whole decoder layers: the fused function must trace without a graph break
     (fullgraph=True; AOT autograd, and Inductor's real CPU code generation of either mask draw) and its
     compiled backward must use the forward's dropout mask (the output rebuilt from the mask that x's gradient
     reveals equals the output)."""
     if backend == "inductor" and shutil.which(cxx_compiler()) is None:
         pytest.skip(f"Inductor's C++ compiler {cxx_compiler()!r} is not installed: no CPU code generation here")
-    monkeypatch.setattr(lora_fused, "DRAW_MASK_BYTES", byte_draws)
     torch._dynamo.reset()
     x, a, b = _leaves(torch.float32)
     compiled = torch.compile(lambda x, a, b: fused_lora_branch(x, a, b, 2.0, 0.3), fullgraph=True, backend=backend)
@@ -100,11 +91,11 @@ def test_fused_branch_traces_as_one_graph_and_backward_uses_the_forward_mask(
     torch._dynamo.reset()
 
 
-def test_mask_packs_to_one_bit_per_element_and_back() -> None:
-    mask = torch.rand(3, 5, 7) > 0.5  # 105 elements: not a multiple of 8
-    packed = pack_mask(mask)
-    assert packed.dtype == torch.uint8 and packed.numel() == 14
-    assert torch.equal(unpack_mask(packed, mask.shape), mask)
+def test_packed_mask_holds_element_8j_plus_k_in_bit_k_of_byte_j() -> None:
+    """The layout the forward's draw and the backward's unpacking share; the last byte's unused bits ignored."""
+    packed = torch.tensor([0b00000101, 0b10000000, 0b11111110], dtype=torch.uint8)
+    mask = unpack_mask(packed, torch.Size([3, 7]))  # 21 elements: 3 bits of the last byte unused
+    assert mask.reshape(-1).nonzero().flatten().tolist() == [0, 2, 15, 17, 18, 19, 20]
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
