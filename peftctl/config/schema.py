@@ -179,9 +179,10 @@ class TrainConfig:
     # null: every decoder layer is checkpointed; N: only the first N of them (the last ones keep their
     # activations and skip the recompute: faster, more memory; train/layer_checkpointing.py)
     gradient_checkpointing_layers: Optional[int] = None
-    # auto: the CUDA fast path (peftctl/kernels) where it applies, the eager path elsewhere; off: always eager;
-    # fused: auto plus the fused LoRA branch (kernels/lora_fused.py; opt-in until its GPU numerics test passes)
-    kernels: Literal["auto", "fused", "off"] = "auto"
+    # auto: the CUDA fast path (peftctl/kernels) where it applies (decoder layers compiled, the LoRA branch fused:
+    # kernels/lora_fused.py), the eager path elsewhere; compile: the layers compiled, the LoRA branch as eager
+    # computes it (an A/B); fused: the same as auto (its name while the fused branch was opt-in); off: always eager
+    kernels: Literal["auto", "fused", "compile", "off"] = "auto"
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only the final adapter

@@ -53,7 +53,7 @@ ADAPTER_NAME = "default"
 
 
 def apply_kernels(model: nn.Module, cfg: RunConfig, device: torch.device) -> str:
-    """The CUDA fast path where ``train.kernels=auto`` and it applies (peftctl/kernels); a one-line note."""
+    """The CUDA fast path where ``train.kernels`` is not off and it applies (peftctl/kernels); a one-line note."""
     if cfg.train.kernels == "off":
         return "off (train.kernels=off)"
     if fsdp.uses_fsdp(cfg):  # compiled blocks under FSDP2's hooks are not measured
@@ -63,7 +63,7 @@ def apply_kernels(model: nn.Module, cfg: RunConfig, device: torch.device) -> str
         # differently, and in bf16 its summed log-probs drift from the policy's by a few nats over 2k
         # tokens (8B QLoRA DPO on an H200: step-1 loss 0.88 instead of ln 2). Eager layers keep them equal.
         return f"off (train.objective={cfg.train.objective} compares the policy with a reference pass)"
-    note = apply_fast_path(model, device, cfg.adapter, fused_lora=cfg.train.kernels == "fused")
+    note = apply_fast_path(model, device, cfg.adapter, fused_lora=cfg.train.kernels != "compile")
     if note.startswith("on") and enable_fused_cross_entropy(model):
         note += ", compiled cross-entropy chunks"
     return note

@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.lora import LoraConfig
+from peftctl.config.compose import compose_config
 from peftctl.kernels import (
     apply_fast_path,
     checkpoint_traced_inside_compiled_call,
@@ -26,6 +27,7 @@ from peftctl.kernels import (
 )
 from peftctl.models.compat import enable_activation_checkpointing
 from peftctl.train.chunked_ce import causal_lm_loss_sum
+from peftctl.train.run import apply_kernels
 
 
 @pytest.fixture
@@ -207,3 +209,18 @@ def test_compiled_decoder_layers_share_their_graphs_whatever_the_depth(capture_o
     minutes of compiling)."""
     shallow, deep = _graphs_for_a_train_and_an_eval_step(2), _graphs_for_a_train_and_an_eval_step(4)
     assert 1 <= deep <= 3 and deep == shallow, (shallow, deep)
+
+
+@pytest.mark.parametrize(("kernels", "fused"), [("auto", True), ("fused", True), ("compile", False)])
+def test_train_kernels_setting_picks_the_fused_lora_branch(
+    kernels: str, fused: bool, capture_only_compiler: None
+) -> None:
+    """train.kernels=auto (the default) compiles the layers with the fused LoRA branch, as every acceptance figure
+    was measured; `compile` leaves the branch as eager computes it; `fused` (its name while opt-in) equals auto."""
+    model = _lora_llama_without_checkpointing(2)
+    cfg = compose_config(["recipe=tiny_lora", f"train.kernels={kernels}"])
+    with inductor_config.patch(cpp_wrapper=False, emulate_precision_casts=False):  # apply_kernels sets them
+        note = apply_kernels(model, cfg, torch.device("cuda"))
+    assert note.startswith("on: 2 x LlamaDecoderLayer under torch.compile"), note
+    assert ("fused LoRA branch in 14 layers" in note) == fused, note
+    assert all(getattr(m, "fused_lora", False) == fused for m in model.modules() if hasattr(m, "supports_fused_lora"))
