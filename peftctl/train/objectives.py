@@ -135,7 +135,8 @@ def sequence_logps(
     (2 x 1024 x 128k = 1 GiB, and as much for their log-softmax) are never alive at once."""
     shift_labels = labels[:, 1:]
     with head_as_identity(model) as head:
-        output = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        # no key/value cache: nothing reads it, and under the fast path it costs a compiled graph per layer
+        output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         output = output[:, -labels.shape[1] :]  # prompt-family methods prepend virtual-token positions
         if head is not None and output.size(-1) == getattr(head, "in_features", -1):
             hidden = output[:, :-1].reshape(-1, output.size(-1))

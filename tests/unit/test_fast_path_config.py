@@ -8,6 +8,8 @@ checkpoint does get traced (Inductor's C++ launcher cannot compile the checkpoin
 from __future__ import annotations
 
 import shutil
+from functools import partial
+from typing import Any
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from peftctl.kernels import (
 )
 from peftctl.models.compat import enable_activation_checkpointing
 from peftctl.train.chunked_ce import causal_lm_loss_sum
+from peftctl.train.objectives import sequence_logps
 from peftctl.train.run import apply_kernels
 
 
@@ -224,3 +227,37 @@ def test_train_kernels_setting_picks_the_fused_lora_branch(
     assert note.startswith("on: 2 x LlamaDecoderLayer under torch.compile"), note
     assert ("fused LoRA branch in 14 layers" in note) == fused, note
     assert all(getattr(m, "fused_lora", False) == fused for m in model.modules() if hasattr(m, "supports_fused_lora"))
+
+
+def _layer_cache_arguments(model: torch.nn.Module, forward: Any) -> list[Any]:
+    """The key/value cache each decoder layer receives while ``forward()`` runs."""
+    seen: list[Any] = []
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda _, args, kwargs: seen.append(kwargs.get("past_key_values")), with_kwargs=True
+        )
+        for layer in decoder_layers(model)
+    ]
+    try:
+        forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("loss", ["causal_lm_loss_sum", "sequence_logps"])
+def test_training_forwards_hand_the_decoder_layers_no_cache(loss: str) -> None:
+    """The SFT loss and the preference objectives' log-probs run the model without a key/value cache (transformers
+    builds one by default), so the compiled layers are not specialised on a cache slot each."""
+    model = _lora_llama_without_checkpointing(2)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    if loss == "causal_lm_loss_sum":
+        forward = partial(causal_lm_loss_sum, model, {"input_ids": ids, "attention_mask": mask, "labels": ids})
+    else:
+        forward = partial(sequence_logps, model, ids, mask, ids)
+    assert _layer_cache_arguments(model, forward) == [None, None]
+    # a plain forward: transformers hands every layer its cache (what the hooks would see)
+    default = _layer_cache_arguments(model, lambda: model(input_ids=ids, attention_mask=mask))
+    assert len(default) == 2 and all(cache is not None for cache in default)
