@@ -118,7 +118,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
 
     Never a key/value cache: a loss forward reads no earlier keys, and a cache would only cost its
     bookkeeping and, under the fast path, one compiled graph per decoder layer (dynamo guards on each
-    layer's cache slot and ``layer_idx``: 16 graphs for a 4-layer model, 20-60 s of compiling each)."""
+    layer's cache slot and ``layer_idx``: 16 graphs for a 4-layer model on the H200, round 11)."""
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}

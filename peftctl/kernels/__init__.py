@@ -171,9 +171,10 @@ def enable_fused_lora(model: nn.Module) -> int:
 def allow_one_graph_per_layer(n_layers: int) -> None:
     """Raise dynamo's recompilation limits so that every layer can hold its own compiled graphs.
 
-    The layers share one code object, and guards specialise on per-layer constants (the attention's
-    ``layer_idx``), so each layer may need its own graph, times a few variants (training / no-grad
-    eval, a second sequence length). Past the limit dynamo silently runs the layer eager."""
+    The layers share one code object. The loss forwards pass no key/value cache (data/packing.py: model_inputs),
+    so their layers share a few graphs (the first layer, whose input needs no gradient; the others; no-grad eval;
+    a second sequence length). A forward with a cache (generation in a run) guards on each layer's cache slot and
+    ``layer_idx``, one graph per layer. Past the limit dynamo silently runs the layer eager."""
     import torch._dynamo.config as dynamo_config  # lazy: only when the fast path compiles
 
     needed = 4 * n_layers + 8

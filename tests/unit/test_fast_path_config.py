@@ -208,8 +208,7 @@ def _graphs_for_a_train_and_an_eval_step(layers: int) -> int:
 def test_compiled_decoder_layers_share_their_graphs_whatever_the_depth(capture_only_compiler: None) -> None:
     """The loss forward runs without a key/value cache, so dynamo does not guard on each layer's cache slot and
     ``layer_idx``: a 2-layer and a 4-layer model compile the same few graphs (the first layer, whose input needs
-    no gradient; the others; the no-grad evaluation), where a cache cost one graph per layer (an 8B model: 32,
-    minutes of compiling)."""
+    no gradient; the others; the no-grad evaluation), where a cache cost one graph per layer (8B: 32 of them)."""
     shallow, deep = _graphs_for_a_train_and_an_eval_step(2), _graphs_for_a_train_and_an_eval_step(4)
     assert 1 <= deep <= 3 and deep == shallow, (shallow, deep)
 

@@ -73,7 +73,7 @@ def test_fused_branch_bf16_under_autocast_keeps_the_plain_dtypes() -> None:
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_fused_branch_traces_as_one_graph_and_backward_uses_the_forward_mask(backend: str) -> None:
     """The fast path compiles whole decoder layers: the fused function must trace without a graph break
-    (fullgraph=True; AOT autograd, and Inductor's real CPU code generation of either mask draw) and its
+    (fullgraph=True; AOT autograd, and Inductor's real CPU code generation of the byte mask draw) and its
     compiled backward must use the forward's dropout mask (the output rebuilt from the mask that x's gradient
     reveals equals the output)."""
     if backend == "inductor" and shutil.which(cxx_compiler()) is None:
