@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from torch import nn
@@ -25,3 +27,16 @@ def find_hf_model(model: nn.Module) -> Any:
         if isinstance(module, PreTrainedModel):
             return module
     return None
+
+
+def no_cache_kwargs(model: nn.Module) -> dict[str, bool]:
+    """``{"use_cache": False}`` where the model's forward takes ``use_cache`` (decoder models, for which
+    transformers builds a key/value cache by default), else ``{}`` (encoders such as BERT). For forwards that
+    only score: nothing reads the cache, and under the CUDA fast path it would cost a compiled graph per layer."""
+    hf_model = find_hf_model(model)
+    return {"use_cache": False} if hf_model is not None and _forward_takes_use_cache(type(hf_model)) else {}
+
+
+@functools.cache
+def _forward_takes_use_cache(model_class: type) -> bool:
+    return "use_cache" in inspect.signature(model_class.forward).parameters

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from peftctl.data.tokenize import IGNORE_INDEX
+from peftctl.models.modules import no_cache_kwargs
 from peftctl.train.chunked_ce import causal_lm_loss_sum  # chunked over the vocabulary
 
 # (loss sum, count); the causal-LM count is a device tensor (no host sync): int() it where a number is needed
@@ -37,16 +38,16 @@ def seq2seq_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.
 def seq_cls_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Cross-entropy of the class logits (one label per example)."""
     labels = batch["labels"][:, 0]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **no_cache_kwargs(model)}
+    logits = model(**inputs).logits.float()
     return F.cross_entropy(logits, labels, reduction="sum"), int(labels.numel())
 
 
 def token_cls_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Cross-entropy of the tag logits on labelled sub-words (first sub-word of each word)."""
     labels = batch["labels"]
-    logits = _last(
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels.shape[1]
-    ).float()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **no_cache_kwargs(model)}
+    logits = _last(model(**inputs).logits, labels.shape[1]).float()
     loss = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )

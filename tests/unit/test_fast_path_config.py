@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import torch
 import torch._inductor.config as inductor_config
-from _lora_fixtures import checkpointed_lora_llama, loss_and_adapter_grads, tiny_llama
+from _lora_fixtures import checkpointed_lora_llama, loss_and_adapter_grads, tiny_llama, tiny_llama_cls
 from torch._dynamo.utils import counters
+from transformers import BertConfig, BertForSequenceClassification
 
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.lora import LoraConfig
@@ -28,7 +29,9 @@ from peftctl.kernels import (
     decoder_layers,
 )
 from peftctl.models.compat import enable_activation_checkpointing
+from peftctl.models.modules import no_cache_kwargs
 from peftctl.train.chunked_ce import causal_lm_loss_sum
+from peftctl.train.losses import seq_cls_loss_sum
 from peftctl.train.objectives import sequence_logps
 from peftctl.train.run import apply_kernels
 
@@ -245,18 +248,36 @@ def _layer_cache_arguments(model: torch.nn.Module, forward: Any) -> list[Any]:
     return seen
 
 
-@pytest.mark.parametrize("loss", ["causal_lm_loss_sum", "sequence_logps"])
+@pytest.mark.parametrize("loss", ["causal_lm_loss_sum", "sequence_logps", "seq_cls_loss_sum"])
 def test_training_forwards_hand_the_decoder_layers_no_cache(loss: str) -> None:
-    """The SFT loss and the preference objectives' log-probs run the model without a key/value cache (transformers
-    builds one by default), so the compiled layers are not specialised on a cache slot each."""
-    model = _lora_llama_without_checkpointing(2)
-    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(2))
+    """The SFT loss, the preference objectives' log-probs and the classification loss (also a reward model's
+    scores) run the model without a key/value cache (transformers builds one by default), so the compiled layers
+    are not specialised on a cache slot each."""
+    ids = torch.randint(1, 300, (2, 10), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
-    if loss == "causal_lm_loss_sum":
-        forward = partial(causal_lm_loss_sum, model, {"input_ids": ids, "attention_mask": mask, "labels": ids})
+    if loss == "seq_cls_loss_sum":
+        model = get_adapted_model(tiny_llama_cls(), LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS"))
+        forward = partial(seq_cls_loss_sum, model, {"input_ids": ids, "attention_mask": mask, "labels": ids[:, :1] % 3})
     else:
-        forward = partial(sequence_logps, model, ids, mask, ids)
+        model = _lora_llama_without_checkpointing(2)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+        forward = (
+            partial(causal_lm_loss_sum, model, batch)
+            if loss == "causal_lm_loss_sum"
+            else partial(sequence_logps, model, ids, mask, ids)
+        )
     assert _layer_cache_arguments(model, forward) == [None, None]
     # a plain forward: transformers hands every layer its cache (what the hooks would see)
     default = _layer_cache_arguments(model, lambda: model(input_ids=ids, attention_mask=mask))
     assert len(default) == 2 and all(cache is not None for cache in default)
+
+
+def test_encoder_forwards_get_no_cache_argument_they_would_not_take() -> None:
+    """BERT's forward has no ``use_cache``: the scoring forwards pass it nothing, and its classification loss runs."""
+    bert = BertForSequenceClassification(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
+    assert no_cache_kwargs(bert) == {} and no_cache_kwargs(tiny_llama_cls()) == {"use_cache": False}
+    ids = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    loss, count = seq_cls_loss_sum(bert, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids % 2})
+    assert count == 2 and torch.isfinite(loss)
