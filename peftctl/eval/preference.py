@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from peftctl.data.preference import collate_pairs
-from peftctl.models.modules import no_cache_kwargs
+from peftctl.train.losses import scoring_inputs
 from peftctl.train.objectives import build_objective, evaluate_objective, sequence_logps
 
 
@@ -26,8 +26,7 @@ def pair_scores(
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate_pairs(examples[start : start + batch_size], pad_id).items()}
         if reward_model:
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            scores = model(**inputs, **no_cache_kwargs(model)).logits[:, 0].float()
+            scores = model(**scoring_inputs(model, batch)).logits[:, 0].float()
         else:
             scores = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
         n = scores.shape[0] // 2

@@ -20,6 +20,12 @@ from peftctl.train.chunked_ce import causal_lm_loss_sum  # chunked over the voca
 LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, int | torch.Tensor]]
 
 
+def scoring_inputs(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The forward arguments of a padded batch for a forward that only scores (loss, metrics): ids and mask, and
+    no key/value cache where the model would build one (models.modules.no_cache_kwargs)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **no_cache_kwargs(model)}
+
+
 def _last(logits: torch.Tensor, length: int) -> torch.Tensor:
     """The last ``length`` positions (drops prepended virtual tokens, if any)."""
     return logits[:, -length:] if logits.shape[1] != length else logits
@@ -38,16 +44,14 @@ def seq2seq_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.
 def seq_cls_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Cross-entropy of the class logits (one label per example)."""
     labels = batch["labels"][:, 0]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **no_cache_kwargs(model)}
-    logits = model(**inputs).logits.float()
+    logits = model(**scoring_inputs(model, batch)).logits.float()
     return F.cross_entropy(logits, labels, reduction="sum"), int(labels.numel())
 
 
 def token_cls_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Cross-entropy of the tag logits on labelled sub-words (first sub-word of each word)."""
     labels = batch["labels"]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **no_cache_kwargs(model)}
-    logits = _last(model(**inputs).logits, labels.shape[1]).float()
+    logits = _last(model(**scoring_inputs(model, batch)).logits, labels.shape[1]).float()
     loss = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )

@@ -33,9 +33,8 @@ import torch.nn.functional as F
 
 from peftctl.data.preference import collate_kto, collate_pairs
 from peftctl.data.tokenize import IGNORE_INDEX, collate
-from peftctl.models.modules import no_cache_kwargs
 from peftctl.train.chunked_ce import chunked_token_nll, head_as_identity
-from peftctl.train.losses import label_count
+from peftctl.train.losses import label_count, scoring_inputs
 
 Metrics = dict[str, torch.Tensor]
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
@@ -322,8 +321,7 @@ class RewardObjective(PairObjective):
     name = "reward"
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, Metrics]:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **no_cache_kwargs(model)}
-        scores = model(**inputs).logits[:, 0].float()
+        scores = model(**scoring_inputs(model, batch)).logits[:, 0].float()
         n = scores.shape[0] // 2
         chosen, rejected = scores[:n], scores[n:]
         losses = bradley_terry_losses(chosen, rejected)

@@ -11,7 +11,7 @@ import torch
 
 from peftctl.config.schema import RunConfig, metric_names
 from peftctl.data.tokenize import IGNORE_INDEX, Example, collate
-from peftctl.models.modules import no_cache_kwargs
+from peftctl.train.losses import scoring_inputs
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -82,8 +82,7 @@ def classification_scores(
     predictions: list[int] = []
     references: list[int] = []
     for batch in _batches(examples, batch_size, pad_id, device):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **no_cache_kwargs(model)}
-        predictions += model(**inputs).logits.argmax(-1).tolist()
+        predictions += model(**scoring_inputs(model, batch)).logits.argmax(-1).tolist()
         references += batch["labels"][:, 0].tolist()
     return {"accuracy": accuracy(predictions, references), "macro_f1": macro_f1(predictions, references)}
 
@@ -96,8 +95,7 @@ def token_classification_scores(
     reference: list[list[str]] = []
     for batch in _batches(examples, batch_size, pad_id, device):
         labels = batch["labels"]
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **no_cache_kwargs(model)}
-        logits = model(**inputs).logits[:, -labels.shape[1] :]
+        logits = model(**scoring_inputs(model, batch)).logits[:, -labels.shape[1] :]
         for row_pred, row_ref in zip(logits.argmax(-1).tolist(), labels.tolist()):
             keep = [i for i, r in enumerate(row_ref) if r != IGNORE_INDEX]
             predicted.append([label_names[row_pred[i]] for i in keep])
