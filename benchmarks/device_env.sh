@@ -9,6 +9,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT/results"
 
+# stamp: every line of standard input, prefixed with the seconds since it started
+stamp() { python -u -c 'import sys, time
+t = time.time()
+for line in sys.stdin: print(f"{time.time() - t:7.1f} {line}", end="", flush=True)'; }
+
 # transformers' version, and whether its GradientCheckpointingLayer checkpoints around __call__ (outside a compiled
 # layer) or from inside forward (where peftctl.kernels.compile_layers compiles the forward it wraps instead)
 print_checkpoint_layout() {

@@ -8,9 +8,6 @@
 # nothing here is timed against anything): the QLoRA CLI GPU tests and the one-step adapter-gradient tests.
 source benchmarks/device_env.sh .whl-pinned
 export PYTHONFAULTHANDLER=1
-stamp() { python -u -c 'import sys, time
-t = time.time()
-for line in sys.stdin: print(f"{time.time() - t:7.1f} {line}", end="", flush=True)'; }
 ARCH="model.arch.hidden_size=512 model.arch.intermediate_size=1536 model.arch.num_hidden_layers=4
   model.arch.num_attention_heads=8 model.arch.num_key_value_heads=4"
 SCHEDULE="train.max_steps=50 train.batch_size=8 train.log_every=1 train.save_every=0 train.eval_every=0

@@ -5,9 +5,6 @@
 # use_cache=False. First the 8B LoRA step without checkpointing, alone on the GPU (round 10: 243 s of cold
 # compiling, step 0.150 s; now with the byte-draw dropout masks, the default from this round), every line timestamped; then the two curve tests that call A could not finish in 270 s.
 source benchmarks/device_env.sh .whl-pinned
-stamp() { python -u -c 'import sys, time
-t = time.time()
-for line in sys.stdin: print(f"{time.time() - t:7.1f} {line}", end="", flush=True)'; }
 TORCH_LOGS=recompiles timeout 150 python benchmarks/profile_step.py --cases lora --models-dir /tmp/m --time-only \
   --timed-steps 8 --byte-masks 2>&1 | grep -v "Loading weights\|Writing model\|__recompiles\]     -" | stamp > $OUT/lora_no_ckpt.log
 echo "rc=${PIPESTATUS[0]}" >> $OUT/lora_no_ckpt.log

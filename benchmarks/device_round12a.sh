@@ -7,9 +7,6 @@
 # graphs now (expected: a handful per run, whatever the depth); one pytest process per test, every line timestamped.
 # (The LoRA curve passed in round 9; the two here are the ones never run under pytest on the current structure.)
 source benchmarks/device_env.sh .whl-pinned
-stamp() { python -u -c 'import sys, time
-t = time.time()
-for line in sys.stdin: print(f"{time.time() - t:7.1f} {line}", end="", flush=True)'; }
 for test in "test_fast_path_follows_the_eager_loss_curve[dora]" test_fast_path_with_dropout_follows_the_eager_loss_curve; do
   echo "### $test" >> $OUT/gpu_tests_curves.log
   TORCH_LOGS=recompiles timeout 250 python -m pytest -o addopts="" -m "gpu and not multigpu" -p no:logging \

@@ -6,9 +6,6 @@
 # peft, one round, order alternating case to case, QLoRA last (peft's QLoRA run leaves 3.4 GiB allocated). The
 # timestamps show how long the first (cold) compile takes now.
 source benchmarks/device_env.sh .whl-pinned
-stamp() { python -u -c 'import sys, time
-t = time.time()
-for line in sys.stdin: print(f"{time.time() - t:7.1f} {line}", end="", flush=True)'; }
 print_checkpoint_layout > $OUT/table.log 2>&1
 timeout 555 python benchmarks/speed_round4.py --cases lora,dora,lora_1b,lora_ckpt,qlora --rounds 1 --budget-s 520 \
   --models-dir /tmp/m --out $OUT/results/round12_table.json 2>&1 | stamp >> $OUT/table.log

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from peftctl.data.packing import model_inputs
 from peftctl.data.preference import collate_kto, collate_pairs
 from peftctl.data.tokenize import IGNORE_INDEX, collate
 from peftctl.train.chunked_ce import chunked_token_nll, head_as_identity
@@ -135,8 +136,7 @@ def sequence_logps(
     (2 x 1024 x 128k = 1 GiB, and as much for their log-softmax) are never alive at once."""
     shift_labels = labels[:, 1:]
     with head_as_identity(model) as head:
-        # no key/value cache: nothing reads it, and under the fast path it costs a compiled graph per layer
-        output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        output = model(**model_inputs({"input_ids": input_ids, "attention_mask": attention_mask})).logits
         output = output[:, -labels.shape[1] :]  # prompt-family methods prepend virtual-token positions
         if head is not None and output.size(-1) == getattr(head, "in_features", -1):
             hidden = output[:, :-1].reshape(-1, output.size(-1))
