@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 from speed_round4 import (  # noqa: E402
     free_memory,
     llama_config,
@@ -58,6 +59,8 @@ def profile_case(
 
     overrides = peftctl_overrides(case, model_dir, device) + ["train.max_steps=100", *extra]
     with bench_trainer(overrides) as (trainer, fast_path):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         if reentrant:
             from peftctl.models.modules import find_hf_model
 
@@ -70,9 +73,10 @@ def profile_case(
         vocab = trainer.model.model.get_input_embeddings().weight.shape[0]
         examples = synthetic_examples(trainer.cfg.train.batch_size, seq, vocab, 0)
         times, _ = time_steps(trainer, examples, warmup=3, steps=timed_steps)
+        peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else ""
         print(
             f"\n=== {case}: {fast_path}; step {statistics.median(times):.3f} s unprofiled "
-            f"(median of {len(times)}, min {min(times):.3f}, max {max(times):.3f})"
+            f"(median of {len(times)}, min {min(times):.3f}, max {max(times):.3f}){peak}"
         )
         if time_only:
             return
@@ -232,6 +236,16 @@ def print_memory_at_peak(trainer, examples, top: int) -> None:
         print(f"  {size / gib:7.3f} GiB  {count:5d} x  {site}")
 
 
+def draw_keep_mask_per_element(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round 10's draw for the fused LoRA branch (an A/B): one uniform per element, then packed 8 to a byte."""
+    from peftctl.kernels.lora_fused import bit_weights
+
+    mask = torch.rand(x.shape, device=x.device) >= p
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    return mask, (flat.view(-1, 8) * bit_weights(x.device)).sum(dim=1, dtype=torch.uint8)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="qlora,dora,lora_1b")
@@ -254,6 +268,16 @@ def main() -> None:
         action="store_true",
         help="C++ kernel launchers even where the layers' checkpoint is compiled with them (the fast path's gate off)",
     )
+    parser.add_argument(
+        "--per-element-masks",
+        action="store_true",
+        help="fused LoRA branch: dropout mask drawn per element and packed (round 10), not a byte at a time",
+    )
+    parser.add_argument(
+        "--merged-unpack",
+        action="store_true",
+        help="fused LoRA branch: forward and backward unpack the mask through the same ops (before round 12's fix)",
+    )
     parser.add_argument("--timed-steps", type=int, default=2, help="unprofiled steps timed before the profile")
     parser.add_argument(
         "--time-only", action="store_true", help="only the unprofiled step time (A/Bs of --inductor-config, --set)"
@@ -274,6 +298,14 @@ def main() -> None:
         import peftctl.kernels
 
         peftctl.kernels.checkpoint_traced_inside_compiled_call = lambda layers: False
+    if args.per_element_masks:
+        import peftctl.kernels.lora_fused as lora_fused
+
+        lora_fused.draw_keep_mask = draw_keep_mask_per_element
+    if args.merged_unpack:
+        import peftctl.kernels.lora_fused as lora_fused
+
+        lora_fused.unpack_mask_by_shifts = lora_fused.unpack_mask
     seq = 32 if args.smoke else args.seq
     models = args.models_dir or Path(tempfile.mkdtemp(prefix="peftctl-profile-"))
     for case in args.cases.split(","):
