@@ -1,5 +1,5 @@
 #!/bin/bash
-# round 12, call D (carry [".whl", ".whl-pinned"]): acceptance 1's table again after the fix of the fused LoRA branch's
+# round 12, call D (carry [".whl", ".whl-pinned"]): acceptance 1's table (DoRA, no fused branch, left out) after the fix of the fused LoRA branch's
 # mask unpacking (kernels/lora_fused.py: unpack_mask_by_shifts). Call B's no-checkpointing cases peaked 6.5-6.8 GiB
 # higher than round 10 (8B LoRA 28.53 vs 22.06 GiB, 1B shape 17.12 vs 10.30): forward and backward unpacked the
 # byte-drawn mask through the same ops, which the compiler merged into one node whose bool output it kept, with
@@ -7,7 +7,7 @@
 # shape, each in a fresh process: the fixed default and the merged unpacking (the round-12b code).
 source benchmarks/device_env.sh .whl-pinned
 print_checkpoint_layout > $OUT/table.log 2>&1
-timeout 340 python benchmarks/speed_round4.py --cases lora,dora,lora_1b,lora_ckpt,qlora --rounds 1 --budget-s 320 \
+timeout 240 python benchmarks/speed_round4.py --cases lora,lora_1b,qlora,lora_ckpt --rounds 1 --budget-s 230 \
   --models-dir /tmp/m --out $OUT/results/round12d_table.json 2>&1 | stamp >> $OUT/table.log
 echo "rc=${PIPESTATUS[0]}" >> $OUT/table.log
 grep -h "transformers \|^ *[0-9.]* |\|skipping\|rc=\|Error" $OUT/table.log | cut -c1-300

@@ -12,6 +12,7 @@ from torch import nn
 from peftctl.errors import ConfigError
 from peftctl.models.builtin import BUILTIN_PREFIX, builtin_model_dir
 from peftctl.models.quantization import bnb_config
+from peftctl.models.quantized import keep_standard_4bit_layout
 
 DTYPES = {
     "float32": torch.float32,
@@ -121,10 +122,13 @@ def load_model(
         if placement is not None:
             kwargs.setdefault("device_map", {"": placement})
     try:
-        return auto_cls.from_pretrained(path, **kwargs)
+        model = auto_cls.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise _load_error(model_cfg, exc) from None
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
         raise _load_error(model_cfg, exc) from None
+    if quant_cfg is not None and quant_cfg.method != "none":
+        keep_standard_4bit_layout(model)  # an evaluation on an AVX512-BF16 CPU would drop the base's gradient
+    return model

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from peftctl.errors import ConfigError
+from peftctl.models.quantized import keep_standard_4bit_layout
 
 
 def bnb_config(quant_cfg: Any) -> Any:
@@ -70,6 +71,7 @@ def quantize_linear(
             module=layer,
         )
         layer.weight = params._quantize(device)
+        keep_standard_4bit_layout(layer)
     else:
         raise ConfigError(f"quant.method={method!r} is not valid; expected one of none, nf4, fp4, int8")
     if has_bias:

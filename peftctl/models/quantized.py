@@ -10,6 +10,8 @@ whose math needs the full weight go through here:
 * ``dequantize_model``: replace every quantized Linear (wrapped or not) by a plain ``nn.Linear`` in
   the compute dtype holding ``deq(W_q)``: the lossless first step of ``peftctl merge`` for a
   quantized base (the merge then happens in that dtype, nothing is re-quantized).
+* ``keep_standard_4bit_layout``: 4-bit layers stay in bitsandbytes' standard packing on CPUs with
+  AVX512-BF16 too (see there).
 """
 
 from __future__ import annotations
@@ -54,9 +56,38 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return module.weight.dtype
 
 
+def keep_standard_4bit_layout(model: nn.Module) -> int:
+    """Keep every Linear4bit in ``model`` in bitsandbytes' standard packing; how many Linear4bit there are.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48 and later) repacks a Linear4bit's weight for its CPU kernel at
+    the layer's first forward in eval mode without gradients (an evaluation), and from then on the layer runs that
+    kernel, which has no backward: the next training step silently passes no gradient through the frozen base to
+    the layers below (bitsandbytes 0.50.2: the input's gradient is None), and ``dequantize_4bit`` no longer reads
+    the weight (a merge wrote garbage). Each layer here is told not to repack, and one already repacked goes back
+    to the standard packing through bitsandbytes' own inverse (what it does itself before saving or moving)."""
+    count = 0
+    for module in model.modules():
+        if is_4bit(module):
+            module.support_avx512bf16_for_cpu = False
+            restore_standard_4bit_packing(module)
+            count += 1
+    return count
+
+
+def restore_standard_4bit_packing(module: nn.Module) -> None:
+    """Undo bitsandbytes' CPU repacking of a Linear4bit's weight, where it happened (keep_standard_4bit_layout)."""
+    weight = module.weight
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        weight.data, weight.quant_state = _bnb().functional._convert_weight_packed_for_cpu_inverse(
+            weight.data, weight.quant_state
+        )
+
+
 def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The (out, in) weight of a Linear4bit / Linear8bitLt as a dense float tensor."""
     bnb = _bnb()
+    if is_4bit(module):
+        restore_standard_4bit_packing(module)
     weight = module.weight
     if is_4bit(module):
         if weight.quant_state is None:

@@ -184,9 +184,24 @@ def _all_finite(checkpoint: Path) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def test_a_diverging_run_names_a_finite_checkpoint_that_resumes_with_a_lower_lr(tmp_path: Path) -> None:
-    """lr=3: step 4 turns the weights to NaN while its loss is still finite (the gradients overflow); the
-    checkpoint of step 4 must not be written, and the error names step 2's, which resumes with a sane lr."""
+def test_a_diverging_run_names_a_finite_checkpoint_that_resumes_with_a_lower_lr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 4's update turns the weights to NaN while its loss is still finite (as overflowing gradients do); the
+    checkpoint of step 4 must not be written, and the error names step 2's, which resumes with a lower lr. The
+    update is poisoned on purpose: a truly diverging lr (3) reaches NaN at a step that depends on the CPU's float
+    kernels (an AVX512 CPU: a NaN loss at step 6, after a finite checkpoint at step 4)."""
+    adamw_step = torch.optim.AdamW.step
+
+    def poisoned_at_step_4(optimizer: torch.optim.AdamW, *args: Any, **kwargs: Any) -> Any:
+        result = adamw_step(optimizer, *args, **kwargs)
+        first = optimizer.param_groups[0]["params"][0]
+        if int(optimizer.state[first]["step"]) == 4:
+            with torch.no_grad():
+                first.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_at_step_4)
     run = tmp_path / "run"
     diverging = [
         "train.max_steps=8",
@@ -196,7 +211,7 @@ def test_a_diverging_run_names_a_finite_checkpoint_that_resumes_with_a_lower_lr(
         "train.eval_every=0",
         "dataset.max_samples=64",
         "train.warmup_steps=0",
-        "train.lr=3",
+        "train.lr=0.05",
         f"output_dir={run}",
     ]
     code, output = _cli(["train", *diverging, "--quiet"])
@@ -207,14 +222,15 @@ def test_a_diverging_run_names_a_finite_checkpoint_that_resumes_with_a_lower_lr(
     assert named.name == "step-000002" and "by step 4" in line
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
     assert _all_finite(named)
+    monkeypatch.setattr(torch.optim.AdamW, "step", adamw_step)
     # resume from it with a lower lr (a changed train.lr is allowed on resume, with a note)
     code, output = _cli(["train", f"output_dir={run}", "train.resume=true", "train.lr=1e-3", "--quiet"])
     assert code == 0, output
-    assert "train.lr changed from 3.0 to 0.001" in output
+    assert "train.lr changed from 0.05 to 0.001" in output
     assert all(bool(torch.isfinite(t).all()) for t in _adapter(run).values())
     records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 9))
-    assert records[1]["lr"] > 2 and 0 < records[2]["lr"] < 1e-3  # from step 3: the new peak lr, on the saved schedule
+    assert records[1]["lr"] > 0.04 and 0 < records[2]["lr"] < 1e-3  # from step 3: the new peak lr, saved schedule
 
 
 # ---------------------------------------------------------------------------- one train per output_dir

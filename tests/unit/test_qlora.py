@@ -15,7 +15,15 @@ import torch
 from peftctl.adapters.core.model import AdaptedModel, get_adapted_model  # noqa: E402
 from peftctl.adapters.lora import LoraConfig  # noqa: E402
 from peftctl.models.quantization import quantize_linear  # noqa: E402
-from peftctl.models.quantized import dequantize, dequantize_model, is_4bit, is_8bit, read_weight, write_weight  # noqa: E402
+from peftctl.models.quantized import (  # noqa: E402
+    dequantize,
+    dequantize_model,
+    is_4bit,
+    is_8bit,
+    keep_standard_4bit_layout,
+    read_weight,
+    write_weight,
+)
 
 TINY = dict(
     vocab_size=300,
@@ -87,6 +95,38 @@ def test_qlora_model_logits_match_dequantized_model(llama_dir: Path) -> None:
         assert not any(is_4bit(m) for m in adapted.modules())
         reference = adapted(input_ids=ids).logits  # same adapters over the dense deq(W) in fp32
     assert _rel(quantized, reference) <= 1e-3
+
+
+def _repack_for_avx512_bf16_cpu(layer: torch.nn.Module) -> None:
+    """What bitsandbytes' Linear4bit.forward does to its weight at an evaluation on a CPU with AVX512-BF16."""
+    weight = layer.weight
+    weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+
+
+def test_4bit_layers_read_and_train_through_an_evaluation_on_any_cpu(llama_dir: Path) -> None:
+    """bitsandbytes repacks a Linear4bit for its AVX512-BF16 CPU kernel at an evaluation forward, after which the
+    layer passes no gradient to its input and dequantize_4bit reads garbage (found on such a CPU: the merged model's
+    logits were 0.66 off, relative). The loader keeps the layers from repacking; a layer repacked anyway (here by
+    bitsandbytes' own function, as on such a CPU) is read and trained in the standard packing again."""
+    adapted = _adapted(llama_dir)
+    base = adapted.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    reference = dequantize(base, torch.float32).clone()
+    adapted.eval()
+    with torch.no_grad():  # an evaluation: nothing may be repacked, whatever this CPU supports
+        adapted(input_ids=torch.randint(0, 300, (2, 12)))
+    assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(dequantize(base, torch.float32), reference, rtol=0, atol=0)
+
+    _repack_for_avx512_bf16_cpu(base)
+    # deq reads the repacked layer (its scales now in bf16: within bf16 rounding of the original)
+    assert _rel(dequantize(base, torch.float32), reference) < 1e-2
+    _repack_for_avx512_bf16_cpu(base)
+    assert keep_standard_4bit_layout(adapted) == 14
+    adapted.train()
+    x = torch.randn(3, 64, requires_grad=True)
+    base(x).sum().backward()
+    assert x.grad is not None  # the base passes its gradient on (the repacked kernel has no backward)
+    assert _rel(x.grad, torch.ones(3, 64) @ reference) < 1e-2
 
 
 def test_backward_reaches_only_adapters_with_finite_grads(llama_dir: Path) -> None:
