@@ -67,8 +67,8 @@ def unpack_mask_by_shifts(packed: torch.Tensor, shape: torch.Size) -> torch.Tens
     Two expressions on purpose. Where forward and backward unpack ``packed`` with the same ops, torch.compile merges
     the two into one node that both read, and its partitioner then keeps that node's output for the backward, a
     byte per element, together with every projection's dropped-out copy of x, instead of the packed bits: the 8B
-    LoRA step without checkpointing peaked at 28.5 GiB instead of 22.1 GiB (H200, round 12; a CPU test counts the
-    bytes saved)."""
+    LoRA step without checkpointing peaked at 28.5 GiB (H200, round 12; round 10, before the byte draw: 22.1 GiB).
+    A CPU test counts what the compiled branches keep."""
     shifts = torch.arange(8, device=packed.device).to(torch.uint8)
     bits = torch.bitwise_and(torch.bitwise_right_shift(packed.unsqueeze(1), shifts), 1).to(torch.bool)
     return bits.reshape(-1)[: shape.numel()].view(shape)
