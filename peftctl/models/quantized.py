@@ -59,12 +59,13 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
 def keep_standard_4bit_layout(model: nn.Module) -> int:
     """Keep every Linear4bit in ``model`` in bitsandbytes' standard packing; how many Linear4bit there are.
 
-    On a CPU with AVX512-BF16, bitsandbytes (0.48 and later) repacks a Linear4bit's weight for its CPU kernel at
-    the layer's first forward in eval mode without gradients (an evaluation), and from then on the layer runs that
-    kernel, which has no backward: the next training step silently passes no gradient through the frozen base to
-    the layers below (bitsandbytes 0.50.2: the input's gradient is None), and ``dequantize_4bit`` no longer reads
-    the weight (a merge wrote garbage). Each layer here is told not to repack, and one already repacked goes back
-    to the standard packing through bitsandbytes' own inverse (what it does itself before saving or moving)."""
+    On a CPU with AVX512-BF16, bitsandbytes (0.50.2, the pinned version) repacks a Linear4bit's weight for its CPU
+    kernel at the layer's first forward in eval mode without gradients (an evaluation), and from then on the layer
+    runs that kernel, which has no backward: the next training step silently passes no gradient through the frozen
+    base to the layers below (the input's gradient is None), and ``dequantize_4bit`` no longer reads the weight
+    (a dequantized model's logits were 0.66 off, relative). Each layer here is told not to repack, and one already
+    repacked goes back to the standard packing through bitsandbytes' own inverse (what it does itself before saving
+    or moving)."""
     count = 0
     for module in model.modules():
         if is_4bit(module):

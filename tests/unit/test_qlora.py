@@ -105,9 +105,9 @@ def _repack_for_avx512_bf16_cpu(layer: torch.nn.Module) -> None:
 
 def test_4bit_layers_read_and_train_through_an_evaluation_on_any_cpu(llama_dir: Path) -> None:
     """bitsandbytes repacks a Linear4bit for its AVX512-BF16 CPU kernel at an evaluation forward, after which the
-    layer passes no gradient to its input and dequantize_4bit reads garbage (found on such a CPU: the merged model's
-    logits were 0.66 off, relative). The loader keeps the layers from repacking; a layer repacked anyway (here by
-    bitsandbytes' own function, as on such a CPU) is read and trained in the standard packing again."""
+    layer passes no gradient to its input and dequantize_4bit reads garbage (found on such a CPU: the dequantized
+    model's logits were 0.66 off, relative). The loader keeps the layers from repacking; a layer repacked anyway
+    (here by bitsandbytes' own function, as on such a CPU) is read and trained in the standard packing again."""
     adapted = _adapted(llama_dir)
     base = adapted.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     reference = dequantize(base, torch.float32).clone()
