@@ -431,7 +431,20 @@ def environment() -> dict[str, Any]:
         "peft": peft.__version__,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "command": " ".join(sys.argv),
+        # transformers + peft's eager step launches its kernels from Python; its speed varied 1.6x between device
+        # sessions (round 12), so the host CPU is recorded with every run
+        "host_cpu": host_cpu(),
+        "host_cores": os.cpu_count(),
     }
+
+
+def host_cpu() -> str:
+    """The host CPU's model name (Linux /proc/cpuinfo; "unknown" elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def set_inductor_config(pairs: list[str]) -> None:
