@@ -2,8 +2,9 @@
 # round 12, call C (carry [".whl", ".whl-pinned"]): acceptance 3's loss-curve tests under pytest on the shipping
 # defaults, three processes side by side (nothing here is timed). Call A gave the DoRA and dropout tests 250 s each:
 # both were killed while compiling; the recompile log showed 5-6 graphs of the decoder layer per compiled run (round
-# 11: 15) at 30-40 s each. Here each test gets the whole call; every line is timestamped as it arrives
-# (--line-buffered) and the guard that forced each recompile is kept (cut to 200 characters).
+# 11: 15) at 30-40 s each. Here each test gets the whole call, and the guard that forced each recompile is kept (cut
+# to 200 characters). As run in round 12, `cut` block-buffers its output, so `stamp` gave all lines one time; the
+# dynamo log lines carry their own timestamps.
 source benchmarks/device_env.sh .whl-pinned
 run_test() {  # run_test LOG TEST: one pytest process, its output timestamped into $OUT/LOG
   TORCH_LOGS=recompiles timeout 540 python -m pytest -o addopts="" -m "gpu and not multigpu" -p no:logging \
