@@ -87,10 +87,9 @@ def restore_standard_4bit_packing(module: nn.Module) -> None:
 def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The (out, in) weight of a Linear4bit / Linear8bitLt as a dense float tensor."""
     bnb = _bnb()
-    if is_4bit(module):
-        restore_standard_4bit_packing(module)
     weight = module.weight
     if is_4bit(module):
+        restore_standard_4bit_packing(module)  # replaces weight's data and quant_state in place
         if weight.quant_state is None:
             raise AdapterError("the Linear4bit weight is not quantized yet (move the model to its device first)")
         dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
