@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from peftctl.models.compat import enable_activation_checkpointing
+from peftctl.models.modules import input_embeddings_require_grad
 from peftctl.models.quantized import compute_dtype, is_quantized
 
 
@@ -41,8 +42,8 @@ def prepare_model_for_kbit_training(
                 for param in module.parameters(recurse=False):
                     param.data = param.data.to(torch.float32)
     if gradient_checkpointing:
-        model.enable_input_require_grads()
         enable_activation_checkpointing(model)
+        input_embeddings_require_grad(model)  # a reentrant checkpoint needs its input to require a gradient
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
     return model

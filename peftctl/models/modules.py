@@ -6,6 +6,7 @@ import functools
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -27,6 +28,32 @@ def find_hf_model(model: nn.Module) -> Any:
         if isinstance(module, PreTrainedModel):
             return module
     return None
+
+
+def input_embeddings_require_grad(model: nn.Module) -> bool:
+    """Have ``model``'s input embeddings return a tensor that requires a gradient whenever gradients are on (and
+    only then), so the first decoder layer's input requires one as every later layer's does; once per model.
+    False where the model has no input embeddings to hook.
+
+    transformers' ``enable_input_require_grads`` (which its activation checkpointing calls) does the same in every
+    grad mode: under ``no_grad`` the first layer's input then requires a gradient and the others' do not, which
+    torch.compile'd layers (peftctl/kernels) guard on, compiling a graph for the first layer apart from the rest.
+    Its hook, where set, is replaced by this one."""
+    hf_model = find_hf_model(model)
+    embeddings = hf_model.get_input_embeddings() if hf_model is not None else None
+    if embeddings is None:
+        return False
+    if getattr(hf_model, "_require_grads_hook", None) is not None:  # transformers' (its checkpointing sets it)
+        hf_model.disable_input_require_grads()
+    if not getattr(embeddings, "_peftctl_output_requires_grad", False):
+        embeddings.register_forward_hook(_output_requires_grad_when_grad_enabled)
+        embeddings._peftctl_output_requires_grad = True
+    return True
+
+
+def _output_requires_grad_when_grad_enabled(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_(True)
 
 
 def no_cache_kwargs(model: nn.Module) -> dict[str, bool]:

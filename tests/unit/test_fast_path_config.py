@@ -29,7 +29,8 @@ from peftctl.kernels import (
     decoder_layers,
 )
 from peftctl.models.compat import enable_activation_checkpointing
-from peftctl.models.modules import no_cache_kwargs
+from peftctl.models.kbit import prepare_model_for_kbit_training
+from peftctl.models.modules import input_embeddings_require_grad, no_cache_kwargs
 from peftctl.train.chunked_ce import causal_lm_loss_sum
 from peftctl.train.losses import seq_cls_loss_sum
 from peftctl.train.objectives import sequence_logps
@@ -191,9 +192,9 @@ def _lora_llama_without_checkpointing(layers: int) -> torch.nn.Module:
     return get_adapted_model(base, config).train()
 
 
-def _graphs_for_a_train_and_an_eval_step(layers: int) -> int:
-    """Compiled graphs after one training loss + backward and one no-grad evaluation loss, both through the
-    training loop's loss (causal_lm_loss_sum) on a padded batch, with the fast path on a LoRA Llama."""
+def _graphs_after_training_then_evaluating(layers: int) -> tuple[int, int]:
+    """Compiled graphs after one training loss + backward, and after a no-grad evaluation loss as well, both through
+    the training loop's loss (causal_lm_loss_sum) on a padded batch, with the fast path on a LoRA Llama."""
     torch._dynamo.reset()
     model = _lora_llama_without_checkpointing(layers)
     with inductor_config.patch(cpp_wrapper=False, emulate_precision_casts=False):  # apply_fast_path sets them
@@ -203,17 +204,42 @@ def _graphs_for_a_train_and_an_eval_step(layers: int) -> int:
     graphs_before = counters["stats"]["unique_graphs"]
     loss, _ = causal_lm_loss_sum(model, batch)
     loss.backward()
+    after_training = counters["stats"]["unique_graphs"] - graphs_before
     with torch.no_grad():
         causal_lm_loss_sum(model, batch)
-    return counters["stats"]["unique_graphs"] - graphs_before
+    return after_training, counters["stats"]["unique_graphs"] - graphs_before
 
 
-def test_compiled_decoder_layers_share_their_graphs_whatever_the_depth(capture_only_compiler: None) -> None:
+@pytest.mark.parametrize("layers", [2, 4])
+def test_every_compiled_decoder_layer_shares_one_training_and_one_evaluation_graph(
+    layers: int, capture_only_compiler: None
+) -> None:
     """The loss forward runs without a key/value cache, so dynamo does not guard on each layer's cache slot and
-    ``layer_idx``: a 2-layer and a 4-layer model compile the same few graphs (the first layer, whose input needs
-    no gradient; the others; the no-grad evaluation), where a cache cost one graph per layer (8B: 32 of them)."""
-    shallow, deep = _graphs_for_a_train_and_an_eval_step(2), _graphs_for_a_train_and_an_eval_step(4)
-    assert 1 <= deep <= 3 and deep == shallow, (shallow, deep)
+    ``layer_idx`` (a cache cost one graph per layer: 8B, 32 of them), and the first layer's input requires a
+    gradient in training as the others' do (models/modules.py: input_embeddings_require_grad) and not under no_grad,
+    so all layers of any depth run one training graph and one evaluation graph (the first layer had one of its
+    own in each mode: each costs an 8B run 15-40 s of compiling on an H200 host)."""
+    assert _graphs_after_training_then_evaluating(layers) == (1, 2)
+
+
+def test_input_embeddings_require_grad_only_where_gradients_are_on() -> None:
+    """The hook (also QLoRA's prepare_model_for_kbit_training, for a reentrant checkpoint) makes the embedding output
+    require a gradient in grad mode and leaves it alone under no_grad, where transformers' own hook would mark it."""
+    model = tiny_llama()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    embeddings = model.get_input_embeddings()
+    ids = torch.randint(0, 300, (1, 5))
+    assert not embeddings(ids).requires_grad
+    assert input_embeddings_require_grad(model) and input_embeddings_require_grad(model)  # idempotent
+    assert len(embeddings._forward_hooks) == 1
+    assert embeddings(ids).requires_grad
+    with torch.no_grad():
+        assert not embeddings(ids).requires_grad
+    kbit = prepare_model_for_kbit_training(tiny_llama(), gradient_checkpointing=True)
+    with torch.no_grad():
+        assert not kbit.get_input_embeddings()(ids).requires_grad
+    assert kbit.get_input_embeddings()(ids).requires_grad
 
 
 @pytest.mark.parametrize(("kernels", "fused"), [("auto", True), ("fused", True), ("compile", False)])
