@@ -155,9 +155,10 @@ def has_completion(example: Any) -> bool:
     return len(example.completion_ids) > 0
 
 
-def collate_pairs(pairs: list[PreferencePair], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """All chosen rows, then all rejected rows, padded to one width; ``ref_logps`` when precomputed."""
-    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id)
+def collate_pairs(pairs: list[PreferencePair], pad_token_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """All chosen rows, then all rejected rows, padded to one width (a multiple of ``multiple``); ``ref_logps`` when
+    precomputed."""
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id, multiple)
     if all(p.ref_chosen is not None for p in pairs):
         batch["ref_logps"] = torch.tensor(
             [p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float32
@@ -165,8 +166,9 @@ def collate_pairs(pairs: list[PreferencePair], pad_token_id: int) -> dict[str, t
     return batch
 
 
-def collate_kto(examples: list[KTOExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """The examples, then the mismatched pairs for KTO's KL estimate (prompt i with completion i+1)."""
+def collate_kto(examples: list[KTOExample], pad_token_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """The examples, then the mismatched pairs for KTO's KL estimate (prompt i with completion i+1), padded to one
+    width (a multiple of ``multiple``)."""
     n = len(examples)
     rows = [Example(e.prompt_ids + e.completion_ids, e.labels, e.prompt, e.completion) for e in examples]
     for i, e in enumerate(examples):
@@ -179,7 +181,7 @@ def collate_kto(examples: list[KTOExample], pad_token_id: int) -> dict[str, torc
                 other.completion,
             )
         )
-    batch = collate(rows, pad_token_id)
+    batch = collate(rows, pad_token_id, multiple)
     batch["desirable"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
     return batch
 

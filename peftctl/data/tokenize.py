@@ -32,14 +32,21 @@ def encode_pair(prompt: str, response: str, tokenizer: Any, max_seq_len: int, tr
     return Example(input_ids, labels[:max_seq_len], prompt, response, truncated=len(labels) > max_seq_len)
 
 
-def collate(examples: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked in attention and loss. Labels are padded
-    to their own longest length (the input's for causal LM; decoder targets or one class id otherwise).
-    Packed rows (data/packing.py) get per-example position_ids instead (see collate_packed)."""
+def padded_width(longest: int, multiple: int = 1) -> int:
+    """``longest`` rounded up to a multiple of ``multiple``."""
+    return -(-longest // multiple) * multiple
+
+
+def collate(examples: list[Any], pad_token_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example (its length rounded up to a multiple of ``multiple``); padding is masked in
+    attention and loss. Labels are padded to the input's width where there is one per input token (causal LM),
+    else to their own longest length (decoder targets, one class id). Packed rows (data/packing.py) get
+    per-example position_ids instead (see collate_packed)."""
     if examples and getattr(examples[0], "position_ids", None) is not None:
-        return collate_packed(examples, pad_token_id)
-    width = max(len(e.input_ids) for e in examples)
-    label_width = max(len(e.labels) for e in examples)
+        return collate_packed(examples, pad_token_id, multiple)
+    width = padded_width(max(len(e.input_ids) for e in examples), multiple)
+    per_token_labels = all(len(e.labels) == len(e.input_ids) for e in examples)  # causal LM: one per input token
+    label_width = width if per_token_labels else max(len(e.labels) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), label_width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
@@ -51,11 +58,11 @@ def collate(examples: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def collate_packed(rows: list[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(rows: list[Any], pad_token_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Packed rows (data/packing.py's PackedRow): input_ids / labels / position_ids right-padded to the
-    longest row; attention_mask marks the real tokens (for counting them; the loss passes
-    position_ids, not the mask, to the model)."""
-    width = max(len(r.input_ids) for r in rows)
+    longest row (rounded up to a multiple of ``multiple``); attention_mask marks the real tokens (for counting them;
+    the loss passes position_ids, not the mask, to the model)."""
+    width = padded_width(max(len(r.input_ids) for r in rows), multiple)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.arange(width).repeat(len(rows), 1)

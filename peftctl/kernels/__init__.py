@@ -46,6 +46,10 @@ from peftctl.models.modules import input_embeddings_require_grad
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 # adapter methods whose layers compile cleanly inside those blocks
 SUPPORTED_METHODS = ("lora",)
+# what the training loop rounds batch widths up to where the layers run compiled: a compiled layer guards on
+# whether the sequence length is a multiple of 8 (the attention mask's alignment) and compiled again for the
+# other case (H200, round 12: one more graph per layer kind); padding every batch to a multiple keeps to one
+SEQUENCE_MULTIPLE = 8
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

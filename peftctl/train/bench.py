@@ -33,7 +33,7 @@ from peftctl.devices import pick_device
 from peftctl.errors import ConfigError
 from peftctl.models.loader import move_to_device
 from peftctl.train.loop import Trainer, label_tokens
-from peftctl.train.run import ADAPTER_NAME, apply_kernels, build_model_and_data
+from peftctl.train.run import ADAPTER_NAME, apply_kernels, build_model_and_data, pad_multiple
 
 # dense bf16 peaks (TFLOP/s) of the datacenter GPUs people train on, by device-name substring
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
@@ -160,8 +160,19 @@ def bench_trainer(overrides: list[str], memory_gib: float | None = None) -> Iter
     examples = synthetic_examples(cfg.train.batch_size * cfg.train.grad_accum, 8, 2, cfg.train.seed)
     with tempfile.TemporaryDirectory() as scratch:
         yield (
-            Trainer(model, ADAPTER_NAME, examples, [], cfg, Path(scratch), device, tokenizer.pad_token_id, True),
-            (fast_path),
+            Trainer(
+                model,
+                ADAPTER_NAME,
+                examples,
+                [],
+                cfg,
+                Path(scratch),
+                device,
+                tokenizer.pad_token_id,
+                True,
+                pad_multiple=pad_multiple(fast_path),  # the batches `peftctl train` would run
+            ),
+            fast_path,
         )
 
 

@@ -76,13 +76,15 @@ def evaluate_loss(
     device: torch.device,
     precision: str = "fp32",
     task_type: str = "causal_lm",
+    pad_multiple: int = 1,
 ) -> float:
-    """Token- (classification: example-) weighted mean loss over the labels of ``examples``."""
+    """Token- (classification: example-) weighted mean loss over the labels of ``examples`` (batch widths rounded up
+    to a multiple of ``pad_multiple``)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = to_device(collate(examples[start : start + batch_size], pad_id), device)
+        batch = to_device(collate(examples[start : start + batch_size], pad_id, pad_multiple), device)
         with autocast(device, precision):
             loss, n = task_loss(task_type)(model, batch)
         total, count = total + float(loss), count + int(n)
@@ -154,6 +156,7 @@ class Trainer:
         dist: DistInfo = SINGLE,
         grad_accum: int | None = None,
         metrics_inputs: MetricsInputs | None = None,
+        pad_multiple: int = 1,
     ) -> None:
         self.dist = dist
         self.metrics_inputs = metrics_inputs  # eval.metrics: what computing them needs beyond eval_data
@@ -195,6 +198,8 @@ class Trainer:
             )
         # sft: the task's loss; dpo / orpo / kto / reward: train/objectives.py
         self.objective = build_objective(cfg, task_loss)
+        # batch widths rounded up to a multiple of it (the fast path's compiled layers: run.py, pad_multiple)
+        self.objective.pad_multiple = pad_multiple
         self.objective.prepare(model, train_data, device, pad_id, cfg.eval.batch_size)
         self.stepper = StepRunner(
             model=model,
@@ -368,6 +373,7 @@ class Trainer:
                 self.device,
                 self.cfg.train.precision,
                 self.task_type,
+                self.objective.pad_multiple,
             )
         }
 

@@ -187,9 +187,10 @@ class SFTObjective:
     def __init__(self, cfg: Any, task_loss: Any = None) -> None:
         self.task_type = cfg.model.task_type
         self.task_loss = task_loss  # task type -> loss-sum function (the loop's task_loss, patchable in tests)
+        self.pad_multiple = 1  # batch widths are rounded up to a multiple of it (the Trainer sets it)
 
     def collate(self, examples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
-        return collate(examples, pad_id)
+        return collate(examples, pad_id, self.pad_multiple)
 
     def count(self, examples: list[Any]) -> int:
         return sum(label_count(e.labels, self.task_type) for e in examples)
@@ -207,7 +208,7 @@ class PairObjective(SFTObjective):
     """Chosen and rejected of each pair run through the model in one concatenated batch."""
 
     def collate(self, examples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
-        return collate_pairs(examples, pad_id)
+        return collate_pairs(examples, pad_id, self.pad_multiple)
 
     def count(self, examples: list[Any]) -> int:
         return len(examples)
@@ -287,7 +288,7 @@ class KTOObjective(SFTObjective):
         self.options = cfg.train.kto
 
     def collate(self, examples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
-        return collate_kto(examples, pad_id)
+        return collate_kto(examples, pad_id, self.pad_multiple)
 
     def count(self, examples: list[Any]) -> int:
         return len(examples)

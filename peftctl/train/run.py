@@ -31,7 +31,7 @@ from peftctl.data.pipeline import PreparedData, prepare_data
 from peftctl.data.tokenize import collate
 from peftctl.devices import pick_device
 from peftctl.errors import ConfigError
-from peftctl.kernels import apply_fast_path
+from peftctl.kernels import SEQUENCE_MULTIPLE, apply_fast_path
 from peftctl.models.compat import enable_activation_checkpointing
 from peftctl.models.kbit import prepare_model_for_kbit_training
 from peftctl.models.loader import load_model, load_tokenizer, move_to_device, resolve_model_path
@@ -67,6 +67,12 @@ def apply_kernels(model: nn.Module, cfg: RunConfig, device: torch.device) -> str
     if note.startswith("on") and enable_fused_cross_entropy(model):
         note += ", compiled cross-entropy chunks"
     return note
+
+
+def pad_multiple(fast_path: str) -> int:
+    """What the loop rounds batch widths up to, given apply_kernels' note: kernels.SEQUENCE_MULTIPLE where the layers
+    run compiled, else 1 (the eager path's batches as they always were)."""
+    return SEQUENCE_MULTIPLE if fast_path.startswith("on") else 1
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -259,6 +265,7 @@ def _train_locked(
         dist=dist,
         grad_accum=grad_accum,
         metrics_inputs=MetricsInputs(tokenizer, data.eval_examples, data.label_names),
+        pad_multiple=pad_multiple(fast_path),
     )
     try:
         if checkpoint is not None:
