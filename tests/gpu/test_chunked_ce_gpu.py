@@ -1,7 +1,8 @@
 """The frozen-head loss without recompute (train/chunked_ce.py) on CUDA at Llama-3.2-1B's head shape
 (hidden 2048, vocabulary 128256, 4 x 2048 tokens, bf16 autocast): its loss and hidden-state gradient are
-no further from an fp32 full-logits reference than the checkpointed chunks are (within 1.5x, plus 1e-3),
-and it is faster than them (the head matmul runs once, not twice). Also: partial activation checkpointing
+no further from an fp32 full-logits reference than the checkpointed chunks are (within 1.5x, plus 1e-3);
+both are timed and printed, not asserted (the head matmul runs once, not twice: round 13, 29.8 ms against
+40.9 ms). Also: partial activation checkpointing
 (train.gradient_checkpointing_layers) on CUDA under the fast path, with and without offloading, gives
 full checkpointing's gradients, and offloading then moves only the checkpointed layers' inputs.
 Run with `pytest -m "gpu and not multigpu" tests/gpu/test_chunked_ce_gpu.py -s` (about 1 minute)."""
@@ -53,9 +54,8 @@ def _timed(run: object, repeats: int = 5) -> float:
     return sorted(times[1:])[repeats // 2]
 
 
-def test_frozen_head_loss_matches_fp32_and_is_faster_than_the_checkpointed_chunks(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_frozen_head_loss_matches_fp32_as_closely_as_the_checkpointed_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Times printed, not asserted (timing goals belong to benchmarks/; round 13: 29.8 ms against 40.9 ms)."""
     hidden, labels, head = _inputs()
     reference_leaf = hidden.float().requires_grad_(True)
     logits = F.linear(reference_leaf, head.weight.float())
@@ -81,7 +81,6 @@ def test_frozen_head_loss_matches_fp32_and_is_faster_than_the_checkpointed_chunk
     )
     assert abs(fused_loss - ref_loss) <= 1.5 * abs(old_loss - ref_loss) + 1e-3 * abs(ref_loss)
     assert error(fused_grad) <= 1.5 * error(old_grad) + 1e-3
-    assert fused_s < old_s
 
 
 def test_compiled_cross_entropy_chunks_equal_the_eager_ones() -> None:
