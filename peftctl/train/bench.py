@@ -52,6 +52,8 @@ class BenchResult:
     fast_path: str = ""
     losses: list[float] = field(default_factory=list)
     offloaded_gib_per_step: float | None = None  # train.gradient_checkpointing=offload: host memory per step
+    warmup_steps: int = 0
+    warmup_s: float | None = None  # wall time of the warm-up steps: on a first run, mostly torch.compile's
 
     @property
     def median_step_s(self) -> float:
@@ -86,6 +88,8 @@ class BenchResult:
             "fast_path": self.fast_path,
             "losses": self.losses,
             "offloaded_gib_per_step": self.offloaded_gib_per_step,
+            "warmup_steps": self.warmup_steps,
+            "warmup_s": self.warmup_s,
         }
 
 
@@ -184,7 +188,9 @@ def measure(trainer: Any, fast_path: str, seq: int, warmup: int, steps: int) -> 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     offloaded_before = trainer.offloader.offloaded_bytes if trainer.offloader is not None else 0
+    started = time.perf_counter()
     times, losses = time_steps(trainer, examples, warmup, steps)
+    elapsed = time.perf_counter() - started
     result = BenchResult(
         seq_len=seq,
         batch_size=cfg.train.batch_size * cfg.train.grad_accum,
@@ -194,6 +200,8 @@ def measure(trainer: Any, fast_path: str, seq: int, warmup: int, steps: int) -> 
         flops_per_token=model_flops_per_token(model, seq),
         fast_path=fast_path,
         losses=losses,
+        warmup_steps=warmup,
+        warmup_s=max(elapsed - sum(times), 0.0),  # all but the timed steps (each timed step's loss read included)
     )
     if trainer.offloader is not None:
         result.offloaded_gib_per_step = (
@@ -284,6 +292,10 @@ def format_result(result: BenchResult) -> str:
         f"tokens/s {result.tokens_per_s:,.0f}  |  step {result.median_step_s:.3f} s (min {min(result.step_s):.3f}, max "
         f"{max(result.step_s):.3f})",
     ]
+    if result.warmup_steps:
+        plural = "s" if result.warmup_steps != 1 else ""
+        warmup = f"{result.warmup_steps} step{plural} in {result.warmup_s:.1f} s"
+        lines.append(f"warm-up {warmup} (the fast path compiles there)")
     memory = f"peak memory {result.peak_memory_gib:.2f} GiB  |  " if result.peak_memory_gib is not None else ""
     mfu = f"  |  MFU {result.mfu:.1%} of {result.gpu}'s bf16 peak" if result.mfu is not None else ""
     lines.append(f"{memory}model {result.tflops:.3g} TFLOP/s{mfu}")

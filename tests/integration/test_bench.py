@@ -34,6 +34,7 @@ def test_bench_reports_the_loop_step_on_synthetic_batches() -> None:
     assert report["seq_len"] == 24 and report["batch_size"] == 4 and report["steps"] == 2
     assert math.isclose(report["tokens_per_s"], 4 * 24 / report["median_step_s"], rel_tol=1e-9)
     assert report["min_step_s"] <= report["median_step_s"] <= report["max_step_s"]
+    assert report["warmup_steps"] == 1 and report["warmup_s"] > 0  # the untimed step's wall time (compiling, on CUDA)
     assert report["fast_path"].startswith("off (device cpu")
     assert len(report["losses"]) == 3 and all(math.isfinite(v) for v in report["losses"])
     assert report["peak_memory_gib"] is None and report["mfu"] is None  # CPU: no GPU memory, no bf16 peak
