@@ -7,7 +7,9 @@
 # gradient, 5 of its 7 projections' input gradients, about 1% of the step (0.141 s -> ~0.142 s), and compiles one
 # graph fewer (15-40 s of a cold start, by host); the checkpointed cases already paid it (transformers' checkpointing
 # hook) and save one evaluation graph. 1) the 8B LoRA step with and without (--first-layer-graph: as before), each
-# in a fresh process; 2) the LoRA loss-curve test with its recompiles logged (round 12c: 6 recompiles, 7 graphs).
+# in a fresh process; 2) the LoRA loss-curve test with its recompiles logged (round 12c: 6 recompiles, 7 graphs;
+# predicted now, with batches padded to a multiple of 8 and the length dynamic from the first compile as well: 1
+# recompile, for the no-grad evaluation, 2 graphs; tests/unit/test_fast_path_config.py counts that on the CPU).
 source benchmarks/device_env.sh .whl-pinned
 time_only_ab lora 260 "" "--first-layer-graph"
 grep -h "###\|median\|peak\|rc=" $OUT/ab.log | cut -c1-250

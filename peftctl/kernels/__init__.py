@@ -70,10 +70,15 @@ def fast_path_reason_off(model: nn.Module, device: torch.device, adapter_config:
 
 
 def apply_fast_path(
-    model: nn.Module, device: torch.device, adapter_config: Any = None, fused_lora: bool = False
+    model: nn.Module,
+    device: torch.device,
+    adapter_config: Any = None,
+    fused_lora: bool = False,
+    dynamic_lengths: bool = False,
 ) -> str:
     """Compile every supported decoder layer in place (``fused_lora``: the LoRA branch through
-    kernels/lora_fused.py too, unless ``train.kernels=compile``); returns a one-line description of what ran."""
+    kernels/lora_fused.py too, unless ``train.kernels=compile``; ``dynamic_lengths``: for any sequence length from
+    the first compile, for a run whose batch widths vary); returns a one-line description of what ran."""
     reason = fast_path_reason_off(model, torch.device(device), adapter_config)
     if reason is not None:
         return f"off ({reason})"
@@ -87,7 +92,7 @@ def apply_fast_path(
     dora_layers = prime_dora_caches(model)
     nf4_layers = enable_nf4_linears(layers)
     for layer in layers:
-        compile_layer(layer)  # lazy: Inductor reads its settings at the first call
+        compile_layer(layer, dynamic_lengths)  # lazy: Inductor reads its settings at the first call
     python_launchers = choose_kernel_launchers(layers)
     note = f"on: {len(layers)} x {type(layers[0]).__name__} under torch.compile"
     if dora_layers:

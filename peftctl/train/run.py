@@ -28,7 +28,7 @@ from peftctl.config.compose import compose_config, config_to_yaml
 from peftctl.config.schema import RunConfig
 from peftctl.data.packing import check_packed_attention
 from peftctl.data.pipeline import PreparedData, prepare_data
-from peftctl.data.tokenize import collate
+from peftctl.data.tokenize import collate, padded_width
 from peftctl.devices import pick_device
 from peftctl.errors import ConfigError
 from peftctl.kernels import SEQUENCE_MULTIPLE, apply_fast_path
@@ -52,8 +52,9 @@ from peftctl.utils import atomic_directory, atomic_write_text, check_output_path
 ADAPTER_NAME = "default"
 
 
-def apply_kernels(model: nn.Module, cfg: RunConfig, device: torch.device) -> str:
-    """The CUDA fast path where ``train.kernels`` is not off and it applies (peftctl/kernels); a one-line note."""
+def apply_kernels(model: nn.Module, cfg: RunConfig, device: torch.device, dynamic_lengths: bool = False) -> str:
+    """The CUDA fast path where ``train.kernels`` is not off and it applies (peftctl/kernels); a one-line note.
+    ``dynamic_lengths``: the batches' widths vary (``widths_vary``), so the layers compile for any length at once."""
     if cfg.train.kernels == "off":
         return "off (train.kernels=off)"
     if fsdp.uses_fsdp(cfg):  # compiled blocks under FSDP2's hooks are not measured
@@ -63,10 +64,20 @@ def apply_kernels(model: nn.Module, cfg: RunConfig, device: torch.device) -> str
         # differently, and in bf16 its summed log-probs drift from the policy's by a few nats over 2k
         # tokens (8B QLoRA DPO on an H200: step-1 loss 0.88 instead of ln 2). Eager layers keep them equal.
         return f"off (train.objective={cfg.train.objective} compares the policy with a reference pass)"
-    note = apply_fast_path(model, device, cfg.adapter, fused_lora=cfg.train.kernels != "compile")
+    note = apply_fast_path(
+        model, device, cfg.adapter, fused_lora=cfg.train.kernels != "compile", dynamic_lengths=dynamic_lengths
+    )
     if note.startswith("on") and enable_fused_cross_entropy(model):
         note += ", compiled cross-entropy chunks"
     return note
+
+
+def widths_vary(examples: Any) -> bool:
+    """Whether a run's batches can differ in width (padded to kernels.SEQUENCE_MULTIPLE): its examples' (packed
+    rows') lengths round to more than one width, or they are not known ahead (a stream, preference pairs)."""
+    if not isinstance(examples, list) or not all(hasattr(e, "input_ids") for e in examples):
+        return True
+    return len({padded_width(len(e.input_ids), SEQUENCE_MULTIPLE) for e in examples}) > 1
 
 
 def pad_multiple(fast_path: str) -> int:
@@ -246,7 +257,7 @@ def _train_locked(
             move_to_device(model, device)
         if cfg.dataset.packing:
             check_packed_attention(model, next(model.parameters()).device, len(tokenizer))
-        fast_path = apply_kernels(model, cfg, device)
+        fast_path = apply_kernels(model, cfg, device, dynamic_lengths=widths_vary(data.train))
     except Exception as exc:
         failure = exc
     settle(failure, dist)

@@ -117,11 +117,18 @@ def test_a_run_with_compiled_layers_trains_and_evaluates_on_rounded_batches_with
 
         return collate_and_record
 
-    monkeypatch.setattr(run, "apply_kernels", lambda model, cfg, device: "on: (the test's note)")
+    dynamic: list[bool] = []
+
+    def fast_path_note(model: Any, cfg: Any, device: Any, dynamic_lengths: bool = False) -> str:
+        dynamic.append(dynamic_lengths)
+        return "on: (the test's note)"
+
+    monkeypatch.setattr(run, "apply_kernels", fast_path_note)
     monkeypatch.setattr(objectives, "collate", recording(objectives.collate))
     monkeypatch.setattr(loop, "collate", recording(loop.collate))
     rounded = _run(tmp_path, "rounded")
     assert widths and all(width % 8 == 0 for width in widths), widths
+    assert len(set(widths)) > 1 and dynamic == [True]  # the widths vary, so the layers were to compile for any
     assert [r.keys() for r in rounded] == [r.keys() for r in plain]
     assert any("eval_loss" in r for r in plain)
     for ours, theirs in zip(rounded, plain):

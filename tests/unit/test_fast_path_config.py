@@ -7,6 +7,7 @@ checkpoint does get traced (Inductor's C++ launcher cannot compile the checkpoin
 
 from __future__ import annotations
 
+import copy
 import shutil
 from functools import partial
 from typing import Any
@@ -21,6 +22,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from peftctl.adapters import get_adapted_model
 from peftctl.adapters.lora import LoraConfig
 from peftctl.config.compose import compose_config
+from peftctl.data.tokenize import Example
 from peftctl.kernels import (
     apply_fast_path,
     checkpoint_traced_inside_compiled_call,
@@ -34,7 +36,7 @@ from peftctl.models.modules import input_embeddings_require_grad, no_cache_kwarg
 from peftctl.train.chunked_ce import causal_lm_loss_sum
 from peftctl.train.losses import seq_cls_loss_sum
 from peftctl.train.objectives import sequence_logps
-from peftctl.train.run import apply_kernels
+from peftctl.train.run import apply_kernels, widths_vary
 
 
 @pytest.fixture
@@ -192,21 +194,30 @@ def _lora_llama_without_checkpointing(layers: int) -> torch.nn.Module:
     return get_adapted_model(base, config).train()
 
 
-def _graphs_after_training_then_evaluating(layers: int) -> tuple[int, int]:
-    """Compiled graphs after one training loss + backward, and after a no-grad evaluation loss as well, both through
-    the training loop's loss (causal_lm_loss_sum) on a padded batch, with the fast path on a LoRA Llama."""
+def _padded_batch(length: int, seed: int = 2) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 300, (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # the second row is padded
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _graphs_after_training_then_evaluating(
+    layers: int, lengths: tuple[int, ...] = (10,), dynamic_lengths: bool = False
+) -> tuple[int, int]:
+    """Compiled graphs after a training loss + backward at each of ``lengths``, and after a no-grad evaluation loss
+    as well, both through the training loop's loss (causal_lm_loss_sum) on padded batches, with the fast path on a
+    LoRA Llama."""
     torch._dynamo.reset()
     model = _lora_llama_without_checkpointing(layers)
     with inductor_config.patch(cpp_wrapper=False, emulate_precision_casts=False):  # apply_fast_path sets them
-        apply_fast_path(model, torch.device("cuda"), model.peft_config["default"])
-    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(2))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        apply_fast_path(model, torch.device("cuda"), model.peft_config["default"], dynamic_lengths=dynamic_lengths)
     graphs_before = counters["stats"]["unique_graphs"]
-    loss, _ = causal_lm_loss_sum(model, batch)
-    loss.backward()
+    for length in lengths:
+        loss, _ = causal_lm_loss_sum(model, _padded_batch(length))
+        loss.backward()
     after_training = counters["stats"]["unique_graphs"] - graphs_before
     with torch.no_grad():
-        causal_lm_loss_sum(model, batch)
+        causal_lm_loss_sum(model, _padded_batch(lengths[0] + 5))
     return after_training, counters["stats"]["unique_graphs"] - graphs_before
 
 
@@ -220,6 +231,55 @@ def test_every_compiled_decoder_layer_shares_one_training_and_one_evaluation_gra
     so all layers of any depth run one training graph and one evaluation graph (the first layer had one of its
     own in each mode: each costs an 8B run 15-40 s of compiling on an H200 host)."""
     assert _graphs_after_training_then_evaluating(layers) == (1, 2)
+
+
+def test_a_run_whose_widths_vary_compiles_its_layers_once_for_every_length(capture_only_compiler: None) -> None:
+    """With ``dynamic_lengths`` (train/run.py: widths_vary) the layers' first compile takes the sequence length as
+    a variable: three training lengths and an evaluation at a fourth run one graph per grad mode. Without it dynamo
+    compiles the first length as a constant and again, dynamic, at the second (the check can fail)."""
+    lengths = (16, 24, 13)
+    assert _graphs_after_training_then_evaluating(2, lengths, dynamic_lengths=True) == (1, 2)
+    assert _graphs_after_training_then_evaluating(2, lengths, dynamic_lengths=False) == (2, 3)
+
+
+def test_compiled_layers_with_dynamic_lengths_give_eager_losses_and_gradients_at_every_length() -> None:
+    """Inductor's code generation (on the CPU, C++ kernels) for layers compiled with the length dynamic: one graph
+    serves three lengths, each with the eager model's loss and adapter gradients."""
+    from peftctl.kernels import cxx_compiler
+
+    if shutil.which(cxx_compiler()) is None:
+        pytest.skip(f"Inductor's C++ compiler {cxx_compiler()!r} is not installed: no CPU code generation here")
+    torch.manual_seed(0)
+    eager = _lora_llama_without_checkpointing(2)
+    fast = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    with inductor_config.patch(cpp_wrapper=False, emulate_precision_casts=False):
+        apply_fast_path(fast, torch.device("cuda"), fast.peft_config["default"], dynamic_lengths=True)
+        graphs_before = counters["stats"]["unique_graphs"]
+        for length in (16, 24, 13):
+            batch = _padded_batch(length, seed=length)
+            losses, grads = [], []
+            for model in (eager, fast):
+                model.zero_grad(set_to_none=True)
+                loss, _ = causal_lm_loss_sum(model, batch)
+                loss.backward()
+                losses.append(loss.detach())
+                grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+            assert grads[1].keys() == grads[0].keys() and len(grads[0]) == 28
+            for name, grad in grads[0].items():
+                torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+
+
+def test_widths_vary_reads_the_examples_lengths_rounded_to_the_padding_multiple() -> None:
+    def examples(*lengths: int) -> list[Example]:
+        return [Example(list(range(n)), list(range(n)), "", "") for n in lengths]
+
+    assert not widths_vary(examples(12, 12, 12))
+    assert not widths_vary(examples(9, 12, 16))  # all padded to 16
+    assert widths_vary(examples(9, 12, 17))
+    assert widths_vary(iter(examples(12, 12)))  # a stream: not known ahead
 
 
 def test_input_embeddings_require_grad_only_where_gradients_are_on() -> None:
