@@ -61,8 +61,8 @@ def mark_sequence_length_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) 
     (batch, length, hidden), the rotary cos / sin (..., length, head dim), a 4-D attention mask's last two
     dimensions, the position ids' last and the cache positions'. dynamo otherwise compiles the first length
     it sees as a constant and, at the second, compiles again with the length dynamic: one graph more per grad mode
-    for a run whose batch widths vary. Only a dimension of the hidden states' length is marked; dynamo may still
-    specialize it (``maybe_mark_dynamic``)."""
+    for a run whose batch widths vary. Only dimensions of the hidden states' length are marked (a cache's longer key
+    length is left alone), and dynamo may still specialize one (``maybe_mark_dynamic``)."""
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         return
