@@ -10,7 +10,7 @@
 # in a fresh process; 2) the LoRA loss-curve test with its recompiles logged (round 12c: 6 recompiles, 7 graphs;
 # predicted now, with batches padded to a multiple of 8 and the length dynamic from the first compile as well: 1
 # recompile, for the no-grad evaluation, 2 graphs; tests/unit/test_fast_path_config.py counts that on the CPU).
-source benchmarks/device_env.sh .whl-pinned
+source benchmarks/device_env.sh .whl-pinned  # the wheels: benchmarks/device_wheels.sh
 time_only_ab lora 260 "" "--first-layer-graph"
 grep -h "###\|median\|peak\|rc=" $OUT/ab.log | cut -c1-250
 TORCH_LOGS=recompiles timeout 300 python -m pytest -o addopts="" -m "gpu and not multigpu" -p no:logging \
