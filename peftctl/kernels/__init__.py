@@ -38,7 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftctl.kernels.compile_layers import checkpoint_inside_compiled_call, compile_layer
+from peftctl.kernels.compile_layers import (
+    CheckpointAroundCompiledForward,
+    checkpoint_inside_compiled_call,
+    compile_layer,
+)
 from peftctl.kernels.nf4 import enable_nf4_linears
 from peftctl.models.modules import input_embeddings_require_grad
 
@@ -95,6 +99,8 @@ def apply_fast_path(
         compile_layer(layer, dynamic_lengths)  # lazy: Inductor reads its settings at the first call
     python_launchers = choose_kernel_launchers(layers)
     note = f"on: {len(layers)} x {type(layers[0]).__name__} under torch.compile"
+    if dynamic_lengths and isinstance(layers[0].forward, CheckpointAroundCompiledForward):
+        note += " for any sequence length"
     if dora_layers:
         note += f", DoRA in {dora_layers} projections"
     if nf4_layers:
