@@ -10,10 +10,14 @@
 # in a fresh process; 2) the LoRA loss-curve test with its recompiles logged (round 12c: 6 recompiles, 7 graphs;
 # predicted now, with batches padded to a multiple of 8 and the length dynamic from the first compile as well: 1
 # recompile, for the no-grad evaluation, 2 graphs; tests/unit/test_fast_path_config.py counts that on the CPU).
+# Two parts, one device call each (a call may run 600 s): `bash benchmarks/device_round14a.sh ab`, then `... curve`.
 source benchmarks/device_env.sh .whl-pinned  # the wheels: benchmarks/device_wheels.sh
-time_only_ab lora 260 "" "--first-layer-graph"
-grep -h "###\|median\|peak\|rc=" $OUT/ab.log | cut -c1-250
-TORCH_LOGS=recompiles timeout 300 python -m pytest -o addopts="" -m "gpu and not multigpu" -p no:logging \
+if [ "${1:-}" = ab ]; then
+  time_only_ab lora 270 "" "--first-layer-graph"
+  grep -h "###\|median\|peak\|rc=" $OUT/ab.log | cut -c1-250
+  exit 0
+fi
+TORCH_LOGS=recompiles timeout 540 python -m pytest -o addopts="" -m "gpu and not multigpu" -p no:logging \
   -p no:cacheprovider -s -rA "tests/gpu/test_fast_path_gpu.py::test_fast_path_follows_the_eager_loss_curve[lora]" \
   2>&1 | stamp > $OUT/curve_lora.log
 echo "rc=${PIPESTATUS[0]}" >> $OUT/curve_lora.log
