@@ -72,9 +72,7 @@ def profile_case(
             fast_path += "; reentrant checkpointing"
         vocab = trainer.model.model.get_input_embeddings().weight.shape[0]
         examples = synthetic_examples(trainer.cfg.train.batch_size, seq, vocab, 0)
-        started = time.perf_counter()
-        times, _ = time_steps(trainer, examples, warmup=3, steps=timed_steps)
-        warmup_s = time.perf_counter() - started - sum(times)  # the 3 warm-up steps: compiling, on a cold start
+        times, _, warmup_s = time_steps(trainer, examples, warmup=3, steps=timed_steps)
         peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else ""
         print(
             f"\n=== {case}: {fast_path}; step {statistics.median(times):.3f} s unprofiled "

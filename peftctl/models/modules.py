@@ -45,9 +45,8 @@ def input_embeddings_require_grad(model: nn.Module) -> bool:
         return False
     if getattr(hf_model, "_require_grads_hook", None) is not None:  # transformers' (its checkpointing sets it)
         hf_model.disable_input_require_grads()
-    if not getattr(embeddings, "_peftctl_output_requires_grad", False):
+    if _output_requires_grad_when_grad_enabled not in embeddings._forward_hooks.values():
         embeddings.register_forward_hook(_output_requires_grad_when_grad_enabled)
-        embeddings._peftctl_output_requires_grad = True
     return True
 
 

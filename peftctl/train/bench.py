@@ -53,7 +53,7 @@ class BenchResult:
     losses: list[float] = field(default_factory=list)
     offloaded_gib_per_step: float | None = None  # train.gradient_checkpointing=offload: host memory per step
     warmup_steps: int = 0
-    warmup_s: float | None = None  # wall time of the warm-up steps: on a first run, mostly torch.compile's
+    warmup_s: float | None = None  # seconds of the warm-up steps (time_steps)
 
     @property
     def median_step_s(self) -> float:
@@ -128,26 +128,30 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(trainer: Any, examples: list[Any], warmup: int, steps: int) -> tuple[list[float], list[float]]:
-    """(seconds of each timed step, every step's loss) through the loop's own optimizer step."""
+def time_steps(trainer: Any, examples: list[Any], warmup: int, steps: int) -> tuple[list[float], list[float], float]:
+    """(seconds of each timed step, every step's loss, seconds of the warm-up steps together: on a first run, mostly
+    torch.compile's) through the loop's own optimizer step."""
     per_step = trainer.cfg.train.grad_accum
     micro = [
         examples[i : i + trainer.cfg.train.batch_size] for i in range(0, len(examples), trainer.cfg.train.batch_size)
     ]
     group = micro[:per_step]
     n_tokens = max(sum(label_tokens(b, trainer.task_type) for b in group), 1)
-    times, losses = [], []
+    times, losses, warmup_s = [], [], 0.0
     trainer.model.train()  # as the loop does: dropout and gradient checkpointing act in training mode only
     for step in range(warmup + steps):
         _synchronize(trainer.device)
         started = time.perf_counter()
         loss, _ = trainer._optimizer_step(group, n_tokens)
         _synchronize(trainer.device)
+        elapsed = time.perf_counter() - started
         if step >= warmup:
-            times.append(time.perf_counter() - started)
+            times.append(elapsed)
+        else:
+            warmup_s += elapsed
         trainer.check_pending()  # a non-finite loss stops the bench as it stops training (after the timing)
         losses.append(float(loss))
-    return times, losses
+    return times, losses, warmup_s
 
 
 @contextmanager
@@ -188,9 +192,7 @@ def measure(trainer: Any, fast_path: str, seq: int, warmup: int, steps: int) -> 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     offloaded_before = trainer.offloader.offloaded_bytes if trainer.offloader is not None else 0
-    started = time.perf_counter()
-    times, losses = time_steps(trainer, examples, warmup, steps)
-    elapsed = time.perf_counter() - started
+    times, losses, warmup_s = time_steps(trainer, examples, warmup, steps)
     result = BenchResult(
         seq_len=seq,
         batch_size=cfg.train.batch_size * cfg.train.grad_accum,
@@ -201,7 +203,7 @@ def measure(trainer: Any, fast_path: str, seq: int, warmup: int, steps: int) -> 
         fast_path=fast_path,
         losses=losses,
         warmup_steps=warmup,
-        warmup_s=max(elapsed - sum(times), 0.0),  # all but the timed steps (each timed step's loss read included)
+        warmup_s=warmup_s,
     )
     if trainer.offloader is not None:
         result.offloaded_gib_per_step = (
