@@ -291,7 +291,16 @@ def run_stack(stack: str, case: str, model_dir: Path, args: argparse.Namespace) 
     else:
         batch = 4 if case == "lora_1b" else 1
         result = run_peft(case, model_dir, args.device, args.seq, batch, args.warmup, args.steps)
-    return {**result, "allocated_before_gib": before, "load_average_1min": os.getloadavg()[0]}
+    after = allocated_gib()
+    return {
+        **result,
+        "allocated_before_gib": before,
+        # memory an earlier run left that this run's end no longer finds: it was freed during the run, so the run's
+        # peak held only part of it and own_peak_gib undercounts (round 14b: peftctl's QLoRA after transformers +
+        # peft's, 8.91 GiB raw, 5.49 less the 3.42 left, 6.85-7.08 GiB in clean runs)
+        "leftover_freed_during_run": before is not None and after is not None and after < before - 0.1,
+        "load_average_1min": os.getloadavg()[0],
+    }
 
 
 ONE_RUN_RESULT = "one-run result: "
@@ -372,7 +381,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
                 for stack in ("peft", "peftctl")
             )
             speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
-            memory = own_peak_gib(ours) / own_peak_gib(theirs) if theirs["peak_memory_gib"] else None
+            memory = memory_ratio(ours, theirs)
             ratios.append((speed, memory))
             label = case if len(rounds) == 1 else f"{case}, round {number}"
             lines.append(
@@ -390,7 +399,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             theirs = next((t for t in results if t["case"] == "lora_ckpt" and t["stack"] == "peft"), None)
             n, layers = r["case"].split(":")[1].split("of")
             speed = f"{r['tokens_per_s'] / theirs['tokens_per_s']:.2f}x" if theirs else "n/a"
-            memory = f"{own_peak_gib(r) / own_peak_gib(theirs):.2f}x" if theirs and theirs["peak_memory_gib"] else "n/a"
+            memory = _ratio(memory_ratio(r, theirs)) if theirs else "n/a"
             lines.append(
                 f"| lora_ckpt, peftctl with {n} of {layers} layers checkpointed | (full checkpointing above) | "
                 f"{r['tokens_per_s']:,.0f} tok/s, {_gib(r)} | {speed} | {memory} |"
@@ -415,6 +424,14 @@ def own_peak_gib(result: dict[str, Any]) -> float:
     return result["peak_memory_gib"] - (result.get("allocated_before_gib") or 0.0)
 
 
+def memory_ratio(ours: dict[str, Any], theirs: dict[str, Any]) -> float | None:
+    """Own peak over own peak; None without peaks (CPU) or where either peak is not the run's own."""
+    runs = (ours, theirs)
+    if any(r.get("peak_memory_gib") is None or r.get("leftover_freed_during_run") for r in runs):
+        return None
+    return own_peak_gib(ours) / own_peak_gib(theirs)
+
+
 def _ratio(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "n/a"
 
@@ -423,7 +440,12 @@ def _gib(result: dict[str, Any]) -> str:
     if result.get("peak_memory_gib") is None:
         return "- GiB"
     before = result.get("allocated_before_gib") or 0.0
-    left = f" ({before:.2f} of it left by an earlier run)" if before > 0.5 else ""
+    if result.get("leftover_freed_during_run"):
+        return (
+            f"{result['peak_memory_gib']:.2f} GiB raw, not its own: {before:.2f} GiB left by an earlier run was "
+            "freed during it (use --fresh-process)"
+        )
+    left = f" (raw {result['peak_memory_gib']:.2f} less {before:.2f} left by an earlier run)" if before > 0.5 else ""
     return f"{own_peak_gib(result):.2f} GiB{left}"
 
 
