@@ -16,6 +16,7 @@ whose math needs the full weight go through here:
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -33,13 +34,20 @@ def _bnb() -> Any:
     return bnb
 
 
+def _bnb_if_imported() -> Any:
+    """bitsandbytes where something has imported it, else None. Only then can a module be one of its layers, so
+    the type checks below never import it themselves: an unquantized run then skips its import (5 s on a 2-core
+    CPU machine) and the warning bitsandbytes 0.50 prints on CPUs without its optional kernels package."""
+    return sys.modules.get("bitsandbytes")
+
+
 def is_4bit(module: nn.Module) -> bool:
-    bnb = _bnb()
+    bnb = _bnb_if_imported()
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 def is_8bit(module: nn.Module) -> bool:
-    bnb = _bnb()
+    bnb = _bnb_if_imported()
     return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
 
 

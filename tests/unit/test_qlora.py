@@ -455,3 +455,35 @@ def test_cpu_qlora_recipe_trains_evals_and_merges(tmp_path: Path, capsys: pytest
     with torch.no_grad():
         err_q = _rel(model_q(input_ids=ids).logits.float(), adapted_logits)
     assert err < err_q < 0.5
+
+
+UNQUANTIZED_RUN = """
+import sys
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from peftctl.adapters.core.model import get_adapted_model
+from peftctl.adapters.lora import LoraConfig
+from peftctl.models.quantized import is_4bit
+model = LlamaForCausalLM(LlamaConfig(**TINY))
+adapted = get_adapted_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+adapted(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+merged = adapted.merge_and_unload()
+print("imported by an unquantized run:", "bitsandbytes" in sys.modules)
+from peftctl.models.quantization import quantize_linear
+layer = quantize_linear(torch.nn.Linear(64, 64), "nf4", torch.float32)
+print("a Linear4bit is 4-bit:", is_4bit(layer), is_4bit(merged.model.layers[0].self_attn.q_proj))
+"""
+
+
+def test_an_unquantized_lora_run_never_imports_bitsandbytes() -> None:
+    """The quantized-layer checks that every LoRA layer runs (read_weight, merge) look bitsandbytes up among the
+    imported modules instead of importing it (its import: seconds, and a warning line on CPUs without its optional
+    kernels package); once it is imported they still recognise its layers."""
+    import subprocess
+    import sys
+
+    code = f"TINY = {TINY!r}\n" + UNQUANTIZED_RUN
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "imported by an unquantized run: False" in done.stdout, done.stdout
+    assert "a Linear4bit is 4-bit: True False" in done.stdout, done.stdout
