@@ -297,7 +297,8 @@ def format_result(result: BenchResult) -> str:
     if result.warmup_steps:
         plural = "s" if result.warmup_steps != 1 else ""
         warmup = f"{result.warmup_steps} step{plural} in {result.warmup_s:.1f} s"
-        lines.append(f"warm-up {warmup} (the fast path compiles there)")
+        compiles = " (the fast path compiles there)" if result.fast_path.startswith("on") else ""
+        lines.append(f"warm-up {warmup}{compiles}")
     memory = f"peak memory {result.peak_memory_gib:.2f} GiB  |  " if result.peak_memory_gib is not None else ""
     mfu = f"  |  MFU {result.mfu:.1%} of {result.gpu}'s bf16 peak" if result.mfu is not None else ""
     lines.append(f"{memory}model {result.tflops:.3g} TFLOP/s{mfu}")

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
@@ -169,3 +170,14 @@ def test_max_context_text_output_lists_every_trial(monkeypatch, capsys) -> None:
     assert [line.split(":")[0].strip() for line in trial_lines] == ["64 tokens", "128 tokens", "96 tokens"]
     assert trial_lines[1] == "  128 tokens: out of memory"
     assert trial_lines[0].startswith("  64 tokens: fits, peak not measured (no CUDA), one step ")
+
+
+@pytest.mark.parametrize("fast_path", ["on: 2 x LlamaDecoderLayer under torch.compile", "off (device cpu)"])
+def test_the_warm_up_line_says_compiling_happens_there_only_where_the_fast_path_is_on(fast_path: str) -> None:
+    from peftctl.train.bench import BenchResult, format_result
+
+    result = BenchResult(seq_len=16, batch_size=2, steps=2, step_s=[0.1, 0.2], tokens_per_step=32, fast_path=fast_path)
+    result.warmup_steps, result.warmup_s = 1, 3.3
+    warmup = next(line for line in format_result(result).splitlines() if line.startswith("warm-up"))
+    compiles = " (the fast path compiles there)" if fast_path.startswith("on") else ""
+    assert warmup == f"warm-up 1 step in 3.3 s{compiles}"
