@@ -297,7 +297,7 @@ def run_stack(stack: str, case: str, model_dir: Path, args: argparse.Namespace) 
         "allocated_before_gib": before,
         # memory an earlier run left that this run's end no longer finds: it was freed during the run, so the run's
         # peak held only part of it and own_peak_gib undercounts (round 14b: peftctl's QLoRA after transformers +
-        # peft's, 8.91 GiB raw, 5.49 less the 3.42 left, 6.85-7.08 GiB in clean runs)
+        # peft's, 8.91 GiB raw, 5.49 less the 3.42 left, 6.85-7.26 GiB in clean runs)
         "leftover_freed_during_run": before is not None and after is not None and after < before - 0.1,
         "load_average_1min": os.getloadavg()[0],
     }
