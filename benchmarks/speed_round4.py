@@ -449,15 +449,74 @@ def _gib(result: dict[str, Any]) -> str:
     return f"{own_peak_gib(result):.2f} GiB{left}"
 
 
+def markdown_report(report: dict[str, Any]) -> str:
+    """A section for benchmarks/RESULTS.md (``--markdown``): where and how the run ran, the side-by-side table, and
+    every run's own figures."""
+    env = report["env"]
+    lines = [
+        f"## Side by side, {env['date_utc']} UTC, {env['gpu']} (`speed_round4.py --markdown`)",
+        "",
+        f"**Hardware** {env['gpu']}; host CPU {env['host_cpu']}, {env['host_cores']} cores. **Versions** torch "
+        f"{env['torch']}, transformers {env['transformers']}, peft {env['peft']}, bitsandbytes "
+        f"{env.get('bitsandbytes') or 'not installed'}.",
+        "",
+        f"**Command** `python {env['command']}` ({report['wall_s']:.0f} s).",
+        "",
+        markdown_table(report["results"]),
+        "",
+    ]
+    if report["skipped"]:
+        lines += [f"Skipped to stay inside --budget-s: {', '.join(report['skipped'])}.", ""]
+    lines += [
+        "Every run (peak: `torch.cuda.max_memory_allocated`; allocated before: what an earlier run in the process "
+        "left; the table's memory is the peak less it):",
+        "",
+        "| case | round | stack | tokens/s | step s, median (min-max) | peak GiB | allocated before GiB | leftover "
+        "freed during the run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        if "median_step_s" not in r:  # maxctx: one line in the table above
+            continue
+        peak = "-" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.2f}"
+        before = "-" if r.get("allocated_before_gib") is None else f"{r['allocated_before_gib']:.2f}"
+        lines.append(
+            f"| {r['case']} | {r.get('round', 1)} | {r['stack']} | {r['tokens_per_s']:,.0f} | "
+            f"{r['median_step_s']:.3f} ({r['min_step_s']:.3f}-{r['max_step_s']:.3f}) | {peak} | {before} | "
+            f"{'yes' if r.get('leftover_freed_during_run') else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def add_to_results(path: Path, section: str) -> None:
+    """Put ``section`` at the top of the results file ``path``, under its title (newest first, as RESULTS.md
+    reads); a new file gets the title. Written atomically: an interrupted write leaves the old file."""
+    from peftctl.utils import atomic_write_text
+
+    title, rest = "# Benchmark results", ""
+    if path.exists():
+        text = path.read_text()
+        first, _, after = text.partition("\n")
+        title, rest = (first, after) if first.startswith("# ") else (title, text)
+    atomic_write_text(path, f"{title}\n\n{section.strip()}\n\n{rest.lstrip()}".rstrip() + "\n")
+
+
 def environment() -> dict[str, Any]:
     import peft
     import transformers
 
+    try:
+        import bitsandbytes
+
+        bnb_version = bitsandbytes.__version__
+    except ImportError:
+        bnb_version = None
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        "bitsandbytes": bnb_version,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "command": " ".join(sys.argv),
         # transformers + peft's eager step launches its kernels from Python; its speed varied 1.6x between device
@@ -546,6 +605,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", default=None, help="write the JSON here too")
     parser.add_argument(
+        "--markdown",
+        default=None,
+        help="add the run as a section at the top of this results file (e.g. benchmarks/RESULTS.md): hardware, "
+        "versions, command, the table and every run's figures",
+    )
+    parser.add_argument(
         "--fresh-process",
         action="store_true",
         help="side-by-side cases: each stack's run in a new Python process (no memory, allocator state or threads "
@@ -629,6 +694,8 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.markdown:
+        add_to_results(Path(args.markdown), markdown_report(report))
 
 
 if __name__ == "__main__":
