@@ -1,5 +1,6 @@
-"""The side-by-side benchmark's table (benchmarks/speed_round4.py): memory ratios compare each run's own peak, and a
-peak that an earlier run's leftover memory made unreadable is shown raw, with no ratio."""
+"""The side-by-side benchmark's output (benchmarks/speed_round4.py): memory ratios compare each run's own peak, a
+peak that an earlier run's leftover memory made unreadable is shown raw, with no ratio, and ``--markdown`` puts a
+section naming hardware, versions, command and every run on top of the results file."""
 
 from __future__ import annotations
 
