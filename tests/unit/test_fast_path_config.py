@@ -318,13 +318,17 @@ def test_train_kernels_setting_picks_the_fused_lora_branch(
     assert all(getattr(m, "fused_lora", False) == fused for m in model.modules() if hasattr(m, "supports_fused_lora"))
 
 
+def _cache_argument(kwargs: dict[str, Any]) -> Any:
+    """A decoder layer's cache argument: `cache` from transformers 5.24 on, `past_key_values` before."""
+    found = kwargs.get("cache")
+    return found if found is not None else kwargs.get("past_key_values")
+
+
 def _layer_cache_arguments(model: torch.nn.Module, forward: Any) -> list[Any]:
     """The key/value cache each decoder layer receives while ``forward()`` runs."""
     seen: list[Any] = []
     hooks = [
-        layer.register_forward_pre_hook(
-            lambda _, args, kwargs: seen.append(kwargs.get("past_key_values")), with_kwargs=True
-        )
+        layer.register_forward_pre_hook(lambda _, args, kwargs: seen.append(_cache_argument(kwargs)), with_kwargs=True)
         for layer in decoder_layers(model)
     ]
     try:
@@ -354,7 +358,8 @@ def test_training_forwards_hand_the_decoder_layers_no_cache(loss: str) -> None:
             else partial(sequence_logps, model, ids, mask, ids)
         )
     assert _layer_cache_arguments(model, forward) == [None, None]
-    # a plain forward: transformers hands every layer its cache (what the hooks would see)
+    # a plain forward: transformers hands every layer its cache (what the hooks would see), as `past_key_values` up
+    # to 5.23 and as `cache` from 5.24 on
     default = _layer_cache_arguments(model, lambda: model(input_ids=ids, attention_mask=mask))
     assert len(default) == 2 and all(cache is not None for cache in default)
 
