@@ -27,27 +27,20 @@ from peftctl.models.modules import find_hf_model
 
 
 def _bnb() -> Any:
-    try:
-        import bitsandbytes as bnb  # optional dependency
-    except ImportError:  # pragma: no cover - bitsandbytes is an optional dependency
-        return None
-    return bnb
-
-
-def _bnb_if_imported() -> Any:
     """bitsandbytes where something has imported it, else None. Only then can a module be one of its layers, so
-    the type checks below never import it themselves: an unquantized run then skips its import (5 s on a 2-core
-    CPU machine) and the warning bitsandbytes 0.50 prints on CPUs without its optional kernels package."""
+    nothing here imports it: every bitsandbytes call below follows a check that the module is one of its layers.
+    An unquantized run then skips its import (5 s on a 2-core CPU machine) and the warning bitsandbytes 0.50
+    prints on CPUs without its optional kernels package."""
     return sys.modules.get("bitsandbytes")
 
 
 def is_4bit(module: nn.Module) -> bool:
-    bnb = _bnb_if_imported()
+    bnb = _bnb()
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 def is_8bit(module: nn.Module) -> bool:
-    bnb = _bnb_if_imported()
+    bnb = _bnb()
     return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
 
 
